@@ -845,6 +845,88 @@ async fn services_are_published_with_their_ready_backends_and_follow_events() {
     assert_eq!(snapshot.version, store.snapshot_version().unwrap());
 }
 
+/// `services` with the Service `name` also claiming `ip` as an external IP.
+fn with_external_ip(services: &Value, name: &str, ip: &str, rv: u64) -> Value {
+    let mut service = item(services, name, rv);
+    service["spec"]["externalIPs"] = json!([ip]);
+    service
+}
+
+/// No API server can run here: the fake answers the recorded Service list
+/// with `shop/web` also claiming `shop/storefront`'s external IP
+/// 198.51.100.7 (nothing in Kubernetes checks external IPs), then the
+/// Services watch sends the recorded `410 Gone` and the store lists them
+/// again, and an EndpointSlice changes. The clash is warned of once, not at
+/// every list or change that joins the Services again; `shop/web` claiming
+/// another address instead is warned of again.
+#[tokio::test]
+async fn two_services_claiming_one_address_are_warned_of_once_per_clash() {
+    const WARNING: &str = "two Services claim one address and port";
+    let (logs, _guard) = common::logs::capture();
+    let fake = recorded_cluster().await;
+    let mut list = services_list();
+    let web = with_external_ip(&list, "web", "198.51.100.7", 45810);
+    for service in list["items"].as_array_mut().unwrap() {
+        if service["metadata"]["name"] == "web" {
+            *service = web.clone();
+        }
+    }
+    fake.lists(SERVICES, vec![(200, list.clone())]);
+    fake.script_watch(
+        SERVICES,
+        vec![fixture("store/gone-410.json").trim().to_owned()],
+    );
+    let store = connect(&fake).await;
+    eventually_async("the Services listed again and watched", || async {
+        let watches = fake
+            .requests()
+            .iter()
+            .filter(|r| r.path == SERVICES && r.query.contains("watch=true"))
+            .count();
+        (watches == 2).then_some(())
+    })
+    .await;
+    let unready = unready(&endpoint_slices_list(), "api-7h5tq", 48900);
+    fake.publish(ENDPOINT_SLICES, event("MODIFIED", &unready));
+    eventually_async("the unready backend to leave", || async {
+        services(&store.discovery_state().unwrap())
+            .contains(&"10.96.45.210:8080 shop/api []".to_owned())
+            .then_some(())
+    })
+    .await;
+    let published = services(&store.discovery_state().unwrap());
+    assert!(
+        published.contains(&"198.51.100.7:80 shop/storefront [10.244.1.17:8080]".to_owned())
+            && !published
+                .iter()
+                .any(|s| s.starts_with("198.51.100.7:80 shop/web")),
+        "{published:#?}"
+    );
+    let warnings = logs.warnings(WARNING);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("address=198.51.100.7:80")
+            && warnings[0].contains("kept=shop/storefront")
+            && warnings[0].contains("left_out=shop/web"),
+        "{}",
+        warnings[0]
+    );
+
+    let moved = with_external_ip(&list, "web", "172.18.255.200", 48901);
+    fake.publish(SERVICES, event("MODIFIED", &moved));
+    let warnings = eventually_async("the new clash's warning", || async {
+        let warnings = logs.warnings(WARNING);
+        (warnings.len() == 2).then_some(warnings)
+    })
+    .await;
+    assert!(
+        warnings[1].contains("address=172.18.255.200:80")
+            && warnings[1].contains("left_out=shop/web"),
+        "{}",
+        warnings[1]
+    );
+}
+
 /// No API server can run here: the fake answers the recorded lists. The
 /// version is a digest of the content and of what the control plane
 /// settles, the trust bundle included: replicas with one bundle agree on

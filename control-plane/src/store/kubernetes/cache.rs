@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use trellis_proto::discovery::v1::Service;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use super::services::{SliceBackends, VirtualIps, virtual_services};
+use super::services::{Clash, SliceBackends, VirtualIps, virtual_services};
 use crate::store::{Position, WorkloadRecord};
 
 /// The kinds the store reflects. A new kind is a variant here, an [`Entry`]
@@ -123,6 +123,10 @@ pub struct Cache {
     /// endpoints.
     services: Vec<Service>,
     services_digest: u64,
+    /// The claims of one address by two Services among `services`, each
+    /// logged when it began: the join runs at every change and list of
+    /// the kinds it reads.
+    clashes: BTreeSet<Clash>,
     mesh_config: String,
     synced: BTreeSet<Kind>,
     /// The highest resourceVersion each policy kind's watch has delivered.
@@ -142,6 +146,7 @@ impl Default for Cache {
             policy_content: 0,
             services: Vec::new(),
             services_digest: services_digest(&[]),
+            clashes: BTreeSet::new(),
             mesh_config: String::new(),
             synced: BTreeSet::new(),
             deleted: BTreeMap::new(),
@@ -331,7 +336,9 @@ impl Cache {
     }
 
     /// Rebuilds the published services from the Services, the EndpointSlices
-    /// and the mesh endpoints' IPs.
+    /// and the mesh endpoints' IPs, and logs the clashes that were not
+    /// there before (once each, however often the unchanged objects are
+    /// joined or listed again; again if one ends and begins anew).
     fn publish_services(&mut self) {
         let mesh: HashSet<IpAddr> = self
             .workloads_iter()
@@ -351,9 +358,13 @@ impl Cache {
                 Entry::Backends(backends) => Some(backends),
                 _ => None,
             });
-        let published = virtual_services(services, slices, &mesh);
-        self.services_digest = services_digest(&published);
-        self.services = published;
+        let joined = virtual_services(services, slices, &mesh);
+        for clash in joined.clashes.difference(&self.clashes) {
+            clash.warn();
+        }
+        self.clashes = joined.clashes;
+        self.services_digest = services_digest(&joined.services);
+        self.services = joined.services;
     }
 
     /// What is held for an object, as the reflector read it.

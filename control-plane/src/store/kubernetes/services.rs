@@ -60,7 +60,7 @@
 //! This module never talks to the API server; odd objects (an unparseable
 //! IP, a port out of range) lose the odd part and never panic.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::Service as KubeService;
@@ -291,6 +291,36 @@ fn named_port(name: Option<&str>, port: Option<i32>) -> Option<NamedPort> {
     })
 }
 
+/// Two Services that claim one address and port (`ip:port`): `kept`, the
+/// first by name, is published there, `left_out` is not.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Clash {
+    pub address: String,
+    pub kept: String,
+    pub left_out: String,
+}
+
+impl Clash {
+    /// Logs the clash. The join runs at every change of a Service, an
+    /// EndpointSlice or a mesh endpoint, and at every list of them: the
+    /// cache logs a clash when it begins, not at each join.
+    pub fn warn(&self) {
+        tracing::warn!(
+            address = %self.address,
+            kept = %self.kept,
+            left_out = %self.left_out,
+            "two Services claim one address and port; only one is published"
+        );
+    }
+}
+
+/// What [`virtual_services`] publishes, and the clashes it settled.
+#[derive(Debug)]
+pub struct Joined {
+    pub services: Vec<Service>,
+    pub clashes: BTreeSet<Clash>,
+}
+
 /// One [`Service`] per virtual IP and port of every Service in `services`
 /// (`namespace/name` and what it contributes) that is in the mesh: one of
 /// the endpoints its `slices` list, ready or not, has an IP in `mesh` (the
@@ -302,7 +332,7 @@ fn named_port(name: Option<&str>, port: Option<i32>) -> Option<NamedPort> {
 /// The list is ordered by address, one entry per address: should two
 /// Services claim one (the API server never gives two Services one cluster
 /// IP, but external and load-balancer IPs are not checked), the first by
-/// name is kept.
+/// name is kept, and the clash is returned with the list, not logged.
 ///
 /// The work is linear in the objects (plus sorting), as for Pods: slices
 /// are grouped by Service once, not searched per port.
@@ -310,7 +340,7 @@ pub fn virtual_services<'a>(
     services: impl Iterator<Item = (&'a str, &'a VirtualIps)>,
     slices: impl Iterator<Item = &'a SliceBackends>,
     mesh: &HashSet<IpAddr>,
-) -> Vec<Service> {
+) -> Joined {
     let mut by_service: BTreeMap<&str, Vec<&SliceBackends>> = BTreeMap::new();
     for slice in slices {
         by_service
@@ -364,19 +394,22 @@ pub fn virtual_services<'a>(
         }
     }
     out.sort_by(|a, b| (&a.address, &a.name).cmp(&(&b.address, &b.name)));
+    let mut clashes = BTreeSet::new();
     out.dedup_by(|later, kept| {
         let shared = later.address == kept.address;
         if shared {
-            tracing::warn!(
-                address = %kept.address,
-                kept = %kept.name,
-                left_out = %later.name,
-                "two Services claim one address and port; only one is published"
-            );
+            clashes.insert(Clash {
+                address: kept.address.clone(),
+                kept: kept.name.clone(),
+                left_out: later.name.clone(),
+            });
         }
         shared
     });
-    out
+    Joined {
+        services: out,
+        clashes,
+    }
 }
 
 #[cfg(test)]
@@ -702,7 +735,8 @@ mod tests {
             [("shop/api", &api), ("shop/web", &web)].into_iter(),
             slices.iter(),
             &mesh(&["10.244.2.9", "10.244.5.5", "10.244.9.9"]),
-        );
+        )
+        .services;
         assert_eq!(
             entries(&joined),
             [
@@ -762,7 +796,8 @@ mod tests {
                 [("shop/api", &api)].into_iter(),
                 slices.iter(),
                 &mesh(&["10.244.1.40", "10.244.1.41", "10.244.2.7", "10.244.2.8"]),
-            );
+            )
+            .services;
             assert_eq!(joined.len(), 1, "{joined:?}");
             joined[0].backends.clone()
         };
@@ -813,7 +848,8 @@ mod tests {
             ("shop/empty", &empty),
             ("shop/mixed", &mixed),
         ];
-        let joined = virtual_services(services.into_iter(), slices.iter(), &mesh(&["10.244.1.1"]));
+        let joined =
+            virtual_services(services.into_iter(), slices.iter(), &mesh(&["10.244.1.1"])).services;
         assert_eq!(
             entries(&joined),
             [(
@@ -824,7 +860,8 @@ mod tests {
             "a Service with a mesh endpoint keeps its other backends; one without \
              (no sidecar behind it, or no endpoint at all) is not published"
         );
-        assert!(virtual_services(services.into_iter(), slices.iter(), &HashSet::new()).is_empty());
+        let joined = virtual_services(services.into_iter(), slices.iter(), &HashSet::new());
+        assert!(joined.services.is_empty() && joined.clashes.is_empty());
     }
 
     #[test]
@@ -844,8 +881,14 @@ mod tests {
             &mesh(&["10.244.1.1", "10.244.1.2"]),
         );
         assert_eq!(
-            entries(&joined),
+            entries(&joined.services),
             [("198.51.100.5:80", "a/first", vec!["10.244.1.1:80"])]
         );
+        let clash = Clash {
+            address: "198.51.100.5:80".into(),
+            kept: "a/first".into(),
+            left_out: "b/second".into(),
+        };
+        assert_eq!(joined.clashes, BTreeSet::from([clash]));
     }
 }
