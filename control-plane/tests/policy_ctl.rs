@@ -1192,6 +1192,54 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
     }
 }
 
+/// A `--header` that `policy explain` refuses is named by the header's
+/// name, never its value, which may be a credential: the usage error says
+/// which header is wrong and why, before any call, and nothing of the value
+/// reaches stderr.
+#[test]
+fn explain_never_says_back_a_refused_header_value() {
+    let secret = "s3cr3t-t0ken";
+    for (header, says) in [
+        (
+            format!("Authorization: Bearer {secret}\u{1}"),
+            "invalid value 'Authorization: (value not shown)' for '--header <NAME: VALUE>': \
+             the value of \"Authorization\" is not a header value",
+        ),
+        (
+            format!("Bad Name: {secret}"),
+            "invalid value 'Bad Name: (value not shown)' for '--header <NAME: VALUE>': \
+             \"Bad Name\" is not a header name",
+        ),
+        (
+            format!("Bearer {secret}"),
+            "invalid value 'Bearer (the rest not shown)' for '--header <NAME: VALUE>': \
+             \"Bearer\" is not NAME: VALUE (no ':')",
+        ),
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args([
+                "--control-plane",
+                "127.0.0.1:1",
+                "--state-dir",
+                "/nonexistent",
+            ])
+            .args([
+                "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
+            ])
+            .args(["--path", "/api/x", "--header", &header])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{header:?}: {stderr}");
+        assert!(stderr.starts_with(&format!("error: {says}\n")), "{stderr}");
+        assert!(
+            !stderr.contains(secret),
+            "the value was said back: {stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
 /// An API reads policy (GET on `/api/*` from WEB on port 8080) and a DENY
 /// on `/admin/*`, applied to `cp` with `trellisctl policy apply`.
 fn apply_reads_and_no_admin(cp: &ControlPlane) {

@@ -558,7 +558,7 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
         to_stderr(&message);
         ExitCode::from(EXIT_USAGE)
     };
-    let clap_error = |e: clap::Error| match classify_clap_error(e) {
+    let clap_error = |e: clap::Error| match classify_clap_error(without_header_value(e)) {
         Parsed::Invalid(message) => usage(message),
         _ => ExitCode::SUCCESS,
     };
@@ -588,6 +588,37 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
         return Err(usage(format!("error: {refusal}\n")));
     }
     Cli::from_arg_matches_mut(&mut matches).map_err(|e| clap_error(e.format(&mut command)))
+}
+
+/// `e` with the value of a `policy explain --header` it refuses left out
+/// of what it says back (clap's `invalid value 'NAME: VALUE'`): a header's
+/// value may be a credential, and the refusal names the header's name
+/// alone, or without a `:` the first word, as the parser's own words do.
+fn without_header_value(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let header = matches!(
+        e.get(ContextKind::InvalidArg),
+        Some(ContextValue::String(arg)) if arg.starts_with("--header ")
+    );
+    let Some(ContextValue::String(given)) = e.get(ContextKind::InvalidValue) else {
+        return e;
+    };
+    if !header {
+        return e;
+    }
+    let shown = match given.split_once(':') {
+        Some((name, _)) => format!("{}: (value not shown)", name.trim()),
+        None => {
+            let mut words = given.split_whitespace();
+            let first = words.next().unwrap_or_default();
+            match words.next() {
+                Some(_) => format!("{first} (the rest not shown)"),
+                None => first.to_owned(),
+            }
+        }
+    };
+    e.insert(ContextKind::InvalidValue, ContextValue::String(shown));
+    e
 }
 
 /// Whether `matches` are of `policy lint`.
