@@ -410,12 +410,12 @@ impl Config {
 
     pub fn parse_args(args: Vec<OsString>) -> Parsed {
         let args = with_program_name("trellis-control-plane", args);
-        match Self::try_parse_from(args) {
+        match Self::try_parse_from(&args) {
             Ok(mut config) => match config.resolve() {
                 Ok(()) => Parsed::Run(Box::new(config)),
                 Err(message) => Parsed::Invalid(format!("error: {message}\n")),
             },
-            Err(e) => classify_clap_error(e),
+            Err(e) => classify_clap_error(e, &<Self as clap::CommandFactory>::command(), &args),
         }
     }
 
@@ -566,15 +566,21 @@ pub fn with_program_name(name: &str, mut args: Vec<OsString>) -> Vec<OsString> {
 /// of subcommands called without one (`trellisctl policy`) included, is a
 /// usage error whose text (there, the group's help) goes to stderr, so a
 /// script that left the subcommand out does not pass for having run one;
-/// what the user gave is shown escaped there (`escape_given`).
-pub fn classify_clap_error(e: clap::Error) -> Parsed {
+/// what the user gave is shown escaped there (`escape_given`). A value
+/// refused from a flag's environment variable, not from `args` (the
+/// command line of `command`), names the variable too
+/// (`environment_refusal`).
+pub fn classify_clap_error(e: clap::Error, command: &clap::Command, args: &[OsString]) -> Parsed {
     use clap::error::ErrorKind;
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = e.print();
             Parsed::Printed
         }
-        _ => Parsed::Invalid(crate::escape::escape_given(e).render().to_string()),
+        _ => match crate::escape::environment_refusal(&e, command, args) {
+            Some(refusal) => Parsed::Invalid(format!("error: {refusal}\n")),
+            None => Parsed::Invalid(crate::escape::escape_given(e).render().to_string()),
+        },
     }
 }
 

@@ -5,4 +5,4 @@
 //! none may write a control character to the operator's terminal. The
 //! rules are the sidecar's too, so they live in `trellis_core`.
 
-pub use trellis_core::escape::{escape_controls, escape_given, shown};
+pub use trellis_core::escape::{environment_refusal, escape_controls, escape_given, shown};

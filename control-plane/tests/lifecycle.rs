@@ -347,6 +347,52 @@ fn paths_in_configuration_errors_are_said_escaped() {
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
 }
 
+/// A value refused from a flag's environment twin is said with the
+/// variable's name, which is where the operator must look: the flag alone
+/// names nothing on the command line. Given on the command line, the same
+/// value is said as the flag's, even with the variable set.
+#[test]
+fn a_refused_environment_value_names_its_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    for (twin, value, says) in [
+        (
+            "TRELLIS_CERT_TTL",
+            "abc",
+            "error: invalid value 'abc' in TRELLIS_CERT_TTL (--cert-ttl): \"abc\" is not a \
+             duration (such as 30s, 10m, 24h)\n",
+        ),
+        (
+            "TRELLIS_LOG_FORMAT",
+            "xml",
+            "error: invalid value 'xml' in TRELLIS_LOG_FORMAT (--log-format): possible values: \
+             text, json\n",
+        ),
+        (
+            "TRELLIS_OPAQUE_PORTS",
+            "5432,0",
+            "error: invalid value '0' in TRELLIS_OPAQUE_PORTS (--opaque-ports): \"0\" is not a \
+             port (1-65535)\n",
+        ),
+    ] {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .env(twin, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{twin}: {stderr}");
+        assert_eq!(stderr, says);
+        assert!(!state.exists());
+    }
+    let stderr = refused_flags(&state, &["--cert-ttl", "xyz"]);
+    assert!(
+        stderr.starts_with("error: invalid value 'xyz' for '--cert-ttl <CERT_TTL>'"),
+        "{stderr}"
+    );
+}
+
 /// A start that fails once the flags are accepted (here on a state dir
 /// others can read) exits 1 saying why once, as the last line on stderr,
 /// as an invalid flag is said.

@@ -851,6 +851,57 @@ async fn environment_twins_work_as_their_flags() {
     );
 }
 
+/// A value refused from an environment twin is said with the variable's
+/// name (exit 64, before any call): `TRELLIS_OUTPUT=yaml` in a shell's
+/// profile is found from the error, not searched for on the command line.
+/// A flag given on the command line wins over its twin.
+#[test]
+fn a_refused_environment_value_names_its_variable() {
+    let ctl = |args: &[&str], twin: &str, value: &str| {
+        std::process::Command::new(CTL)
+            .args([
+                "--control-plane",
+                "127.0.0.1:1",
+                "--state-dir",
+                "/nonexistent",
+            ])
+            .args(args)
+            .env(twin, value)
+            .output()
+            .unwrap()
+    };
+    for (args, twin, value, says) in [
+        (
+            &["workloads"][..],
+            "TRELLIS_OUTPUT",
+            "yaml",
+            "error: invalid value 'yaml' in TRELLIS_OUTPUT (--output): possible values: table, \
+             json\n",
+        ),
+        (
+            &["token", "create", "--spiffe-id", WEB][..],
+            "TRELLIS_TTL",
+            "1500ms",
+            "error: invalid value '1500ms' in TRELLIS_TTL (--ttl): \"1500ms\" is not a whole \
+             number of seconds\n",
+        ),
+    ] {
+        let out = ctl(args, twin, value);
+        assert_eq!(out.status.code(), Some(64), "{twin}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), says);
+        assert!(out.stdout.is_empty());
+    }
+    // Given on the command line, the flag's value is the one read (and,
+    // here, refused as the flag's).
+    let out = ctl(&["workloads", "-o", "xml"], "TRELLIS_OUTPUT", "yaml");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr.starts_with("error: invalid value 'xml' for '--output <OUTPUT>'"),
+        "{stderr}"
+    );
+}
+
 /// `trellisctl policy lint DIR | head -1`: the reader of stdout goes away
 /// before the listing is written. trellisctl ends as `ls` does in a shell
 /// (exit 141, no panic), still saying its summary on stderr.

@@ -51,6 +51,82 @@ pub fn escape_given(mut e: clap::Error) -> clap::Error {
     e
 }
 
+/// What to say instead of `e` when the value it refuses came from a flag's
+/// environment twin (`TRELLIS_CERT_TTL` for `--cert-ttl`), not from `args`,
+/// the command line of `command`: clap names the flag alone, which the
+/// operator did not give and would look for on the command line in vain.
+/// The words name both, as `invalid value 'abc' in TRELLIS_CERT_TTL
+/// (--cert-ttl): ...` and then the value parser's reason or the values
+/// allowed, the value escaped ([`escape_controls`]). `None` for any other
+/// error, or a value given on the command line.
+pub fn environment_refusal(
+    e: &clap::Error,
+    command: &clap::Command,
+    args: &[std::ffi::OsString],
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = flag_named(command, long)?;
+    let twin = flag.get_env()?;
+    let set = std::env::var_os(twin)?;
+    let set = set.to_string_lossy();
+    // A list flag's value is refused an element at a time.
+    let from_twin = *set == **value
+        || (flag
+            .get_value_delimiter()
+            .is_some_and(|d| set.split(d).any(|v| v == value)));
+    if !from_twin || given_on(args, long, flag.get_short()) {
+        return None;
+    }
+    let why = match e.kind() {
+        ErrorKind::InvalidValue => match e.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(allowed)) => {
+                format!("possible values: {}", allowed.join(", "))
+            }
+            _ => "not a value it takes".to_owned(),
+        },
+        _ => std::error::Error::source(e).map_or_else(String::new, |why| why.to_string()),
+    };
+    Some(format!(
+        "invalid value '{}' in {} (--{long}): {why}",
+        escape_controls(value),
+        twin.to_string_lossy()
+    ))
+}
+
+/// The flag `--long` of `command` or of any of its subcommands that has an
+/// environment twin.
+fn flag_named<'a>(command: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
+    (command.get_arguments())
+        .find(|arg| arg.get_long() == Some(long) && arg.get_env().is_some())
+        .or_else(|| (command.get_subcommands()).find_map(|sub| flag_named(sub, long)))
+}
+
+/// Whether `args` give the flag `--long` (or `-short`) a value themselves.
+fn given_on(args: &[std::ffi::OsString], long: &str, short: Option<char>) -> bool {
+    let short = short.map(|c| format!("-{c}"));
+    args.iter().skip(1).map(|a| a.to_string_lossy()).any(|a| {
+        let a = a.as_ref();
+        a.strip_prefix("--")
+            .is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
+            || short
+                .as_deref()
+                .is_some_and(|s| !a.starts_with("--") && a.starts_with(s))
+    })
+}
+
 /// `text` with its control characters, and those that reorder text
 /// (bidirectional overrides and isolates), escaped as Rust writes them
 /// (`\u{1b}`, `\n`); any other character as it is. Every text `trellisctl`

@@ -558,7 +558,12 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
         to_stderr(&message);
         ExitCode::from(EXIT_USAGE)
     };
-    let clap_error = |e: clap::Error| match classify_clap_error(without_header_value(e)) {
+    let args = with_program_name("trellisctl", args);
+    let clap_error = |e: clap::Error, command: &clap::Command| match classify_clap_error(
+        without_header_value(e),
+        command,
+        &args,
+    ) {
         Parsed::Invalid(message) => usage(message),
         _ => ExitCode::SUCCESS,
     };
@@ -574,9 +579,10 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
             unread.push((id, refusal));
         }
     }
-    let mut matches = command
-        .try_get_matches_from_mut(with_program_name("trellisctl", args))
-        .map_err(clap_error)?;
+    let mut matches = match command.try_get_matches_from_mut(&args) {
+        Ok(matches) => matches,
+        Err(e) => return Err(clap_error(e, &command)),
+    };
     if let Some(refusal) = offline_refusal(&matches) {
         return Err(usage(format!("error: {refusal}\n")));
     }
@@ -587,7 +593,10 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
     {
         return Err(usage(format!("error: {refusal}\n")));
     }
-    Cli::from_arg_matches_mut(&mut matches).map_err(|e| clap_error(e.format(&mut command)))
+    Cli::from_arg_matches_mut(&mut matches).map_err(|e| {
+        let e = e.format(&mut command);
+        clap_error(e, &command)
+    })
 }
 
 /// `e` with the value of a `policy explain --header` it refuses left out
