@@ -461,6 +461,30 @@ fn a_port_in_use_exits_naming_its_flag_and_touches_nothing() {
     }
 }
 
+/// A second control plane on the state dir of a running one (on ports of
+/// its own) exits 1 saying that another process holds the database and
+/// what to do, not redb's "Cannot acquire lock"; the running one serves on.
+#[test]
+fn a_state_dir_in_use_names_the_running_control_plane() {
+    let cp = ControlPlane::start(&[]);
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&cp.state_dir)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let why = format!(
+        "error: database {}: another process has it open: is a control plane already running \
+         with this --state-dir? Stop it, or give this one a state dir of its own",
+        cp.state_dir.join("trellis.redb").display()
+    );
+    assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+    assert_eq!(cp.ready().0, 200, "the running control plane serves on");
+}
+
 #[test]
 fn a_corrupt_ca_key_is_reported_and_left_alone() {
     let cp = ControlPlane::start(&[]);

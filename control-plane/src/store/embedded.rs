@@ -169,6 +169,18 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// Why the database could not be opened, in words that say what to do
+/// where redb's do not: the lock it failed to take is another process's.
+fn open_error(e: redb::DatabaseError) -> String {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => "another process has it open: is a control \
+            plane already running with this --state-dir? Stop it, or give this one a state dir \
+            of its own"
+            .to_owned(),
+        e => e.to_string(),
+    }
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the database at `path`. A file that is not a redb
     /// database is reported, never replaced.
@@ -183,7 +195,7 @@ impl EmbeddedStore {
             path: shown(path),
             reason,
         };
-        let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
+        let db = Arc::new(Database::create(path).map_err(|e| database_error(open_error(e)))?);
         let failure = Arc::new(WriteFailure::new(path));
         let epoch = new_epoch();
         let issuances = issuance::IssuanceWriter::start(
