@@ -280,6 +280,40 @@ async fn trellisctl_applies_gets_lists_and_deletes_rate_limits() {
         "{stdout}"
     );
 
+    // A name copied from the list without its kind: `get` and `delete`
+    // read AuthorizationPolicy unless told, and say which kind has it.
+    // Nothing is deleted.
+    for (verb, name, kind) in [
+        ("get", "default/api-limit", "RateLimitPolicy"),
+        ("delete", "default/api-limit", "RateLimitPolicy"),
+        ("get", "default/web-to-api", "AuthorizationPolicy"),
+    ] {
+        let mut args = vec!["policy", verb, name];
+        if kind == "AuthorizationPolicy" {
+            args.extend(["--kind", RATE_LIMIT]);
+        }
+        let out = cp.ctl(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.ends_with(&format!(
+                " {name} not found ({name} is a {kind}: add --kind {kind})\n"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    let out = cp.ctl(&["policy", "get", "default/nothing"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: not found: policy default/nothing not found\n"
+    );
+    let out = cp.ctl(&["policy", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("default/api-limit"),
+        "the hint deleted nothing"
+    );
+
     // A broken rate limit in a second file: nothing is applied, the error
     // names the file, line and column.
     let broken = dir.path().join("broken.yaml");

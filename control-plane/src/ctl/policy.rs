@@ -287,6 +287,41 @@ pub enum RemotePolicyCommand {
 /// The kinds `--kind` accepts.
 const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
+fn get_request(namespace: &str, name: &str, kind: &str) -> GetPolicyRequest {
+    GetPolicyRequest {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        kind: kind.to_owned(),
+    }
+}
+
+/// `refused`, the control plane's answer to a `get` or `delete` of the
+/// `kind` asked, with a hint when it is NOT_FOUND and a policy of the other
+/// kind has that name: `policy list` shows both kinds, and `get` and
+/// `delete` read `AuthorizationPolicy` unless `--kind` says otherwise, so a
+/// rate limit's name copied from the list is otherwise "not found".
+async fn other_kind_hint(
+    client: &mut AdminClient<Channel>,
+    namespace: &str,
+    name: &str,
+    kind: &str,
+    refused: tonic::Status,
+) -> CtlError {
+    let other = KINDS.into_iter().find(|k| *k != kind);
+    let Some(other) = other.filter(|_| refused.code() == tonic::Code::NotFound) else {
+        return refused.into();
+    };
+    match client.get_policy(get_request(namespace, name, other)).await {
+        Ok(_) => tonic::Status::not_found(format!(
+            "{} ({} is a {other}: add --kind {other})",
+            refused.message(),
+            policy_key(namespace, name)
+        ))
+        .into(),
+        Err(_) => refused.into(),
+    }
+}
+
 /// Why `apply` and `lint` refuse files without errors that hold no
 /// document (empty, or only comments).
 const NO_DOCUMENTS: &str =
@@ -376,14 +411,15 @@ pub async fn run(
         }
         RemotePolicyCommand::Get { name, kind } => {
             let (namespace, name) = name.clone();
-            let response = client
-                .get_policy(GetPolicyRequest {
-                    namespace,
-                    name,
-                    kind: kind.clone(),
-                })
-                .await?
-                .into_inner();
+            let response = match client
+                .get_policy(get_request(&namespace, &name, kind))
+                .await
+            {
+                Ok(response) => response.into_inner(),
+                Err(refused) => {
+                    return Err(other_kind_hint(client, &namespace, &name, kind, refused).await);
+                }
+            };
             let revision = match (&response.policy, &response.rate_limit) {
                 (Some(p), _) => p.revision,
                 (None, Some(r)) => r.revision,
@@ -411,14 +447,17 @@ pub async fn run(
         RemotePolicyCommand::Delete { name, kind, wait } => {
             let (namespace, name) = name.clone();
             let key = policy_key(&namespace, &name);
-            let response = client
-                .delete_policy(DeletePolicyRequest {
-                    namespace,
-                    name,
-                    kind: kind.clone(),
-                })
-                .await?
-                .into_inner();
+            let request = DeletePolicyRequest {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                kind: kind.clone(),
+            };
+            let response = match client.delete_policy(request).await {
+                Ok(response) => response.into_inner(),
+                Err(refused) => {
+                    return Err(other_kind_hint(client, &namespace, &name, kind, refused).await);
+                }
+            };
             let printed = Printed::out(format!(
                 "{kind} {}: deleted\nsnapshot version {}\n",
                 super::escape_controls(&key),
