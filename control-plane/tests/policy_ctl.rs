@@ -902,6 +902,36 @@ fn a_refused_environment_value_names_its_variable() {
     );
 }
 
+/// `--wait 30s`, as one types a flag's value, is refused (exit 64, nothing
+/// written) saying that the duration goes after an `=`, for `apply` and
+/// `delete` alike, instead of clap's "unexpected argument '30s'".
+#[test]
+fn a_wait_duration_after_a_space_is_told_to_take_an_equals_sign() {
+    for args in [
+        &["policy", "apply", "-f", "policies.yaml", "--wait", "30s"][..],
+        &["policy", "delete", "default/web-to-api", "--wait", "30s"][..],
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args([
+                "--control-plane",
+                "127.0.0.1:1",
+                "--state-dir",
+                "/nonexistent",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr,
+            "error: --wait takes its duration after an '=': give --wait=30s (\"30s\" after a \
+             space is no argument of this command)\n"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
 /// `trellisctl policy lint DIR | head -1`: the reader of stdout goes away
 /// before the listing is written. trellisctl ends as `ls` does in a shell
 /// (exit 141, no panic), still saying its summary on stderr.

@@ -559,13 +559,14 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
         ExitCode::from(EXIT_USAGE)
     };
     let args = with_program_name("trellisctl", args);
-    let clap_error = |e: clap::Error, command: &clap::Command| match classify_clap_error(
-        without_header_value(e),
-        command,
-        &args,
-    ) {
-        Parsed::Invalid(message) => usage(message),
-        _ => ExitCode::SUCCESS,
+    let clap_error = |e: clap::Error, command: &clap::Command| {
+        if let Some(refusal) = policy::wait_without_equals(&e, &args) {
+            return usage(format!("error: {refusal}\n"));
+        }
+        match classify_clap_error(without_header_value(e), command, &args) {
+            Parsed::Invalid(message) => usage(message),
+            _ => ExitCode::SUCCESS,
+        }
     };
     let mut command = Cli::command();
     // A connection flag's environment variable holding a value the flag

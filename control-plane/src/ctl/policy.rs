@@ -88,6 +88,29 @@ impl Wait {
     }
 }
 
+/// Why `e` refused `args`, when it is a duration given to `--wait` after a
+/// space (`--wait 30s`): the duration is optional, so it must follow an
+/// `=`, and clap says only that `30s` is an unexpected argument.
+pub fn wait_without_equals(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(given)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    trellis_core::duration::parse(given).ok()?;
+    let after_wait = args
+        .windows(2)
+        .any(|pair| pair[0] == "--wait" && pair[1] == given.as_str());
+    after_wait.then(|| {
+        format!(
+            "--wait takes its duration after an '=': give --wait={given} ({given:?} after a \
+             space is no argument of this command)"
+        )
+    })
+}
+
 /// `-R` of the commands that read policy files.
 #[derive(Debug, Args)]
 pub struct Recursive {
