@@ -1097,6 +1097,98 @@ fn a_container_on_a_port_of_the_sidecar_is_refused() {
     assert!(patch_of(&answer_for(&with_object(&review, pod))).is_some());
 }
 
+/// The sidecar's ports are found by name: a Service's `targetPort`, a
+/// PodMonitor scraping every sidecar's `trellis-admin`. A container (app
+/// or init) declaring a port of either name, whatever its number and
+/// protocol, would be taken for the sidecar: the pod is refused naming the
+/// container, the port and the name, whatever the failure policy, and
+/// nothing records it as meshed. A port named otherwise is injected, and
+/// the sidecar is then the one container with those names. Real
+/// AdmissionReview documents (fixtures/k8s); no Kubernetes API server can
+/// run here.
+#[test]
+fn a_container_port_named_as_the_sidecars_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    for (field, index, port, name, sidecar) in [
+        (
+            "containers",
+            0,
+            json!({"name": "trellis-admin", "containerPort": 9100}),
+            "trellis-admin",
+            "admin",
+        ),
+        (
+            "containers",
+            1,
+            json!({"name": "trellis-inbound", "containerPort": 8443, "protocol": "TCP"}),
+            "trellis-inbound",
+            "inbound",
+        ),
+        (
+            "initContainers",
+            0,
+            json!({"name": "trellis-admin", "containerPort": 9000, "protocol": "UDP"}),
+            "trellis-admin",
+            "admin",
+        ),
+    ] {
+        let mut pod = review["request"]["object"].clone();
+        let target = &mut pod["spec"][field][index];
+        let container = target["name"].as_str().unwrap().to_owned();
+        let number = &port["containerPort"];
+        target["ports"] = json!([{"name": "http", "containerPort": 8080}, port]);
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(
+            denial(&reply),
+            format!(
+                "trellis: cannot inject: container \"{container}\" declares port {number} named \
+                 \"{name}\", the name of the sidecar's {sidecar} port: whatever finds the \
+                 sidecar's port by that name (a Service's targetPort, a PodMonitor scraping \
+                 sidecars) could reach the container instead; give the container's port another \
+                 name"
+            )
+        );
+        let ignore = InjectConfig {
+            failure_policy: FailurePolicy::Ignore,
+            ..config()
+        };
+        let reply = answer(
+            &with_object(&review, pod.clone()),
+            NamespaceScope::SelectedByWebhook,
+            &ignore,
+        );
+        assert_eq!(
+            reply["response"]["allowed"], false,
+            "{name}: admitted under Ignore"
+        );
+        let request = AdmissionRequest::parse(&body(&with_object(&review, pod))).unwrap();
+        let reviewed =
+            respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, &config());
+        assert!(!reviewed.meshed, "{name}: recorded as meshed");
+    }
+
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["containers"][0]["ports"][1]["name"] = json!("admin");
+    pod["spec"]["containers"][1]["ports"] =
+        json!([{"name": "trellis-metrics", "containerPort": 9102}]);
+    let pod = injected(&with_object(&review, pod));
+    let named = |wanted: &str| {
+        ["containers", "initContainers"]
+            .iter()
+            .flat_map(|field| pod["spec"][field].as_array().unwrap())
+            .filter(|c| {
+                c["ports"]
+                    .as_array()
+                    .is_some_and(|ports| ports.iter().any(|p| p["name"] == wanted))
+            })
+            .map(|c| c["name"].as_str().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named("trellis-admin"), ["trellis-proxy"]);
+    assert_eq!(named("trellis-inbound"), ["trellis-proxy"]);
+    assert_eq!(named("admin"), ["web"]);
+}
+
 /// A pod on the node's network in an opted-in namespace is admitted
 /// without a sidecar (iptables there would capture the node's traffic), and
 /// its author is told so rather than left to believe it meshed. Real

@@ -144,7 +144,10 @@
 //! the failure policy: admitted, it would run outside the mesh, and only the
 //! pod's author can fix it. So is a pod the mesh cannot serve as it is
 //! ([`InjectError::PortClash`]: a container declares a TCP port the
-//! sidecar listens on; [`InjectError::ProxyUid`]: under the outbound policy
+//! sidecar listens on; [`InjectError::PortNameClash`]: a container declares
+//! a port by a name the sidecar's ports have, `trellis-inbound` or
+//! `trellis-admin`, which whatever finds the sidecar by name (a Service's
+//! `targetPort`, the chart's sidecar PodMonitor) would take for it; [`InjectError::ProxyUid`]: under the outbound policy
 //! deny, a container runs as the sidecar's UID, by its own or the pod's
 //! `securityContext.runAsUser`, and would bypass it; under passthrough the
 //! pod is injected with a warning; [`InjectError::InitWithoutProxy`]: our
@@ -220,6 +223,10 @@ pub const OPAQUE_PORTS_ANNOTATION: &str = "trellis.io/opaque-ports";
 /// Names of what the injector adds.
 pub const INIT_CONTAINER: &str = "trellis-init";
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
+/// The names `trellis-proxy` declares its inbound and admin ports by; no
+/// other container of the pod may declare a port so named.
+pub const INBOUND_PORT_NAME: &str = "trellis-inbound";
+pub const ADMIN_PORT_NAME: &str = "trellis-admin";
 pub const IDENTITY_VOLUME: &str = "trellis-identity";
 pub const XTABLES_VOLUME: &str = "trellis-xtables";
 pub const IDENTITY_DIR: &str = "/var/run/trellis/identity";
@@ -565,12 +572,13 @@ fn deny_or_warn(
         // the pod would run it outside the mesh, open to plaintext and to
         // no policy; the denial shows as the ReplicaSet's FailedCreate.
         // Likewise a pod the mesh cannot serve as it is: a container on a
-        // port of the sidecar's, one running as its UID under the outbound
-        // policy deny, our init without the sidecar or the sidecar without
-        // our init.
+        // port of the sidecar's or on a port named as one of its, one
+        // running as its UID under the outbound policy deny, our init
+        // without the sidecar or the sidecar without our init.
         e @ (InjectError::InvalidAnnotation { .. }
         | InjectError::InvalidLabel(_)
         | InjectError::PortClash { .. }
+        | InjectError::PortNameClash { .. }
         | InjectError::ProxyUid { .. }
         | InjectError::InitWithoutProxy
         | InjectError::ProxyWithoutInit) => {

@@ -14,10 +14,10 @@ use super::annotations::{Exclusions, H2Limits, access_log, join, opaque_ports, t
 use super::probes;
 use super::review::PatchOp;
 use super::{
-    IDENTITY_DIR, IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
-    IpFamily, MAX_TOKEN_EXPIRATION_SECONDS, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope,
-    OutboundPolicy, PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION,
-    TrustBundleSource, XTABLES_VOLUME,
+    ADMIN_PORT_NAME, IDENTITY_DIR, IDENTITY_VOLUME, INBOUND_PORT_NAME, INIT_CONTAINER, INJECT_KEY,
+    INJECTED_ANNOTATION, InjectConfig, IpFamily, MAX_TOKEN_EXPIRATION_SECONDS,
+    MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, OutboundPolicy, PROXY_CONTAINER, Resources,
+    TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
 };
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
@@ -51,6 +51,18 @@ pub enum InjectError {
     PortClash {
         container: String,
         port: u16,
+        sidecar: &'static str,
+    },
+    #[error(
+        "container {container:?} declares port {port} named {name:?}, the name of the sidecar's \
+         {sidecar} port: whatever finds the sidecar's port by that name (a Service's targetPort, \
+         a PodMonitor scraping sidecars) could reach the container instead; give the \
+         container's port another name"
+    )]
+    PortNameClash {
+        container: String,
+        port: i64,
+        name: &'static str,
         sidecar: &'static str,
     },
     #[error(
@@ -536,6 +548,24 @@ fn proxy_uid_containers(
     })
 }
 
+/// A port the sidecar listens on: its number, which one it is, and the
+/// name `trellis-proxy` declares it by (none for the outbound port, which
+/// only the pod's own traffic reaches, redirected).
+struct SidecarPort {
+    port: u16,
+    role: &'static str,
+    name: Option<&'static str>,
+}
+
+fn sidecar_ports(config: &InjectConfig) -> [SidecarPort; 3] {
+    let port = |port, role, name| SidecarPort { port, role, name };
+    [
+        port(config.outbound_port, "outbound", None),
+        port(config.inbound_port, "inbound", Some(INBOUND_PORT_NAME)),
+        port(config.admin_port, "admin", Some(ADMIN_PORT_NAME)),
+    ]
+}
+
 /// Refuses a pod with a container that declares a TCP port the sidecar
 /// listens on. Every container shares the pod's network namespace, and the
 /// sidecar starts first: the container's own listener fails with "address
@@ -543,30 +573,44 @@ fn proxy_uid_containers(
 /// sidecar instead. Init containers are checked too: the sidecar already
 /// runs when they do.
 ///
+/// Refuses as well a container port, of any protocol, named as one of the
+/// sidecar's (`trellis-inbound`, `trellis-admin`): what finds the sidecar
+/// by port name (a Service's `targetPort`, a PodMonitor scraping every
+/// sidecar's admin port) would find two ports of that name in the pod, and
+/// could take the container's for the sidecar's.
+///
 /// A `hostPort` is not checked: it is a port of the node, which the node
 /// forwards to the pod IP's `containerPort` (checked here), and the sidecar
 /// binds nothing on the node. Only with `hostNetwork` would the two be one
 /// port (the API server then requires them equal), and such a pod is not
 /// injected ([`Skip::HostNetwork`]).
 fn check_port_clashes(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
-    let sidecar = [
-        (config.outbound_port, "outbound"),
-        (config.inbound_port, "inbound"),
-        (config.admin_port, "admin"),
-    ];
+    let sidecar = sidecar_ports(config);
     for container in all_containers(spec) {
         for declared in array(container.get("ports")) {
+            let port = declared.get("containerPort");
             // The sidecar's listeners are TCP; UDP and SCTP ports are free.
             let protocol = declared.get("protocol").and_then(Value::as_str);
-            if !matches!(protocol, None | Some("TCP")) {
-                continue;
-            }
-            let port = declared.get("containerPort").and_then(Value::as_u64);
-            if let Some(&(port, name)) = sidecar.iter().find(|(p, _)| Some(u64::from(*p)) == port) {
+            let number = port.and_then(Value::as_u64);
+            if matches!(protocol, None | Some("TCP"))
+                && let Some(clash) = sidecar.iter().find(|s| number == Some(u64::from(s.port)))
+            {
                 return Err(InjectError::PortClash {
                     container: container_name(container),
-                    port,
-                    sidecar: name,
+                    port: clash.port,
+                    sidecar: clash.role,
+                });
+            }
+            if let Some(declared) = declared.get("name").and_then(Value::as_str)
+                && let Some((name, role)) = sidecar
+                    .iter()
+                    .find_map(|s| Some((s.name.filter(|n| *n == declared)?, s.role)))
+            {
+                return Err(InjectError::PortNameClash {
+                    container: container_name(container),
+                    port: port.and_then(Value::as_i64).unwrap_or_default(),
+                    name,
+                    sidecar: role,
                 });
             }
         }
@@ -753,15 +797,16 @@ fn proxy_container(
         env.push(value("TRELLIS_HOOK_TOKEN", token.to_owned()));
     }
     let admin = config.admin_port;
+    let ports: Vec<Value> = sidecar_ports(config)
+        .into_iter()
+        .filter_map(|p| Some(json!({"name": p.name?, "containerPort": p.port, "protocol": "TCP"})))
+        .collect();
     let mut container = json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
         "command": ["trellis-proxy"],
         "restartPolicy": "Always",
-        "ports": [
-            {"name": "trellis-inbound", "containerPort": config.inbound_port, "protocol": "TCP"},
-            {"name": "trellis-admin", "containerPort": admin, "protocol": "TCP"},
-        ],
+        "ports": ports,
         "env": env,
         "volumeMounts": [{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}],
         "resources": resources(&config.proxy_resources),
