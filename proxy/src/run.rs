@@ -132,6 +132,7 @@ struct Channels {
     snapshot: watch::Sender<Option<Arc<policy::Snapshot>>>,
     policies: watch::Sender<Option<Arc<policy::Policies>>>,
     tls: watch::Sender<Arc<TlsState>>,
+    certify_failure: watch::Sender<Option<Arc<str>>>,
 }
 
 impl Sidecar {
@@ -182,6 +183,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let (svid_tx, svid_rx) = watch::channel(None);
+    let (certify_failure_tx, certify_failure_rx) = watch::channel(None);
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(config.trust_bundle.clone()));
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let (policies_tx, policies_rx) = watch::channel(None);
@@ -234,6 +236,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         admin::State {
             config: config.clone(),
             svid: svid_rx,
+            certify_failure: certify_failure_rx,
             bundle: bundle_rx,
             snapshot: snapshot_rx.clone(),
             metrics: metrics.clone(),
@@ -290,6 +293,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             snapshot: snapshot_tx,
             policies: policies_tx,
             tls: tls_tx,
+            certify_failure: certify_failure_tx,
         },
         shutdown,
         drain,
@@ -345,6 +349,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         snapshot,
         policies,
         tls,
+        certify_failure,
     } = channels;
     tokio::spawn(tls::run(
         config.trust_domain.clone(),
@@ -364,6 +369,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         },
         svid,
         bundle.clone(),
+        certify_failure,
         metrics.clone(),
     ));
     tokio::spawn(policy::watch::run(

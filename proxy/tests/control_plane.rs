@@ -71,6 +71,7 @@ fn start_identity(
         },
         svid_tx,
         bundle_tx,
+        watch::channel(None).0,
         metrics.clone(),
     ));
     svid
@@ -181,6 +182,7 @@ async fn service_account_token_is_read_from_its_file_when_certifying() {
         params,
         svid_tx,
         bundle_tx,
+        watch::channel(None).0,
         Arc::new(Metrics::new()),
     ));
     tokio::time::timeout(Duration::from_secs(20), svid.wait_for(|s| s.is_some()))
@@ -628,10 +630,14 @@ async fn a_certificate_peers_would_refuse_is_not_taken() {
             .count()
     };
     eventually("the first certificate refused", || refusals() > 0).await;
+    // `/ready` says why, as the log does.
     let ready = s.get("/ready").await;
+    let why = WHY.strip_prefix("error=").unwrap();
     assert!(
         ready.starts_with("HTTP/1.1 503 ")
-            && ready.ends_with("\r\n\r\ntrellis: not ready: no certificate yet\n"),
+            && ready.ends_with(&format!(
+                "\r\n\r\ntrellis: not ready: no certificate yet: the last Certify failed: {why}\n"
+            )),
         "{ready}"
     );
     let errors =

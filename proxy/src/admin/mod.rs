@@ -9,7 +9,8 @@
 //! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed` and
 //! `Allow: GET, HEAD`. `/ready`
 //! answers 503 with `trellis-proxy-error: not_ready` while the sidecar is
-//! not ready, and an app probe that fails 503 with `probe_failed`.
+//! not ready, saying why (without a valid certificate, why the last
+//! Certify failed), and an app probe that fails 503 with `probe_failed`.
 //!
 //! A connection's first request head is read before hyper's server is
 //! given the connection (`head`), and checked as the sidecar's HTTP/1.1
@@ -87,6 +88,8 @@ use crate::policy::Snapshot;
 pub struct State {
     pub config: Arc<Config>,
     pub svid: watch::Receiver<Option<Arc<Svid>>>,
+    /// Why the last Certify failed, until one succeeds.
+    pub certify_failure: watch::Receiver<Option<Arc<str>>>,
     pub bundle: watch::Receiver<TrustBundle>,
     pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
     pub metrics: Arc<Metrics>,
@@ -356,17 +359,24 @@ fn draining_reason(draining: &drain::Draining, idle: Duration, timeout: Duration
     )
 }
 
-/// Why the sidecar is not ready, or `None` when it is.
-pub fn not_ready(state: &State, now: SystemTime) -> Option<&'static str> {
-    match state.svid.borrow().as_deref() {
-        None => return Some("no certificate yet"),
-        Some(svid) if !svid.is_valid_at(now) => return Some("the certificate has expired"),
-        Some(_) => {}
-    }
-    if state.snapshot.borrow().is_none() {
-        return Some("no discovery snapshot yet");
-    }
-    None
+/// Why the sidecar is not ready, or `None` when it is. Without a valid
+/// certificate, also why the last Certify failed (as the log's `certify
+/// failed` says it), so that whoever reads the probe's answer learns what
+/// to fix: a used join token, a wrong `--trust-bundle` or
+/// `--control-plane`.
+pub fn not_ready(state: &State, now: SystemTime) -> Option<String> {
+    let missing = match state.svid.borrow().as_deref() {
+        None => "no certificate yet",
+        Some(svid) if !svid.is_valid_at(now) => "the certificate has expired",
+        Some(_) if state.snapshot.borrow().is_none() => {
+            return Some("no discovery snapshot yet".to_string());
+        }
+        Some(_) => return None,
+    };
+    Some(match state.certify_failure.borrow().as_deref() {
+        Some(failure) => format!("{missing}: the last Certify failed: {failure}"),
+        None => missing.to_string(),
+    })
 }
 
 #[derive(Serialize)]

@@ -618,10 +618,13 @@ fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
 /// certificate the control plane refused to renew because its identity was
 /// revoked is not offered again: every retry proves the token, read again
 /// from its file, so a new join token written there is taken at the next.
+/// `failure_tx` holds why the last Certify failed, until one succeeds, for
+/// `/ready` to say why the sidecar has no certificate.
 pub async fn run(
     params: CertifyParams,
     svid_tx: watch::Sender<Option<Arc<Svid>>>,
     bundle_tx: watch::Sender<TrustBundle>,
+    failure_tx: watch::Sender<Option<Arc<str>>>,
     metrics: Arc<Metrics>,
 ) {
     let mut attempt = 0u32;
@@ -667,6 +670,7 @@ pub async fn run(
                     }
                 }
                 svid_tx.send_replace(Some(Arc::new(svid)));
+                failure_tx.send_replace(None);
                 renew.max(SystemTime::now() + schedule::MIN_RENEWAL_INTERVAL)
             }
             Err(e) => {
@@ -677,6 +681,7 @@ pub async fn run(
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
+                failure_tx.send_replace(Some(Arc::from(e.to_string())));
                 SystemTime::now() + delay
             }
         };
