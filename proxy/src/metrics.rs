@@ -251,9 +251,10 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "trellis_decisions",
-            "Authorization decisions on inbound connections, by action (allow, deny, audit) \
-             and deciding policy (namespace/name, default:<mode>, or default:no-snapshot before the \
-             first policy snapshot)",
+            "Authorization decisions on inbound connections forwarded as bytes or denied, and on \
+             inbound HTTP requests, by action (allow, deny, audit) and deciding policy \
+             (namespace/name, default:<mode>, or default:no-snapshot before the first policy \
+             snapshot)",
             decisions.clone(),
         );
         let denied_without_snapshot = decisions

@@ -12,6 +12,7 @@ mod certify;
 mod demo;
 mod http;
 mod inbound;
+mod metrics;
 mod mtls;
 mod outage;
 mod policy;
