@@ -249,6 +249,9 @@ pub mod token {
     pub const PEER_REFUSED: &str = "peer_refused";
     /// An outbound call that would come back to this sidecar (502).
     pub const LOOP: &str = "loop";
+    /// A connection to the transparent outbound port that iptables did
+    /// not redirect there, so it names no destination (421).
+    pub const NOT_REDIRECTED: &str = "not_redirected";
 
     /// Every token, each once.
     pub const ALL: &[&str] = &[
@@ -277,6 +280,7 @@ pub mod token {
         REVOKED,
         PEER_REFUSED,
         LOOP,
+        NOT_REDIRECTED,
     ];
 }
 

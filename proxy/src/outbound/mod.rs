@@ -1262,6 +1262,12 @@ struct App {
     detected: Option<(Protocol, BytesMut)>,
 }
 
+/// What an HTTP app that called the transparent outbound port itself is
+/// told: where its calls should go instead.
+const NOT_REDIRECTED: &str = "this is the sidecar's transparent outbound port: it serves \
+    connections iptables redirected to it (`trellis-proxy init`), which name their destination, \
+    and this one was not redirected; without interception, call the local address of a --route";
+
 /// One redirected connection (see [`forward_transparent`]).
 async fn serve_transparent(
     shared: Arc<Shared>,
@@ -1275,6 +1281,19 @@ async fn serve_transparent(
     let Some(dst) = net::original_dst(&tcp) else {
         tracing::warn!(%client, "outbound connection refused: no original destination (not redirected)");
         metrics.connection(OUTBOUND, "refused");
+        // An app (or a user with curl) that calls this port itself, as
+        // if it were a proxy, is told what the port is for rather than
+        // left with an empty reply.
+        let mut app = App {
+            tcp,
+            detected: None,
+        };
+        answer_app(
+            &mut app,
+            (StatusCode::MISDIRECTED_REQUEST, token::NOT_REDIRECTED),
+            NOT_REDIRECTED,
+        )
+        .await;
         return;
     };
     forward_transparent(&shared, tcp, client, dst).await;

@@ -15,6 +15,7 @@ mod inbound;
 mod metrics;
 mod mtls;
 mod outage;
+mod outbound;
 mod policy;
 mod replicas;
 mod revoke;
