@@ -136,6 +136,33 @@ fn invalid_flags_exit_64_naming_the_flag() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--close-denied-connections"));
 }
 
+/// A first start with no flags names every flag the sidecar cannot start
+/// without, in one line, rather than one more at each run.
+#[test]
+fn a_start_without_flags_names_every_required_one_at_once() {
+    let out = proxy(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: invalid --identity: is required: this workload's SPIFFE ID"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with("; --trust-bundle and --token-file are missing too\n"),
+        "{stderr}"
+    );
+    // One missing names itself alone.
+    let out = proxy(&["--identity", ID, "--token-file", "/nonexistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.starts_with("error: invalid --trust-bundle: is required: the PEM roots")
+            && !stderr.contains("missing too"),
+        "{stderr}"
+    );
+}
+
 /// Every duration flag reads its value as the control plane's and
 /// `trellisctl`'s do: a bad one is refused naming the flag and what was
 /// given, with examples.

@@ -231,6 +231,49 @@ pub struct ProxyArgs {
     pub max_h2_connections: String,
 }
 
+/// The flags a sidecar cannot start without, with what each holds.
+const REQUIRED: [(&str, &str); 3] = [
+    (
+        "identity",
+        "this workload's SPIFFE ID (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)",
+    ),
+    (
+        "trust-bundle",
+        "the PEM roots that verify the control plane (its state dir's bundle.pem)",
+    ),
+    (
+        "token-file",
+        "the file of the token that proves this workload for its first certificate \
+         (`trellisctl token create`, or a projected ServiceAccount token with --token-type \
+         service-account)",
+    ),
+];
+
+/// The refusal of flags without one of [`REQUIRED`], if any is missing:
+/// it names the first missing and what it holds, then every other one
+/// missing, so a first start from the README learns of them all at once,
+/// not one run after another.
+fn missing_required(args: &ProxyArgs) -> Option<InvalidFlag> {
+    let given = [
+        args.identity.is_some(),
+        args.trust_bundle.is_some(),
+        args.token_file.is_some(),
+    ];
+    let mut missing = REQUIRED
+        .iter()
+        .zip(given)
+        .filter(|(_, given)| !given)
+        .map(|(flag, _)| flag);
+    let (flag, holds) = missing.next()?;
+    let others: Vec<String> = missing.map(|(other, _)| format!("--{other}")).collect();
+    let also = match others.as_slice() {
+        [] => String::new(),
+        [one] => format!("; {one} is missing too"),
+        [first @ .., last] => format!("; {} and {last} are missing too", first.join(", ")),
+    };
+    Some(invalid(flag, format!("is required: {holds}{also}")))
+}
+
 /// How long the drain waits with no connection open before it ends,
 /// unless `--drain-idle` says otherwise (or `--drain-timeout` is shorter).
 const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -390,34 +433,28 @@ impl Config {
 
     /// Validates parsed flags, reading the bundle and token files.
     pub fn from_args(args: &ProxyArgs) -> Result<Self, InvalidFlag> {
-        let id = args
-            .identity
-            .as_deref()
-            .ok_or_else(|| invalid("identity", "is required"))?;
+        let Some(id) = args.identity.as_deref() else {
+            return Err(
+                missing_required(args).unwrap_or_else(|| invalid("identity", "is required"))
+            );
+        };
         let identity = SpiffeId::parse(id).map_err(|e| invalid("identity", e))?;
+        if let Some(missing) = missing_required(args) {
+            return Err(missing);
+        }
         let trust_domain = identity.trust_domain();
         trellis_core::grpc::check_host_port(&args.control_plane)
             .map_err(|e| invalid("control-plane", e))?;
-        // Without either a sidecar could never certify: it would run for
-        // ever, never ready. Refused here, before any port is bound.
+        // Without a trust bundle or a token a sidecar could never certify:
+        // it would run for ever, never ready. `missing_required` refused
+        // flags without either above, before any port is bound.
         let trust_bundle = match &args.trust_bundle {
-            None => {
-                return Err(invalid(
-                    "trust-bundle",
-                    "is required: the PEM roots that verify the control plane (its state dir's \
-                     bundle.pem)",
-                ));
-            }
+            None => return Err(invalid("trust-bundle", "is required")),
             Some(path) => read_bundle(path).map_err(|e| invalid("trust-bundle", e))?,
         };
         let token = match (&args.token_file, args.token_type.as_str()) {
             (None, "join" | "service-account") => {
-                return Err(invalid(
-                    "token-file",
-                    "is required: the file of the token that proves this workload for its first \
-                     certificate (`trellisctl token create`, or a projected ServiceAccount token \
-                     with --token-type service-account)",
-                ));
+                return Err(invalid("token-file", "is required"));
             }
             (Some(path), "join") => Some(Credential::JoinToken {
                 path: path.clone(),
