@@ -34,9 +34,7 @@ pub use run::{Bind, Sidecar};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use config::{Cli, Command, Config};
+use config::{Command, Config, Given};
 
 /// Exit code for invalid configuration (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -48,8 +46,8 @@ pub const EXIT_USAGE: u8 = 64;
 /// address that cannot be bound, named by its flag). Either error is said
 /// once, as the last line on stderr (`error: ...`), not logged.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
+    let (cli, given) = match Given::parse(&args) {
+        Ok(parsed) => parsed,
         Err(e) => {
             return match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -57,19 +55,19 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 _ => {
-                    eprint!("{}", config::refusal_text(e));
+                    eprint!("{}", config::refusal_text(e, &args));
                     ExitCode::from(EXIT_USAGE)
                 }
             };
         }
     };
     if let Some(Command::Init(args)) = cli.command {
-        return init::run(args);
+        return init::run(args, &given);
     }
     let config = match Config::from_args(&cli.proxy) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", given.refusal(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -183,6 +183,95 @@ fn a_bad_duration_is_refused_in_the_words_of_every_binary() {
     }
 }
 
+/// `trellis-proxy ARGS` with only the environment variables `env` set.
+fn proxy_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run trellis-proxy")
+}
+
+/// A value refused from a flag's environment twin, by clap or by the
+/// sidecar's own checks (init's too), names the variable, where the
+/// operator must look, beside the flag; exit 64 as ever. Given on the
+/// command line, the same value is said as the flag's, even with the
+/// variable set to it.
+#[test]
+fn a_refused_environment_value_names_its_variable() {
+    let with_required = with_required(&[]);
+    let cases: [(&[&str], &str, &str, &str, &str); 6] = [
+        // clap's refusals
+        (
+            &with_required,
+            "TRELLIS_OPAQUE_PORTS",
+            "5432,0",
+            "error: invalid value '0' in TRELLIS_OPAQUE_PORTS (--opaque-ports): \"0\" is not a \
+             port (1-65535)\n",
+            "--opaque-ports",
+        ),
+        (
+            &["init", "--dry-run"],
+            "TRELLIS_BACKEND",
+            "iptables",
+            "error: invalid value 'iptables' in TRELLIS_BACKEND (--backend): possible values: \
+             auto, nft, legacy\n",
+            "--backend",
+        ),
+        // the sidecar's own checks
+        (
+            &with_required,
+            "TRELLIS_DRAIN_TIMEOUT",
+            "soon",
+            "error: invalid value in TRELLIS_DRAIN_TIMEOUT (--drain-timeout): \"soon\" is not a \
+             duration (such as 30s, 10m, 24h)\n",
+            "--drain-timeout",
+        ),
+        (
+            &with_required,
+            "TRELLIS_INBOUND",
+            "127.0.0.1:0,nope",
+            "error: invalid value in TRELLIS_INBOUND (--inbound): ",
+            "--inbound",
+        ),
+        (
+            &["init", "--dry-run", "--exclude-outbound-dns"],
+            "TRELLIS_RESOLV_CONF",
+            "/nonexistent/resolv.conf",
+            "error: invalid value in TRELLIS_RESOLV_CONF (--resolv-conf): \
+             /nonexistent/resolv.conf: no such file or directory\n",
+            "--resolv-conf",
+        ),
+        (
+            &["init", "--dry-run"],
+            "TRELLIS_INBOUND_PORT",
+            "15001",
+            "error: invalid flags: TRELLIS_INBOUND_PORT (--inbound-port) and --outbound-port are \
+             both 15001\n",
+            "--inbound-port",
+        ),
+    ];
+    for (args, twin, value, says, flag) in cases {
+        let out = proxy_with(args, &[(twin, value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{twin}={value}: {stderr}");
+        assert!(stderr.starts_with(says), "{twin}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{twin}={value}: {stderr}");
+
+        // On the command line: the flag's, the variable unnamed.
+        let mut given = args.to_vec();
+        given.extend([flag, value]);
+        let out = proxy_with(&given, &[(twin, value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains(twin),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}
+
 /// The flags `--help` marks "(required)" are those the sidecar cannot
 /// start without: given all the others, it exits 64 naming the one left
 /// out.

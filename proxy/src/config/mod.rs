@@ -5,6 +5,7 @@
 //! socket or talk to the network: invalid configuration is reported (exit 64)
 //! before any port is bound.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use trellis_core::escape::{escape_given, shown};
+use trellis_core::escape::{environment_refusal, escape_given, shown};
 use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
@@ -22,8 +23,10 @@ use crate::admin::access::HookToken;
 use crate::admin::probes::AppProbes;
 
 mod listen;
+mod twin;
 
 pub use listen::{DEFAULT_INBOUND, DEFAULT_OUTBOUND, Listen};
+pub use twin::Given;
 
 /// `trellis-proxy`: the Trellis sidecar.
 #[derive(Debug, Parser)]
@@ -35,11 +38,15 @@ pub struct Cli {
     pub proxy: ProxyArgs,
 }
 
-/// What clap says of flags it refuses, with what the user gave that it
-/// quotes escaped ([`escape_given`]), as the control plane and trellisctl
-/// say it.
-pub fn refusal_text(e: clap::Error) -> String {
-    escape_given(e).render().to_string()
+/// What clap says of flags it refuses in `args` (argv), with what the user
+/// gave that it quotes escaped ([`escape_given`]), as the control plane and
+/// trellisctl say it: a value refused from a flag's environment twin names
+/// the variable ([`environment_refusal`]).
+pub fn refusal_text(e: clap::Error, args: &[OsString]) -> String {
+    match environment_refusal(&e, &<Cli as clap::CommandFactory>::command(), args) {
+        Some(refusal) => format!("error: {refusal}\n"),
+        None => escape_given(e).render().to_string(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -960,7 +967,9 @@ mod tests {
             &["--\u{1b}[31mx"],
             &["init", "--backend", "\u{1b}[31mx"],
         ] {
-            let said = refusal_text(Cli::try_parse_from(argv(extra)).unwrap_err());
+            let argv = argv(extra);
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            let said = refusal_text(Cli::try_parse_from(argv).unwrap_err(), &args);
             assert!(!said.contains('\u{1b}'), "{said:?}");
             assert!(
                 said.contains("'\\u{1b}[31mx'") || said.contains("'--\\u{1b}[31mx'"),

@@ -83,6 +83,8 @@ use std::process::ExitCode;
 use trellis_core::escape::shown;
 use trellis_core::io_error::{EXIT_STDOUT_CLOSED, IoWords, stdout_closed};
 
+use crate::config::Given;
+
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
 pub use rules::{CHAINS, FILTER_CHAINS, Interception, NatTable, Table};
@@ -244,8 +246,9 @@ fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
 /// Why `trellis-proxy init` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("invalid flags: {0}")]
-    Config(String),
+    /// Both given the one port: no connection could tell which way it goes.
+    #[error("invalid flags: --inbound-port and --outbound-port are both {0}")]
+    SamePorts(u16),
     #[error(transparent)]
     Iptables(#[from] IptablesError),
     #[error("IPv6 was asked for (--ipv6 on) but is not usable here: {0}")]
@@ -332,7 +335,7 @@ impl InitError {
     /// permission).
     pub fn exit_code(&self) -> u8 {
         let iptables = match self {
-            InitError::Config(_) | InitError::ResolvConf(_) => return 64,
+            InitError::SamePorts(_) | InitError::ResolvConf(_) => return 64,
             InitError::Iptables(e)
             | InitError::Ipv6Unavailable(e)
             | InitError::Ipv6Bypass { failed: e, .. } => e,
@@ -352,10 +355,7 @@ impl InitArgs {
     /// (and not `--cleanup`).
     pub fn interception(&self) -> Result<Interception, InitError> {
         if self.inbound_port == self.outbound_port {
-            return Err(InitError::Config(format!(
-                "--inbound-port and --outbound-port are both {}",
-                self.inbound_port
-            )));
+            return Err(InitError::SamePorts(self.inbound_port));
         }
         // Removing our rules needs no nameserver.
         let nameservers = if self.exclude_outbound_dns && !self.cleanup {
@@ -450,18 +450,33 @@ fn ipv6_skipped(failed: IptablesError, if_inet6: &str) -> Result<String, InitErr
     }
 }
 
-/// Runs `trellis-proxy init` with parsed flags. A dry run whose reader goes away before
-/// all is written (`--dry-run | head -1`) ends quietly with [`EXIT_STDOUT_CLOSED`].
-pub fn run(args: InitArgs) -> ExitCode {
+/// Runs `trellis-proxy init` with parsed flags (`given` says where each came from). A dry
+/// run whose reader goes away before all is written (`--dry-run | head -1`) ends quietly
+/// with [`EXIT_STDOUT_CLOSED`].
+pub fn run(args: InitArgs, given: &Given) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     let done = execute(&args, &mut stdout).and_then(|()| stdout.flush().map_err(InitError::Output));
     match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(InitError::Output(e)) if stdout_closed(&e) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", said(&error, given));
             ExitCode::from(error.exit_code())
         }
+    }
+}
+
+/// What to say of `error`: a flag whose value it refuses named by the environment variable
+/// that value came from, if it did not come from the command line.
+fn said(error: &InitError, given: &Given) -> String {
+    match error {
+        InitError::SamePorts(port) => format!(
+            "invalid flags: {} and {} are both {port}",
+            given.name("inbound-port"),
+            given.name("outbound-port")
+        ),
+        InitError::ResolvConf(why) => given.refused("resolv-conf", why),
+        other => other.to_string(),
     }
 }
 
