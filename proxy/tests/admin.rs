@@ -521,3 +521,45 @@ async fn a_kept_alive_admin_connection_is_served_and_a_later_malformed_head_coun
     let counted = "trellis_admin_malformed_requests_total{reason=\"malformed\"} 1\n";
     assert!(scraped.contains(counted), "{counted}in\n{scraped}");
 }
+
+/// `/config`, as an operator's curl fetches it, says when the certificate
+/// became valid and when it expires in RFC 3339 beside the Unix seconds,
+/// each agreeing with the other, and ends with a newline as the port's
+/// other answers do; the `certificate issued` line says the expiry both
+/// ways too.
+#[tokio::test]
+async fn config_says_the_certificate_s_times_in_rfc3339_and_ends_with_a_newline() {
+    let (logs, _guard) = Logs::capture(false);
+    let (_cp, _app, s) = app_behind_sidecar().await;
+    let issued = logs.wait_for(&["certificate issued"]).await;
+    let Some(body) = curl(&[&format!("http://{}/config", s.admin)]).await else {
+        return;
+    };
+    assert!(body.ends_with("}\n"), "{body:?}");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let certificate = &config["certificate"];
+    for (unix, rfc3339) in [
+        ("not_before_unix", "not_before"),
+        ("expires_at_unix", "expires_at"),
+    ] {
+        let seconds = certificate[unix]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{body}"));
+        let said = certificate[rfc3339]
+            .as_str()
+            .unwrap_or_else(|| panic!("{body}"));
+        let at = humantime::parse_rfc3339(said).unwrap_or_else(|e| panic!("{said}: {e}"));
+        assert_eq!(
+            at,
+            std::time::UNIX_EPOCH + Duration::from_secs(seconds),
+            "{rfc3339} {said} is not {unix} {seconds}"
+        );
+    }
+    let expires_at = certificate["expires_at"].as_str().unwrap();
+    let seconds = certificate["expires_at_unix"].as_u64().unwrap();
+    assert!(
+        issued.contains(&format!(" expires_at={seconds} "))
+            && issued.contains(&format!(" expires={expires_at} ")),
+        "{issued}"
+    );
+}

@@ -79,7 +79,7 @@ pub use head::MALFORMED;
 
 use crate::config::Config;
 use crate::drain::{self, Drain};
-use crate::identity::{Svid, TrustBundle};
+use crate::identity::{Svid, TrustBundle, rfc3339};
 use crate::inbound::REFUSAL_LOG_PAUSE;
 use crate::metrics::Metrics;
 use crate::policy::Snapshot;
@@ -306,7 +306,10 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             .body(Full::new(state.metrics.encode().into()))
             .expect("static response parts are valid"),
         "/config" => {
-            let body = serde_json::to_vec_pretty(&config_view(state)).expect("serializable");
+            let mut body = serde_json::to_vec_pretty(&config_view(state)).expect("serializable");
+            // Ended by a newline, as every other answer of this port: the
+            // shell's prompt after an operator's curl starts on its own line.
+            body.push(b'\n');
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body.into()))
@@ -488,8 +491,7 @@ struct RevocationView {
     spiffe_id: String,
     /// Every certificate of `spiffe_id` issued then or before is refused.
     revoked_at_unix: i64,
-    /// The same, as RFC 3339 (`2026-01-02T03:04:05Z`); `-` for a time
-    /// before 1970 or too far ahead to write.
+    /// The same, as RFC 3339 ([`rfc3339`]).
     revoked_at: String,
 }
 
@@ -500,7 +502,7 @@ impl RevocationView {
             .map(|(id, at)| RevocationView {
                 spiffe_id: id.to_string(),
                 revoked_at_unix: at,
-                revoked_at: trellis_core::clock::rfc3339_checked(at).unwrap_or_else(|| "-".into()),
+                revoked_at: rfc3339(at),
             })
             .collect();
         all.sort_unstable_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
@@ -511,7 +513,26 @@ impl RevocationView {
 #[derive(Serialize)]
 struct CertificateView {
     serial: String,
+    /// The certificate's notBefore, in Unix seconds and as RFC 3339
+    /// ([`rfc3339`]: `-` for a time it cannot write).
+    not_before_unix: u64,
+    not_before: String,
+    /// Its notAfter, likewise.
     expires_at_unix: u64,
+    expires_at: String,
+}
+
+impl CertificateView {
+    fn of(svid: &Svid) -> Self {
+        let (not_before, expires_at) = (svid.not_before_unix(), svid.expires_at_unix());
+        CertificateView {
+            serial: svid.serial.clone(),
+            not_before_unix: not_before,
+            not_before: rfc3339(not_before as i64),
+            expires_at_unix: expires_at,
+            expires_at: rfc3339(expires_at as i64),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -527,10 +548,7 @@ fn config_view(state: &State) -> ConfigView {
     let snapshot = state.snapshot.borrow().clone();
     ConfigView {
         identity: c.identity.to_string(),
-        certificate: state.svid.borrow().as_deref().map(|s| CertificateView {
-            serial: s.serial.clone(),
-            expires_at_unix: s.expires_at_unix(),
-        }),
+        certificate: state.svid.borrow().as_deref().map(CertificateView::of),
         bundle_size: state.bundle.borrow().len(),
         snapshot_version: snapshot.as_ref().map(|s| s.version),
         snapshot_version_epoch: snapshot

@@ -204,11 +204,25 @@ impl Svid {
     }
 
     pub fn expires_at_unix(&self) -> u64 {
-        self.not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        unix(self.not_after)
     }
+
+    pub fn not_before_unix(&self) -> u64 {
+        unix(self.not_before)
+    }
+}
+
+/// `unix` (seconds) in RFC 3339, as `2026-01-02T03:04:05Z`; `-` for a time
+/// before 1970 or too far ahead to write.
+pub fn rfc3339(unix: i64) -> String {
+    trellis_core::clock::rfc3339_checked(unix).unwrap_or_else(|| "-".into())
+}
+
+/// `at` in Unix seconds; 0 before 1970.
+fn unix(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A fresh P-256 key and a DER CSR whose only SAN is the URI `id`.
@@ -653,6 +667,7 @@ pub async fn run(
                     identity = %svid.id,
                     serial = %svid.serial,
                     expires_at = svid.expires_at_unix(),
+                    expires = %rfc3339(svid.expires_at_unix() as i64),
                     renewal = current.is_some(),
                     "certificate issued"
                 );
