@@ -542,8 +542,9 @@ async fn ctl_refuses_a_control_plane_address_without_a_port() {
 /// What an operator gets wrong most: credentials of another control plane
 /// (its bundle, or its operator certificate), a key that is not the
 /// certificate's, the admin port instead of the gRPC one, a control plane
-/// that is not running. Each is one line that names the file or the address
-/// to check and says what is wrong with it, each cause once.
+/// that is not running, a name that does not resolve. Each is one line
+/// that names the file or the address to check and says what is wrong
+/// with it, each cause once.
 #[tokio::test]
 async fn ctl_names_the_credential_or_address_it_cannot_use() {
     let cp = ControlPlane::start(&[]);
@@ -577,7 +578,9 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
         .map(String::from)
         .to_vec()
     };
-    let cases: [(Vec<String>, Vec<String>); 5] = [
+    // `.invalid` never resolves (RFC 6761): no network is asked.
+    let unresolvable = "nohost.invalid:15012";
+    let cases: [(Vec<String>, Vec<String>); 6] = [
         (
             in_dir(&cp.grpc, &other),
             vec![
@@ -619,6 +622,13 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
         (
             in_dir(&stopped, &cp),
             vec![format!("{stopped}: nothing listens there")],
+        ),
+        (
+            in_dir(unresolvable, &cp),
+            vec![
+                format!("{unresolvable}: the name nohost.invalid does not resolve ("),
+                "failed to lookup address information".into(),
+            ],
         ),
     ];
     for (args, expected) in cases {

@@ -166,7 +166,15 @@ async fn dial_uri(
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?
         .trim_matches(['[', ']']);
     let port = uri.port_u16().unwrap_or(443);
-    let tcp = TcpStream::connect((host, port)).await?;
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| {
+            let kind = source.kind();
+            let host = host.to_owned();
+            io::Error::new(kind, Unresolved { host, source })
+        })?
+        .collect();
+    let tcp = TcpStream::connect(&addrs[..]).await?;
     tcp.set_nodelay(true)?;
     // The name is not verified (peers are verified by SPIFFE ID); it only
     // fills SNI.
@@ -175,6 +183,17 @@ async fn dial_uri(
     tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
+}
+
+/// A host name the resolver found no address for, carried in the I/O error
+/// of the dial so [`why_unreachable`] can name it; said as the resolver's
+/// own text (`failed to lookup address information: Name or service not
+/// known`), which does not say which name it looked up.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+struct Unresolved {
+    host: String,
+    source: io::Error,
 }
 
 /// Why dialling a gRPC server failed, in words an operator can act on: the
@@ -238,6 +257,12 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
                 }
                 _ => None,
             };
+        }
+        if let Some(unresolved) = (cause.downcast_ref::<io::Error>())
+            .and_then(io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<Unresolved>())
+        {
+            return Some(format!("the name {} does not resolve", unresolved.host));
         }
         is_refusal(cause).then(|| {
             "nothing listens there: is the control plane running, and is --control-plane its \
