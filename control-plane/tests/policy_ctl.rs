@@ -746,6 +746,69 @@ fn explain_takes_the_opaque_ports_of_a_sidecar_not_connected() {
     }
 }
 
+/// A policy's `ports` are the app's ports, never the sidecar's own: `policy
+/// explain --port` of one of those explains as asked (exit 0) but warns on
+/// stderr which port of the sidecar it is, and `policy lint` warns of a
+/// rule naming one at its line (exit 0: a warning refuses nothing). The
+/// app's port gets no warning.
+#[test]
+fn explain_and_lint_warn_of_the_sidecars_own_ports() {
+    use trellis_core::policy::{SIDECAR_ADMIN_PORT, SIDECAR_INBOUND_PORT, SIDECAR_OUTBOUND_PORT};
+    let cp = ControlPlane::start(&[]);
+    let explain = |port: u16| {
+        let port = port.to_string();
+        let args = [
+            "policy", "explain", "--from", WEB, "--to", API, "--port", &port,
+        ];
+        let out = cp.ctl(&args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(0), "{port}: {stderr}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(stdout.contains("mesh default deny"), "{port}: {stdout}");
+        stderr
+    };
+    for (port, which) in [
+        (SIDECAR_INBOUND_PORT, "inbound"),
+        (SIDECAR_OUTBOUND_PORT, "outbound"),
+        (SIDECAR_ADMIN_PORT, "admin"),
+    ] {
+        let stderr = explain(port);
+        assert!(
+            stderr.starts_with(&format!(
+                "warning: --port {port} is the sidecar's {which} port, which no connection is \
+                 decided on: a policy's ports are the app's ports"
+            )),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    assert_eq!(explain(8080), "");
+
+    let file = cp.tmp.path().join("inbound-port.yaml");
+    let document = common::policy::allow("inbound-port", API, WEB, 8080).replace(
+        "- ports: [8080]",
+        &format!("- ports: [8080, {SIDECAR_INBOUND_PORT}]"),
+    );
+    std::fs::write(&file, &document).unwrap();
+    let linted = lint(&[file.as_os_str()]);
+    let stdout = String::from_utf8(linted.stdout).unwrap();
+    assert_eq!(linted.status.code(), Some(0), "{stdout}");
+    let line = document
+        .lines()
+        .position(|l| l.contains("- ports:"))
+        .unwrap()
+        + 1;
+    assert!(
+        stdout.starts_with(&format!("{}:{line}:", file.display()))
+            && stdout.contains(&format!(
+                "warning: spec.rules[0].to[0].ports[1]: {SIDECAR_INBOUND_PORT} is the sidecar's \
+             inbound port"
+            )),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+}
+
 /// `policy explain --port` takes a port as `--opaque-ports` does: 0 and
 /// numbers past 65535 are usage errors naming the flag and the range,
 /// before any credential is read or call made.

@@ -562,7 +562,13 @@ pub async fn run(
                         .to_owned(),
                 ));
             }
-            Ok(explained(&explanation, &response, *output, *http2))
+            let mut printed = explained(&explanation, &response, *output, *http2);
+            if let Some(warning) = trellis_core::policy::sidecar_port_warning(*port) {
+                printed
+                    .stderr
+                    .push_str(&format!("warning: --port {warning}\n"));
+            }
+            Ok(printed)
         }
     }
 }

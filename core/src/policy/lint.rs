@@ -409,6 +409,7 @@ impl Reading {
             warnings.push(warning.clone());
         }
         l7_without_ports(&policy, context, &mut warnings);
+        sidecar_ports_named(&policy, &mut warnings);
         report(warnings);
         self.found.omitted.warnings += valid.omitted_warnings();
         valid.keep_warnings(self.warnings_left);
@@ -563,6 +564,26 @@ fn l7_without_ports(
                     rules.index(i).field("to").index(j),
                     message.clone(),
                 ));
+            }
+        }
+    }
+}
+
+/// Warns of each port of a rule's `ports` that is one of the sidecar's own
+/// ([`sidecar_port_warning`](super::sidecar_port_warning)): it matches no
+/// connection, which a rule meant for the app's port then misses.
+fn sidecar_ports_named(policy: &AuthorizationPolicy, found: &mut Violations) {
+    let rules = FieldPath::root().field("spec").field("rules");
+    for (i, rule) in policy.spec.rules.iter().enumerate() {
+        for (j, d) in rule.to.iter().flatten().enumerate() {
+            for (k, &port) in d.ports.iter().flatten().enumerate() {
+                let warning = u16::try_from(port)
+                    .ok()
+                    .and_then(super::sidecar_port_warning);
+                if let Some(warning) = warning {
+                    let path = rules.index(i).field("to").index(j).field("ports").index(k);
+                    found.push(Violation::warning(path, warning));
+                }
             }
         }
     }

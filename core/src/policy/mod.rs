@@ -36,6 +36,35 @@
 //! every document type): here the document types stay plain serde structs,
 //! and one tree answers every "which line" question.
 
+/// The sidecar's own ports where its flags do not move them: `--inbound`
+/// (mTLS, where callers' sidecars connect), `--outbound` (where iptables
+/// redirects the app's own calls) and `--admin`.
+pub const SIDECAR_INBOUND_PORT: u16 = 15006;
+/// See [`SIDECAR_INBOUND_PORT`].
+pub const SIDECAR_OUTBOUND_PORT: u16 = 15001;
+/// See [`SIDECAR_INBOUND_PORT`].
+pub const SIDECAR_ADMIN_PORT: u16 = 15020;
+
+/// What to warn of a rule's `ports`, or the port `policy explain` is asked
+/// about, naming `port` when it is one of the sidecar's own: a connection
+/// is decided on the app's port, the one its caller dialled (for one
+/// straight to the inbound port, the port of the sidecar's `--app`), never
+/// on the sidecar's, so naming it matches nothing. `None` for any other
+/// port.
+pub fn sidecar_port_warning(port: u16) -> Option<String> {
+    let which = match port {
+        SIDECAR_INBOUND_PORT => "inbound",
+        SIDECAR_OUTBOUND_PORT => "outbound",
+        SIDECAR_ADMIN_PORT => "admin",
+        _ => return None,
+    };
+    Some(format!(
+        "{port} is the sidecar's {which} port, which no connection is decided on: a \
+         policy's ports are the app's ports, those callers dial (for a connection straight to \
+         the inbound port, the port of the sidecar's --app)"
+    ))
+}
+
 pub mod convert;
 pub mod document;
 pub mod engine;
