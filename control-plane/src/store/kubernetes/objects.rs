@@ -20,21 +20,17 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation, Violations,
-    document_from_proto, validate_in, validate_rate_limit_in_with,
+    AuthorizationPolicy, Document, RateLimitPolicy, SIDECAR_INBOUND_PORT, ValidationContext,
+    Violation, Violations, document_from_proto, validate_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use crate::inject::{GROUP, PROXY_CONTAINER};
+use crate::inject::{GROUP, INBOUND_PORT_NAME, PROXY_CONTAINER};
 use crate::store::{RELAXED_POLICY_WARNING, WorkloadRecord};
 
 /// The API version of the policy CRDs.
 pub const VERSION: &str = "v1alpha1";
-/// The name of the sidecar's inbound port in the injected container.
-pub const INBOUND_PORT_NAME: &str = "trellis-inbound";
-/// The inbound port when the sidecar container does not name one.
-pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 /// The `AuthorizationPolicy` resource (`authorizationpolicies.trellis.io`).
 pub fn authorization_policy_resource() -> ApiResource {
@@ -307,7 +303,8 @@ fn inbound_port(container: &Container) -> u16 {
         .flatten()
         .find(|p| p.name.as_deref() == Some(INBOUND_PORT_NAME))
         .and_then(|p| u16::try_from(p.container_port).ok())
-        .unwrap_or(DEFAULT_INBOUND_PORT)
+        // The sidecar's default when its container names none.
+        .unwrap_or(SIDECAR_INBOUND_PORT)
 }
 
 #[cfg(test)]
