@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use trellis_core::io_error::IoWords;
-use trellis_core::policy::{ValidationContext, Violation, policy_key, validate_proto_in};
+use trellis_core::policy::{
+    RELAXED_POLICY_WARNING, ValidationContext, Violation, policy_key, validate_proto_in,
+};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::admin::v1::replica_server::ReplicaServer;
 use trellis_proto::discovery::v1::MeshConfig;
@@ -55,9 +57,9 @@ use crate::server::{
     GrpcListener, InFlightLayer, ServingCert, peer_client_config, serve_connections, server_config,
 };
 use crate::state_dir::{Secrecy, StateDir};
+use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
 use crate::store::kubernetes::{self, KubeStoreError, KubernetesStore, SYNC_TIMEOUT};
-use crate::store::{RELAXED_POLICY_WARNING, Store};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);

@@ -25,12 +25,6 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 pub use embedded::EmbeddedStore;
 pub use kubernetes::KubernetesStore;
 
-/// What either store logs of a stored policy that fails a check added
-/// since it was stored, with the problem: one wording, true of a document
-/// of the embedded store and of a Kubernetes object alike (the latter may
-/// have been written past a webhook that did not answer).
-pub const RELAXED_POLICY_WARNING: &str = "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)";
-
 /// A join token as stored: the token itself is never kept, only its hash
 /// (the key of the record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

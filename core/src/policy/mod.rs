@@ -36,6 +36,14 @@
 //! every document type): here the document types stay plain serde structs,
 //! and one tree answers every "which line" question.
 
+/// What is logged of a stored policy that fails a check added since it was
+/// stored, with the problem: by either store of the control plane, true of
+/// a document of the embedded store and of a Kubernetes object alike (the
+/// latter may have been written past a webhook that did not answer), and
+/// by the sidecar that receives it. One wording, so one search of the logs
+/// finds them all.
+pub const RELAXED_POLICY_WARNING: &str = "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)";
+
 /// The sidecar's own ports where its flags do not move them: `--inbound`
 /// (mTLS, where callers' sidecars connect), `--outbound` (where iptables
 /// redirects the app's own calls) and `--admin`.

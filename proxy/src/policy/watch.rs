@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_core::SpiffeId;
+use trellis_core::policy::RELAXED_POLICY_WARNING;
 use trellis_proto::discovery::v1::{
     Ack, Nack, Subscribe, WatchRequest, discovery_client::DiscoveryClient, watch_request::Kind,
 };
@@ -331,7 +332,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
                 version,
                 %policy,
                 problem = %what,
-                "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
+                "{RELAXED_POLICY_WARNING}"
             );
         }
         // The control plane cannot see this sidecar's opaque ports, and an

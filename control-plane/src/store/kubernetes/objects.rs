@@ -20,14 +20,15 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, SIDECAR_INBOUND_PORT, ValidationContext,
-    Violation, Violations, document_from_proto, validate_in, validate_rate_limit_in_with,
+    AuthorizationPolicy, Document, RELAXED_POLICY_WARNING, RateLimitPolicy, SIDECAR_INBOUND_PORT,
+    ValidationContext, Violation, Violations, document_from_proto, validate_in,
+    validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::inject::{GROUP, INBOUND_PORT_NAME, PROXY_CONTAINER};
-use crate::store::{RELAXED_POLICY_WARNING, WorkloadRecord};
+use crate::store::WorkloadRecord;
 
 /// The API version of the policy CRDs.
 pub const VERSION: &str = "v1alpha1";
