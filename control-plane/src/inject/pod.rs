@@ -19,6 +19,7 @@ use super::{
     MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, OutboundPolicy, PROXY_CONTAINER, Resources,
     TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
 };
+use trellis_core::policy::{SIDECAR_INBOUND_PORT, SIDECAR_OUTBOUND_PORT};
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
 
@@ -701,10 +702,6 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
     pull_policy(&mut container, config);
     container
 }
-
-/// The ports the sidecar listens on when not told otherwise.
-const SIDECAR_INBOUND_PORT: u16 = 15006;
-const SIDECAR_OUTBOUND_PORT: u16 = 15001;
 
 /// A fresh secret for the lifecycle hooks of one pod: 32 random bytes, as
 /// hex (a header value as it is).

@@ -4,6 +4,7 @@
 //! Parsing only: nothing here binds a socket.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use trellis_core::policy::{SIDECAR_INBOUND_PORT, SIDECAR_OUTBOUND_PORT};
 
 use super::{InvalidFlag, addr, invalid};
 
@@ -20,11 +21,11 @@ pub struct Listen {
 /// The inbound listeners when `--inbound` is not given.
 pub const DEFAULT_INBOUND: [Listen; 2] = [
     Listen {
-        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006),
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), SIDECAR_INBOUND_PORT),
         optional: false,
     },
     Listen {
-        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 15006),
+        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), SIDECAR_INBOUND_PORT),
         optional: true,
     },
 ];
@@ -34,11 +35,11 @@ pub const DEFAULT_INBOUND: [Listen; 2] = [
 /// ones to ::1.
 pub const DEFAULT_OUTBOUND: [Listen; 2] = [
     Listen {
-        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001),
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), SIDECAR_OUTBOUND_PORT),
         optional: false,
     },
     Listen {
-        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 15001),
+        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), SIDECAR_OUTBOUND_PORT),
         optional: true,
     },
 ];
