@@ -100,29 +100,11 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
 /// own: a Certify or a policy push never waits for a slow log collector.
 /// Dropping what it returns writes the lines still queued.
 fn init_logging(format: LogFormat) -> trellis_core::logging::Guard {
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let mut guard = trellis_core::logging::Guard::default();
-    let stderr =
-        trellis_core::logging::stream("trellis-control-plane", "log", std::io::stderr, &mut guard);
-    let (filter, bad_filter) = trellis_core::logging::filter_from_env();
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let logs = match format {
-        LogFormat::Text => logs.boxed(),
-        LogFormat::Json => logs.json().boxed(),
+    let format = match format {
+        LogFormat::Text => trellis_core::logging::Format::Text,
+        LogFormat::Json => trellis_core::logging::Format::Json,
     };
-    let _ = tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
-        .try_init();
-    if let Some(error) = bad_filter {
-        tracing::warn!(
-            %error,
-            "{} is not a log filter; logging at info",
-            trellis_core::logging::FILTER_VAR
-        );
-    }
+    let mut guard = trellis_core::logging::Guard::default();
+    trellis_core::logging::init("trellis-control-plane", format, &mut guard);
     guard
 }

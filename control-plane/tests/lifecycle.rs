@@ -728,6 +728,39 @@ fn the_ready_line_names_the_store_as_the_flag_does() {
     assert_eq!(cp.ready_field("store"), "embedded", "{}", cp.log());
 }
 
+/// With `--log-format json` each line on stderr is one flat object a log
+/// pipeline can index: `timestamp`, `level`, `target`, `message` and every
+/// field at the top level.
+#[test]
+fn json_log_lines_are_flat_objects() {
+    let cp = ControlPlane::start(&["--log-format", "json"]);
+    let log = cp.log();
+    let objects: Vec<serde_json::Map<String, serde_json::Value>> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"))
+        })
+        .collect();
+    for object in &objects {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(object[key].is_string(), "no top-level {key}: {object:?}");
+        }
+        assert!(!object.contains_key("fields"), "nested fields: {object:?}");
+    }
+    let find = |message: &str| {
+        objects
+            .iter()
+            .find(|o| o["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in {log}"))
+    };
+
+    let ready = find("control plane ready");
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["store"], "embedded");
+    let grpc = ready["grpc"].as_str().expect("grpc as a string");
+    assert!(grpc.parse::<std::net::SocketAddr>().is_ok(), "{grpc:?}");
+}
+
 /// Clients that connect and never say a word wait in tasks of their own and
 /// take none of the limited handshake turns: more of them than there are
 /// turns still leave a normal client served at once, not after their

@@ -1,7 +1,8 @@
-//! What both binaries' logging shares: the filter they read from
-//! `TRELLIS_LOG` (a default level and levels per module, `info`,
-//! `warn,trellis_proxy=debug`, as `tracing_subscriber`'s `Targets` parses
-//! it), and the output streams written in batches by a thread of their own
+//! What both binaries' logging shares: their one setup ([`init`]), the
+//! filter they read from `TRELLIS_LOG` (a default level and levels per
+//! module, `info`, `warn,trellis_proxy=debug`, as `tracing_subscriber`'s
+//! `Targets` parses it), and the output streams written in batches by a
+//! thread of their own
 //! ([`batched`]), so that no request, connection or Certify waits for a
 //! write to a slow log collector; and the [`throttle`] of the lines a peer
 //! can make them write as often as it opens connections, with its
@@ -11,16 +12,58 @@ pub mod batched;
 pub mod keyed;
 pub mod throttle;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::EitherWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use batched::{Batched, Flush};
 
 /// The variable holding the log filter.
 pub const FILTER_VAR: &str = "TRELLIS_LOG";
+
+/// How a process writes its own lines on stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// One human-readable line per event.
+    Text,
+    /// One flat JSON object per event: `timestamp`, `level`, `message`,
+    /// the event's fields and `target`, all top-level keys, so that a log
+    /// pipeline indexes each field by its own name. No span context: the
+    /// binaries open no spans, and a library's would nest objects.
+    Json,
+}
+
+/// Installs the global subscriber: the process's own lines on stderr in
+/// `format`, filtered by [`FILTER_VAR`], written by a thread of their own
+/// (line by line if it cannot start, `program` saying so). The stream's
+/// flush joins `guard`, after those of the streams already in it.
+pub fn init(program: &str, format: Format, guard: &mut Guard) {
+    let stderr = stream(program, "log", std::io::stderr, guard);
+    let (filter, bad_filter) = filter_from_env();
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let logs = match format {
+        Format::Text => logs.boxed(),
+        Format::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .try_init();
+    if let Some(error) = bad_filter {
+        tracing::warn!(%error, "{FILTER_VAR} is not a log filter; logging at info");
+    }
+}
 
 /// The filter in [`FILTER_VAR`]: `info` when it is unset or empty, and
 /// `info` with the reason when it cannot be read, for the caller to log

@@ -676,6 +676,40 @@ fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
     wait_for_line(&rx, "listening");
 }
 
+/// With `--log-format json` each line on stderr is one flat object a log
+/// pipeline can index: `timestamp`, `level`, `target`, `message` and every
+/// field at the top level.
+#[test]
+fn json_log_lines_are_flat_objects() {
+    let mut sidecar = start_unanswered(&[("TRELLIS_LOG_FORMAT", "json")]);
+    let rx = lines(&mut sidecar.process.0);
+    let objects: Vec<serde_json::Map<String, serde_json::Value>> =
+        lines_until(&rx, "certify failed")
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"))
+            })
+            .collect();
+    for object in &objects {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(object[key].is_string(), "no top-level {key}: {object:?}");
+        }
+        assert!(!object.contains_key("fields"), "nested fields: {object:?}");
+    }
+    let find = |message: &str| {
+        objects
+            .iter()
+            .find(|o| o["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in {objects:#?}"))
+    };
+
+    assert_eq!(find("listening")["identity"], ID);
+    let failed = find("certify failed");
+    assert_eq!(failed["level"], "WARN");
+    assert!(failed["error"].is_string(), "{failed:?}");
+}
+
 /// The soft and hard open-files limits of process `pid`, as
 /// `/proc/PID/limits` shows them.
 fn open_files_limits(pid: u32) -> (String, String) {

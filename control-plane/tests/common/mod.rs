@@ -526,8 +526,16 @@ impl Drop for ControlPlane {
     }
 }
 
-/// The value of `name=VALUE` in a log line.
+/// The value of `name=VALUE` in a log line, or of the key `name` in a
+/// line of `--log-format json`.
 fn field(line: &str, name: &str) -> String {
+    if let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) {
+        return match object.get(name) {
+            Some(serde_json::Value::String(value)) => value.clone(),
+            Some(value) => value.to_string(),
+            None => panic!("no {name:?} in {line}"),
+        };
+    }
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{name}=")))
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))

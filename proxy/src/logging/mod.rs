@@ -8,40 +8,26 @@
 
 pub mod access;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use trellis_core::logging::{Output, stream};
 
 pub use trellis_core::logging::Guard;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. A stream whose writer thread cannot
-/// start is written line by line instead (and says so).
+/// Installs the global subscriber, with the access log's stream. A stream
+/// whose writer thread cannot start is written line by line instead (and
+/// says so).
 pub fn init(format: LogFormat) -> Guard {
     let mut guard = Guard::default();
     // The access log first: its writer reports dropped lines on stderr.
-    let stdout = stream(PROGRAM, "access-log", std::io::stdout, &mut guard);
-    let stderr = stream(PROGRAM, "log", std::io::stderr, &mut guard);
-
-    let (filter, bad_filter) = trellis_core::logging::filter_from_env();
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let logs = match format {
-        LogFormat::Text => logs.boxed(),
-        LogFormat::Json => logs.json().boxed(),
+    access::install(stream(PROGRAM, "access-log", std::io::stdout, &mut guard));
+    let format = match format {
+        LogFormat::Text => trellis_core::logging::Format::Text,
+        LogFormat::Json => trellis_core::logging::Format::Json,
     };
-    access::install(stdout);
-    let _ = tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
-        .try_init();
-    if let Some(error) = bad_filter {
-        tracing::warn!(%error, "{} is not a log filter; logging at info", trellis_core::logging::FILTER_VAR);
-    }
+    trellis_core::logging::init(PROGRAM, format, &mut guard);
     guard
 }
 
