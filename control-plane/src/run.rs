@@ -234,15 +234,7 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 pub async fn run(config: Config) -> Result<(), RunError> {
     // One descriptor per connected sidecar: 10,000 sidecars need more than
     // the usual soft limit, and raising it to the hard one is always allowed.
-    match trellis_core::open_files::raise_to_hard_limit() {
-        Ok(limit) => tracing::info!(
-            open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
-            "open-files limit raised to the hard limit"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot raise the open-files limit; fewer sidecars can connect")
-        }
-    }
+    trellis_core::open_files::raise_and_log("fewer sidecars can connect");
     // Every port first: one in use fails the start naming its flag, before
     // the state dir, a CA or anything else is made. Connections wait in the
     // backlog until the ports serve.
@@ -315,7 +307,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // for one line.
     tracing::info!(
         roots = ca.bundle().len(),
-        bundle = ?describe_roots(ca.bundle()),
+        bundle = describe_roots(ca.bundle()),
         "trust bundle loaded"
     );
     ensure_admin_credential(&dir, &ca)?;
@@ -397,7 +389,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if !config.peers.is_empty() {
         tracing::info!(
             replica = %replicas.name,
-            peers = ?config.peers,
+            peers = %trellis_core::logging::List(&config.peers),
             "ListWorkloads joins the streams of the peer replicas"
         );
     }

@@ -730,7 +730,8 @@ fn the_ready_line_names_the_store_as_the_flag_does() {
 
 /// With `--log-format json` each line on stderr is one flat object a log
 /// pipeline can index: `timestamp`, `level`, `target`, `message` and every
-/// field at the top level.
+/// field at the top level, counts as numbers and the trust bundle's
+/// description as a plain string.
 #[test]
 fn json_log_lines_are_flat_objects() {
     let cp = ControlPlane::start(&["--log-format", "json"]);
@@ -753,6 +754,22 @@ fn json_log_lines_are_flat_objects() {
             .find(|o| o["message"] == message)
             .unwrap_or_else(|| panic!("no {message:?} in {log}"))
     };
+
+    let raised = find("open-files limit raised to the hard limit");
+    assert_eq!(raised["level"], "INFO");
+    assert!(
+        raised["open_files"].as_u64().is_some_and(|n| n > 0),
+        "{raised:?}"
+    );
+
+    let loaded = find("trust bundle loaded");
+    assert_eq!(loaded["roots"], 1, "{loaded:?}");
+    let bundle = loaded["bundle"].as_str().expect("bundle as a string");
+    // Quoted once, as JSON quotes any string: not a debug-printed one.
+    assert!(
+        bundle.starts_with("O=Trellis, CN=Trellis root CA cluster.local ") && bundle.ends_with(')'),
+        "{bundle:?}"
+    );
 
     let ready = find("control plane ready");
     assert_eq!(ready["level"], "INFO");

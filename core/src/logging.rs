@@ -65,6 +65,24 @@ pub fn init(program: &str, format: Format, guard: &mut Guard) {
     }
 }
 
+/// A list as one field's value: its items by [`Display`](std::fmt::Display),
+/// separated by commas (`10.0.0.1:80,10.0.0.2:80`), so that a JSON line
+/// holds a plain string where a debug-printed list would quote each item
+/// inside it.
+pub struct List<'a, T>(pub &'a [T]);
+
+impl<T: std::fmt::Display> std::fmt::Display for List<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            item.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
 /// The filter in [`FILTER_VAR`]: `info` when it is unset or empty, and
 /// `info` with the reason when it cannot be read, for the caller to log
 /// once its subscriber is installed.
@@ -158,6 +176,13 @@ mod tests {
         ]
         .into_iter()
         .find(|l| filter.would_enable(target, l))
+    }
+
+    #[test]
+    fn a_list_is_its_items_between_commas() {
+        assert_eq!(List(&[8080u16, 9090]).to_string(), "8080,9090");
+        assert_eq!(List(&["127.0.0.1:1"]).to_string(), "127.0.0.1:1");
+        assert_eq!(List::<u16>(&[]).to_string(), "");
     }
 
     #[test]

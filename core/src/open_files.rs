@@ -36,6 +36,21 @@ pub fn raise_to_hard_limit() -> Result<OpenFiles, rustix::io::Errno> {
     })
 }
 
+/// Raises the soft limit as [`raise_to_hard_limit`] does and says so:
+/// the limit now as `open_files` (a number, or `unlimited`), or, at warn,
+/// why it could not be raised and `consequence`.
+pub fn raise_and_log(consequence: &str) {
+    const RAISED: &str = "open-files limit raised to the hard limit";
+    match raise_to_hard_limit() {
+        Ok(OpenFiles { soft: Some(n), .. }) => tracing::info!(open_files = n, "{RAISED}"),
+        Ok(OpenFiles { soft: None, .. }) => tracing::info!(open_files = %"unlimited", "{RAISED}"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot raise the open-files limit: {consequence}"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,16 +97,9 @@ pub async fn run(config: Config) -> Result<(), Bind> {
 /// give a container would make accepts fail with EMFILE past some 500
 /// connections.
 fn raise_open_files() {
-    match trellis_core::open_files::raise_to_hard_limit() {
-        Ok(limit) => tracing::info!(
-            open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
-            "open-files limit raised to the hard limit"
-        ),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "cannot raise the open-files limit: at most half as many connections as it allows are proxied at once"
-        ),
-    }
+    trellis_core::open_files::raise_and_log(
+        "at most half as many connections as it allows are proxied at once",
+    );
 }
 
 /// A sidecar with every listener bound, not serving yet.
@@ -312,11 +305,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         shutdown,
         drain,
     } = sidecar;
-    let route_addrs: Vec<String> = routes
-        .iter()
-        .filter_map(|r| r.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
+    let route_addrs: Vec<SocketAddr> = routes.iter().filter_map(|r| r.local_addr().ok()).collect();
     let inbound_addrs: Vec<String> = inbound.iter().map(|l| fmt_addr(l.local_addr())).collect();
     let outbound_addrs: Vec<String> = transparent
         .iter()
@@ -327,7 +316,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         inbound = %inbound_addrs.join(","),
         outbound = %outbound_addrs.join(","),
         admin = %fmt_addr(admin.local_addr()),
-        routes = ?route_addrs,
+        routes = %trellis_core::logging::List(&route_addrs),
         "listening"
     );
     let hooks: Vec<String> = (config.app_probes.paths().into_iter())

@@ -678,7 +678,8 @@ fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
 
 /// With `--log-format json` each line on stderr is one flat object a log
 /// pipeline can index: `timestamp`, `level`, `target`, `message` and every
-/// field at the top level.
+/// field at the top level, numbers as numbers and a list as one plain
+/// string.
 #[test]
 fn json_log_lines_are_flat_objects() {
     let mut sidecar = start_unanswered(&[("TRELLIS_LOG_FORMAT", "json")]);
@@ -704,7 +705,22 @@ fn json_log_lines_are_flat_objects() {
             .unwrap_or_else(|| panic!("no {message:?} in {objects:#?}"))
     };
 
-    assert_eq!(find("listening")["identity"], ID);
+    let raised = find("open-files limit raised to the hard limit");
+    assert_eq!(raised["level"], "INFO");
+    assert!(
+        raised["open_files"].as_u64().is_some_and(|n| n > 0),
+        "{raised:?}"
+    );
+
+    let listening = find("listening");
+    assert_eq!(listening["identity"], ID);
+    // The one --route, by the address it was bound to.
+    let routes = listening["routes"].as_str().expect("routes as a string");
+    let route: SocketAddr = routes
+        .parse()
+        .unwrap_or_else(|e| panic!("routes {routes:?}: {e}"));
+    assert_ne!(route.port(), 0, "{routes}");
+
     let failed = find("certify failed");
     assert_eq!(failed["level"], "WARN");
     assert!(failed["error"].is_string(), "{failed:?}");

@@ -102,7 +102,7 @@ impl DiscoveryService {
         let id = require_svid(&request, "Discovery.Watch")?;
         let issued_at = peer_of(&request).and_then(|p| p.cert_issued_at_unix);
         if let Some(refused) = refused_as_revoked(&self.mesh.discovery.view(), &id, issued_at) {
-            tracing::warn!(spiffe_id = %id, detail = ?refused.message(), "discovery stream refused: the certificate is revoked");
+            tracing::warn!(spiffe_id = %id, detail = refused.message(), "discovery stream refused: the certificate is revoked");
             return Err(refused);
         }
         let peer = peer_of(&request).map(|p| p.remote);
@@ -152,7 +152,7 @@ impl DiscoveryService {
             if std::error::Error::source(refused).is_some() {
                 return;
             }
-            tracing::warn!(spiffe_id = %id, code = ?refused.code(), detail = ?refused.message(), "discovery stream refused: no valid Subscribe");
+            tracing::warn!(spiffe_id = %id, code = ?refused.code(), detail = refused.message(), "discovery stream refused: no valid Subscribe");
         })?;
         // The caller's address is the TLS layer's, never missing with an
         // SVID; unspecified stands for one all the same.
@@ -385,7 +385,7 @@ async fn serve_stream(
                     revocations_checked = Some(view.revocations_token());
                     if let Some(refused) = refused_as_revoked(&view, id, issued_at) {
                         drop(view);
-                        tracing::warn!(spiffe_id = %id, detail = ?refused.message(), "ending a discovery stream: the certificate is revoked");
+                        tracing::warn!(spiffe_id = %id, detail = refused.message(), "ending a discovery stream: the certificate is revoked");
                         tokio::select! {
                             _ = tx.send(Err(refused)) => {}
                             () = tokio::time::sleep(REVOKED_SEND_PATIENCE) => {}

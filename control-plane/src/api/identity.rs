@@ -122,7 +122,7 @@ impl IdentityService {
         warn_throttled!(
             self.refusal_lines,
             reason,
-            { reason, code = ?status.code(), detail = ?status.message() },
+            { reason, code = ?status.code(), detail = status.message() },
             "certify refused"
         );
         self.mesh.metrics.certify_failed(reason);

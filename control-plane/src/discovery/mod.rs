@@ -349,7 +349,7 @@ fn leave_out_shared_local(sorted: &mut Vec<Endpoint>) {
     }
     shared.dedup();
     tracing::debug!(
-        addresses = ?shared,
+        addresses = %trellis_core::logging::List(&shared),
         "loopback addresses reported by several workloads are not published"
     );
     sorted.retain(|e| shared.binary_search(&e.address).is_err());

@@ -826,7 +826,7 @@ pub fn respond(
                     path,
                     uid = %quoted(&response.uid),
                     allowed = response.allowed,
-                    detail = ?response.message.as_deref().unwrap_or_default(),
+                    detail = response.message.as_deref().unwrap_or_default(),
                     warnings = ?response.warnings,
                     "admission review"
                 );

@@ -343,7 +343,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
                 version,
                 policy = %fallback.rule.policy,
                 rule = fallback.rule.rule,
-                ports = ?fallback.ports,
+                ports = %trellis_core::logging::List(&fallback.ports),
                 problem = %fallback,
                 "policy has HTTP conditions on a port this sidecar treats as opaque; enforced as the problem says, failing closed"
             );
