@@ -9,7 +9,22 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use trellis_core::connections::Refused;
+use trellis_core::http1::HEAD_FAULT_REASONS;
+
 use crate::discovery::{EndpointsIn, SyncState};
+
+/// The `reason` values of `trellis_inbound_addresses_refused_total`
+/// (see [`Metrics::inbound_address_refused`]).
+const INBOUND_ADDRESSES_REFUSED: [&str; 3] = ["unverified", "loopback", "held"];
+/// The `reason` values of `trellis_grpc_connections_closed_total`.
+const GRPC_CONNECTIONS_CLOSED: [&str; 1] = ["idle"];
+/// The `reason` values of `trellis_inject_unknown_values_total`: where the
+/// unknown `trellis.io/inject` was.
+const INJECT_UNKNOWN_VALUES: [&str; 3] = ["pod_label", "pod_annotation", "namespace_label"];
+/// The `reason` values of `trellis_watch_streams_refused_total`: the limit
+/// that refused the stream.
+const WATCH_STREAM_LIMITS: [&str; 2] = ["per_sidecar", "total"];
 
 /// How a snapshot may carry the mesh endpoints ([`EndpointsIn`]), as the
 /// metrics label it.
@@ -185,6 +200,10 @@ impl Metrics {
     /// that have expired.
     fn render_at(&self, now: i64) -> String {
         let mut out = String::new();
+        let connection_limits = [
+            Refused::FromClient { limit: 0 }.reason(),
+            Refused::Total { limit: 0 }.reason(),
+        ];
         let _ = writeln!(
             out,
             "# HELP trellis_certificates_issued_total X.509-SVIDs signed for workloads.\n\
@@ -195,6 +214,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_certify_failures_total",
+            &[],
             "Certify calls refused, by reason.",
             &self.certify_failures.lock().expect("not poisoned"),
         );
@@ -213,6 +233,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_inbound_addresses_refused_total",
+            &INBOUND_ADDRESSES_REFUSED,
             "Inbound addresses reported by a Certify that were not recorded as mesh endpoints \
              (the certificate was still issued), by reason.",
             &self.inbound_addresses_refused.lock().expect("not poisoned"),
@@ -220,6 +241,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_tls_handshake_failures_total",
+            &[],
             "TLS handshakes on the gRPC port that failed, by reason.",
             &self.handshake_failures.lock().expect("not poisoned"),
         );
@@ -230,6 +252,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_webhook_tls_handshake_failures_total",
+            &[],
             "TLS handshakes on the admission webhook port that failed, by reason (the gRPC \
              port's are trellis_tls_handshake_failures_total).",
             &self
@@ -240,6 +263,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_webhook_connections_refused_total",
+            &connection_limits,
             "Connections to the admission webhook port closed as they were accepted, by the \
              limit that refused them: per_client (as many open from the client's address as one \
              may hold) or total (every slot taken, none from an address holding more).",
@@ -251,6 +275,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_grpc_connections_refused_total",
+            &connection_limits,
             "Connections to the gRPC port closed as they were accepted, before their TLS \
              handshake, by the limit that refused them: per_client (as many open from the \
              client's address as one may hold) or total (every slot taken, none from an address \
@@ -260,6 +285,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_grpc_connections_closed_total",
+            &GRPC_CONNECTIONS_CLOSED,
             "Served connections of the gRPC port the control plane closed, gracefully, by \
              reason: idle (no request in flight for --grpc-idle-timeout).",
             &self.grpc_connections_closed.lock().expect("not poisoned"),
@@ -267,6 +293,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_inject_unknown_values_total",
+            &INJECT_UNKNOWN_VALUES,
             "Pods the admission webhooks denied, or warned, because their trellis.io/inject is \
              neither enabled nor disabled, by where: pod_label, pod_annotation or \
              namespace_label.",
@@ -275,6 +302,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_admin_connections_refused_total",
+            &connection_limits,
             "Connections to the admin port (/live, /ready, /metrics) closed as they were \
              accepted, by the limit that refused them: per_client (as many open from the \
              client's address as one may hold) or total (every slot taken, none from an address \
@@ -284,6 +312,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_admin_malformed_requests_total",
+            &HEAD_FAULT_REASONS,
             "Request heads the admin port (/live, /ready, /metrics) refused, by kind: malformed \
              (400: does not parse, an invalid method or target), head_too_large (431: over 408 \
              KiB or 100 header fields) or target_too_long (414: over 65534 bytes).",
@@ -292,6 +321,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_webhook_malformed_requests_total",
+            &HEAD_FAULT_REASONS,
             "Request heads the admission webhook port refused, by kind: malformed (400: does \
              not parse, an invalid method or target), head_too_large (431: over 408 KiB or 100 \
              header fields) or target_too_long (414: over 65534 bytes).",
@@ -303,6 +333,7 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_watch_streams_refused_total",
+            &WATCH_STREAM_LIMITS,
             "Discovery.Watch streams refused as they opened, by the limit that refused them: \
              per_sidecar (as many open from the identity and address as one sidecar may hold) \
              or total (as many open as the replica holds).",
@@ -473,9 +504,20 @@ fn count(family: &Mutex<BTreeMap<&'static str, u64>>, reason: &'static str) {
         .or_default() += 1;
 }
 
-fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {
+/// Renders the counter family `name`, by reason: each of `reasons` (those
+/// known in advance) at its count, 0 before its first, then any other
+/// counted.
+fn render_family(
+    out: &mut String,
+    name: &str,
+    reasons: &[&'static str],
+    help: &str,
+    values: &BTreeMap<&'static str, u64>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (reason, count) in values {
+    let mut all: BTreeMap<&str, u64> = reasons.iter().map(|reason| (*reason, 0)).collect();
+    all.extend(values.iter().map(|(reason, count)| (*reason, *count)));
+    for (reason, count) in all {
         let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
     }
 }
@@ -483,6 +525,39 @@ fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh control plane's scrape has each series of a family whose
+    /// reasons are known in advance at 0, and a reason counted beside them.
+    #[test]
+    fn known_reasons_are_rendered_at_zero_before_a_count() {
+        let m = Metrics::default();
+        let text = m.render();
+        for series in [
+            "trellis_grpc_connections_refused_total{reason=\"per_client\"} 0\n",
+            "trellis_grpc_connections_refused_total{reason=\"total\"} 0\n",
+            "trellis_webhook_connections_refused_total{reason=\"total\"} 0\n",
+            "trellis_admin_connections_refused_total{reason=\"per_client\"} 0\n",
+            "trellis_grpc_connections_closed_total{reason=\"idle\"} 0\n",
+            "trellis_admin_malformed_requests_total{reason=\"head_too_large\"} 0\n",
+            "trellis_webhook_malformed_requests_total{reason=\"target_too_long\"} 0\n",
+            "trellis_inject_unknown_values_total{reason=\"namespace_label\"} 0\n",
+            "trellis_watch_streams_refused_total{reason=\"per_sidecar\"} 0\n",
+            "trellis_inbound_addresses_refused_total{reason=\"held\"} 0\n",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        m.watch_stream_refused("total");
+        m.watch_stream_refused("other");
+        let text = m.render();
+        assert!(
+            text.contains(
+                "trellis_watch_streams_refused_total{reason=\"other\"} 1\n\
+                 trellis_watch_streams_refused_total{reason=\"per_sidecar\"} 0\n\
+                 trellis_watch_streams_refused_total{reason=\"total\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_prometheus_text() {

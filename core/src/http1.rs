@@ -284,6 +284,10 @@ impl Bounds {
     }
 }
 
+/// Every `reason` a refused head is counted as ([`HeadFault::reason`]),
+/// the last standing for any fault but the two limits.
+pub const HEAD_FAULT_REASONS: [&str; 3] = ["target_too_long", "head_too_large", "malformed"];
+
 impl HeadFault {
     /// A head refused with 400 for `why`.
     pub fn bad(why: &'static str) -> Self {
@@ -311,14 +315,15 @@ impl HeadFault {
         }
     }
 
-    /// What the refusal is counted as (a metric's `reason`):
-    /// `target_too_long` (414), `head_too_large` (431) or `malformed`
-    /// (400 and any other).
+    /// What the refusal is counted as (a metric's `reason`, one of
+    /// [`HEAD_FAULT_REASONS`]): `target_too_long` (414), `head_too_large`
+    /// (431) or `malformed` (400 and any other).
     pub fn reason(&self) -> &'static str {
+        let [target, size, malformed] = HEAD_FAULT_REASONS;
         match self.status {
-            StatusCode::URI_TOO_LONG => "target_too_long",
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
-            _ => "malformed",
+            StatusCode::URI_TOO_LONG => target,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => size,
+            _ => malformed,
         }
     }
 
