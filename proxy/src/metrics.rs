@@ -10,6 +10,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -159,7 +161,7 @@ pub const APP_RETRIES: [&str; 2] = ["whole_request", "streaming_body"];
 /// The `reason` label of `trellis_admin_malformed_requests_total`: what
 /// was wrong with a request head the admin port refused. The last stands
 /// for any other.
-pub const ADMIN_MALFORMED: [&str; 3] = ["target_too_long", "head_too_large", "malformed"];
+pub const ADMIN_MALFORMED: [&str; 3] = trellis_core::http1::HEAD_FAULT_REASONS;
 
 pub const RESUMPTIONS_ABANDONED: [&str; 6] = [
     "not_resumed",
@@ -176,6 +178,51 @@ pub const KX_GROUP_VALUES: [&str; 3] = ["X25519MLKEM768", "X25519", "other"];
 const KX_GROUPS: [rustls::NamedGroup; 2] = [
     rustls::NamedGroup::X25519MLKEM768,
     rustls::NamedGroup::X25519,
+];
+
+/// The `reason` label values of `trellis_handshake_failures_total` the
+/// README lists for either direction, exported at 0 from the start for
+/// both, with those of one direction ([`INBOUND_HANDSHAKE_FAILURES`],
+/// [`OUTBOUND_HANDSHAKE_FAILURES`]): 45 series. Any other reason a failure
+/// is named by makes its series at its first count.
+pub const HANDSHAKE_FAILURES: [&str; 16] = [
+    "not_tls",
+    "no_client_certificate",
+    "unknown_issuer",
+    "expired_root",
+    "unexpected_identity",
+    "svid_key_usage",
+    "svid_basic_constraints",
+    "trust_domain_id",
+    "ca_used_as_leaf",
+    "leaf_used_as_ca",
+    "timeout",
+    "incompatible_peer",
+    "expired_certificate",
+    "not_yet_valid_certificate",
+    "revoked",
+    "no_local_certificate",
+];
+
+/// The handshake failure reasons of inbound connections alone: a caller's
+/// ticket no longer accepted, a caller past the handshake limits.
+pub const INBOUND_HANDSHAKE_FAILURES: [&str; 2] = ["not_resumed", "overloaded"];
+
+/// The handshake failure reasons of outbound connections alone: a server
+/// with no certificate yet, and the TLS alert a server's sidecar refused
+/// this sidecar's certificate with.
+pub const OUTBOUND_HANDSHAKE_FAILURES: [&str; 11] = [
+    "peer_not_ready",
+    "alert_certificate_revoked",
+    "alert_certificate_expired",
+    "alert_unknown_ca",
+    "alert_certificate_required",
+    "alert_bad_certificate",
+    "alert_certificate_unknown",
+    "alert_access_denied",
+    "alert_handshake_failure",
+    "alert_internal_error",
+    "alert_other",
 ];
 
 /// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
@@ -224,6 +271,15 @@ impl Metrics {
             "TLS handshake failures by direction and reason",
             handshake_failures.clone(),
         );
+        for (direction, only) in [
+            (INBOUND, &INBOUND_HANDSHAKE_FAILURES[..]),
+            (OUTBOUND, &OUTBOUND_HANDSHAKE_FAILURES[..]),
+        ] {
+            for reason in HANDSHAKE_FAILURES.iter().chain(only) {
+                let _ = handshake_failures
+                    .get_or_create(&[("direction", direction), ("reason", *reason)]);
+            }
+        }
         let certificate_expiry = Gauge::default();
         registry.register(
             "trellis_certificate_expiry_timestamp_seconds",
@@ -236,6 +292,11 @@ impl Metrics {
             "Certify calls by outcome, and by reason when they failed",
             renewals.clone(),
         );
+        // Made at 0 (the read guard each call returns is dropped at once).
+        let _ = renewals.get_or_create(&vec![("outcome", "ok")]);
+        for reason in crate::identity::RENEWAL_FAILURE_REASONS {
+            let _ = renewals.get_or_create(&vec![("outcome", "error"), ("reason", reason)]);
+        }
         let snapshot_version = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "trellis_snapshot_version",
@@ -284,10 +345,12 @@ impl Metrics {
             request_duration.clone(),
         );
         let rate_limited = Family::<PolicyLabel, Counter>::default();
+        // Its series are the policies', made as they are compiled: the
+        // family is scraped before the first, with no series.
         registry.register(
             "trellis_rate_limited",
             "Inbound HTTP requests refused by a rate limit, by RateLimitPolicy (namespace/name)",
-            rate_limited.clone(),
+            Listed(rate_limited.clone()),
         );
         let alpn_family = Family::<Labels2, Counter>::default();
         registry.register(
@@ -653,6 +716,22 @@ fn reason_index(values: &[&str], reason: &str) -> usize {
         .unwrap_or(values.len() - 1)
 }
 
+/// A family scraped with its `# HELP` and `# TYPE` before it has a series,
+/// which the registry leaves out of a scrape for a bare [`Family`]: for a
+/// family whose label values are not known in advance.
+#[derive(Debug)]
+struct Listed<F>(F);
+
+impl<F: EncodeMetric> EncodeMetric for Listed<F> {
+    fn encode(&self, encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
 /// Decrements `trellis_connections_open` when dropped.
 pub struct OpenGuard(Gauge);
 
@@ -702,6 +781,41 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    /// A fresh sidecar's scrape has every family, and each series whose
+    /// labels are known in advance at 0, so `rate()` and alerts work from
+    /// the first scrape.
+    #[test]
+    fn every_listed_series_is_scraped_at_zero_before_a_count() {
+        let text = Metrics::new().encode();
+        let zeros = |family: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(family) && l.ends_with(" 0"))
+                .count()
+        };
+        assert_eq!(
+            zeros("trellis_handshake_failures_total{"),
+            2 * HANDSHAKE_FAILURES.len()
+                + INBOUND_HANDSHAKE_FAILURES.len()
+                + OUTBOUND_HANDSHAKE_FAILURES.len(),
+            "{text}"
+        );
+        for series in [
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 0",
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_other\"} 0",
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"overloaded\"} 0",
+            "trellis_certificate_renewals_total{outcome=\"ok\"} 0",
+            "trellis_certificate_renewals_total{outcome=\"error\",reason=\"local\"} 0",
+            "# TYPE trellis_rate_limited counter",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        assert_eq!(
+            zeros("trellis_certificate_renewals_total{"),
+            1 + crate::identity::RENEWAL_FAILURE_REASONS.len()
+        );
+        assert!(!text.contains("trellis_rate_limited_total{"), "{text}");
     }
 
     /// Each refused HTTP/2 connection counts under the label its limit's
