@@ -85,7 +85,7 @@ fn document(text: &str, setup: &Setup, port: u16) -> String {
 }
 
 /// Runs curl; its stdout when it succeeded.
-async fn curl(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn curl(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "10"])
         .args(args)

@@ -1,37 +1,119 @@
-//! The sidecar's `/metrics` against the README's table of them, as a user
-//! checks one against the other: after a call through the mesh, every
-//! family a scrape shows is in the table, every one in the table is in the
-//! scrape (but those the README says appear at their first count), and
-//! their help says what they count.
+//! The sidecar's and the control plane's `/metrics` against the README's
+//! lists of them, as a user checks one against the other: every family a
+//! scrape shows is listed, every one listed is in the scrape, on the first
+//! scrape as after a call, with each series whose labels are known in
+//! advance at 0 before its first count, and their help says what they
+//! count.
 
 use std::collections::BTreeSet;
 
-use trellis_tests::Mesh;
 use trellis_tests::policy::{self, PolicyDoc};
+use trellis_tests::{HttpApp, Mesh};
 
 use crate::Pair;
+use crate::http::curl;
 
-/// The families the README says are absent until their first count.
-const FIRST_COUNT: [&str; 2] = [
-    "trellis_handshake_failures_total",
-    "trellis_rate_limited_total",
-];
-
-/// The metric names of the README's table of the sidecar's metrics.
-fn readme_table() -> anyhow::Result<BTreeSet<String>> {
+fn readme() -> anyhow::Result<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
-    let readme = std::fs::read_to_string(path)?;
+    Ok(std::fs::read_to_string(path)?)
+}
+
+/// The lines of the README's table of the sidecar's metrics.
+fn readme_table(readme: &str) -> anyhow::Result<Vec<&str>> {
     let table = readme
         .split_once("| Metric | Labels |")
         .map(|(_, after)| after)
-        .ok_or_else(|| anyhow::anyhow!("no table of metrics in {path}"))?;
+        .ok_or_else(|| anyhow::anyhow!("no table of metrics in the README"))?;
     Ok(table
         .lines()
         .skip(2)
         .take_while(|line| line.starts_with('|'))
+        .collect())
+}
+
+/// The metric names of the README's table of the sidecar's metrics.
+fn readme_sidecar_families(readme: &str) -> anyhow::Result<BTreeSet<String>> {
+    Ok(readme_table(readme)?
+        .into_iter()
         .filter_map(|line| line.split('`').nth(1))
         .map(str::to_string)
         .collect())
+}
+
+/// The `reason` values the README's table lists for
+/// `trellis_handshake_failures_total`: each first word of the list after
+/// `reason`, what is in parentheses within it left out.
+fn readme_handshake_failure_reasons(readme: &str) -> anyhow::Result<Vec<String>> {
+    let row = readme_table(readme)?
+        .into_iter()
+        .find(|line| line.starts_with("| `trellis_handshake_failures_total`"))
+        .ok_or_else(|| anyhow::anyhow!("no trellis_handshake_failures_total in the table"))?;
+    let list = row
+        .split_once("`reason` (")
+        .map(|(_, after)| after)
+        .ok_or_else(|| anyhow::anyhow!("no reasons in {row}"))?;
+    let (mut depth, mut item, mut reasons) = (0, String::new(), Vec::new());
+    for c in list.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => break,
+            ')' => depth -= 1,
+            ',' if depth == 0 => reasons.push(std::mem::take(&mut item)),
+            _ if depth == 0 => item.push(c),
+            _ => {}
+        }
+    }
+    reasons.push(item);
+    Ok(reasons
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The families the README's paragraph on the control plane's metrics
+/// names, but those it serves only with `--webhook` or `--store
+/// kubernetes`, as a control plane started without them serves.
+fn readme_control_plane_families(readme: &str) -> anyhow::Result<BTreeSet<String>> {
+    let start = "The control plane's admin port serves";
+    let paragraph = readme
+        .split_once(start)
+        .and_then(|(_, after)| after.split_once("with `--store kubernetes`"))
+        .map(|(paragraph, _)| paragraph)
+        .ok_or_else(|| anyhow::anyhow!("no list of the control plane's metrics in the README"))?;
+    let mut names = BTreeSet::new();
+    let mut pieces = paragraph.split('`');
+    while let (Some(_), Some(code)) = (pieces.next(), pieces.next()) {
+        let name = code.split('{').next().unwrap_or(code);
+        let after = paragraph
+            .split_once(&format!("`{code}`"))
+            .map_or("", |(_, after)| after);
+        if name.starts_with("trellis_") && !after.starts_with(" (with `--webhook`") {
+            names.insert(name.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Compares the families of a scrape with those `documented`, both ways:
+/// an error naming those only one of them has.
+fn same_families(
+    scraped: &[(String, String)],
+    documented: &BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let names: BTreeSet<String> = scraped.iter().map(|(name, _)| name.clone()).collect();
+    let undocumented: Vec<_> = names.difference(documented).collect();
+    anyhow::ensure!(
+        undocumented.is_empty(),
+        "not in the README: {undocumented:?}"
+    );
+    let missing: Vec<_> = documented.difference(&names).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "in the README, not scraped: {missing:?}"
+    );
+    Ok(())
 }
 
 /// Each family of an OpenMetrics scrape by the name a Prometheus query uses
@@ -46,8 +128,10 @@ fn families(page: &str) -> Vec<(String, String)> {
             .strip_prefix("# TYPE ")
             .and_then(|rest| rest.split_once(' '))
         {
+            // The sidecar's OpenMetrics names a counter's family without
+            // `_total`, the control plane's Prometheus text with it.
             let name = match kind {
-                "counter" => format!("{name}_total"),
+                "counter" if !name.ends_with("_total") => format!("{name}_total"),
                 _ => name.to_string(),
             };
             found.push((name, help.clone()));
@@ -69,21 +153,7 @@ async fn a_scrape_after_a_call_shows_the_metrics_the_readme_lists() -> anyhow::R
         .success()?
         .body;
     let scraped = families(&page);
-    let documented = readme_table()?;
-    let names: BTreeSet<String> = scraped.iter().map(|(name, _)| name.clone()).collect();
-    let undocumented: Vec<_> = names.difference(&documented).collect();
-    assert!(
-        undocumented.is_empty(),
-        "not in the README: {undocumented:?}"
-    );
-    let missing: Vec<_> = documented
-        .iter()
-        .filter(|name| !names.contains(*name) && !FIRST_COUNT.contains(&name.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "in the README, not scraped: {missing:?}"
-    );
+    same_families(&scraped, &readme_sidecar_families(&readme()?)?)?;
 
     // An HTTP request is a decision of its own, and the help says so.
     let (_, help) = scraped
@@ -96,5 +166,105 @@ async fn a_scrape_after_a_call_shows_the_metrics_the_readme_lists() -> anyhow::R
         &[("action", "allow"), ("policy", "default/web-to-api")],
     );
     assert!(decisions >= 1.0, "{page}");
+    Ok(())
+}
+
+/// A fresh sidecar's first scrape, before any call, has every family the
+/// README lists, `# HELP` and `# TYPE` included, and each handshake
+/// failure reason the README lists at 0, so alerts and `rate()` work from
+/// the first scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_sidecars_first_scrape_shows_every_metric_the_readme_lists() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let api = HttpApp::start("api").await?;
+    let sidecar = mesh.sidecar("api").app(api.addr()).start().await?;
+    let url = format!("http://{}/metrics", sidecar.admin().addr());
+    let page = curl(&[&url]).await?;
+
+    let readme = readme()?;
+    same_families(&families(&page), &readme_sidecar_families(&readme)?)?;
+    let reasons = readme_handshake_failure_reasons(&readme)?;
+    assert!(reasons.len() >= 29, "{reasons:?}");
+    for reason in &reasons {
+        let zero = ["inbound", "outbound"].iter().any(|direction| {
+            page.lines().any(|line| {
+                line == format!(
+                    "trellis_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} 0"
+                )
+            })
+        });
+        assert!(zero, "no handshake failure {reason} at 0 in\n{page}");
+    }
+    for series in [
+        "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 0",
+        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"not_tls\"} 0",
+        "trellis_certificate_renewals_total{outcome=\"error\",reason=\"unreachable\"} 0",
+        "# TYPE trellis_rate_limited counter",
+    ] {
+        assert!(
+            page.lines().any(|line| line == series),
+            "{series} missing from\n{page}"
+        );
+    }
+    Ok(())
+}
+
+/// A fresh control plane's first scrape has every family the README lists
+/// for one started without `--webhook` or `--store kubernetes`, and each
+/// series whose reason is known in advance at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_control_planes_first_scrape_shows_every_metric_the_readme_lists()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let url = format!("http://{}/metrics", mesh.control_plane_admin().addr());
+    let page = curl(&[&url]).await?;
+
+    same_families(
+        &families(&page),
+        &readme_control_plane_families(&readme()?)?,
+    )?;
+    for (family, reasons) in [
+        (
+            "trellis_inbound_addresses_refused_total",
+            &["unverified", "loopback", "held"][..],
+        ),
+        (
+            "trellis_grpc_connections_refused_total",
+            &["per_client", "total"],
+        ),
+        ("trellis_grpc_connections_closed_total", &["idle"]),
+        (
+            "trellis_webhook_connections_refused_total",
+            &["per_client", "total"],
+        ),
+        (
+            "trellis_admin_connections_refused_total",
+            &["per_client", "total"],
+        ),
+        (
+            "trellis_webhook_malformed_requests_total",
+            &["malformed", "head_too_large", "target_too_long"],
+        ),
+        (
+            "trellis_admin_malformed_requests_total",
+            &["malformed", "head_too_large", "target_too_long"],
+        ),
+        (
+            "trellis_inject_unknown_values_total",
+            &["pod_label", "pod_annotation", "namespace_label"],
+        ),
+        (
+            "trellis_watch_streams_refused_total",
+            &["per_sidecar", "total"],
+        ),
+    ] {
+        for reason in reasons {
+            let series = format!("{family}{{reason=\"{reason}\"}} 0");
+            assert!(
+                page.lines().any(|line| line == series),
+                "{series} missing from\n{page}"
+            );
+        }
+    }
     Ok(())
 }
