@@ -364,6 +364,8 @@ fn failures(m: &Metrics, direction: &str) -> Vec<(String, u64)> {
             let (reason, value) = l.strip_prefix(prefix.as_str())?.split_once("\"} ")?;
             Some((reason.to_owned(), value.parse().ok()?))
         })
+        // The listed reasons are exported at 0 from the start.
+        .filter(|(_, count)| *count > 0)
         .collect()
 }
 
