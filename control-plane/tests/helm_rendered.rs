@@ -921,6 +921,64 @@ fn an_image_digest_pins_every_image() {
     assert_eq!(config.image, "registry.example.com/mesh/trellis:0.1.0-rc1");
 }
 
+/// A registry at an IPv6 address is written in brackets, with or without a
+/// port (`[fd00::1]:5000/trellis/trellis`): the chart takes it, and every
+/// role runs that image, by tag or by digest, in manifests the API server
+/// would take. A tag or a digest in the repository is still refused, naming
+/// `image.repository`, as with a registry by name.
+#[test]
+fn an_image_from_a_registry_at_an_ipv6_address_is_taken() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    for (repository, digest, image) in [
+        (
+            "[fd00::1]:5000/trellis/trellis",
+            "",
+            "[fd00::1]:5000/trellis/trellis:0.1.0-rc1".to_owned(),
+        ),
+        (
+            "[fd00::1]/trellis/trellis",
+            "",
+            "[fd00::1]/trellis/trellis:0.1.0-rc1".to_owned(),
+        ),
+        (
+            "[2001:db8::10]:443/mesh/trellis",
+            digest,
+            format!("[2001:db8::10]:443/mesh/trellis@{digest}"),
+        ),
+    ] {
+        let repository = format!("image.repository={repository}");
+        let digest = format!("image.digest={digest}");
+        let set = [repository.as_str(), "image.tag=0.1.0-rc1", digest.as_str()];
+        let rendered = template(&helm, &set).unwrap_or_else(|e| panic!("{repository}: {e}"));
+        validate_manifests(&validate, &rendered);
+        let docs = documents(&rendered);
+        assert_eq!(
+            one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"],
+            image.as_str(),
+            "{repository}"
+        );
+        assert_eq!(rendered_injection_config(&helm, &set).image, image);
+    }
+
+    for repository in [
+        "[fd00::1]:5000/trellis/trellis:0.1.0",
+        "[fd00::1]/trellis/trellis:latest",
+        &format!("[fd00::1]:5000/trellis/trellis@{digest}"),
+        "registry.example.com:5000/trellis/trellis:0.1.0",
+        "trellis/trellis@sha256:0123",
+        // A registry with no repository, or no address in the brackets.
+        "[fd00::1]:5000",
+        "[]:5000/trellis/trellis",
+        "fd00::1:5000/trellis/trellis",
+    ] {
+        let e = template(&helm, &[&format!("image.repository={repository}")]).unwrap_err();
+        assert!(e.contains("image/repository"), "{repository}: {e}");
+    }
+}
+
 /// The injection settings file the chart renders with `set`.
 fn rendered_injection_settings(helm: &Path, set: &[&str]) -> String {
     let docs = documents(&template(helm, set).unwrap());
