@@ -1094,3 +1094,123 @@ fn pod_monitor_scrapes_every_replica() {
         assert!(e.contains(names), "{set}: {e}");
     }
 }
+
+/// The keys of a rendered object's `metadata.<field>`.
+fn keys_of(object: &Value, field: &str) -> Vec<String> {
+    object["metadata"][field]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// A key the chart writes itself, repeated in a map the operator gives
+/// (`podAnnotations` on the control plane's pods, the `labels` of either
+/// PodMonitor), would render that key twice: the later silently wins,
+/// undoing the chart's checksum that rolls the pods or its own labels, or
+/// the API server refuses the object. Every such key, as the rendered
+/// manifests show them, is refused at `helm template`, naming the value and
+/// the key and never echoing what was given; any other key joins the
+/// chart's.
+#[test]
+fn operator_maps_repeating_a_key_the_chart_writes_are_refused() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    // With trust anchors and both monitors, every key the chart may write.
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("roots.pem");
+    let root = rcgen::generate_simple_self_signed(vec!["root".to_owned()]).unwrap();
+    std::fs::write(&roots, root.cert.pem()).unwrap();
+    let roots = format!("trustAnchorsPEM={}", roots.display());
+    let everything = |sets: &[&str]| {
+        let mut args = vec!["--set-file", roots.as_str()];
+        for set in [
+            "metrics.podMonitor.enabled=true",
+            "metrics.sidecarPodMonitor.enabled=true",
+        ]
+        .iter()
+        .chain(sets)
+        {
+            args.extend(["--set", set]);
+        }
+        template_with(&helm, NAMESPACE, &args)
+    };
+    let docs = documents(&everything(&[]).unwrap());
+    let pod = &one(&docs, "Deployment")["spec"]["template"];
+    let annotations = keys_of(pod, "annotations");
+    assert!(
+        annotations.contains(&"checksum/inject-config".to_owned())
+            && annotations.contains(&"checksum/trust-anchors".to_owned()),
+        "{annotations:?}"
+    );
+    let monitor = |name: &str| {
+        find(&docs, "PodMonitor")
+            .into_iter()
+            .find(|m| m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("PodMonitor {name}"))
+    };
+    let mut owned = vec![("podAnnotations", annotations)];
+    for (value, name) in [
+        ("metrics.podMonitor.labels", "trellis-control-plane"),
+        ("metrics.sidecarPodMonitor.labels", "trellis-sidecars"),
+    ] {
+        let labels = keys_of(monitor(name), "labels");
+        assert!(
+            labels.contains(&"app.kubernetes.io/managed-by".to_owned()),
+            "{labels:?}"
+        );
+        owned.push((value, labels));
+    }
+
+    let given = "given-value-never-echoed";
+    for (value, keys) in &owned {
+        for key in keys {
+            let set = format!("{value}.{}={given}", key.replace('.', "\\."));
+            let e = everything(&[&set]).unwrap_err();
+            assert!(
+                e.contains(&format!("{value}: \"{key}\" is set by the chart itself")),
+                "{set}: {e}"
+            );
+            // What helm says, after the arguments the test passed it.
+            let said = e.split_once("Error:").map_or(e.as_str(), |(_, said)| said);
+            assert!(!said.contains(given), "{set} echoed: {e}");
+        }
+    }
+
+    // Keys of the operator's own are added beside the chart's, which keep
+    // their values.
+    let rendered = everything(&[
+        "podAnnotations.example\\.com/team=mesh",
+        "podAnnotations.checksum/config-of-ours=abc",
+        "metrics.podMonitor.labels.release=kube-prometheus-stack",
+        "metrics.sidecarPodMonitor.labels.release=kube-prometheus-stack",
+    ])
+    .unwrap();
+    validate_manifests(&validate, &rendered);
+    let with = documents(&rendered);
+    let annotations_given =
+        &one(&with, "Deployment")["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations_given["example.com/team"], "mesh");
+    assert_eq!(annotations_given["checksum/config-of-ours"], "abc");
+    for key in &owned[0].1 {
+        assert_eq!(
+            annotations_given[key], pod["metadata"]["annotations"][key],
+            "{key}"
+        );
+    }
+    for monitor in find(&with, "PodMonitor") {
+        let labels = &monitor["metadata"]["labels"];
+        assert_eq!(labels["release"], "kube-prometheus-stack");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm");
+    }
+    // A monitor left off renders no labels, and so refuses none.
+    let docs = documents(
+        &template_with(
+            &helm,
+            NAMESPACE,
+            &["--set", "metrics.podMonitor.labels.helm\\.sh/chart=mine"],
+        )
+        .unwrap(),
+    );
+    assert!(find(&docs, "PodMonitor").is_empty());
+}

@@ -189,6 +189,22 @@ here, not by a schema pattern, whose refusal would echo the value, key and all.
 {{- end -}}
 
 {{/*
+Refuses a map the operator gives (dict "given" the map, "name" its value's path, "own" the keys
+the chart writes in the same place, "where" that place) that repeats one of the chart's own keys.
+Rendered, the object would hold the key twice: Helm and kubectl keep the later silently (the
+operator's value, undoing what the chart's is for, such as a checksum that rolls the pods) or
+an API server refuses the object. Refused rather than merged either way: the operator's value
+would be dropped without a word, or the chart's. Names the key, never the value.
+*/}}
+{{- define "trellis.checkOwnKeys" -}}
+{{- range $key := .own -}}
+{{- if hasKey ($.given | default dict) $key -}}
+{{- fail (printf "%s: %q is set by the chart itself, on %s; remove it from %s, or give another key" $.name $key $.where $.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
 64, so a release that passed would never start; watchFailureGrace and grpcIdleTimeout below 1s
@@ -203,6 +219,8 @@ Resources with a request above its limit: the API server would refuse the contro
 Deployment, or every injected pod.
 podDisruptionBudget.maxUnavailable 0 (or 0%): no replica could ever be evicted, so every drain
 of a node running one would wait for ever.
+podAnnotations, metrics.podMonitor.labels and metrics.sidecarPodMonitor.labels repeating a key
+the chart writes there (trellis.checkOwnKeys).
 trustAnchorsPEM without a certificate: the control plane would exit 64; with a private key: a key
 would be published in a ConfigMap. webhook.caBundle likewise: without a certificate the API server
 could call no webhook; with a key, the key would be published in the webhook configurations.
@@ -231,6 +249,14 @@ could call no webhook; with a key, the key would be published in the webhook con
 {{- include "trellis.checkResources" (dict "resources" .Values.injection.init.resources "name" "injection.init.resources" "refused" "every injected pod") -}}
 {{- if and .Values.podDisruptionBudget.enabled (regexMatch "^0+%?$" (toString .Values.podDisruptionBudget.maxUnavailable)) -}}
 {{- fail (printf "podDisruptionBudget.maxUnavailable %s lets no control-plane replica be evicted: every drain of a node running one would wait for ever; give 1 or more (or 50%%), or podDisruptionBudget.enabled=false" (toString .Values.podDisruptionBudget.maxUnavailable)) -}}
+{{- end -}}
+{{- include "trellis.checkOwnKeys" (dict "given" .Values.podAnnotations "name" "podAnnotations" "own" (list "checksum/inject-config" "checksum/trust-anchors") "where" "the control plane's pods (a checksum of settings read at start, so that a change rolls them)") -}}
+{{- $chartLabels := include "trellis.labels" . | fromYaml | keys | sortAlpha -}}
+{{- if .Values.metrics.podMonitor.enabled -}}
+{{- include "trellis.checkOwnKeys" (dict "given" .Values.metrics.podMonitor.labels "name" "metrics.podMonitor.labels" "own" $chartLabels "where" "the PodMonitor") -}}
+{{- end -}}
+{{- if .Values.metrics.sidecarPodMonitor.enabled -}}
+{{- include "trellis.checkOwnKeys" (dict "given" .Values.metrics.sidecarPodMonitor.labels "name" "metrics.sidecarPodMonitor.labels" "own" $chartLabels "where" "the sidecars' PodMonitor") -}}
 {{- end -}}
 {{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
 {{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile are refused or get no sidecar" -}}
