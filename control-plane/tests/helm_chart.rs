@@ -528,6 +528,22 @@ fn rbac_grants_nothing_beyond_the_list() {
     let elsewhere = documents(&template_in(&helm, "mesh-b", &[]).unwrap());
     assert_eq!(one(&elsewhere, "Role")["metadata"]["namespace"], "mesh-b");
     assert_eq!(rules(one(&elsewhere, "Role")), rules(role));
+    // rbac.createCASecret=false leaves that create out (the CA Secret
+    // exists): the control plane reads and updates its CA alone, and
+    // creates nothing; the ClusterRole is as before.
+    let narrowed = documents(&template(&helm, &["rbac.createCASecret=false"]).unwrap());
+    assert_eq!(
+        rules(one(&narrowed, "Role")),
+        [
+            json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trellis-ca"],
+                "verbs": ["get", "update"]})
+        ]
+    );
+    assert_eq!(rules(one(&narrowed, "ClusterRole")), rules(cluster_role));
+    for set in ["rbac.createCASecret=no", "rbac.createCaSecret=false"] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(e.contains("rbac"), "{set}: {e}");
+    }
 
     // Each binding gives its role to the control plane's account only.
     let subject = json!([{"kind": "ServiceAccount", "name": "trellis-control-plane", "namespace": NAMESPACE}]);
