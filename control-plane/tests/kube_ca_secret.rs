@@ -206,6 +206,7 @@ async fn a_deleted_secret_the_control_plane_may_not_create_says_how_to_restore_i
         "CA Secret trellis-system/trellis-ca does not exist",
         "may not create it",
         "grants no `create` on Secrets",
+        "`rbac.createCASecret` is false",
         "restore it from a backup",
         "every meshed pod",
     ] {

@@ -104,9 +104,10 @@ pub enum CaSecretError {
     #[error(
         "CA Secret {secret} does not exist, and this control plane may not create it (its Role \
          grants no `create` on Secrets in that namespace): restore it from a backup to keep the \
-         mesh's root; or grant that `create` (the chart's Role does), so that a replica \
-         generates a new root, then restart every control-plane replica and every meshed pod, \
-         whose sidecars trust the old root only"
+         mesh's root; or grant that `create` (the chart's Role does unless \
+         `rbac.createCASecret` is false), so that a replica generates a new root, then restart \
+         every control-plane replica and every meshed pod, whose sidecars trust the old root \
+         only"
     )]
     Missing { secret: String },
     #[error(
