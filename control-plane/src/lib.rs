@@ -19,6 +19,7 @@ pub mod config;
 pub mod ctl;
 pub mod discovery;
 pub mod escape;
+pub mod handshake;
 pub mod inject;
 // What the machine can do for a unit test, and how one says it cannot run:
 // the file every test crate of the workspace shares.

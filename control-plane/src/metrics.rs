@@ -10,9 +10,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use trellis_core::connections::Refused;
+use trellis_core::grpc::CertifyRefusal;
 use trellis_core::http1::HEAD_FAULT_REASONS;
 
 use crate::discovery::{EndpointsIn, SyncState};
+use crate::handshake::HandshakeFailure;
 
 /// The `reason` values of `trellis_inbound_addresses_refused_total`
 /// (see [`Metrics::inbound_address_refused`]).
@@ -33,12 +35,16 @@ const SNAPSHOT_ENDPOINTS: [&str; 3] = ["full", "unchanged", "changes"];
 #[derive(Debug, Default)]
 pub struct Metrics {
     certificates_issued: AtomicU64,
-    certify_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Certify refusals, by [`CertifyRefusal`] (in the order of its
+    /// `ALL`).
+    certify_failures: ByReason<{ CertifyRefusal::ALL.len() }>,
     /// Admin calls answered, by method and gRPC code.
     admin_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
-    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
-    webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Failed handshakes of the gRPC port and of the webhook port, by
+    /// [`HandshakeFailure`] (in the order of its `ALL`).
+    handshake_failures: ByReason<{ HandshakeFailure::ALL.len() }>,
+    webhook_handshake_failures: ByReason<{ HandshakeFailure::ALL.len() }>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_closed: Mutex<BTreeMap<&'static str, u64>>,
@@ -68,8 +74,8 @@ impl Metrics {
         self.certificates_issued.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn certify_failed(&self, reason: &'static str) {
-        count(&self.certify_failures, reason);
+    pub fn certify_failed(&self, reason: CertifyRefusal) {
+        self.certify_failures.count(reason as usize);
     }
 
     /// An Admin call of `method` answered with the gRPC `code` (`OK` for
@@ -91,14 +97,18 @@ impl Metrics {
         count(&self.inbound_addresses_refused, reason);
     }
 
-    pub fn handshake_failed(&self, reason: &'static str) {
-        count(&self.handshake_failures, reason);
+    /// A connection to the gRPC port whose TLS handshake failed, for
+    /// `reason` (`other` for one the port does not list).
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        let reason = reason.on(HandshakeFailure::GRPC_PORT);
+        self.handshake_failures.count(reason as usize);
     }
 
     /// A connection to the webhook port whose TLS handshake failed, for
-    /// `reason`.
-    pub fn webhook_handshake_failed(&self, reason: &'static str) {
-        count(&self.webhook_handshake_failures, reason);
+    /// `reason` (`other` for one the port does not list).
+    pub fn webhook_handshake_failed(&self, reason: HandshakeFailure) {
+        let reason = reason.on(HandshakeFailure::WEBHOOK_PORT);
+        self.webhook_handshake_failures.count(reason as usize);
     }
 
     /// A connection to the webhook port closed as it was accepted, by the
@@ -211,12 +221,13 @@ impl Metrics {
              trellis_certificates_issued_total {}",
             self.certificates_issued.load(Ordering::Relaxed)
         );
-        render_family(
+        render_listed(
             &mut out,
             "trellis_certify_failures_total",
-            &[],
             "Certify calls refused, by reason.",
-            &self.certify_failures.lock().expect("not poisoned"),
+            CertifyRefusal::ALL
+                .iter()
+                .map(|reason| (reason.token(), self.certify_failures.get(*reason as usize))),
         );
         let _ = writeln!(
             out,
@@ -238,27 +249,30 @@ impl Metrics {
              (the certificate was still issued), by reason.",
             &self.inbound_addresses_refused.lock().expect("not poisoned"),
         );
-        render_family(
+        render_listed(
             &mut out,
             "trellis_tls_handshake_failures_total",
-            &[],
             "TLS handshakes on the gRPC port that failed, by reason.",
-            &self.handshake_failures.lock().expect("not poisoned"),
+            HandshakeFailure::GRPC_PORT.iter().map(|reason| {
+                (
+                    reason.label(),
+                    self.handshake_failures.get(*reason as usize),
+                )
+            }),
         );
         // A metric of its own, not a label on the gRPC port's: its callers
         // are the API server and whatever reaches a pod's port, not
         // sidecars, so an alert on sidecars failing their handshakes must
         // not fire for a scanner of the webhook, nor its series change.
-        render_family(
+        render_listed(
             &mut out,
             "trellis_webhook_tls_handshake_failures_total",
-            &[],
             "TLS handshakes on the admission webhook port that failed, by reason (the gRPC \
              port's are trellis_tls_handshake_failures_total).",
-            &self
-                .webhook_handshake_failures
-                .lock()
-                .expect("not poisoned"),
+            HandshakeFailure::WEBHOOK_PORT.iter().map(|reason| {
+                let count = self.webhook_handshake_failures.get(*reason as usize);
+                (reason.label(), count)
+            }),
         );
         render_family(
             &mut out,
@@ -495,6 +509,41 @@ pub fn render_store_serving_stale(out: &mut String, stale: bool) {
     );
 }
 
+/// The counts of a family whose reasons are all listed in advance, by
+/// their place in the list: counted without a lock.
+#[derive(Debug)]
+struct ByReason<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for ByReason<N> {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> ByReason<N> {
+    fn count(&self, at: usize) {
+        self.0[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self, at: usize) -> u64 {
+        self.0[at].load(Ordering::Relaxed)
+    }
+}
+
+/// Renders the counter family `name` whose reasons are all listed in
+/// advance: each of `counts` (reason and count), 0 before its first.
+fn render_listed<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counts: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, count) in counts {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
+    }
+}
+
 /// Adds one to `reason`'s count in a family counted by reason.
 fn count(family: &Mutex<BTreeMap<&'static str, u64>>, reason: &'static str) {
     *family
@@ -524,6 +573,8 @@ fn render_family(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     /// A fresh control plane's scrape has each series of a family whose
@@ -559,12 +610,131 @@ mod tests {
         );
     }
 
+    /// The `reason` values the README's paragraph on the control plane's
+    /// metrics gives `family`: each word in backticks (lower case and
+    /// underscores) within the parentheses after its name.
+    fn readme_reasons(readme: &str, family: &str) -> BTreeSet<String> {
+        let start = format!("`{family}{{reason}}` (");
+        let (_, after) = readme
+            .split_once(&start)
+            .unwrap_or_else(|| panic!("{start} is not in the README"));
+        let mut depth = 0;
+        let end = after
+            .char_indices()
+            .find(|(_, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' if depth == 0 => return true,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                false
+            })
+            .map_or(after.len(), |(at, _)| at);
+        after[..end]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|word| {
+                !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The README lists every reason of each family whose reasons are all
+    /// known in advance, and no other: a reason added to the code and not
+    /// to the README fails, as does one left in the README.
+    #[test]
+    fn the_readme_lists_every_refusal_and_handshake_reason() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("the README reads");
+        let listed = |labels: &mut dyn Iterator<Item = &'static str>| -> BTreeSet<String> {
+            labels.map(str::to_owned).collect()
+        };
+        for (family, in_code) in [
+            (
+                "trellis_certify_failures_total",
+                listed(&mut CertifyRefusal::ALL.iter().map(|r| r.token())),
+            ),
+            (
+                "trellis_tls_handshake_failures_total",
+                listed(&mut HandshakeFailure::GRPC_PORT.iter().map(|f| f.label())),
+            ),
+            (
+                "trellis_webhook_tls_handshake_failures_total",
+                listed(&mut HandshakeFailure::WEBHOOK_PORT.iter().map(|f| f.label())),
+            ),
+        ] {
+            let in_readme = readme_reasons(&readme, family);
+            let missing: Vec<_> = in_code.difference(&in_readme).collect();
+            assert!(
+                missing.is_empty(),
+                "{family}: not in the README: {missing:?}"
+            );
+            let stale: Vec<_> = in_readme.difference(&in_code).collect();
+            assert!(
+                stale.is_empty(),
+                "{family}: in the README, not in the code: {stale:?}"
+            );
+        }
+    }
+
+    /// Every listed reason of the certify and handshake families is a
+    /// series at 0 before anything is counted, and a count moves only its
+    /// own series.
+    #[test]
+    fn every_listed_refusal_and_handshake_reason_is_rendered_at_zero() {
+        let m = Metrics::default();
+        let text = m.render();
+        let series = |family: &str, reason: &str| format!("{family}{{reason=\"{reason}\"}}");
+        for refusal in CertifyRefusal::ALL {
+            let zero = format!(
+                "{} 0\n",
+                series("trellis_certify_failures_total", refusal.token())
+            );
+            assert!(text.contains(&zero), "{zero} missing from\n{text}");
+        }
+        for failure in HandshakeFailure::GRPC_PORT {
+            let zero = format!(
+                "{} 0\n",
+                series("trellis_tls_handshake_failures_total", failure.label())
+            );
+            assert!(text.contains(&zero), "{zero} missing from\n{text}");
+        }
+        for failure in HandshakeFailure::WEBHOOK_PORT {
+            let family = "trellis_webhook_tls_handshake_failures_total";
+            let zero = format!("{} 0\n", series(family, failure.label()));
+            assert!(text.contains(&zero), "{zero} missing from\n{text}");
+        }
+        // A reason a port does not list is counted as `other`.
+        m.webhook_handshake_failed(HandshakeFailure::UnknownIssuer);
+        m.handshake_failed(HandshakeFailure::NotTls);
+        m.certify_failed(CertifyRefusal::CsrSan);
+        let text = m.render();
+        for counted in [
+            "trellis_webhook_tls_handshake_failures_total{reason=\"other\"} 1\n",
+            "trellis_tls_handshake_failures_total{reason=\"not_tls\"} 1\n",
+            "trellis_tls_handshake_failures_total{reason=\"other\"} 0\n",
+            "trellis_certify_failures_total{reason=\"csr_san\"} 1\n",
+            "trellis_certify_failures_total{reason=\"csr_malformed\"} 0\n",
+        ] {
+            assert!(text.contains(counted), "{counted} missing from\n{text}");
+        }
+        assert!(
+            !text.contains(
+                "trellis_webhook_tls_handshake_failures_total{reason=\"unknown_issuer\"}"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
         m.certificate_issued();
-        m.certify_failed("token_used");
-        m.certify_failed("token_used");
+        m.certify_failed(CertifyRefusal::TokenUsed);
+        m.certify_failed(CertifyRefusal::TokenUsed);
         m.watch_stream_opened();
         m.admin_call("ApplyPolicy", "InvalidArgument");
         m.admin_call("ApplyPolicy", "InvalidArgument");

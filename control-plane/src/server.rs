@@ -54,14 +54,15 @@ use trellis_core::gather::GatheredWrites;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
-    ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
-    peer_spiffe_id, provider, root_store, rustls_error,
+    ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, peer_spiffe_id,
+    provider, root_store, rustls_error,
 };
 use trellis_core::warn_throttled;
 
 use crate::api::PeerInfo;
 use crate::ca::{CertificateAuthority, ExtraSans};
 use crate::discovery::PresentedCert;
+use crate::handshake::HandshakeFailure;
 use crate::metrics::Metrics;
 
 /// The longest a client may take to finish the TLS handshake, from when
@@ -659,18 +660,35 @@ pub async fn serve_connections<F, Fut>(
 /// handshakes and connections past its limits (`crate::inject::server`),
 /// the admin port's connections past its limits (`crate::admin_http`),
 /// each into a metric of its own.
-pub(crate) struct Refusals {
+pub(crate) struct Refusals<R = &'static str> {
     metrics: Arc<Metrics>,
     /// Counts a failure, by reason, in the port's metric.
-    counter: fn(&Metrics, &'static str),
+    counter: fn(&Metrics, R),
     /// The lines written, by reason.
     lines: Throttle,
 }
 
-impl Refusals {
+/// A reason a port refuses a connection for, as its metric labels it.
+pub(crate) trait RefusalReason: Copy {
+    fn label(self) -> &'static str;
+}
+
+impl RefusalReason for &'static str {
+    fn label(self) -> &'static str {
+        self
+    }
+}
+
+impl RefusalReason for HandshakeFailure {
+    fn label(self) -> &'static str {
+        HandshakeFailure::label(self)
+    }
+}
+
+impl<R: RefusalReason> Refusals<R> {
     /// Failures counted by `counter` in `metrics`, each reason logged at
     /// most once per [`REFUSAL_LOG_PAUSE`].
-    pub(crate) fn new(metrics: Arc<Metrics>, counter: fn(&Metrics, &'static str)) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, counter: fn(&Metrics, R)) -> Self {
         Self {
             metrics,
             counter,
@@ -686,19 +704,20 @@ impl Refusals {
     pub(crate) fn refuse(
         &self,
         peer: SocketAddr,
-        reason: &'static str,
+        reason: R,
         error: Option<&dyn Display>,
         message: &str,
     ) {
         let error = error.map(tracing::field::display);
-        warn_throttled!(self.lines, reason, { %peer, reason, error }, "{message}");
+        let label = reason.label();
+        warn_throttled!(self.lines, label, { %peer, reason = label, error }, "{message}");
         // Counted once its line, if any, is in the log's queue: a failure
         // the metric shows has been logged, or counted as not.
         self.count(reason);
     }
 
     /// Counts a failure for `reason` without logging it.
-    pub(crate) fn count(&self, reason: &'static str) {
+    pub(crate) fn count(&self, reason: R) {
         (self.counter)(&self.metrics, reason);
     }
 }
@@ -792,7 +811,7 @@ impl GrpcListener {
                         Err(_) => {
                             refusals.refuse(
                                 remote,
-                                "timeout",
+                                HandshakeFailure::Timeout,
                                 None,
                                 "TLS handshake failed: nothing received",
                             );
@@ -802,7 +821,7 @@ impl GrpcListener {
                     // Plaintext (curl http://, grpcurl -plaintext) is told
                     // in its own protocol that this port speaks TLS.
                     let found = || {
-                        refusals.refuse(remote, "not_tls", None, "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
+                        refusals.refuse(remote, HandshakeFailure::NotTls, None, "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
                     };
                     let Some(tcp) =
                         refuse_plaintext(tcp, PLAINTEXT_ANSWER, HANDSHAKE_TIMEOUT, found).await
@@ -815,7 +834,7 @@ impl GrpcListener {
                     else {
                         refusals.refuse(
                             remote,
-                            "overloaded",
+                            HandshakeFailure::Overloaded,
                             None,
                             "TLS handshake never started: too many handshakes waiting",
                         );
@@ -830,7 +849,7 @@ impl GrpcListener {
                         .await
                         .is_ok_and(|ready| ready.is_read_closed())
                     {
-                        refusals.count("client_gone");
+                        refusals.count(HandshakeFailure::ClientGone);
                         tracing::debug!(peer = %remote, "client left before its handshake's turn");
                         return;
                     }
@@ -854,7 +873,7 @@ impl GrpcListener {
                             let (_, session) = stream.get_ref();
                             if let Err(e) = tls.verify_resumed(session) {
                                 let error = trellis_core::tls::Described(&e);
-                                refusals.refuse(remote, failure_reason(&e), Some(&error), "TLS handshake failed: a resumed session's chain is no longer trusted");
+                                refusals.refuse(remote, HandshakeFailure::of_rustls(&e), Some(&error), "TLS handshake failed: a resumed session's chain is no longer trusted");
                                 return;
                             }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
@@ -884,12 +903,18 @@ impl GrpcListener {
                                 .await;
                         }
                         Ok(Err(e)) => {
-                            let reason = rustls_error(&e).map(failure_reason).unwrap_or("io_error");
+                            let reason = rustls_error(&e)
+                                .map_or(HandshakeFailure::IoError, HandshakeFailure::of_rustls);
                             let error = trellis_core::tls::Described(&e);
                             refusals.refuse(remote, reason, Some(&error), "TLS handshake failed");
                         }
                         Err(_) => {
-                            refusals.refuse(remote, "timeout", None, "TLS handshake failed");
+                            refusals.refuse(
+                                remote,
+                                HandshakeFailure::Timeout,
+                                None,
+                                "TLS handshake failed",
+                            );
                         }
                     }
                 });

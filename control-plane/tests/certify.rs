@@ -82,6 +82,65 @@ async fn refuses_an_oversized_request_naming_the_limit() {
         .expect("a Certify of the usual size is served on the same connection");
 }
 
+/// A fresh control plane's first scrape, by curl as an operator's
+/// Prometheus would, already has every Certify refusal and every TLS
+/// handshake failure reason of its gRPC and webhook ports at 0, so alerts
+/// and `rate()` work before the first refusal; one refusal then moves its
+/// own series only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_control_planes_first_scrape_has_every_refusal_reason_at_zero() {
+    use trellis_control_plane::handshake::HandshakeFailure;
+    use trellis_core::grpc::CertifyRefusal;
+
+    let cp = ControlPlane::start(&[]);
+    let page = cp.metrics();
+    let has = |series: String| page.lines().any(|line| line == series);
+    for refusal in CertifyRefusal::ALL {
+        let series = format!(
+            "trellis_certify_failures_total{{reason=\"{}\"}} 0",
+            refusal.token()
+        );
+        assert!(has(series.clone()), "{series} missing from\n{page}");
+    }
+    for (family, reasons) in [
+        (
+            "trellis_tls_handshake_failures_total",
+            HandshakeFailure::GRPC_PORT,
+        ),
+        (
+            "trellis_webhook_tls_handshake_failures_total",
+            HandshakeFailure::WEBHOOK_PORT,
+        ),
+    ] {
+        for reason in reasons {
+            let series = format!("{family}{{reason=\"{}\"}} 0", reason.label());
+            assert!(has(series.clone()), "{series} missing from\n{page}");
+        }
+    }
+
+    let err = cp
+        .certify(b"not a csr".to_vec(), None, None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.metadata()
+            .get(trellis_core::grpc::REFUSAL_KEY)
+            .map(|v| v.to_str().unwrap()),
+        Some("csr_malformed"),
+        "{err:?}"
+    );
+    let page = cp.metrics();
+    let counted: Vec<_> = page
+        .lines()
+        .filter(|line| line.starts_with("trellis_certify_failures_total{") && !line.ends_with(" 0"))
+        .collect();
+    assert_eq!(
+        counted,
+        ["trellis_certify_failures_total{reason=\"csr_malformed\"} 1"],
+        "{page}"
+    );
+}
+
 /// A Certify refused before the service reads it, one past the limit or
 /// one whose bytes are no CertifyRequest, is a refusal like any other:
 /// counted in `trellis_certify_failures_total` by its reason, logged as

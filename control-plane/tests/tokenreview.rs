@@ -514,7 +514,7 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
         )
     );
     assert!(!e.is_callers_fault());
-    assert_eq!(e.reason(), "token_reviews_busy");
+    assert_eq!(e.reason().token(), "token_reviews_busy");
     assert_eq!(api.connections(), MAX_REVIEWS_IN_FLIGHT + 1);
     held.abort_all();
 }
@@ -563,7 +563,7 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
         )
     );
     assert!(!e.is_callers_fault());
-    assert_eq!(e.reason(), "token_reviews_per_client");
+    assert_eq!(e.reason().token(), "token_reviews_per_client");
     assert_eq!(api.connections(), MAX_REVIEWS_PER_CLIENT + 1);
 
     // Another address is not refused, and its review is asked.
@@ -627,7 +627,7 @@ async fn a_token_signed_by_another_key_is_refused_without_a_review() {
                  issuer keys"
             );
             assert!(e.is_callers_fault());
-            assert_eq!(e.reason(), "sa_token_bad_signature");
+            assert_eq!(e.reason().token(), "sa_token_bad_signature");
         }
     }
     assert!(
@@ -660,7 +660,7 @@ async fn an_unknown_key_id_fetches_the_keys_once_more() {
         e.to_string(),
         "the token is signed by key \"new\", which the cluster does not publish"
     );
-    assert_eq!(e.reason(), "sa_token_bad_signature");
+    assert_eq!(e.reason().token(), "sa_token_bad_signature");
     assert_eq!(api.keys.fetches(), 1, "fetched 30 s ago at most: no fetch");
 
     // A reviewer held to no least time between fetches.
@@ -749,7 +749,7 @@ async fn a_token_with_alg_none_is_refused_without_a_review() {
                  ServiceAccount token is signed with RS256, ES256, ES384 or ES512"
             )
         );
-        assert_eq!(e.reason(), "sa_token_bad_signature");
+        assert_eq!(e.reason().token(), "sa_token_bad_signature");
         assert!(e.is_callers_fault());
     }
     assert!(api.requests().is_empty(), "{:?}", api.requests());

@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::oneshot;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
-use trellis_core::grpc::REFUSAL_KEY;
+use trellis_core::grpc::{CertifyRefusal, REFUSAL_KEY};
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, RefusedInboundAddress};
@@ -117,18 +117,19 @@ impl IdentityService {
     /// be refused as often as it calls, so a reason is logged at most once
     /// per [`REFUSAL_LOG_PAUSE`], the next line saying how many were not
     /// (`suppressed`); each is counted.
-    pub(crate) fn refuse(&self, reason: &'static str, mut status: Status) -> Status {
+    pub(crate) fn refuse(&self, reason: CertifyRefusal, mut status: Status) -> Status {
         // `detail`, not `message`: that is the event's own message field.
+        let token = reason.token();
         warn_throttled!(
             self.refusal_lines,
-            reason,
-            { reason, code = ?status.code(), detail = status.message() },
+            token,
+            { reason = token, code = ?status.code(), detail = status.message() },
             "certify refused"
         );
         self.mesh.metrics.certify_failed(reason);
         status
             .metadata_mut()
-            .insert(REFUSAL_KEY, MetadataValue::from_static(reason));
+            .insert(REFUSAL_KEY, MetadataValue::from_static(token));
         status
     }
 
@@ -137,23 +138,23 @@ impl IdentityService {
     fn refuse_token(&self, refusal: TokenRefusal, id: &trellis_core::SpiffeId) -> Status {
         let (reason, status) = match refusal {
             TokenRefusal::Unknown => (
-                "token_unknown",
+                CertifyRefusal::TokenUnknown,
                 Status::unauthenticated("join token is unknown"),
             ),
             TokenRefusal::Expired => (
-                "token_expired",
+                CertifyRefusal::TokenExpired,
                 Status::unauthenticated("join token has expired"),
             ),
             TokenRefusal::Used => (
-                trellis_core::grpc::REFUSAL_TOKEN_USED,
+                CertifyRefusal::TokenUsed,
                 Status::unauthenticated("join token was already used"),
             ),
             TokenRefusal::Disabled => (
-                "join_tokens_disabled",
+                CertifyRefusal::JoinTokensDisabled,
                 Status::failed_precondition(TokenRefusal::Disabled.to_string()),
             ),
             TokenRefusal::OtherIdentity { .. } => (
-                "other_identity",
+                CertifyRefusal::OtherIdentity,
                 Status::permission_denied(format!(
                     "the join token does not grant {id}; a token proves only the identity it was made for"
                 )),
@@ -173,7 +174,11 @@ impl IdentityService {
         let revocation = match self.mesh.store.revocation(id.as_str()) {
             Ok(Some(revocation)) => revocation,
             Ok(None) => return Ok(()),
-            Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+            Err(e) => {
+                return Err(
+                    self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
+                );
+            }
         };
         let issued_at = peer.and_then(|p| p.cert_issued_at_unix);
         if issued_at.is_some_and(|at| !revocation.covers(at)) {
@@ -186,7 +191,7 @@ impl IdentityService {
     /// that its revocation at `at` covers.
     fn refuse_revoked_at(&self, id: &trellis_core::SpiffeId, at: i64) -> Status {
         self.refuse(
-            trellis_core::grpc::REFUSAL_REVOKED,
+            CertifyRefusal::Revoked,
             Status::permission_denied(format!(
                 "{id} was revoked at {} ({at}): a certificate issued then or before no longer \
                  renews; obtain a new one with a join token",
@@ -397,15 +402,19 @@ impl Identity for IdentityService {
         let valid = csr::validate(&req.csr, &self.mesh.trust_domain)
             .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(e.to_string())))?;
         let id = valid.spiffe_id.clone();
-        let addresses = inbound_addresses(&req)
-            .map_err(|e| self.refuse("bad_inbound_address", Status::invalid_argument(e)))?;
+        let addresses = inbound_addresses(&req).map_err(|e| {
+            self.refuse(
+                CertifyRefusal::BadInboundAddress,
+                Status::invalid_argument(e),
+            )
+        })?;
 
         let token_hash = match &req.proof {
             Some(Proof::JoinToken(token)) => Some(hash_token(token)),
             Some(Proof::ServiceAccountToken(token)) => {
                 let Some(reviewer) = &self.reviewer else {
                     return Err(self.refuse(
-                        "unimplemented_proof",
+                        CertifyRefusal::UnimplementedProof,
                         Status::unimplemented(
                             "service_account_token proofs need Kubernetes: this control plane \
                              was not started with --identity-provider kubernetes; use a join token",
@@ -423,7 +432,7 @@ impl Identity for IdentityService {
                 })?;
                 if account.spiffe_id != id {
                     return Err(self.refuse(
-                        "other_identity",
+                        CertifyRefusal::OtherIdentity,
                         Status::permission_denied(format!(
                             "the service account token proves {}, not {id}; a pod can only obtain its own identity",
                             account.spiffe_id
@@ -437,7 +446,7 @@ impl Identity for IdentityService {
                 match caller {
                     None => {
                         return Err(self.refuse(
-                            "no_proof",
+                            CertifyRefusal::NoProof,
                             Status::unauthenticated(
                                 "no proof: send a join token, or renew with the current SVID as the TLS client certificate",
                             ),
@@ -445,7 +454,7 @@ impl Identity for IdentityService {
                     }
                     Some(caller) if caller != id => {
                         return Err(self.refuse(
-                            "other_identity",
+                            CertifyRefusal::OtherIdentity,
                             Status::permission_denied(format!(
                                 "{caller} may only renew its own identity, not {id}"
                             )),
@@ -453,7 +462,7 @@ impl Identity for IdentityService {
                     }
                     Some(_) if self.renewals_need_token => {
                         return Err(self.refuse(
-                            trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN,
+                            CertifyRefusal::RenewalNeedsToken,
                             Status::unauthenticated(
                                 "renewal needs the ServiceAccount token: this control plane runs \
                                  with --renewal-proof token, so the certificate alone renews \
@@ -482,7 +491,11 @@ impl Identity for IdentityService {
             match self.mesh.store.check_join_token(claim) {
                 Ok(()) => {}
                 Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
-                Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+                Err(e) => {
+                    return Err(
+                        self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
+                    );
+                }
             }
         }
         // Checked once the caller has shown a proof, so only such a caller
@@ -532,7 +545,12 @@ impl Identity for IdentityService {
             .mesh
             .ca
             .sign_csr(&valid, self.mesh.cert_ttl)
-            .map_err(|e| self.refuse("signing_failed", Status::internal(e.to_string())))?;
+            .map_err(|e| {
+                self.refuse(
+                    CertifyRefusal::SigningFailed,
+                    Status::internal(e.to_string()),
+                )
+            })?;
         let now = unix_now();
         let record = IssuedCertRecord {
             serial_hex: issued.serial_hex.clone(),
@@ -584,7 +602,7 @@ impl Identity for IdentityService {
             };
             let Some(recorded) = pending.recorded().await else {
                 return Err(self.refuse(
-                    "store_error",
+                    CertifyRefusal::StoreError,
                     Status::unavailable("the store stopped before recording the certificate"),
                 ));
             };
@@ -598,7 +616,7 @@ impl Identity for IdentityService {
             workload.addresses.retain(|a| a.address != address);
             if workload.addresses.len() == before {
                 return Err(self.refuse(
-                    "store_error",
+                    CertifyRefusal::StoreError,
                     Status::internal(format!(
                         "the store refused inbound address {address}, which was not reported"
                     )),
@@ -625,7 +643,11 @@ impl Identity for IdentityService {
             Err(StoreError::Revoked(revocation)) => {
                 return Err(self.refuse_revoked_at(&id, revocation.revoked_at_unix));
             }
-            Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+            Err(e) => {
+                return Err(
+                    self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
+                );
+            }
         }
         self.mesh.metrics.certificate_issued();
         tracing::info!(

@@ -22,6 +22,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
+use trellis_core::grpc::CertifyRefusal;
 
 use super::{article, request_too_large};
 
@@ -45,13 +46,13 @@ pub(crate) struct UnaryRequests<S> {
 /// the reason ([`REQUEST_TOO_LARGE`], [`REQUEST_UNREADABLE`]) and the
 /// status, the status the client is told (Certify counts and logs it as
 /// its own refusals, and names the reason in the metadata).
-pub(crate) type Refusals = Arc<dyn Fn(&'static str, Status) -> Status + Send + Sync>;
+pub(crate) type Refusals = Arc<dyn Fn(CertifyRefusal, Status) -> Status + Send + Sync>;
 
 /// The reason of a refusal of a request past the limit.
-pub(crate) const REQUEST_TOO_LARGE: &str = "request_too_large";
+pub(crate) const REQUEST_TOO_LARGE: CertifyRefusal = CertifyRefusal::RequestTooLarge;
 
 /// The reason of a refusal of a request that could not be read.
-pub(crate) const REQUEST_UNREADABLE: &str = "request_unreadable";
+pub(crate) const REQUEST_UNREADABLE: CertifyRefusal = CertifyRefusal::RequestUnreadable;
 
 impl<S> UnaryRequests<S> {
     /// `inner`, whose requests are read up to `limit` bytes (its
@@ -101,7 +102,7 @@ where
             .to_owned();
         let limit = self.limit;
         let refusals = self.refusals.clone();
-        let refused = move |reason: &'static str, status: Status| match &refusals {
+        let refused = move |reason: CertifyRefusal, status: Status| match &refusals {
             Some(refusals) => refusals(reason, status),
             None => status,
         };

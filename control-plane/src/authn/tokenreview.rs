@@ -87,6 +87,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
+use trellis_core::grpc::CertifyRefusal;
 use trellis_core::{SpiffeId, TrustDomain};
 
 use crate::authn::jwks::{self, IssuerKeys, JWKS_PATH, SignatureError};
@@ -373,21 +374,22 @@ impl ReviewError {
     }
 
     /// A short label for metrics and logs.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> CertifyRefusal {
+        use CertifyRefusal as R;
         match self {
             Self::Empty
             | Self::TooLong
             | Self::NotAJwt(_)
-            | Self::Signature(SignatureError::BadHeader) => "sa_token_malformed",
-            Self::Signature(_) => "sa_token_bad_signature",
-            Self::NotAuthenticated(_) | Self::Expired => "sa_token_not_authenticated",
-            Self::WrongAudience(_) | Self::NotForAudience => "sa_token_wrong_audience",
-            Self::NotAServiceAccount(_) | Self::BadAccount(_) => "sa_token_not_service_account",
-            Self::Unreachable(_) => "kube_api_unreachable",
-            Self::Busy(_) => "token_reviews_busy",
-            Self::ClientBusy => "token_reviews_per_client",
-            Self::Refused { .. } => "kube_api_refused",
-            Self::BadResponse(_) => "kube_api_bad_response",
+            | Self::Signature(SignatureError::BadHeader) => R::SaTokenMalformed,
+            Self::Signature(_) => R::SaTokenBadSignature,
+            Self::NotAuthenticated(_) | Self::Expired => R::SaTokenNotAuthenticated,
+            Self::WrongAudience(_) | Self::NotForAudience => R::SaTokenWrongAudience,
+            Self::NotAServiceAccount(_) | Self::BadAccount(_) => R::SaTokenNotServiceAccount,
+            Self::Unreachable(_) => R::KubeApiUnreachable,
+            Self::Busy(_) => R::TokenReviewsBusy,
+            Self::ClientBusy => R::TokenReviewsPerClient,
+            Self::Refused { .. } => R::KubeApiRefused,
+            Self::BadResponse(_) => R::KubeApiBadResponse,
         }
     }
 }
@@ -1263,7 +1265,7 @@ mod tests {
             "this client address already has 4 service account token reviews in progress, \
              the most one address may have at once; try again once they are answered"
         );
-        assert_eq!(e.reason(), "token_reviews_per_client");
+        assert_eq!(e.reason().token(), "token_reviews_per_client");
         assert!(!e.is_callers_fault());
         // The same address written as IPv4-mapped IPv6 is the same client.
         let mapped: IpAddr = "::ffff:10.1.0.7".parse().unwrap();

@@ -5,6 +5,7 @@
 //! that is a valid SPIFFE ID of our trust domain, outside the reserved
 //! `/trellis/` path. Validation is pure: it never touches state.
 
+use trellis_core::grpc::CertifyRefusal;
 use trellis_core::spiffe::InvalidSpiffeId;
 use trellis_core::{SpiffeId, TrustDomain};
 use x509_parser::certification_request::X509CertificationRequest;
@@ -45,15 +46,15 @@ pub enum CsrError {
 
 impl CsrError {
     /// A short, bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> CertifyRefusal {
         match self {
-            Self::Malformed(_) => "csr_malformed",
-            Self::BadSignature => "csr_bad_signature",
-            Self::KeyType(_) => "csr_key_type",
-            Self::SanCount(_) | Self::NotUri(_) => "csr_san",
-            Self::InvalidId(_) | Self::NoPath(_) => "csr_invalid_id",
-            Self::ForeignTrustDomain { .. } => "csr_foreign_trust_domain",
-            Self::Reserved(_) => "csr_reserved_id",
+            Self::Malformed(_) => CertifyRefusal::CsrMalformed,
+            Self::BadSignature => CertifyRefusal::CsrBadSignature,
+            Self::KeyType(_) => CertifyRefusal::CsrKeyType,
+            Self::SanCount(_) | Self::NotUri(_) => CertifyRefusal::CsrSan,
+            Self::InvalidId(_) | Self::NoPath(_) => CertifyRefusal::CsrInvalidId,
+            Self::ForeignTrustDomain { .. } => CertifyRefusal::CsrForeignTrustDomain,
+            Self::Reserved(_) => CertifyRefusal::CsrReservedId,
         }
     }
 }

@@ -53,13 +53,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 use trellis_core::refusal::{plaintext_version, refuse_plaintext};
-use trellis_core::tls::{Described, failure_reason, rustls_error};
+use trellis_core::tls::{Described, rustls_error};
 
 use super::{
     AdmissionRequest, InjectConfig, LabelAdmission, NamespaceScope, Owner, UninjectedPods,
     UnknownInjectValue, respond_pod_reporting, respond_unknown_label, review_policy,
 };
 use crate::api::quoted;
+use crate::handshake::HandshakeFailure;
 use crate::metrics::Metrics;
 use crate::request_head;
 use crate::server::Refusals;
@@ -493,7 +494,7 @@ async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    failures: &Refusals,
+    failures: &Refusals<HandshakeFailure>,
 ) -> Option<TlsStream<TcpStream>> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let mut first = [0u8; 1];
@@ -501,7 +502,12 @@ async fn handshake(
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return None,
         Err(_) => {
-            failures.refuse(peer, "timeout", Some(&"nothing received"), HANDSHAKE_FAILED);
+            failures.refuse(
+                peer,
+                HandshakeFailure::Timeout,
+                Some(&"nothing received"),
+                HANDSHAKE_FAILED,
+            );
             return None;
         }
     }
@@ -510,7 +516,7 @@ async fn handshake(
         // once it has its answer finds it counted.
         failures.refuse(
             peer,
-            "not_tls",
+            HandshakeFailure::NotTls,
             Some(&"plaintext HTTP: answered that this port speaks only HTTPS"),
             HANDSHAKE_FAILED,
         );
@@ -534,7 +540,7 @@ async fn handshake(
         Err(_) => {
             failures.refuse(
                 peer,
-                "timeout",
+                HandshakeFailure::Timeout,
                 Some(&"handshake not finished in time"),
                 HANDSHAKE_FAILED,
             );
@@ -544,12 +550,12 @@ async fn handshake(
 }
 
 /// The reason a handshake on the webhook port failed: as on the gRPC port
-/// ([`failure_reason`]), except that a client refusing the serving
+/// ([`HandshakeFailure::of_rustls`]), except that a client refusing the serving
 /// certificate (a TLS alert about it: the API server's `caBundle` is not
 /// the CA that signed it, or the certificate expired) is
 /// `certificate_refused`, the usual cause of a webhook the API server
 /// cannot call.
-fn webhook_failure_reason(e: &std::io::Error) -> &'static str {
+fn webhook_failure_reason(e: &std::io::Error) -> HandshakeFailure {
     use rustls::AlertDescription as A;
     match rustls_error(e) {
         Some(rustls::Error::AlertReceived(
@@ -559,9 +565,9 @@ fn webhook_failure_reason(e: &std::io::Error) -> &'static str {
             | A::CertificateExpired
             | A::CertificateRevoked
             | A::UnsupportedCertificate,
-        )) => "certificate_refused",
-        Some(e) => failure_reason(e),
-        None => "io_error",
+        )) => HandshakeFailure::CertificateRefused,
+        Some(e) => HandshakeFailure::of_rustls(e),
+        None => HandshakeFailure::IoError,
     }
 }
 
@@ -972,8 +978,9 @@ mod tests {
             );
             assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
         }
-        assert!(
-            !rendered.contains("trellis_tls_handshake_failures_total{"),
+        assert_eq!(
+            counted(&rendered, "trellis_tls_handshake_failures_total{"),
+            0,
             "the gRPC port's series are left as they were: {rendered}"
         );
         let first =
@@ -995,6 +1002,19 @@ mod tests {
             "trellis_webhook_tls_handshake_failures_total{{reason=\"certificate_refused\"}} {}\n",
             FLOOD + 1
         )));
+    }
+
+    /// The sum of the series of `rendered` that start with `series` (a
+    /// family's name and `{`); a panic when there is none, as every reason
+    /// of a handshake family is rendered from the start.
+    fn counted(rendered: &str, series: &str) -> u64 {
+        let counts: Vec<u64> = rendered
+            .lines()
+            .filter(|line| line.starts_with(series))
+            .map(|line| line.rsplit_once(' ').unwrap().1.parse().unwrap())
+            .collect();
+        assert!(!counts.is_empty(), "no {series} in\n{rendered}");
+        counts.iter().sum()
     }
 
     /// A client address holding [`MAX_CONNECTIONS_PER_CLIENT`] connections
@@ -1062,8 +1082,9 @@ mod tests {
         tcp.shutdown().await.unwrap();
         let _ = tcp.read_to_end(&mut Vec::new()).await;
         let rendered = metrics.render();
-        assert!(
-            !rendered.contains("trellis_webhook_tls_handshake_failures_total{"),
+        assert_eq!(
+            counted(&rendered, "trellis_webhook_tls_handshake_failures_total{"),
+            0,
             "{rendered}"
         );
         assert!(!logs.text().contains("handshake failed"), "{}", logs.text());
