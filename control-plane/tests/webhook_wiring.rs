@@ -455,6 +455,38 @@ fn the_outbound_policy_decides_a_pod_running_as_the_sidecars_uid() {
     );
 }
 
+/// The admission review's warnings are one plain string in a JSON log
+/// line, the warnings separated by commas as every list field is, not a
+/// debug-printed list quoting each inside it.
+#[test]
+fn the_admission_review_logs_its_warnings_as_a_plain_string() {
+    let certs = WebhookCerts::new();
+    let mut review: Value = serde_json::from_slice(
+        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
+    )
+    .unwrap();
+    review["request"]["object"]["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    let pod = certs.dir.path().join("pod-as-proxy-uid.json");
+    std::fs::write(&pod, serde_json::to_vec(&review).unwrap()).unwrap();
+
+    let mut flags = certs.flags();
+    flags.extend(["--outbound-policy", "passthrough", "--log-format", "json"].map(String::from));
+    let cp = start(&flags);
+    let (status, body) = certs.post(&webhook_addr(&cp), "/inject", &pod);
+    assert_eq!(status, 200, "{body}");
+    let line = cp.wait_for_line("the admission review's log line", |l| {
+        l.contains("\"admission review\"")
+    });
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        line["warnings"],
+        "container \"log-shipper\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+         the sidecar,container \"wait-for-db\" runs as UID 1337, the proxy's UID: its traffic \
+         bypasses the sidecar",
+        "{line}"
+    );
+}
+
 /// Settings written by a newer chart (a field this release does not know)
 /// are what a rolled-back control plane reads from the shared ConfigMap:
 /// it starts, names the field in a warning, and injects with the rest.

@@ -448,6 +448,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// The kind as its documents name it (`AuthorizationPolicy`).
+    fn name(self) -> &'static str {
+        match self {
+            Self::Authorization => AuthorizationPolicy::KIND,
+            Self::RateLimit => RateLimitPolicy::KIND,
+        }
+    }
+
     fn parse(kind: &str) -> Result<Self, Status> {
         match kind {
             "" | AuthorizationPolicy::KIND => Ok(Self::Authorization),
@@ -615,7 +623,7 @@ pub async fn delete(
     .await?;
     let generation = deleted.ok_or_else(|| not_found(kind, &req.namespace, &req.name))?;
     tracing::info!(
-        kind = ?kind,
+        kind = kind.name(),
         policy = %policy_key(&req.namespace, &req.name),
         snapshot_version = generation.snapshot,
         caller = %super::admin_calls::Caller(caller),

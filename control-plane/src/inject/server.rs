@@ -833,7 +833,7 @@ pub fn respond(
                     uid = %quoted(&response.uid),
                     allowed = response.allowed,
                     detail = response.message.as_deref().unwrap_or_default(),
-                    warnings = ?response.warnings,
+                    warnings = %trellis_core::logging::List(&response.warnings),
                     "admission review"
                 );
             }

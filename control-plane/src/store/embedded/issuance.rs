@@ -448,10 +448,11 @@ fn record_one(
     log.insert(next_sequence(log)?, encode(issued).as_slice())?;
     for (holder, addresses) in &taken {
         take_from(workloads, owners, holder, addresses)?;
+        let addresses: Vec<&String> = addresses.iter().collect();
         tracing::info!(
             spiffe_id = %record.spiffe_id,
             holder,
-            addresses = ?addresses,
+            addresses = %trellis_core::logging::List(&addresses),
             "an inbound address verified by its connection took its IP from another \
              workload's unverified claim"
         );
