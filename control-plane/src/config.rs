@@ -14,6 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
+use trellis_core::logging::Format;
 pub(crate) use trellis_core::policy::pattern::is_dns_label;
 use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
 use trellis_core::tcp::parse_port;
@@ -88,13 +89,6 @@ impl OutboundPolicy {
             Self::Passthrough => "passthrough",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// What proves a workload's identity for its first certificate.
@@ -249,7 +243,7 @@ pub struct Config {
 
     /// Log output format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: LogFormat,
+    pub log_format: Format,
 
     /// Address of the Kubernetes admission webhooks (HTTPS: /inject,
     /// /inject/unknown-pod-label, /inject/unknown-namespace-label,

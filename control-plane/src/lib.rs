@@ -49,7 +49,7 @@ pub fn unix_now() -> i64 {
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use config::{Config, EXIT_USAGE, LogFormat, Parsed};
+use config::{Config, EXIT_USAGE, Parsed};
 
 /// Runs `trellis-control-plane` with `args` (argv, including a program name)
 /// until SIGTERM or SIGINT. Exit codes: 0 after a clean shutdown or `--help`,
@@ -100,11 +100,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
 /// Installs the global subscriber, writing to stderr from a thread of its
 /// own: a Certify or a policy push never waits for a slow log collector.
 /// Dropping what it returns writes the lines still queued.
-fn init_logging(format: LogFormat) -> trellis_core::logging::Guard {
-    let format = match format {
-        LogFormat::Text => trellis_core::logging::Format::Text,
-        LogFormat::Json => trellis_core::logging::Format::Json,
-    };
+fn init_logging(format: trellis_core::logging::Format) -> trellis_core::logging::Guard {
     let mut guard = trellis_core::logging::Guard::default();
     trellis_core::logging::init("trellis-control-plane", format, &mut guard);
     guard

@@ -26,15 +26,19 @@ use batched::{Batched, Flush};
 /// The variable holding the log filter.
 pub const FILTER_VAR: &str = "TRELLIS_LOG";
 
-/// How a process writes its own lines on stderr (`--log-format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a process writes its own lines on stderr: the value of each
+/// binary's `--log-format` (`TRELLIS_LOG_FORMAT`), `text` (the default) or
+/// `json`. `Text` is one human-readable line per event. `Json` is one flat
+/// JSON object per event: `timestamp`, `level`, `message`, the event's
+/// fields and `target`, all top-level keys, so that a log pipeline indexes
+/// each field by its own name; no span context (the binaries open no spans,
+/// and a library's would nest objects).
+// The variants carry no doc comments: clap would list them in `--help` as
+// each value's help.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// One human-readable line per event.
+    #[default]
     Text,
-    /// One flat JSON object per event: `timestamp`, `level`, `message`,
-    /// the event's fields and `target`, all top-level keys, so that a log
-    /// pipeline indexes each field by its own name. No span context: the
-    /// binaries open no spans, and a library's would nest objects.
     Json,
 }
 

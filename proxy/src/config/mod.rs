@@ -17,6 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use trellis_core::escape::{environment_refusal, escape_given, shown};
 use trellis_core::io_error::IoWords;
+use trellis_core::logging::Format;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
 use crate::admin::access::HookToken;
@@ -165,8 +166,14 @@ pub struct ProxyArgs {
     )]
     pub tcp_user_timeout: String,
     /// Log format: text or json.
-    #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[arg(
+        long,
+        env = "TRELLIS_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        hide_possible_values = true
+    )]
+    pub log_format: Format,
     /// Close open inbound connections that a new policy denies (true or
     /// false); new connections are always decided by the policies in force.
     #[arg(
@@ -339,12 +346,6 @@ impl fmt::Display for Route {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// The validated configuration of a sidecar.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -371,7 +372,7 @@ pub struct Config {
     /// `TCP_USER_TIMEOUT` of the connections to and from beyond the pod;
     /// `None`: none (`--tcp-user-timeout 0`).
     pub tcp_user_timeout: Option<Duration>,
-    pub log_format: LogFormat,
+    pub log_format: Format,
     /// Close open inbound connections that new policies deny.
     pub close_denied_connections: bool,
     /// Inbound ports whose traffic is never inspected as HTTP.
@@ -556,16 +557,6 @@ impl Config {
         };
         let tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&args.tcp_user_timeout)
             .map_err(|e| invalid("tcp-user-timeout", e))?;
-        let log_format = match args.log_format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log-format",
-                    format_args!("{other:?} is not text or json"),
-                ));
-            }
-        };
         let app_probes = match args.app_probes.as_deref().map(str::trim) {
             None | Some("") => AppProbes::default(),
             Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
@@ -594,7 +585,7 @@ impl Config {
             drain_timeout,
             drain_idle,
             tcp_user_timeout,
-            log_format,
+            log_format: args.log_format,
             close_denied_connections: args.close_denied_connections,
             opaque_ports: args.opaque_ports.clone(),
             access_log: args.access_log,
@@ -1038,10 +1029,6 @@ mod tests {
         assert_eq!(
             args(&["--drain-idle", "soon"]).unwrap_err().flag,
             "drain-idle"
-        );
-        assert_eq!(
-            args(&["--log-format", "xml"]).unwrap_err().flag,
-            "log-format"
         );
         let (_, _, token) = credential_files();
         let cli = Cli::try_parse_from([

@@ -14,19 +14,15 @@ use trellis_core::logging::{Output, stream};
 
 pub use trellis_core::logging::Guard;
 
-use crate::config::LogFormat;
+use trellis_core::logging::Format;
 
 /// Installs the global subscriber, with the access log's stream. A stream
 /// whose writer thread cannot start is written line by line instead (and
 /// says so).
-pub fn init(format: LogFormat) -> Guard {
+pub fn init(format: Format) -> Guard {
     let mut guard = Guard::default();
     // The access log first: its writer reports dropped lines on stderr.
     access::install(stream(PROGRAM, "access-log", std::io::stdout, &mut guard));
-    let format = match format {
-        LogFormat::Text => trellis_core::logging::Format::Text,
-        LogFormat::Json => trellis_core::logging::Format::Json,
-    };
     trellis_core::logging::init(PROGRAM, format, &mut guard);
     guard
 }
