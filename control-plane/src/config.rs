@@ -14,6 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
+use trellis_core::flags::Given;
 use trellis_core::logging::Format;
 pub(crate) use trellis_core::policy::pattern::is_dns_label;
 use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
@@ -404,10 +405,12 @@ impl Config {
 
     pub fn parse_args(args: Vec<OsString>) -> Parsed {
         let args = with_program_name("trellis-control-plane", args);
-        match Self::try_parse_from(&args) {
-            Ok(mut config) => match config.resolve() {
+        match Given::parse::<Self>(&args) {
+            // A flag whose value came from its environment variable is
+            // named with it.
+            Ok((mut config, given)) => match config.resolve() {
                 Ok(()) => Parsed::Run(Box::new(config)),
-                Err(message) => Parsed::Invalid(format!("error: {message}\n")),
+                Err(message) => Parsed::Invalid(format!("error: {}\n", given.naming(&message))),
             },
             Err(e) => classify_clap_error(e, &<Self as clap::CommandFactory>::command(), &args),
         }

@@ -393,6 +393,75 @@ fn a_refused_environment_value_names_its_variable() {
     );
 }
 
+/// A value the control plane's own checks refuse (after clap took the
+/// flags) names its variable too when it came from there, and so does
+/// any other flag the refusal names whose value came from its variable;
+/// from the command line, the flags alone. Exit 64, nothing created.
+#[test]
+fn its_own_checks_name_the_variable_a_refused_value_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    // The environment, the arguments, and what is said.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case<'_>; 6] = [
+        (
+            &[("TRELLIS_INJECT_CONFIG", "inject.json")],
+            &[],
+            "error: TRELLIS_INJECT_CONFIG (--inject-config) configures the injection webhook: \
+             it needs --webhook (with --webhook-cert and --webhook-key)\n",
+        ),
+        (
+            &[],
+            &["--inject-config", "inject.json"],
+            "error: --inject-config configures the injection webhook: it needs --webhook (with \
+             --webhook-cert and --webhook-key)\n",
+        ),
+        (
+            &[("TRELLIS_CA_SECRET", "mesh-ca")],
+            &[],
+            "error: TRELLIS_CA_SECRET (--ca-secret) is only used with --store kubernetes\n",
+        ),
+        (
+            &[("TRELLIS_STORE", "kubernetes")],
+            &["--ca-secret", "mesh-ca"],
+            "error: TRELLIS_STORE (--store) kubernetes needs --identity-provider kubernetes: \
+             the Kubernetes store keeps no join tokens, sidecars prove themselves with \
+             ServiceAccount tokens\n",
+        ),
+        (
+            &[("TRELLIS_RENEWAL_PROOF", "token")],
+            &["--identity-provider", "join-token"],
+            "error: TRELLIS_RENEWAL_PROOF (--renewal-proof) token needs --identity-provider \
+             kubernetes: without it no workload has a ServiceAccount token to prove, and \
+             renewals prove the current certificate\n",
+        ),
+        (
+            &[("TRELLIS_IDENTITY_PROVIDER", "join-token")],
+            &["--renewal-proof", "token"],
+            "error: --renewal-proof token needs TRELLIS_IDENTITY_PROVIDER \
+             (--identity-provider) kubernetes: without it no workload has a ServiceAccount \
+             token to prove, and renewals prove the current certificate\n",
+        ),
+    ];
+    for (env, args, says) in cases {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{env:?} {args:?}: {stderr}");
+        assert_eq!(stderr, says, "{env:?} {args:?}");
+        assert!(
+            !state.exists(),
+            "{env:?} {args:?} must not create the state dir"
+        );
+    }
+}
+
 /// A start that fails once the flags are accepted (here on a state dir
 /// others can read) exits 1 saying why once, as the last line on stderr,
 /// as an invalid flag is said.

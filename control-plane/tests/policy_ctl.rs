@@ -965,6 +965,60 @@ fn a_refused_environment_value_names_its_variable() {
     );
 }
 
+/// trellisctl's own checks (after clap took the flags) name the variable
+/// a refused value came from, beside its flag, and so any other flag they
+/// name; exit 64 before any call. From the command line, the flags alone.
+#[test]
+fn its_own_checks_name_the_variable_a_refused_value_came_from() {
+    let ctl = |args: &[&str], env: &[(&str, &str)]| {
+        std::process::Command::new(CTL)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let credentials = ["--ca", "ca.pem", "--cert", "op.pem", "--key", "op.key"];
+    let remote = [
+        &["--control-plane", "127.0.0.1:1", "workloads"][..],
+        &credentials,
+    ]
+    .concat();
+    let lint = ["policy", "lint", "/nonexistent/policies.yaml"];
+    // The arguments, the environment, and what is said.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
+        (
+            &remote,
+            &[("TRELLIS_STATE_DIR", "/nonexistent")],
+            "error: TRELLIS_STATE_DIR (--state-dir) cannot be combined with --ca/--cert/--key\n",
+        ),
+        (
+            &[&remote[..], &["--state-dir", "/nonexistent"]].concat(),
+            &[],
+            "error: --state-dir cannot be combined with --ca/--cert/--key\n",
+        ),
+        (
+            &lint,
+            &[("TRELLIS_TRUST_DOMAIN", "Bad Domain")],
+            "error: TRELLIS_TRUST_DOMAIN (--trust-domain) \"Bad Domain\": ",
+        ),
+        (
+            &[&lint[..], &["--trust-domain", "Bad Domain"]].concat(),
+            &[],
+            "error: --trust-domain \"Bad Domain\": ",
+        ),
+    ];
+    for (args, env, says) in cases {
+        let out = ctl(args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.starts_with(says), "{args:?} {env:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
 /// `--wait 30s`, as one types a flag's value, is refused (exit 64, nothing
 /// written) saying that the duration goes after an `=`, for `apply` and
 /// `delete` alike, instead of clap's "unexpected argument '30s'".

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod connections;
 pub mod duration;
 pub mod escape;
+pub mod flags;
 pub mod gather;
 pub mod grpc;
 pub mod h2_limits;

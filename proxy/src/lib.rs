@@ -46,7 +46,7 @@ pub const EXIT_USAGE: u8 = 64;
 /// address that cannot be bound, named by its flag). Either error is said
 /// once, as the last line on stderr (`error: ...`), not logged.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
-    let (cli, given) = match Given::parse(&args) {
+    let (cli, given) = match Given::parse::<config::Cli>(&args) {
         Ok(parsed) => parsed,
         Err(e) => {
             return match e.kind() {
@@ -67,7 +67,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let config = match Config::from_args(&cli.proxy) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {}", given.refusal(&e));
+            eprintln!("error: {}", given.refused(e.flag, &e.reason));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -272,6 +272,45 @@ fn a_refused_environment_value_names_its_variable() {
     }
 }
 
+/// A refusal that names a second flag names that one's variable too when
+/// its value came from there: the operator looking for `--drain-timeout`
+/// on the command line would not find it. From argv, the flags alone.
+#[test]
+fn a_refusal_naming_another_flag_names_its_variable_too() {
+    // The arguments, the environment, and what is said.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 3] = [
+        (
+            &["--drain-idle", "30s"],
+            &[("TRELLIS_DRAIN_TIMEOUT", "10s")],
+            "error: invalid --drain-idle: 30s is longer than TRELLIS_DRAIN_TIMEOUT \
+             (--drain-timeout) 10s: every drain would last the whole timeout\n",
+        ),
+        (
+            &[],
+            &[
+                ("TRELLIS_DRAIN_TIMEOUT", "10s"),
+                ("TRELLIS_DRAIN_IDLE", "30s"),
+            ],
+            "error: invalid value in TRELLIS_DRAIN_IDLE (--drain-idle): 30s is longer than \
+             TRELLIS_DRAIN_TIMEOUT (--drain-timeout) 10s: every drain would last the whole \
+             timeout\n",
+        ),
+        (
+            &["--drain-idle", "30s", "--drain-timeout", "10s"],
+            &[],
+            "error: invalid --drain-idle: 30s is longer than --drain-timeout 10s: every drain \
+             would last the whole timeout\n",
+        ),
+    ];
+    for (args, env, says) in cases {
+        let out = proxy_with(&with_required(args), env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+        assert_eq!(stderr, says, "{args:?} {env:?}");
+    }
+}
+
 /// The flags `--help` marks "(required)" are those the sidecar cannot
 /// start without: given all the others, it exits 64 naming the one left
 /// out.

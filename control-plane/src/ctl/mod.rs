@@ -27,6 +27,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
+use trellis_core::flags::Given;
 use trellis_core::io_error::stdout_closed;
 use trellis_core::policy::PolicyFiles;
 use trellis_core::tls::{
@@ -494,8 +495,7 @@ impl Cli {
                 key: key.clone(),
             }),
             (Some(_), _, _, _) => Err(CtlError::Usage(
-                "--state-dir (or TRELLIS_STATE_DIR) cannot be combined with --ca/--cert/--key"
-                    .into(),
+                "--state-dir cannot be combined with --ca/--cert/--key".into(),
             )),
             _ => Err(CtlError::Usage(
                 "give --state-dir DIR, or all of --ca, --cert and --key".into(),
@@ -551,9 +551,9 @@ fn offline_refusal(matches: &ArgMatches) -> Option<String> {
     ))
 }
 
-/// `args` as a [`Cli`], or the exit code after saying why not (or after
-/// printing the help or version asked for).
-fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
+/// `args` as a [`Cli`], with where each value came from, or the exit code
+/// after saying why not (or after printing the help or version asked for).
+fn parse(args: Vec<OsString>) -> Result<(Cli, Given), ExitCode> {
     let usage = |message: String| {
         to_stderr(&message);
         ExitCode::from(EXIT_USAGE)
@@ -594,10 +594,12 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
     {
         return Err(usage(format!("error: {refusal}\n")));
     }
-    Cli::from_arg_matches_mut(&mut matches).map_err(|e| {
+    let given = matches.clone();
+    let cli = Cli::from_arg_matches_mut(&mut matches).map_err(|e| {
         let e = e.format(&mut command);
         clap_error(e, &command)
-    })
+    })?;
+    Ok((cli, Given::new(command, given)))
 }
 
 /// `e` with the value of a `policy explain --header` it refuses left out
@@ -693,8 +695,8 @@ pub use trellis_core::io_error::EXIT_STDOUT_CLOSED;
 /// Exit codes: 0 success, 64 usage error, 141 stdout closed by its reader
 /// ([`EXIT_STDOUT_CLOSED`]), 1 any other failure.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
-    let cli = match parse(args) {
-        Ok(cli) => cli,
+    let (cli, given) = match parse(args) {
+        Ok(parsed) => parsed,
         Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -717,8 +719,10 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             (printed, code)
         }
         Err(CtlError::Reported(report)) => (Printed::err(report), ExitCode::FAILURE),
+        // A flag whose value came from its environment variable is named
+        // with it.
         Err(CtlError::Usage(message)) => (
-            Printed::err(format!("error: {message}\n")),
+            Printed::err(format!("error: {}\n", given.naming(&message))),
             ExitCode::from(EXIT_USAGE),
         ),
         Err(e) => (Printed::err(format!("error: {e}\n")), ExitCode::FAILURE),

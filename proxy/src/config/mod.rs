@@ -24,10 +24,9 @@ use crate::admin::access::HookToken;
 use crate::admin::probes::AppProbes;
 
 mod listen;
-mod twin;
 
 pub use listen::{DEFAULT_INBOUND, DEFAULT_OUTBOUND, Listen};
-pub use twin::Given;
+pub use trellis_core::flags::Given;
 
 /// `trellis-proxy`: the Trellis sidecar.
 #[derive(Debug, Parser)]
