@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use trellis_core::connections::Refused;
 
 use crate::inbound::H2Refused;
+pub use crate::tls::HandshakeFailure;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -35,13 +36,78 @@ type DecisionLabels = (Labels1, [(&'static str, Arc<str>); 1]);
 pub const INBOUND: &str = "inbound";
 pub const OUTBOUND: &str = "outbound";
 
+/// The directions a label value of a per-direction family can be counted
+/// in; its series are made at 0 in those alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directions {
+    Both,
+    Inbound,
+    Outbound,
+}
+
+impl Directions {
+    /// Whether `direction` ([`INBOUND`] or [`OUTBOUND`]) is one of them.
+    pub fn include(self, direction: &str) -> bool {
+        match self {
+            Directions::Both => direction == INBOUND || direction == OUTBOUND,
+            Directions::Inbound => direction == INBOUND,
+            Directions::Outbound => direction == OUTBOUND,
+        }
+    }
+}
+
+/// Declares the bounded label values of a per-direction family as an enum,
+/// each variant with its label token and the [`Directions`] it is counted
+/// in: the one list both the code that names a value and the metrics that
+/// make its series at 0 read (`ALL`, in order; `COUNT`).
+macro_rules! label_values {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = ($label:literal, $directions:ident), )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// How many values there are.
+            pub const COUNT: usize = [$($label),+].len();
+            /// Every value, in the order of the enum.
+            pub const ALL: [$name; Self::COUNT] = [$($name::$variant),+];
+
+            /// The label token it is counted and logged under.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )+
+                }
+            }
+
+            /// The directions it can be counted in.
+            pub const fn directions(self) -> $crate::metrics::Directions {
+                match self {
+                    $( $name::$variant => $crate::metrics::Directions::$directions, )+
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.label())
+            }
+        }
+    };
+}
+pub(crate) use label_values;
+
 /// Series touched by every connection, resolved once so the data path only
 /// does atomic adds (the family map takes a lock).
 struct Hot {
     open: Gauge,
     bytes: Counter,
-    forwarded: Counter,
-    denied: Counter,
 }
 
 impl Hot {
@@ -49,49 +115,103 @@ impl Hot {
         direction: &'static str,
         open: &Family<Labels1, Gauge>,
         bytes: &Family<Labels1, Counter>,
-        connections: &Family<Labels2, Counter>,
     ) -> Self {
         // One statement per series: a family's read guard lives to the end
         // of its statement, and creating a second series of the same
         // family while it lives would deadlock.
-        let outcome = |outcome| {
-            connections
-                .get_or_create(&[("direction", direction), ("outcome", outcome)])
-                .clone()
-        };
-        let forwarded = outcome(FORWARDED);
-        let denied = outcome(DENIED);
-        Hot {
-            open: open.get_or_create(&[("direction", direction)]).clone(),
-            bytes: bytes.get_or_create(&[("direction", direction)]).clone(),
-            forwarded,
-            denied,
-        }
+        let open = open.get_or_create(&[("direction", direction)]).clone();
+        let bytes = bytes.get_or_create(&[("direction", direction)]).clone();
+        Hot { open, bytes }
     }
 }
 
-/// The outcome of a connection that was forwarded and ended.
-pub const FORWARDED: &str = "forwarded";
-/// The outcome of an inbound connection that policy denied.
-pub const DENIED: &str = "denied";
-/// The outcome of an open connection closed when new policies arrive:
-/// inbound, because they deny it or their revocations cover its caller;
-/// outbound, because their revocations cover its server.
-pub const CLOSED_BY_POLICY: &str = "closed_by_policy";
-/// The outcome of an outbound call to a service's virtual address while
-/// the service has no ready backend: refused.
-pub const NO_BACKEND: &str = "no_backend";
-/// The outcome of an outbound call to a service's virtual address under
-/// outbound `deny` while every ready backend of the service is outside the
-/// mesh (none is picked, since each would be denied): refused.
-pub const NO_MESH_BACKEND: &str = "no_mesh_backend";
-/// The outcome of an outbound connection to an address of this pod (a
-/// service's backend that is this pod): plain TCP that never leaves the
-/// pod, as the app's own call to that address would be.
-pub const SAME_POD: &str = "same_pod";
-/// The outcome of an inbound HTTP/2 connection closed because its caller
-/// sent no client preface in time (`http::h2_preface`).
-pub const NO_PREFACE: &str = "no_preface";
+/// The index of `direction` in the per-direction arrays of resolved
+/// series: `[inbound, outbound]`.
+fn side(direction: &str) -> Option<usize> {
+    match direction {
+        INBOUND => Some(0),
+        OUTBOUND => Some(1),
+        _ => None,
+    }
+}
+
+/// Makes the series of `family` at 0 for each of `values` in each
+/// direction it can be counted in (`label` and `directions` say which),
+/// and resolves them once, so counting takes no lock:
+/// `[inbound, outbound][value]`, `None` where a value is never counted.
+fn per_direction<T: Copy, const N: usize>(
+    family: &Family<Labels2, Counter>,
+    label: &'static str,
+    values: [T; N],
+    token: fn(T) -> &'static str,
+    directions: fn(T) -> Directions,
+) -> [[Option<Counter>; N]; 2] {
+    [INBOUND, OUTBOUND].map(|direction| {
+        values.map(|value| {
+            directions(value).include(direction).then(|| {
+                family
+                    .get_or_create(&[("direction", direction), (label, token(value))])
+                    .clone()
+            })
+        })
+    })
+}
+
+label_values! {
+    /// The `outcome` label values of `trellis_connections_total`: how a
+    /// connection ended, or why it was refused. Each is made at 0 from the
+    /// start in the directions it can be counted in.
+    pub enum Outcome {
+        /// Forwarded (outbound: over mTLS to a mesh peer) and ended.
+        Forwarded = ("forwarded", Both),
+        /// Inbound: a handshake refused, or an HTTP/2 connection past its
+        /// limits; outbound: a dial to a mesh destination that failed, or a
+        /// connection to the outbound port that was not redirected.
+        Refused = ("refused", Both),
+        /// Inbound: denied by policy; outbound: a destination outside the
+        /// mesh under outbound `deny`.
+        Denied = ("denied", Both),
+        /// An open connection closed when new policies arrive: inbound,
+        /// because they deny it or their revocations cover its caller;
+        /// outbound, because their revocations cover its server.
+        ClosedByPolicy = ("closed_by_policy", Both),
+        /// A connection to one of the sidecar's own ports.
+        Loop = ("loop", Both),
+        /// Ended by an error once forwarding began.
+        Error = ("error", Both),
+        /// Inbound: an HTTP/2 connection closed because its caller sent no
+        /// client preface in time (`http::h2_preface`).
+        NoPreface = ("no_preface", Inbound),
+        /// Inbound: a redirected connection whose original destination is
+        /// no address of this pod.
+        Misdirected = ("misdirected", Inbound),
+        /// Inbound: the app could not be connected to.
+        AppUnreachable = ("app_unreachable", Inbound),
+        /// Outbound: plain TCP to a destination outside the mesh.
+        Passthrough = ("passthrough", Outbound),
+        /// Outbound: a connection to an address of this pod (a service's
+        /// backend that is this pod): plain TCP that never leaves the pod,
+        /// as the app's own call to that address would be.
+        SamePod = ("same_pod", Outbound),
+        /// Outbound: a call to a service's virtual address while the
+        /// service has no ready backend: refused.
+        NoBackend = ("no_backend", Outbound),
+        /// Outbound: a call to a service's virtual address under outbound
+        /// `deny` while every ready backend of the service is outside the
+        /// mesh (none is picked, since each would be denied): refused.
+        NoMeshBackend = ("no_mesh_backend", Outbound),
+        /// Outbound: the server's sidecar answered with a TLS alert after
+        /// this sidecar's handshake was over, before any answer.
+        RefusedByPeer = ("refused_by_peer", Outbound),
+        /// Outbound: the server's sidecar closed the connection after the
+        /// handshake, before any answer and without a TLS alert.
+        ClosedByPeer = ("closed_by_peer", Outbound),
+        /// Outbound: plain TCP (passthrough or within the pod) whose
+        /// destination could not be connected to.
+        ConnectFailed = ("connect_failed", Outbound),
+    }
+}
+
 /// The `action` of a decision an AUDIT policy would have denied.
 pub const AUDIT: &str = "audit";
 
@@ -101,9 +221,15 @@ pub struct Metrics {
     outbound: Hot,
     registry: Registry,
     connections: Family<Labels2, Counter>,
+    /// `trellis_connections_total`, resolved once:
+    /// `[inbound, outbound][Outcome]`.
+    outcomes: [[Option<Counter>; Outcome::COUNT]; 2],
     open: Family<Labels1, Gauge>,
     bytes: Family<Labels1, Counter>,
     handshake_failures: Family<Labels2, Counter>,
+    /// `trellis_handshake_failures_total`, resolved once:
+    /// `[inbound, outbound][HandshakeFailure]`.
+    failures: [[Option<Counter>; HandshakeFailure::COUNT]; 2],
     pub certificate_expiry: Gauge,
     renewals: Family<RenewalLabels, Counter>,
     pub snapshot_version: Gauge<u64, AtomicU64>,
@@ -180,51 +306,6 @@ const KX_GROUPS: [rustls::NamedGroup; 2] = [
     rustls::NamedGroup::X25519,
 ];
 
-/// The `reason` label values of `trellis_handshake_failures_total` the
-/// README lists for either direction, exported at 0 from the start for
-/// both, with those of one direction ([`INBOUND_HANDSHAKE_FAILURES`],
-/// [`OUTBOUND_HANDSHAKE_FAILURES`]): 45 series. Any other reason a failure
-/// is named by makes its series at its first count.
-pub const HANDSHAKE_FAILURES: [&str; 16] = [
-    "not_tls",
-    "no_client_certificate",
-    "unknown_issuer",
-    "expired_root",
-    "unexpected_identity",
-    "svid_key_usage",
-    "svid_basic_constraints",
-    "trust_domain_id",
-    "ca_used_as_leaf",
-    "leaf_used_as_ca",
-    "timeout",
-    "incompatible_peer",
-    "expired_certificate",
-    "not_yet_valid_certificate",
-    "revoked",
-    "no_local_certificate",
-];
-
-/// The handshake failure reasons of inbound connections alone: a caller's
-/// ticket no longer accepted, a caller past the handshake limits.
-pub const INBOUND_HANDSHAKE_FAILURES: [&str; 2] = ["not_resumed", "overloaded"];
-
-/// The handshake failure reasons of outbound connections alone: a server
-/// with no certificate yet, and the TLS alert a server's sidecar refused
-/// this sidecar's certificate with.
-pub const OUTBOUND_HANDSHAKE_FAILURES: [&str; 11] = [
-    "peer_not_ready",
-    "alert_certificate_revoked",
-    "alert_certificate_expired",
-    "alert_unknown_ca",
-    "alert_certificate_required",
-    "alert_bad_certificate",
-    "alert_certificate_unknown",
-    "alert_access_denied",
-    "alert_handshake_failure",
-    "alert_internal_error",
-    "alert_other",
-];
-
 /// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
 /// between sidecars settled. Any other protocol ID counts as `none`, since
 /// the sidecar never serves it.
@@ -271,15 +352,20 @@ impl Metrics {
             "TLS handshake failures by direction and reason",
             handshake_failures.clone(),
         );
-        for (direction, only) in [
-            (INBOUND, &INBOUND_HANDSHAKE_FAILURES[..]),
-            (OUTBOUND, &OUTBOUND_HANDSHAKE_FAILURES[..]),
-        ] {
-            for reason in HANDSHAKE_FAILURES.iter().chain(only) {
-                let _ = handshake_failures
-                    .get_or_create(&[("direction", direction), ("reason", *reason)]);
-            }
-        }
+        let failures = per_direction(
+            &handshake_failures,
+            "reason",
+            HandshakeFailure::ALL,
+            HandshakeFailure::label,
+            HandshakeFailure::directions,
+        );
+        let outcomes = per_direction(
+            &connections,
+            "outcome",
+            Outcome::ALL,
+            Outcome::label,
+            Outcome::directions,
+        );
         let certificate_expiry = Gauge::default();
         registry.register(
             "trellis_certificate_expiry_timestamp_seconds",
@@ -465,13 +551,15 @@ impl Metrics {
             requests,
             request_duration,
             rate_limited,
-            inbound: Hot::new(INBOUND, &open, &bytes, &connections),
-            outbound: Hot::new(OUTBOUND, &open, &bytes, &connections),
+            inbound: Hot::new(INBOUND, &open, &bytes),
+            outbound: Hot::new(OUTBOUND, &open, &bytes),
             registry,
             connections,
+            outcomes,
             open,
             bytes,
             handshake_failures,
+            failures,
             certificate_expiry,
             renewals,
             snapshot_version,
@@ -489,36 +577,38 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished or refused connection. Outbound outcomes:
-    /// `forwarded` (over mTLS to a mesh peer), `passthrough` and
-    /// [`SAME_POD`] (plain TCP), `denied` (outside the mesh under outbound
-    /// `deny`), `refused` (not redirected, or the mesh dial failed),
-    /// [`NO_BACKEND`] (a service with no ready backend),
-    /// [`NO_MESH_BACKEND`] (a service whose ready backends are all outside
-    /// the mesh, under outbound `deny`; a service with some in the mesh
-    /// only ever sends calls to those), `loop`, `connect_failed` (plain
-    /// TCP), `error`. A call to a service counts once, by its last
-    /// backend: the ones it could not connect to before count in
-    /// [`Metrics::service_retry`].
-    pub fn connection(&self, direction: &'static str, outcome: &'static str) {
-        let hot = self.hot(direction).and_then(|hot| match outcome {
-            FORWARDED => Some(&hot.forwarded),
-            DENIED => Some(&hot.denied),
-            _ => None,
-        });
-        if let Some(counter) = hot {
-            counter.inc();
-            return;
+    /// Counts a finished or refused connection by its `outcome`. A call
+    /// to a service counts once, by its last backend: the ones it could
+    /// not connect to before count in [`Metrics::service_retry`]. No lock
+    /// for an outcome of the direction it is listed in: its series was
+    /// resolved up front.
+    pub fn connection(&self, direction: &'static str, outcome: Outcome) {
+        match side(direction).and_then(|side| self.outcomes[side][outcome as usize].as_ref()) {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                self.connections
+                    .get_or_create(&[("direction", direction), ("outcome", outcome.label())])
+                    .inc();
+            }
         }
-        self.connections
-            .get_or_create(&[("direction", direction), ("outcome", outcome)])
-            .inc();
     }
 
-    pub fn handshake_failure(&self, direction: &'static str, reason: &'static str) {
-        self.handshake_failures
-            .get_or_create(&[("direction", direction), ("reason", reason)])
-            .inc();
+    /// Counts a TLS handshake that failed, or a peer refused as one, by
+    /// `reason`. No lock for a reason of the direction it is listed in:
+    /// its series was resolved up front.
+    pub fn handshake_failure(&self, direction: &'static str, reason: HandshakeFailure) {
+        match side(direction).and_then(|side| self.failures[side][reason as usize].as_ref()) {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                self.handshake_failures
+                    .get_or_create(&[("direction", direction), ("reason", reason.label())])
+                    .inc();
+            }
+        }
     }
 
     pub fn bytes(&self, direction: &'static str, n: u64) {
@@ -748,8 +838,8 @@ mod tests {
     #[test]
     fn exposes_the_documented_names() {
         let m = Metrics::new();
-        m.connection(INBOUND, "forwarded");
-        m.handshake_failure(INBOUND, "not_tls");
+        m.connection(INBOUND, Outcome::Forwarded);
+        m.handshake_failure(INBOUND, HandshakeFailure::NotTls);
         m.bytes(OUTBOUND, 10);
         m.renewed();
         m.renewal_failed("unreachable");
@@ -794,13 +884,42 @@ mod tests {
                 .filter(|l| l.starts_with(family) && l.ends_with(" 0"))
                 .count()
         };
+        let directions = |d: Directions| match d {
+            Directions::Both => 2,
+            Directions::Inbound | Directions::Outbound => 1,
+        };
         assert_eq!(
             zeros("trellis_handshake_failures_total{"),
-            2 * HANDSHAKE_FAILURES.len()
-                + INBOUND_HANDSHAKE_FAILURES.len()
-                + OUTBOUND_HANDSHAKE_FAILURES.len(),
+            HandshakeFailure::ALL
+                .map(|reason| directions(reason.directions()))
+                .iter()
+                .sum::<usize>(),
             "{text}"
         );
+        assert_eq!(
+            zeros("trellis_connections_total{"),
+            Outcome::ALL
+                .map(|outcome| directions(outcome.directions()))
+                .iter()
+                .sum::<usize>(),
+            "{text}"
+        );
+        for direction in [INBOUND, OUTBOUND] {
+            for reason in HandshakeFailure::ALL {
+                let series = format!(
+                    "trellis_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} 0"
+                );
+                let listed = reason.directions().include(direction);
+                assert_eq!(text.contains(&series), listed, "{series} in\n{text}");
+            }
+            for outcome in Outcome::ALL {
+                let series = format!(
+                    "trellis_connections_total{{direction=\"{direction}\",outcome=\"{outcome}\"}} 0"
+                );
+                let listed = outcome.directions().include(direction);
+                assert_eq!(text.contains(&series), listed, "{series} in\n{text}");
+            }
+        }
         for series in [
             "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 0",
             "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_other\"} 0",
@@ -816,6 +935,32 @@ mod tests {
             1 + crate::identity::RENEWAL_FAILURE_REASONS.len()
         );
         assert!(!text.contains("trellis_rate_limited_total{"), "{text}");
+    }
+
+    /// A count lands on its own series, made at 0 before; a value counted
+    /// in a direction it is not listed for still counts, in a series of
+    /// its own.
+    #[test]
+    fn counts_land_on_the_series_of_their_value() {
+        let m = Metrics::new();
+        m.handshake_failure(INBOUND, HandshakeFailure::ForeignTrustDomain);
+        m.handshake_failure(OUTBOUND, HandshakeFailure::AlertOther);
+        m.handshake_failure(OUTBOUND, HandshakeFailure::NotResumed);
+        m.connection(OUTBOUND, Outcome::NoMeshBackend);
+        m.connection(INBOUND, Outcome::NoPreface);
+        m.connection(INBOUND, Outcome::NoPreface);
+        let text = m.encode();
+        for series in [
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"foreign_trust_domain\"} 1",
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"foreign_trust_domain\"} 0",
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_other\"} 1",
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"not_resumed\"} 1",
+            "trellis_connections_total{direction=\"outbound\",outcome=\"no_mesh_backend\"} 1",
+            "trellis_connections_total{direction=\"inbound\",outcome=\"no_preface\"} 2",
+            "trellis_connections_total{direction=\"inbound\",outcome=\"forwarded\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
     }
 
     /// Each refused HTTP/2 connection counts under the label its limit's

@@ -666,21 +666,6 @@ pub struct PlaintextAnswered;
 #[error("the caller's session was not resumed; it dials again with a full handshake")]
 pub struct ResumptionRefused;
 
-/// The rustls error inside an I/O error from a TLS handshake, named for
-/// metrics; `"io"` when it is not a TLS error.
-pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
-    if e.get_ref()
-        .is_some_and(|inner| inner.is::<ResumptionRefused>())
-    {
-        return "not_resumed";
-    }
-    match trellis_core::tls::rustls_error(e) {
-        Some(tls) => trellis_core::tls::failure_reason(tls),
-        None if e.kind() == io::ErrorKind::UnexpectedEof => "closed",
-        None => "io",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};

@@ -55,9 +55,10 @@ use trellis_core::refusal::{refuse_plaintext_briefly, token};
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
-use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics, NO_PREFACE};
+use crate::metrics::{INBOUND, Metrics, Outcome};
 use crate::net;
 use crate::policy::{self, Policies};
+use crate::tls::HandshakeFailure;
 use crate::tls::TlsState;
 use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
 use trellis_core::{warn_throttled, warn_throttled_by_key};
@@ -297,16 +298,16 @@ impl Shared {
     fn refuse(
         &self,
         client: SocketAddr,
-        reason: &'static str,
+        reason: HandshakeFailure,
         error: Option<&dyn std::fmt::Display>,
         message: &str,
     ) {
         self.metrics.handshake_failure(INBOUND, reason);
-        self.metrics.connection(INBOUND, "refused");
+        self.metrics.connection(INBOUND, Outcome::Refused);
         let error = error.map(tracing::field::display);
         warn_throttled!(
             self.handshakes.refusals,
-            reason,
+            reason.label(),
             { %client, reason = %reason, error },
             "{message}"
         );
@@ -321,19 +322,19 @@ impl Shared {
     fn refuse_certificate(
         &self,
         client: SocketAddr,
-        reason: &'static str,
+        reason: HandshakeFailure,
         error: &dyn std::fmt::Display,
         claimed: Option<&trellis_core::tls::Claimed>,
     ) {
         self.metrics.handshake_failure(INBOUND, reason);
-        self.metrics.connection(INBOUND, "refused");
+        self.metrics.connection(INBOUND, Outcome::Refused);
         let claimed_peer = claimed.and_then(|c| c.peer.as_ref());
         let not_after = claimed.and_then(|c| c.not_after.as_deref());
         let not_before = claimed.and_then(|c| c.not_before.as_deref());
         let issuer = claimed.and_then(|c| c.issuer.as_ref());
         warn_throttled!(
             self.handshakes.refusals,
-            reason,
+            reason.label(),
             {
                 %client,
                 reason = %reason,
@@ -362,9 +363,9 @@ impl Shared {
         peer: &SpiffeId,
         error: &trellis_core::revocation::Revoked,
     ) {
-        let reason = trellis_core::grpc::REFUSAL_REVOKED;
+        let reason = HandshakeFailure::Revoked;
         self.metrics.handshake_failure(INBOUND, reason);
-        self.metrics.connection(INBOUND, "refused");
+        self.metrics.connection(INBOUND, Outcome::Refused);
         warn_throttled_by_key!(
             self.handshakes.revoked,
             peer,
@@ -436,7 +437,7 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
 
 /// The `trellis-proxy-error` of the answer to plaintext
 /// ([`PLAINTEXT_ANSWER`]), as its handshake failure is counted.
-const PLAINTEXT_REASON: &str = token::NOT_TLS;
+const PLAINTEXT_REASON: HandshakeFailure = HandshakeFailure::NotTls;
 
 /// One inbound connection, from accept to close. `handshake` is its permit
 /// of [`Handshakes::permits`], held until its handshake is over (given
@@ -475,7 +476,7 @@ pub async fn serve(
         Ok(handshaking) => handshaking,
         Err(e) => {
             let refused = "inbound handshake refused";
-            return shared.refuse(client, "overloaded", Some(&e), refused);
+            return shared.refuse(client, HandshakeFailure::Overloaded, Some(&e), refused);
         }
     };
 
@@ -484,7 +485,7 @@ pub async fn serve(
     let tls = shared.tls.borrow().clone();
     let (Some(server), Some(http_server)) = (tls.server(), tls.http_server()) else {
         let refused = "inbound connection refused: no certificate yet";
-        shared.refuse(client, "no_local_certificate", None, refused);
+        shared.refuse(client, HandshakeFailure::NoLocalCertificate, None, refused);
         // Told with an alert, not a reset: the caller's sidecar says this
         // one is not ready, where a reset reads as a crash.
         // Boxed, as the handshake below is, with what it holds: not
@@ -510,7 +511,7 @@ pub async fn serve(
     let handshake = Box::pin(trellis_core::tls::noting_refused(async {
         let mut tcp = tcp;
         let patience = net::HANDSHAKE_TIMEOUT;
-        let (answer, reason) = (PLAINTEXT_ANSWER, Some(PLAINTEXT_REASON));
+        let (answer, reason) = (PLAINTEXT_ANSWER, Some(PLAINTEXT_REASON.label()));
         if refuse_plaintext_briefly(&mut tcp, answer, reason, patience, found_plaintext).await {
             // Counted and logged in `found_plaintext`: only ends the attempt.
             return Err(io::ErrorKind::InvalidData.into());
@@ -556,34 +557,34 @@ pub async fn serve(
         // Counted when it was seen, its answer sent or cut short since.
         _ if plaintext => return,
         Ok((Err(e), claimed)) => {
-            let reason = net::handshake_failure_reason(&e);
+            let reason = HandshakeFailure::of_io(&e);
             let error = trellis_core::tls::Described(&e);
-            if reason == "not_resumed" {
+            if reason == HandshakeFailure::NotResumed {
                 // Expected once per caller holding tickets
                 // (`net::ResumptionRefused`): not a warning.
                 tracing::debug!(%client, reason = %reason, %error, "inbound handshake ended");
                 metrics.handshake_failure(INBOUND, reason);
-                metrics.connection(INBOUND, "refused");
+                metrics.connection(INBOUND, Outcome::Refused);
                 return;
             }
             // Refused by the verifier with the alert `certificate_revoked`:
             // logged and counted as the check below does for a resumed
             // session, naming the peer (its chain was verified).
             if let Some(revoked) = claimed.as_ref().and_then(|c| c.revoked.as_ref())
-                && reason == trellis_core::grpc::REFUSAL_REVOKED
+                && reason == HandshakeFailure::Revoked
             {
                 return shared.refuse_revoked(client, &revoked.spiffe_id, revoked);
             }
             return shared.refuse_certificate(client, reason, &error, claimed.as_ref());
         }
-        Err(_) => return shared.refuse(client, "timeout", None, HANDSHAKE_FAILED),
+        Err(_) => return shared.refuse(client, HandshakeFailure::Timeout, None, HANDSHAKE_FAILED),
     };
     // The handshake is over: its slots go to the next connections.
     drop(handshaking);
     // A resumed session's chain, which no verifier saw, is verified again
     // once a root of the bundle has expired: it may lead to that one.
     if let Err(e) = tls.verify_resumed_caller(stream.get_ref().1) {
-        let reason = trellis_core::tls::failure_reason(&e);
+        let reason = HandshakeFailure::of_rustls(&e);
         let error = trellis_core::tls::Described(&e);
         return shared.refuse(client, reason, Some(&error), HANDSHAKE_FAILED);
     }
@@ -596,7 +597,7 @@ pub async fn serve(
                 // A full handshake's verifier has checked the SVID already; a
                 // resumed session's certificate is checked only here, and one
                 // that has expired since the session began is refused.
-                let reason = e.reason();
+                let reason = HandshakeFailure::of_svid(&e);
                 return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
             }
         };
@@ -666,7 +667,7 @@ pub async fn serve(
         false => Some(&count_bytes_stream),
     };
     if !decision.is_allowed() && !http_only {
-        metrics.connection(INBOUND, DENIED);
+        metrics.connection(INBOUND, Outcome::Denied);
         return;
     }
 
@@ -690,8 +691,8 @@ pub async fn serve(
         closed = closed_later => match closed {
         Closed::Revoked(e) => {
             tracing::warn!(%peer, port, app = %target, reason = %trellis_core::grpc::REFUSAL_REVOKED, error = %e, "open inbound connection closed: the caller's identity is revoked");
-            metrics.handshake_failure(INBOUND, trellis_core::grpc::REFUSAL_REVOKED);
-            metrics.connection(INBOUND, CLOSED_BY_POLICY);
+            metrics.handshake_failure(INBOUND, HandshakeFailure::Revoked);
+            metrics.connection(INBOUND, Outcome::ClosedByPolicy);
             return;
         }
         Closed::Denied(decision, now) => {
@@ -706,7 +707,7 @@ pub async fn serve(
                 version = now.as_ref().map(|p| p.version),
                 "open inbound connection closed: new policies deny it"
             );
-            metrics.connection(INBOUND, CLOSED_BY_POLICY);
+            metrics.connection(INBOUND, Outcome::ClosedByPolicy);
             return;
         }
         },
@@ -720,18 +721,18 @@ pub async fn serve(
             metrics.bytes(INBOUND, from_peer + to_peer);
             match error {
                 None => {
-                    metrics.connection(INBOUND, "forwarded");
+                    metrics.connection(INBOUND, Outcome::Forwarded);
                     tracing::debug!(%peer, from_peer, to_peer, "inbound connection closed");
                 }
                 Some(e) => {
-                    metrics.connection(INBOUND, "error");
+                    metrics.connection(INBOUND, Outcome::Error);
                     tracing::debug!(%peer, from_peer, to_peer, error = %e, "inbound connection ended with an error");
                 }
             }
         }
-        Ok(Forwarded::Http) if refused_http => metrics.connection(INBOUND, DENIED),
+        Ok(Forwarded::Http) if refused_http => metrics.connection(INBOUND, Outcome::Denied),
         Ok(Forwarded::Http) => {
-            metrics.connection(INBOUND, "forwarded");
+            metrics.connection(INBOUND, Outcome::Forwarded);
             tracing::debug!(%peer, "inbound HTTP connection closed");
         }
         Err(ForwardError::NotHttp) => {
@@ -742,7 +743,7 @@ pub async fn serve(
                 policy = %decision.policy_label(), rule = decision.rule(),
                 "inbound connection denied: only L7 rules allow it and it is not HTTP"
             );
-            metrics.connection(INBOUND, DENIED);
+            metrics.connection(INBOUND, Outcome::Denied);
         }
         Err(ForwardError::DeniedNotHttp(decision)) => {
             let current = shared.policies.borrow().clone();
@@ -752,13 +753,13 @@ pub async fn serve(
                 policy = %decision.policy_label(), rule = decision.rule(),
                 "inbound connection denied: the rule has HTTP conditions on this port and the connection is not HTTP"
             );
-            metrics.connection(INBOUND, DENIED);
+            metrics.connection(INBOUND, Outcome::Denied);
         }
         Err(ForwardError::NoPreface) => {
-            metrics.connection(INBOUND, NO_PREFACE);
+            metrics.connection(INBOUND, Outcome::NoPreface);
             warn_throttled!(
                 shared.handshakes.refusals,
-                NO_PREFACE,
+                Outcome::NoPreface.label(),
                 { %peer, %client },
                 "inbound HTTP/2 connection closed: no client preface within {}",
                 Words(http::detect::DETECT_TIMEOUT)
@@ -768,7 +769,7 @@ pub async fn serve(
         Err(ForwardError::NotH2(_)) => {}
         Err(ForwardError::H2Refused(refused)) => {
             metrics.h2_connection_refused(refused);
-            metrics.connection(INBOUND, "refused");
+            metrics.connection(INBOUND, Outcome::Refused);
             let throttled = match refused {
                 H2Refused::PerPeer { .. } => "h2_per_peer",
                 H2Refused::Total { .. } => "h2_total",
@@ -782,10 +783,10 @@ pub async fn serve(
         }
         Err(ForwardError::AppUnreachable(e)) => {
             tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
-            metrics.connection(INBOUND, "app_unreachable");
+            metrics.connection(INBOUND, Outcome::AppUnreachable);
         }
         Err(e) => {
-            metrics.connection(INBOUND, "error");
+            metrics.connection(INBOUND, Outcome::Error);
             tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
         }
     }
@@ -922,7 +923,7 @@ async fn forward(
             if let Some(sent) = instead_of_preface(&stream) {
                 // Counted and logged before the answer, which lingers: a
                 // caller that looks once answered finds it on record.
-                shared.metrics.connection(INBOUND, NO_PREFACE);
+                shared.metrics.connection(INBOUND, Outcome::NoPreface);
                 warn_throttled!(
                     shared.handshakes.refusals,
                     "not_h2",

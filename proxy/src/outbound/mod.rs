@@ -111,10 +111,10 @@ use trellis_core::warn_throttled;
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
 use crate::http::{self, Protocol};
-use crate::metrics::{CLOSED_BY_POLICY, Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
+use crate::metrics::{Metrics, OUTBOUND, Outcome};
 use crate::net;
 use crate::policy::{self, OutboundPolicy, Policies, Snapshot};
-use crate::tls::{self, NotResumed, TlsState};
+use crate::tls::{self, HandshakeFailure, NotResumed, TlsState};
 use target::{Resolved, Target, resolve};
 
 /// The TLS server name sent as SNI to a peer dialled by host name; peers
@@ -205,15 +205,25 @@ enum DialError {
 }
 
 impl DialError {
-    fn reason(&self) -> &'static str {
+    /// The handshake failure it counts as, if it is one.
+    fn failure(&self) -> Option<HandshakeFailure> {
         match self {
-            DialError::NoCertificate => token::NO_LOCAL_CERTIFICATE,
-            DialError::Connect(_) => token::CONNECT_FAILED,
-            DialError::Handshake(e, _) => net::handshake_failure_reason(e),
-            DialError::Timeout => "timeout",
-            DialError::PeerNotReady => token::PEER_NOT_READY,
-            DialError::FirstBytes(_) => token::WRITE_FAILED,
-            DialError::Revoked(_) => trellis_core::grpc::REFUSAL_REVOKED,
+            DialError::NoCertificate => Some(HandshakeFailure::NoLocalCertificate),
+            DialError::Handshake(e, _) => Some(HandshakeFailure::of_io(e)),
+            DialError::Timeout => Some(HandshakeFailure::Timeout),
+            DialError::PeerNotReady => Some(HandshakeFailure::PeerNotReady),
+            DialError::Revoked(_) => Some(HandshakeFailure::Revoked),
+            DialError::Connect(_) | DialError::FirstBytes(_) => None,
+        }
+    }
+
+    /// The label it is logged with: its handshake failure's, or what
+    /// failed instead.
+    fn reason(&self) -> &'static str {
+        match (self, self.failure()) {
+            (_, Some(failure)) => failure.label(),
+            (DialError::Connect(_), None) => token::CONNECT_FAILED,
+            (_, None) => token::WRITE_FAILED,
         }
     }
 
@@ -521,7 +531,7 @@ async fn detect<R: std::fmt::Display>(
         Ok((protocol, local)) => Some((protocol, local.into_parts().0)),
         Err(e) => {
             tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended before its protocol was known");
-            metrics.connection(OUTBOUND, "error");
+            metrics.connection(OUTBOUND, Outcome::Error);
             None
         }
     }
@@ -615,7 +625,7 @@ async fn relay<R: std::fmt::Display>(
     let copied = copying.copied(None);
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match ended {
-        Ok(None) => metrics.connection(OUTBOUND, "forwarded"),
+        Ok(None) => metrics.connection(OUTBOUND, Outcome::Forwarded),
         Ok(Some(e)) => match PeerRefusal::of(&e).filter(|_| copied.back == 0) {
             Some(refusal) => {
                 refusal.report(shared, to, tried);
@@ -633,7 +643,7 @@ async fn relay<R: std::fmt::Display>(
                 }
             }
             None => {
-                metrics.connection(OUTBOUND, "error");
+                metrics.connection(OUTBOUND, Outcome::Error);
                 tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
             }
         },
@@ -647,8 +657,8 @@ async fn relay<R: std::fmt::Display>(
                 error = %e,
                 "open outbound connection closed: the server's identity is revoked"
             );
-            metrics.handshake_failure(OUTBOUND, trellis_core::grpc::REFUSAL_REVOKED);
-            metrics.connection(OUTBOUND, CLOSED_BY_POLICY);
+            metrics.handshake_failure(OUTBOUND, HandshakeFailure::Revoked);
+            metrics.connection(OUTBOUND, Outcome::ClosedByPolicy);
             // Returning drops both sockets: the app and the peer both see
             // the connection close.
         }
@@ -692,17 +702,10 @@ fn refused<R: std::fmt::Display>(
         issuer = issuer.map(tracing::field::display),
         "outbound connection refused"
     );
-    if matches!(
-        e,
-        DialError::Handshake(..)
-            | DialError::Timeout
-            | DialError::NoCertificate
-            | DialError::PeerNotReady
-            | DialError::Revoked(_)
-    ) {
-        metrics.handshake_failure(OUTBOUND, reason);
+    if let Some(failure) = e.failure() {
+        metrics.handshake_failure(OUTBOUND, failure);
     }
-    metrics.connection(OUTBOUND, "refused");
+    metrics.connection(OUTBOUND, Outcome::Refused);
 }
 
 /// Why the peer's sidecar ended a connection after the handshake before
@@ -723,7 +726,6 @@ impl PeerRefusal {
     /// one: a TLS alert received, or the end of the connection without
     /// `close_notify` (which only the peer's side can be).
     fn of(e: &io::Error) -> Option<Self> {
-        use rustls::AlertDescription as A;
         let alert = match trellis_core::tls::rustls_error(e) {
             Some(rustls::Error::AlertReceived(alert)) => *alert,
             _ if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -737,37 +739,31 @@ impl PeerRefusal {
             }
             _ => return None,
         };
-        let (reason, words) = match alert {
-            A::CertificateRevoked => (
-                "alert_certificate_revoked",
-                "it holds this sidecar's certificate as revoked",
-            ),
-            A::CertificateExpired => (
-                "alert_certificate_expired",
-                "this sidecar's certificate has expired, or is not valid yet, by its clock",
-            ),
-            A::UnknownCA => (
-                "alert_unknown_ca",
+        let failure = HandshakeFailure::of_alert(alert);
+        let words = match failure {
+            HandshakeFailure::AlertCertificateRevoked => {
+                "it holds this sidecar's certificate as revoked"
+            }
+            HandshakeFailure::AlertCertificateExpired => {
+                "this sidecar's certificate has expired, or is not valid yet, by its clock"
+            }
+            HandshakeFailure::AlertUnknownCa => {
                 "this sidecar's certificate is not signed by a root it trusts \
-                 (another trust domain, or a root it no longer or not yet holds)",
-            ),
-            A::CertificateRequired => (
-                "alert_certificate_required",
-                "it got no certificate from this sidecar",
-            ),
-            A::BadCertificate | A::UnsupportedCertificate | A::DecryptError => (
-                "alert_bad_certificate",
-                "it found this sidecar's certificate malformed or unsupported",
-            ),
-            A::CertificateUnknown => (
-                "alert_certificate_unknown",
-                "it refused this sidecar's certificate (not an SVID it accepts)",
-            ),
-            A::AccessDenied => ("alert_access_denied", "it denied access"),
-            A::HandshakeFailure => ("alert_handshake_failure", "the handshake failed"),
-            A::InternalError => ("alert_internal_error", "it failed internally"),
-            _ => ("alert_other", "it sent a TLS alert"),
+                 (another trust domain, or a root it no longer or not yet holds)"
+            }
+            HandshakeFailure::AlertCertificateRequired => "it got no certificate from this sidecar",
+            HandshakeFailure::AlertBadCertificate => {
+                "it found this sidecar's certificate malformed or unsupported"
+            }
+            HandshakeFailure::AlertCertificateUnknown => {
+                "it refused this sidecar's certificate (not an SVID it accepts)"
+            }
+            HandshakeFailure::AlertAccessDenied => "it denied access",
+            HandshakeFailure::AlertHandshakeFailure => "the handshake failed",
+            HandshakeFailure::AlertInternalError => "it failed internally",
+            _ => "it sent a TLS alert",
         };
+        let reason = failure.label();
         Some(PeerRefusal {
             alert: Some(alert),
             reason,
@@ -793,8 +789,8 @@ impl PeerRefusal {
         let tried = Tried::detour(tried);
         match self.alert {
             Some(alert) => {
-                metrics.handshake_failure(OUTBOUND, self.reason);
-                metrics.connection(OUTBOUND, "refused_by_peer");
+                metrics.handshake_failure(OUTBOUND, HandshakeFailure::of_alert(alert));
+                metrics.connection(OUTBOUND, Outcome::RefusedByPeer);
                 warn_throttled!(
                     shared.peer_refusals,
                     self.reason,
@@ -806,7 +802,7 @@ impl PeerRefusal {
                 );
             }
             None => {
-                metrics.connection(OUTBOUND, "closed_by_peer");
+                metrics.connection(OUTBOUND, Outcome::ClosedByPeer);
                 warn_throttled!(
                     shared.peer_refusals,
                     self.reason,
@@ -1013,7 +1009,7 @@ async fn resolve_route(
     });
     if let Some(own) = own {
         tracing::warn!(%client, %route, address = %own, "outbound connection refused: the route's remote resolves to this sidecar's own listener (loop)");
-        metrics.connection(OUTBOUND, "loop");
+        metrics.connection(OUTBOUND, Outcome::Loop);
         let why = format!("it resolves to {own}, this sidecar (loop)");
         return Err((token::LOOP, why));
     }
@@ -1280,7 +1276,7 @@ async fn serve_transparent(
 
     let Some(dst) = net::original_dst(&tcp) else {
         tracing::warn!(%client, "outbound connection refused: no original destination (not redirected)");
-        metrics.connection(OUTBOUND, "refused");
+        metrics.connection(OUTBOUND, Outcome::Refused);
         // An app (or a user with curl) that calls this port itself, as
         // if it were a proxy, is told what the port is for rather than
         // left with an empty reply.
@@ -1352,14 +1348,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
         let next = match &target {
             Target::Loop(addr) => {
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
-                metrics.connection(OUTBOUND, "loop");
+                metrics.connection(OUTBOUND, Outcome::Loop);
                 let why = format!("{addr} is this sidecar (loop)");
                 answer_refused(&mut app, dst_opaque, (BAD_GATEWAY, token::LOOP), dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
-                metrics.connection(OUTBOUND, NO_BACKEND);
+                metrics.connection(OUTBOUND, Outcome::NoBackend);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
                 let refused = (SERVICE_UNAVAILABLE, token::NO_BACKEND);
                 answer_refused(&mut app, dst_opaque, refused, dst, why).await;
@@ -1367,7 +1363,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
             }
             Target::NoMeshBackend { backends } => {
                 tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
-                metrics.connection(OUTBOUND, NO_MESH_BACKEND);
+                metrics.connection(OUTBOUND, Outcome::NoMeshBackend);
                 let why = format!(
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
                     name.unwrap_or("")
@@ -1391,7 +1387,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                      trellis.io/exclude-outbound-cidrs or -ports, or the mesh's outbound policy \
                      passthrough)"
                 );
-                metrics.connection(OUTBOUND, "denied");
+                metrics.connection(OUTBOUND, Outcome::Denied);
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
                 answer_refused(&mut app, dst_opaque, (FORBIDDEN, token::DENIED), dst, why).await;
                 return;
@@ -1481,10 +1477,10 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                         let tried = Tried::detour(retry.as_ref().map(|r| &r.tried));
                         let outcome = if same_pod {
                             tracing::info!(%client, %dst, service = name, backend = backend(*addr), tried, "outbound connection within the pod: plain TCP to this pod's own address");
-                            SAME_POD
+                            Outcome::SamePod
                         } else {
                             tracing::info!(%client, %dst, service = name, backend = backend(*addr), tried, "outbound connection passthrough: destination outside the mesh");
-                            "passthrough"
+                            Outcome::Passthrough
                         };
                         copy_plain(metrics, app, upstream, outcome).await;
                         return;
@@ -1502,7 +1498,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                             } else {
                                 tracing::warn!(%dst, service = name, backend = backend(*addr), tried, reason = %CONNECT_FAILED, error = %e, "outbound passthrough failed");
                             }
-                            metrics.connection(OUTBOUND, CONNECT_FAILED);
+                            metrics.connection(OUTBOUND, Outcome::ConnectFailed);
                             let why = format!("connecting to {addr}: {e} ({CONNECT_FAILED})");
                             let refused = (BAD_GATEWAY, CONNECT_FAILED);
                             answer_refused(&mut app, *opaque, refused, dst, why).await;
@@ -1519,7 +1515,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
 /// Copies a plain connection both ways until both sides close, after the
 /// bytes detection read from the app, if it ran; counted as `outcome`
 /// when it ends well.
-async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcome: &'static str) {
+async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcome: Outcome) {
     let App {
         tcp: mut local,
         detected,
@@ -1529,7 +1525,7 @@ async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcom
         && !first.is_empty()
     {
         if upstream.write_all(&first).await.is_err() {
-            metrics.connection(OUTBOUND, "error");
+            metrics.connection(OUTBOUND, Outcome::Error);
             return;
         }
         sent = first.len() as u64;
@@ -1538,7 +1534,7 @@ async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcom
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match copied.error {
         None => metrics.connection(OUTBOUND, outcome),
-        Some(_) => metrics.connection(OUTBOUND, "error"),
+        Some(_) => metrics.connection(OUTBOUND, Outcome::Error),
     }
 }
 

@@ -36,8 +36,11 @@
 //! session, ticket or byte of the app exists, and the dial forgets the
 //! peer's tickets and starts again with the hybrid.
 
+mod failure;
 pub mod ticketer;
 pub mod tickets;
+
+pub use failure::HandshakeFailure;
 
 #[cfg(test)]
 mod expired_roots;
