@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use trellis_proxy::metrics::{HandshakeFailure, Outcome};
 use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::{HttpApp, Mesh};
 
@@ -40,36 +41,78 @@ fn readme_sidecar_families(readme: &str) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
-/// The `reason` values the README's table lists for
-/// `trellis_handshake_failures_total`: each first word of the list after
-/// `reason`, what is in parentheses within it left out.
-fn readme_handshake_failure_reasons(readme: &str) -> anyhow::Result<Vec<String>> {
+/// The values the README's table lists for `label` of `metric`: each first
+/// word of the list after the label's name, what is in parentheses within
+/// it left out.
+fn readme_label_values(readme: &str, metric: &str, label: &str) -> anyhow::Result<Vec<String>> {
     let row = readme_table(readme)?
         .into_iter()
-        .find(|line| line.starts_with("| `trellis_handshake_failures_total`"))
-        .ok_or_else(|| anyhow::anyhow!("no trellis_handshake_failures_total in the table"))?;
+        .find(|line| line.starts_with(&format!("| `{metric}`")))
+        .ok_or_else(|| anyhow::anyhow!("no {metric} in the table"))?;
     let list = row
-        .split_once("`reason` (")
+        .split_once(&format!("`{label}` ("))
         .map(|(_, after)| after)
-        .ok_or_else(|| anyhow::anyhow!("no reasons in {row}"))?;
-    let (mut depth, mut item, mut reasons) = (0, String::new(), Vec::new());
+        .ok_or_else(|| anyhow::anyhow!("no {label} values in {row}"))?;
+    let (mut depth, mut item, mut values) = (0, String::new(), Vec::new());
     for c in list.chars() {
         match c {
             '(' => depth += 1,
             ')' if depth == 0 => break,
             ')' => depth -= 1,
-            ',' if depth == 0 => reasons.push(std::mem::take(&mut item)),
+            ',' if depth == 0 => values.push(std::mem::take(&mut item)),
             _ if depth == 0 => item.push(c),
             _ => {}
         }
     }
-    reasons.push(item);
-    Ok(reasons
-        .iter()
-        .map(|r| r.trim())
-        .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
-        .map(str::to_string)
-        .collect())
+    values.push(item);
+    Ok(values.iter().map(|v| v.trim().to_string()).collect())
+}
+
+/// The README's list of `label` of `metric` is the sidecar's, value for
+/// value, both ways, and names each once: nothing listed that is never
+/// counted, nothing counted that is not listed.
+fn readme_lists_exactly(
+    readme: &str,
+    metric: &str,
+    label: &str,
+    values: &[&str],
+) -> anyhow::Result<()> {
+    let listed = readme_label_values(readme, metric, label)?;
+    let unique: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+    assert_eq!(
+        unique.len(),
+        listed.len(),
+        "{metric}: listed twice in {listed:?}"
+    );
+    let counted: BTreeSet<&str> = values.iter().copied().collect();
+    let unlisted: Vec<_> = counted.difference(&unique).collect();
+    let unknown: Vec<_> = unique.difference(&counted).collect();
+    assert!(
+        unlisted.is_empty() && unknown.is_empty(),
+        "{metric} {label}: counted but not in the README: {unlisted:?}; \
+         in the README but never counted: {unknown:?}"
+    );
+    Ok(())
+}
+
+/// The series of `metric` of `direction` and `label="value"` in a scrape,
+/// as a line without its count, and the lines of that series.
+fn series_lines<'a>(
+    page: &'a str,
+    metric: &str,
+    direction: &str,
+    label: &str,
+    value: &str,
+) -> (String, Vec<&'a str>) {
+    let series = format!("{metric}{{direction=\"{direction}\",{label}=\"{value}\"}}");
+    let lines = page
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(series.as_str())
+                .is_some_and(|count| count.starts_with(' '))
+        })
+        .collect();
+    (series, lines)
 }
 
 /// The families the README's paragraph on the control plane's metrics
@@ -171,8 +214,9 @@ async fn a_scrape_after_a_call_shows_the_metrics_the_readme_lists() -> anyhow::R
 
 /// A fresh sidecar's first scrape, before any call, has every family the
 /// README lists, `# HELP` and `# TYPE` included, and each handshake
-/// failure reason the README lists at 0, so alerts and `rate()` work from
-/// the first scrape.
+/// failure reason and connection outcome the README lists at 0 in each
+/// direction it can be counted in, so alerts and `rate()` work from the
+/// first scrape; the README lists exactly those the sidecar counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_sidecars_first_scrape_shows_every_metric_the_readme_lists() -> anyhow::Result<()> {
     let mesh = Mesh::start().await?;
@@ -183,17 +227,40 @@ async fn a_fresh_sidecars_first_scrape_shows_every_metric_the_readme_lists() -> 
 
     let readme = readme()?;
     same_families(&families(&page), &readme_sidecar_families(&readme)?)?;
-    let reasons = readme_handshake_failure_reasons(&readme)?;
-    assert!(reasons.len() >= 29, "{reasons:?}");
-    for reason in &reasons {
-        let zero = ["inbound", "outbound"].iter().any(|direction| {
-            page.lines().any(|line| {
-                line == format!(
-                    "trellis_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} 0"
-                )
+    // Every reason and outcome the sidecar can count is listed, and made
+    // at 0 in each direction it can be counted in (in no other).
+    let failures = HandshakeFailure::ALL.map(|f| (f.label(), f.directions()));
+    let outcomes = Outcome::ALL.map(|o| (o.label(), o.directions()));
+    for (metric, label, values) in [
+        ("trellis_handshake_failures_total", "reason", &failures[..]),
+        ("trellis_connections_total", "outcome", &outcomes[..]),
+    ] {
+        let tokens: Vec<&str> = values.iter().map(|(token, _)| *token).collect();
+        readme_lists_exactly(&readme, metric, label, &tokens)?;
+        let made: usize = values
+            .iter()
+            .map(|(_, d)| {
+                ["inbound", "outbound"]
+                    .iter()
+                    .filter(|&&x| d.include(x))
+                    .count()
             })
-        });
-        assert!(zero, "no handshake failure {reason} at 0 in\n{page}");
+            .sum();
+        assert!(
+            readme.contains(&format!(" {made} series;")),
+            "the README does not say {metric} has {made} series"
+        );
+        for (value, directions) in values {
+            for direction in ["inbound", "outbound"] {
+                let (series, found) = series_lines(&page, metric, direction, label, value);
+                let at_zero = format!("{series} 0");
+                let expected: Vec<&str> = match directions.include(direction) {
+                    true => vec![&at_zero],
+                    false => vec![],
+                };
+                assert_eq!(found, expected, "{series} in\n{page}");
+            }
+        }
     }
     for series in [
         "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 0",
