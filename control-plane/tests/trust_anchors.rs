@@ -241,10 +241,15 @@ fn unusable_trust_anchors_exit_64_naming_the_file_and_touch_nothing() {
             .env("TRELLIS_TRUST_ANCHORS", file)
             .output()
             .unwrap();
-        for out in [flag, twin] {
+        // From the environment, the refusal names the variable the value
+        // came from as well as its flag.
+        for (out, source) in [
+            (flag, "--trust-anchors"),
+            (twin, "TRELLIS_TRUST_ANCHORS (--trust-anchors)"),
+        ] {
             assert_eq!(out.status.code(), Some(64), "{}", file.display());
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let expected = format!("error: --trust-anchors {}: {why}", file.display());
+            let expected = format!("error: {source} {}: {why}", file.display());
             assert!(stderr.contains(&expected), "{expected} in {stderr}");
             assert!(
                 !state.exists(),
