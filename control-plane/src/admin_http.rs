@@ -31,7 +31,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::connections::ConnectionLimits;
 
 use crate::discovery::Discovery;
 use crate::metrics::{
@@ -132,29 +132,23 @@ impl AdminHttp {
             let malformed = malformed.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
-                let mut evicted = std::pin::pin!(admitted.evicted());
-                let Some(tcp) = request_head::first(
-                    tcp,
-                    client,
-                    HEAD_TIMEOUT,
-                    &malformed,
-                    MALFORMED,
-                    evicted.as_mut(),
-                )
-                .await
-                else {
-                    return;
-                };
+                let evicted = std::pin::pin!(admitted.evicted());
                 let service = hyper::service::service_fn(move |req| {
                     let response =
                         respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
                     async move { Ok::<_, Infallible>(response) }
                 });
-                let ended =
-                    serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted).await;
-                if let Some(error) = ended {
-                    request_head::refused_by_hyper(&error, client, &malformed, MALFORMED);
-                }
+                request_head::serve(
+                    tcp,
+                    client,
+                    HEAD_TIMEOUT,
+                    CONNECTION_LIFETIME,
+                    &malformed,
+                    MALFORMED,
+                    evicted,
+                    service,
+                )
+                .await;
             });
         }
     }

@@ -1,16 +1,19 @@
 //! The request heads the control plane's HTTP/1.1 ports (the admin port,
-//! the webhook port) refuse. Each connection's first head is read and
-//! checked before hyper's server is given the connection
-//! ([`trellis_core::http1`]): one that does not parse, is too large, or
-//! has a target too long or not a URI, is answered 400, 431 or 414 with a
-//! line of text naming the fault (a bare CR in a line among them, named as
-//! the sidecar names it), and the connection closed. A head hyper
-//! refuses later on a kept-alive connection (or for what is left to it: a
-//! field name, the framing) gets hyper's own answer, a status alone.
+//! the webhook port) refuse. Every head of a connection is read and
+//! checked before hyper's server sees it ([`trellis_core::http1`]: the
+//! first by `first_head`, each later one on a kept-alive connection by
+//! `Heads`): one that does not parse, is too large, or has a target too
+//! long or not a URI, is answered 400, 431 or 414 with a line of text
+//! naming the fault (a bare CR in a line among them, named as the sidecar
+//! names it), and the connection closed; one begun and not whole within
+//! the port's head timeout is answered 408 ([`HEAD_TIMED_OUT`]); a
+//! connection idle that long is closed without a word. What the check
+//! leaves to hyper (a field name, the framing), and a head after a request
+//! whose body is chunked, gets hyper's own answer, a status alone.
 //! Either way the refusal is counted by its kind (`reason`: `malformed`,
-//! `head_too_large`, `target_too_long`) in the port's metric and logged as
-//! a warning naming the client and the fault, by the port's `Refusals`,
-//! at most once per kind per
+//! `head_too_large`, `target_too_long`; a 408 is `malformed`) in the
+//! port's metric and logged as a warning naming the client and the fault,
+//! by the port's `Refusals`, at most once per kind per
 //! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE). Never a
 //! header's value: the webhook's requests carry AdmissionReviews, the
 //! admin port's may carry tokens.
@@ -21,52 +24,95 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
-use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Rewind};
+use trellis_core::connections::serve_http1_for;
+use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Heads};
 use trellis_core::policy::l7::MAX_REQUEST_HEAD;
 
 use crate::server::Refusals;
 
-/// Reads `io`'s first request head, within `timeout`: the connection with
-/// what was read put back, for hyper to serve, or `None` once it is
-/// closed: a head refused (answered in words, counted and logged by
-/// `refusals` as `message`), the client gone or silent, or `stop`
-/// resolved first.
-pub(crate) async fn first<S, F>(
+/// What a client that sent part of a request head, and not the rest
+/// within the port's [`HEAD_TIMEOUT`](crate::admin_http::HEAD_TIMEOUT), is
+/// told (with 408).
+pub const HEAD_TIMED_OUT: &str = "request head did not arrive within 5 s";
+const _: () = assert!(
+    crate::admin_http::HEAD_TIMEOUT.as_secs() == 5
+        && crate::admin_http::HEAD_TIMEOUT.subsec_nanos() == 0
+        && crate::inject::server::HEAD_TIMEOUT.as_secs() == 5
+        && crate::inject::server::HEAD_TIMEOUT.subsec_nanos() == 0,
+    "HEAD_TIMED_OUT names the ports' bound"
+);
+
+/// Serves `io` with hyper's HTTP/1.1 server ([`serve_http1_for`]: `timeout`
+/// for each head and the answer in progress at the end, `lifetime` for the
+/// connection) until `stop` resolves, every request head read and checked
+/// before hyper sees it ([`http1::first_head`], then [`Heads`]): a head
+/// refused, first or later on a kept-alive connection, is answered in
+/// words, counted and logged by `refusals` as `message`; one begun and not
+/// whole within `timeout` is answered 408 ([`HEAD_TIMED_OUT`]) likewise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve<S, F, Svc>(
     io: S,
     client: SocketAddr,
     timeout: Duration,
+    lifetime: Duration,
     refusals: &Refusals,
     message: &str,
-    stop: Pin<&mut F>,
-) -> Option<Rewind<S>>
-where
+    mut stop: Pin<&mut F>,
+    service: Svc,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Future<Output = ()>,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match http1::first_head(io, http1::check_head, MAX_REQUEST_HEAD, timeout, stop).await {
-        FirstHead::Whole(io) => Some(io),
-        FirstHead::Refused { io, read, fault } => {
-            // Counted before the answer, so that a client reading the
-            // metrics once it has its answer finds it counted.
-            refused(client, &fault, true, refusals, message);
-            http1::refuse(io, read, &fault, timeout).await;
-            None
+    let first = http1::first_head(
+        io,
+        http1::check_head,
+        MAX_REQUEST_HEAD,
+        timeout,
+        stop.as_mut(),
+    );
+    let (io, read, fault) = match first.await {
+        FirstHead::Whole(io) => {
+            let mut heads = Heads::after_first(io, http1::check_head, MAX_REQUEST_HEAD);
+            // A later head refused ends hyper's service as `stop` does,
+            // after the answer in progress.
+            let refusal = heads.refusal();
+            let stop = async move {
+                tokio::select! {
+                    () = stop => {}
+                    () = refusal.notified() => {}
+                }
+            };
+            let ended = serve_http1_for(&mut heads, service, timeout, lifetime, stop).await;
+            let Some(fault) = heads.refused(ended.as_ref(), HEAD_TIMED_OUT) else {
+                if let Some(error) = ended {
+                    refused_by_hyper(&error, client, refusals, message);
+                }
+                return;
+            };
+            let (read, io) = heads.into_parts();
+            (io, read, fault)
         }
+        FirstHead::Refused { io, read, fault } => (io, read, fault),
+        FirstHead::Stalled { io, read } => (io, read, HeadFault::timed_out(HEAD_TIMED_OUT)),
         // Hyper would have closed these unanswered too.
-        FirstHead::Silent | FirstHead::Closed => None,
-    }
+        FirstHead::Silent | FirstHead::Closed => return,
+    };
+    // Counted before the answer, so that a client reading the metrics once
+    // it has its answer finds it counted.
+    refused(client, &fault, true, refusals, message);
+    http1::refuse(io, read, &fault, timeout).await;
 }
 
 /// Counts and logs a head hyper refused on a connection it served (its
 /// `error`), answered with a status alone; errors that are not a refused
 /// head are left alone.
-pub(crate) fn refused_by_hyper(
-    error: &hyper::Error,
-    client: SocketAddr,
-    refusals: &Refusals,
-    message: &str,
-) {
+fn refused_by_hyper(error: &hyper::Error, client: SocketAddr, refusals: &Refusals, message: &str) {
     if let Some(fault) = HeadFault::from_hyper(error, &Bounds::PORT) {
         refused(client, &fault, false, refusals, message);
     }

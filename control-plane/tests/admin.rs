@@ -1303,7 +1303,7 @@ fn the_admin_http_port_types_only_metrics_as_prometheus_text() {
 /// sidecar's admin port answers one: a header line without a colon 400, a
 /// target too long for curl's request 414, each naming what was wrong,
 /// and the connection closed. A bad head later on a kept-alive connection
-/// gets hyper's status alone. Each is counted by its kind, and logged as
+/// gets the same answer. Each is counted by its kind, and logged as
 /// a warning naming the client, never a header's value (a token may be
 /// in one).
 #[tokio::test]
@@ -1351,15 +1351,25 @@ async fn the_admin_http_port_answers_a_malformed_head_in_words() {
         "request target exceeds the limit of 65534 bytes\n\n414"
     );
 
-    // The first head is served; hyper refuses the second, with its status.
+    // The first heads are served, a body that reads as a head passed as a
+    // body; the malformed head after them is answered as a first one is.
     let answer = answer_to(
         8,
-        b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\nGET /live HTTP/1.1\r\nhost admin\r\n\r\n",
+        b"GET /live HTTP/1.1\r\nhost: admin\r\ncontent-length: 14\r\n\r\nGET / HTTP/1.1\
+          GET /live HTTP/1.1\r\nhost: admin\r\n\r\nGET /live HTTP/1.1\r\nhost admin\r\n\r\n",
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{answer}");
     assert!(
         answer.contains("live\nHTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(
+            "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a colon \
+             (a line without a colon, or a space before it)\n"
+        ),
         "{answer}"
     );
 
@@ -1378,6 +1388,62 @@ async fn the_admin_http_port_answers_a_malformed_head_in_words() {
         "{line}"
     );
     assert!(!cp.log().contains("admin-secret-7f3a"), "{}", cp.log());
+}
+
+/// A request head begun and not whole within the admin port's head
+/// timeout is answered 408 in words, the first head of a connection or a
+/// later one on a kept-alive connection, counted and logged; a connection
+/// idle that long is closed without a word.
+#[tokio::test]
+async fn the_admin_http_port_answers_a_stalled_head_408() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_control_plane::admin_http::{HEAD_TIMEOUT, MALFORMED};
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.parse().unwrap();
+    let stalled = |from: u8, request: &'static [u8]| async move {
+        let mut tcp = connect_from(loopback(from), admin).await;
+        tcp.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            HEAD_TIMEOUT + Duration::from_secs(10),
+            tcp.read_to_end(&mut answer),
+        )
+        .await
+        .expect("answered and closed")
+        .unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+    let timed_out = "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
+                     content-length: 39\r\nconnection: close\r\n\r\n\
+                     request head did not arrive within 5 s\n";
+    let (first, later, idle) = tokio::join!(
+        stalled(10, b"GET /live HTTP/1.1\r\nhost: ad"),
+        stalled(
+            11,
+            b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\nGET /live HTTP/1.1\r\nhost: ad"
+        ),
+        stalled(12, b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n"),
+    );
+    assert_eq!(first, timed_out);
+    assert!(later.starts_with("HTTP/1.1 200 OK\r\n"), "{later}");
+    assert!(later.ends_with(&format!("live\n{timed_out}")), "{later}");
+    assert!(idle.starts_with("HTTP/1.1 200 OK\r\n"), "{idle}");
+    assert!(idle.ends_with("live\n"), "{idle}");
+
+    eventually("the stalled heads counted", || {
+        let metrics = cp.metrics();
+        metrics
+            .contains("trellis_admin_malformed_requests_total{reason=\"malformed\"} 2\n")
+            .then_some(())
+    });
+    let line = cp.wait_for_line("the stalled head logged", |l| {
+        l.contains(MALFORMED) && l.contains("answered 408:")
+    });
+    assert!(
+        line.contains("answered 408: request head did not arrive within 5 s"),
+        "{line}"
+    );
 }
 
 /// A bare CR (a CR not followed by LF) in a header line is named as the

@@ -681,7 +681,9 @@ fn webhook_start_up_failures_name_the_cause() {
 /// A request head the webhook port refuses is answered in words over
 /// TLS: a header line without a colon 400 (sent as written by `openssl
 /// s_client`), a target too long for curl's request 414, each naming what
-/// was wrong, and the connection closed. Each is counted by its kind, and
+/// was wrong, and the connection closed; a malformed head later on a
+/// kept-alive connection the same, and one begun and not finished within
+/// the head timeout 408 in words. Each is counted by its kind, and
 /// logged as a warning naming the client, never a header's value. A
 /// method a review path does not take gets 405 with `Allow: POST`.
 #[test]
@@ -694,35 +696,58 @@ fn the_webhook_port_answers_a_malformed_head_in_words() {
     let addr = webhook_addr(&cp);
     let port = addr.rsplit(':').next().unwrap();
 
-    let mut s_client = Command::new("openssl")
-        .args(["s_client", "-quiet", "-verify_return_error"])
-        .args(["-connect", &addr, "-servername", "localhost"])
-        .args(["-CAfile", &certs.path("ca.crt")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl runs");
-    s_client
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            b"POST /inject HTTP/1.1\r\nhost: localhost\r\nx-review: review-secret-91c2\r\n\
-              no colon here\r\n\r\n",
-        )
-        .unwrap();
-    let out = s_client.wait_with_output().unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-        "{answer}{}",
-        String::from_utf8_lossy(&out.stderr)
+    // What `openssl s_client` reads back for `sent`, up to the close.
+    let s_client = |sent: &[u8]| {
+        let mut s_client = Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error"])
+            .args(["-connect", &addr, "-servername", "localhost"])
+            .args(["-CAfile", &certs.path("ca.crt")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl runs");
+        s_client.stdin.take().unwrap().write_all(sent).unwrap();
+        let out = s_client.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            answer.starts_with("HTTP/1.1 "),
+            "{answer}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer
+    };
+    let no_colon = "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a \
+                    colon (a line without a colon, or a space before it)\n";
+    let answer = s_client(
+        b"POST /inject HTTP/1.1\r\nhost: localhost\r\nx-review: review-secret-91c2\r\n\
+          no colon here\r\n\r\n",
     );
     assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with(no_colon), "{answer}");
+
+    // Later on a kept-alive connection, the same answer: for a malformed
+    // head, and 408 for one begun and not finished in time.
+    let answer = s_client(
+        b"GET /inject HTTP/1.1\r\nhost: localhost\r\n\r\n\
+          POST /inject HTTP/1.1\r\nhost: localhost\r\nno colon here\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(
+        answer.contains("\nHTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with(no_colon), "{answer}");
+    let answer = s_client(b"GET /inject HTTP/1.1\r\nhost: localhost\r\n\r\nPOST /inj");
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(
         answer.ends_with(
-            "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a colon \
-             (a line without a colon, or a space before it)\n"
+            "\nHTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 39\r\nconnection: close\r\n\r\n\
+             request head did not arrive within 5 s\n"
         ),
         "{answer}"
     );
@@ -752,7 +777,7 @@ fn the_webhook_port_answers_a_malformed_head_in_words() {
     );
 
     let metrics = cp.metrics();
-    for counted in ["malformed\"} 1\n", "target_too_long\"} 1\n"] {
+    for counted in ["malformed\"} 3\n", "target_too_long\"} 1\n"] {
         let counted = format!("trellis_webhook_malformed_requests_total{{reason=\"{counted}");
         assert!(metrics.contains(&counted), "{counted}in\n{metrics}");
     }

@@ -18,12 +18,14 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use http::{Method, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
 
 use crate::policy::l7::{self, HeadLimit, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, MAX_TARGET};
 
@@ -125,6 +127,338 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// A connection hyper's HTTP/1.1 server is given, every request head of
+/// which is read and checked here before hyper sees it, so that a head
+/// later on a kept-alive connection gets the same answer as the first:
+/// hyper answers a head it refuses with a status alone (its server's
+/// `on_error`, which nothing outside hyper can change), and closes a head
+/// begun and not whole within its header read timeout without a word.
+///
+/// Each head is held back until [`check`](Self::new) passes it whole; its
+/// body is then followed by its framing (`Content-Length`), so that the
+/// next head is found. A head the check refuses is never given to hyper:
+/// the caller, told so ([`refusal`](Self::refusal)), asks hyper to finish
+/// the answer it is writing, if any, and end; [`refused`](Self::refused)
+/// then says the fault, for the caller to answer in its words. A head begun and not whole when
+/// hyper's header read timeout ends the connection is held here too (hyper
+/// has none of it), so the caller answers it 408.
+///
+/// What is not HTTP/1.1 heads is passed on unread: after a request whose
+/// body is chunked or framed in a way the check leaves to hyper (hyper
+/// refuses it itself, with a status alone), and after an upgrade or a
+/// `CONNECT`, whose bytes after the head are another protocol's (hyper
+/// serves it, or refuses the upgrade and closes). Later heads on such a
+/// connection get hyper's answer, logged and counted
+/// ([`HeadFault::from_hyper`]).
+///
+/// Nothing is allocated per request: the bytes held are in one buffer per
+/// connection, which is freed once empty when it grew past what a small
+/// head needs.
+#[derive(Debug)]
+pub struct Heads<S> {
+    io: S,
+    check: fn(&[u8]) -> Result<Option<usize>, HeadFault>,
+    max_head: usize,
+    /// Bytes read from `io` and not yet given to hyper.
+    held: BytesMut,
+    /// How many of `held`, from its start, may be given to hyper.
+    passed: usize,
+    /// The bytes of `held` already parsed of a head not all in.
+    parsed: usize,
+    reading: Reading,
+    fault: Option<HeadFault>,
+    /// Told when a head is refused ([`Heads::refusal`]).
+    refused: Arc<Notify>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Head,
+    /// A body with this many bytes still to pass.
+    Body(u64),
+    /// Not heads any more: passed on unread.
+    Through,
+    /// A refused head: hyper reads the end of the stream.
+    Refused,
+}
+
+/// The buffer a connection keeps for the heads it holds: one grown past
+/// it for a large head is freed once given to hyper.
+const HELD: usize = 4096;
+
+impl<S> Heads<S> {
+    /// `io`, each request head of which `check` passes before hyper reads
+    /// it (as [`first_head`]'s check does: `Ok(None)` while more is to come),
+    /// `max_head` its bound on a head's size.
+    pub fn new(
+        io: S,
+        check: fn(&[u8]) -> Result<Option<usize>, HeadFault>,
+        max_head: usize,
+    ) -> Self {
+        Heads {
+            io,
+            check,
+            max_head,
+            held: BytesMut::new(),
+            passed: 0,
+            parsed: 0,
+            reading: Reading::Head,
+            fault: None,
+            refused: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Notified once a head is refused: hyper is then to be asked to
+    /// finish (`graceful_shutdown`), which it does once the answer in
+    /// progress, if any, is written, for the refusal to be answered. hyper
+    /// reads nothing more meanwhile: an end of the stream would make it
+    /// drop the answer in progress, so it is never told one.
+    pub fn refusal(&self) -> Arc<Notify> {
+        self.refused.clone()
+    }
+
+    /// A connection whose first head [`first_head`] read: its bytes are
+    /// held, and checked again as hyper reads them.
+    pub fn after_first(
+        first: Rewind<S>,
+        check: fn(&[u8]) -> Result<Option<usize>, HeadFault>,
+        max_head: usize,
+    ) -> Self {
+        let (held, io) = first.into_parts();
+        Heads {
+            held,
+            ..Heads::new(io, check, max_head)
+        }
+    }
+
+    /// Whether part of a head (not only empty lines) is held, not whole.
+    pub fn begun(&self) -> bool {
+        self.reading == Reading::Head && !skip_empty_lines(&self.held).is_empty()
+    }
+
+    /// Why the connection must be answered now that hyper's server has
+    /// ended it (`ended`: its error, if any): a head the check refused, or
+    /// one begun and not whole when hyper's header read timeout ended it
+    /// (408, `stalled` naming that time). `None` when hyper's answer is the
+    /// last one.
+    pub fn refused(
+        &self,
+        ended: Option<&hyper::Error>,
+        stalled: &'static str,
+    ) -> Option<HeadFault> {
+        if let Some(fault) = self.fault {
+            return Some(fault);
+        }
+        match ended {
+            Some(error) if error.is_timeout() && self.begun() => {
+                Some(HeadFault::timed_out(stalled))
+            }
+            _ => None,
+        }
+    }
+
+    /// The bytes held (a buffer to linger with) and the stream.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.held, self.io)
+    }
+
+    /// What to do with the bytes held, now that there are some and none
+    /// is passed: `true` when more must be read first.
+    fn classify(&mut self) -> bool {
+        match self.reading {
+            Reading::Head => {
+                let again = self.held.len() <= 16 * 1024
+                    || self.held.len() >= self.max_head
+                    || self.held[self.parsed..].contains(&b'\n');
+                if !again {
+                    return true;
+                }
+                match (self.check)(&self.held) {
+                    Ok(Some(len)) => {
+                        self.passed = len;
+                        self.parsed = 0;
+                        self.reading = framing(&self.held[..len]);
+                        false
+                    }
+                    Ok(None) => {
+                        self.parsed = self.held.len();
+                        true
+                    }
+                    Err(fault) => {
+                        self.fault = Some(fault);
+                        self.reading = Reading::Refused;
+                        self.refused.notify_one();
+                        false
+                    }
+                }
+            }
+            Reading::Body(left) => {
+                let take = left.min(self.held.len() as u64);
+                self.passed = take as usize;
+                self.reading = if take == left {
+                    Reading::Head
+                } else {
+                    Reading::Body(left - take)
+                };
+                false
+            }
+            Reading::Through => {
+                self.passed = self.held.len();
+                false
+            }
+            Reading::Refused => false,
+        }
+    }
+}
+
+/// How the body after the whole head `head` is framed, as far as finding
+/// the next head goes.
+fn framing(head: &[u8]) -> Reading {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Reading::Through;
+    }
+    if request.method == Some("CONNECT") {
+        return Reading::Through;
+    }
+    let mut length = None;
+    for field in request.headers.iter() {
+        if field.name.eq_ignore_ascii_case("upgrade")
+            || field.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Reading::Through;
+        }
+        if field.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(field.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            match (value, length) {
+                (Some(value), None) => length = Some(value),
+                (Some(value), Some(before)) if value == before => {}
+                // Hyper refuses it, or reads it otherwise: its own.
+                _ => return Reading::Through,
+            }
+        }
+    }
+    match length {
+        Some(0) | None => Reading::Head,
+        Some(length) => Reading::Body(length),
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.passed > 0 {
+                let n = this.passed.min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.advance(n);
+                this.passed -= n;
+                if this.held.is_empty() && this.held.capacity() > HELD {
+                    this.held = BytesMut::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.reading == Reading::Refused {
+                // Woken by the graceful shutdown its refusal asks for.
+                return Poll::Pending;
+            }
+            // Bytes not heads go to hyper as they are read, not through
+            // the buffer, when hyper has no room for more of them.
+            match this.reading {
+                Reading::Through if this.held.is_empty() => {
+                    return Pin::new(&mut this.io).poll_read(cx, buf);
+                }
+                Reading::Body(left) if this.held.is_empty() && buf.remaining() as u64 <= left => {
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                    let read = (buf.filled().len() - before) as u64;
+                    if read == 0 {
+                        this.reading = Reading::Through;
+                    } else if read == left {
+                        this.reading = Reading::Head;
+                    } else {
+                        this.reading = Reading::Body(left - read);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+            if !this.held.is_empty() && !this.classify() {
+                continue;
+            }
+            // More is to be read.
+            if this.held.capacity() - this.held.len() < 1024 {
+                this.held.reserve(HELD.max(this.held.len() / 2));
+            }
+            let start = this.held.len();
+            // Zeroed before it is read into: no more than a read takes.
+            let room = (this.held.capacity() - start).min(16 * 1024);
+            this.held.resize(start + room, 0);
+            let mut into = ReadBuf::new(&mut this.held[start..]);
+            let read = Pin::new(&mut this.io).poll_read(cx, &mut into);
+            let filled = into.filled().len();
+            this.held.truncate(start + filled);
+            match read {
+                Poll::Ready(Ok(())) if filled == 0 => {
+                    // The end of the stream: a head begun is dropped, as
+                    // hyper would (it answers nothing to a head cut short).
+                    if this.reading == Reading::Head {
+                        this.held.clear();
+                    }
+                    this.passed = this.held.len();
+                    this.reading = Reading::Through;
+                    if this.passed == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    /// Left to the caller when it has an answer to write
+    /// ([`refused`](Heads::refused) may say so): a refused head, or one
+    /// begun.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.fault.is_some() || self.begun() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
 /// a request line (RFC 9112 section 2.2).
 pub fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
@@ -147,8 +481,12 @@ pub enum FirstHead<S, F> {
     /// A head the check refused, with what was read of it (a buffer to
     /// linger with) and the fault: for the caller to answer.
     Refused { io: S, read: BytesMut, fault: F },
-    /// Nothing whole within the time given.
+    /// Nothing but empty lines within the time given: an idle connection.
     Silent,
+    /// Part of a head and not the rest within the time given, with what
+    /// was read of it: for the caller to answer 408
+    /// ([`HeadFault::timed_out`]).
+    Stalled { io: S, read: BytesMut },
     /// Closed, or failed, before a whole head came (hyper answers nothing
     /// either), or told to stop.
     Closed,
@@ -203,7 +541,8 @@ where
         match read {
             Ok(Ok(0) | Err(_)) => return FirstHead::Closed,
             Ok(Ok(_)) => {}
-            Err(_elapsed) => return FirstHead::Silent,
+            Err(_elapsed) if skip_empty_lines(&buf).is_empty() => return FirstHead::Silent,
+            Err(_elapsed) => return FirstHead::Stalled { io, read: buf },
         }
     }
 }
@@ -631,6 +970,77 @@ mod tests {
             "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
              content-length: 39\r\nconnection: close\r\n\r\nmalformed request line: invalid method\n"
         );
+    }
+
+    /// Serves `sent` with hyper's server behind [`Heads`], checked by
+    /// [`check_head`], every answer `ok`: what the client read, and why the
+    /// connection is to be answered in words once hyper has ended it.
+    async fn served(sent: &'static [u8]) -> (String, Option<HeadFault>) {
+        use std::convert::Infallible;
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let serving = tokio::spawn(async move {
+            let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
+            let service = hyper::service::service_fn(|_| async {
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let refusal = heads.refusal();
+            let ended = crate::connections::serve_http1_for(
+                &mut heads,
+                service,
+                Duration::from_secs(5),
+                Duration::from_secs(600),
+                refusal.notified(),
+            )
+            .await;
+            heads.refused(ended.as_ref(), "stalled")
+        });
+        client.write_all(sent).await.unwrap();
+        let refused = serving.await.unwrap();
+        drop(client.shutdown().await);
+        let mut read = String::new();
+        client.read_to_string(&mut read).await.unwrap();
+        let answers = read.matches("HTTP/1.1 200 OK").count();
+        (format!("{answers} answered"), refused)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_head_is_checked_before_hyper_reads_it() {
+        // A body that reads as a head is passed as a body: the head after
+        // it is the one refused.
+        let (answered, refused) = served(
+            b"POST / HTTP/1.1\r\ncontent-length: 18\r\n\r\nGET / HTTP/1.1\r\n\r\n\
+              GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(answered, "2 answered");
+        assert_eq!(
+            refused,
+            Some(HeadFault::bad(unparsable(
+                httparse::Error::HeaderName,
+                true
+            )))
+        );
+
+        // Begun and not whole when hyper's header read timeout ends it: 408.
+        let (answered, refused) = served(b"GET / HTTP/1.1\r\n\r\nGET / HT").await;
+        assert_eq!(answered, "1 answered");
+        assert_eq!(refused, Some(HeadFault::timed_out("stalled")));
+
+        // Idle, or after empty lines only: closed without a word.
+        let (answered, refused) = served(b"GET / HTTP/1.1\r\n\r\n\r\n").await;
+        assert_eq!(answered, "1 answered");
+        assert_eq!(refused, None);
+
+        // After a chunked body, heads are hyper's: its own status alone.
+        let (answered, refused) = served(
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n\
+              GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(answered, "1 answered");
+        assert_eq!(refused, None);
     }
 
     #[tokio::test]

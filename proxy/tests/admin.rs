@@ -13,7 +13,9 @@ use common::http::*;
 use common::sidecar::Logs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
+use trellis_proxy::admin::{
+    HEAD_TIMED_OUT, HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT,
+};
 
 /// Reads until the server closes the connection, or fails after `within`.
 async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Vec<u8> {
@@ -42,7 +44,14 @@ async fn a_client_that_sends_nothing_is_closed() {
     let answer = String::from_utf8(closed_within(&mut idle, within).await).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("live\n"), "{answer}");
-    closed_within(&mut partial, within).await;
+    // The half head is answered 408, in words, as the forwarder answers it.
+    let (status, head, body) = split(&closed_within(&mut partial, within).await);
+    assert_eq!(status, "HTTP/1.1 408 Request Timeout");
+    assert!(
+        head.contains("\r\ntrellis-proxy-error: request_timeout\r\n"),
+        "{head}"
+    );
+    assert_eq!(body, format!("trellis: {HEAD_TIMED_OUT}\n"));
 }
 
 /// A connection to `admin` from the loopback address `127.0.0.<host>`.
@@ -488,19 +497,24 @@ async fn next_answer(tcp: &mut TcpStream) -> (String, String) {
     (head, String::from_utf8(body).unwrap())
 }
 
-/// A kept-alive admin connection serves one request after another. A
-/// malformed head later on it gets hyper's answer, a status alone, and
-/// the connection closes; it is counted and logged all the same.
+/// A kept-alive admin connection serves one request after another, one
+/// with a body among them. A malformed head later on it is answered as a
+/// first head is: in words, with `trellis-proxy-error: invalid_request`,
+/// and the connection closed; a later head begun and not whole within
+/// [`HEAD_TIMEOUT`] is answered 408 with `request_timeout`, as a first one
+/// is. Each is counted once and logged, as answered in words.
 #[tokio::test]
-async fn a_kept_alive_admin_connection_is_served_and_a_later_malformed_head_counted() {
+async fn a_later_head_on_a_kept_alive_admin_connection_gets_the_first_head_s_answer() {
     let (logs, _guard) = Logs::capture(false);
     let (_cp, _app, s) = app_behind_sidecar().await;
 
     let mut tcp = TcpStream::connect(s.admin).await.unwrap();
-    for _ in 0..2 {
-        tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
-            .await
-            .unwrap();
+    for request in [
+        &b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n"[..],
+        b"GET /live HTTP/1.1\r\nhost: admin\r\ncontent-length: 14\r\n\r\nGET / HTTP/1.1",
+        b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n",
+    ] {
+        tcp.write_all(request).await.unwrap();
         let (head, body) = next_answer(&mut tcp).await;
         assert!(head.starts_with("http/1.1 200 "), "{head}");
         assert_eq!(body, "live\n");
@@ -508,17 +522,43 @@ async fn a_kept_alive_admin_connection_is_served_and_a_later_malformed_head_coun
     tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\nbroken line\r\n\r\n")
         .await
         .unwrap();
-    let answer = closed_within(&mut tcp, Duration::from_secs(10)).await;
-    let answer = String::from_utf8(answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-
+    let (status, head, body) = split(&closed_within(&mut tcp, Duration::from_secs(10)).await);
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert!(
+        head.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+        "{head}"
+    );
+    assert_eq!(
+        body,
+        "trellis: malformed header line: not a field name and a colon (a line without a \
+         colon, or a space before it)\n"
+    );
     let line = logs
         .wait_for(&[trellis_proxy::admin::MALFORMED, "reason=\"malformed\""])
         .await;
     assert!(line.contains("client=127.0.0.1:"), "{line}");
-    assert!(line.contains("status only"), "{line}");
+    assert!(!line.contains("status only"), "{line}");
+
+    // A second head begun, and not finished.
+    let mut stalled = TcpStream::connect(s.admin).await.unwrap();
+    stalled
+        .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\nGET /live HTTP/1.1\r\nhost: ad")
+        .await
+        .unwrap();
+    let (head, body) = next_answer(&mut stalled).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert_eq!(body, "live\n");
+    let within = HEAD_TIMEOUT + Duration::from_secs(5);
+    let (status, head, body) = split(&closed_within(&mut stalled, within).await);
+    assert_eq!(status, "HTTP/1.1 408 Request Timeout");
+    assert!(
+        head.contains("\r\ntrellis-proxy-error: request_timeout\r\n"),
+        "{head}"
+    );
+    assert_eq!(body, format!("trellis: {HEAD_TIMED_OUT}\n"));
+
     let scraped = s.get("/metrics").await;
-    let counted = "trellis_admin_malformed_requests_total{reason=\"malformed\"} 1\n";
+    let counted = "trellis_admin_malformed_requests_total{reason=\"malformed\"} 2\n";
     assert!(scraped.contains(counted), "{counted}in\n{scraped}");
 }
 

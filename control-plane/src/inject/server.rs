@@ -51,7 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::connections::ConnectionLimits;
 use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, rustls_error};
 
@@ -438,18 +438,6 @@ impl WebhookServer {
                 let Some(tls) = tls else {
                     return;
                 };
-                let Some(tls) = request_head::first(
-                    tls,
-                    client,
-                    HEAD_TIMEOUT,
-                    &malformed,
-                    MALFORMED,
-                    evicted.as_mut(),
-                )
-                .await
-                else {
-                    return;
-                };
                 let service = hyper::service::service_fn(move |req| {
                     let reviewing = Reviewing {
                         config: config.borrow().clone(),
@@ -460,11 +448,17 @@ impl WebhookServer {
                     let bodies = bodies.clone();
                     async move { Ok::<_, Infallible>(serve(req, &bodies, reviewing).await) }
                 });
-                let ended =
-                    serve_http1_for(tls, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted).await;
-                if let Some(error) = ended {
-                    request_head::refused_by_hyper(&error, client, &malformed, MALFORMED);
-                }
+                request_head::serve(
+                    tls,
+                    client,
+                    HEAD_TIMEOUT,
+                    CONNECTION_LIFETIME,
+                    &malformed,
+                    MALFORMED,
+                    evicted,
+                    service,
+                )
+                .await;
             });
         }
     }

@@ -1,23 +1,31 @@
-//! The first request head of each admin connection, read before hyper's
-//! server is given the connection: one the sidecar's HTTP/1.1 forwarder
-//! would refuse ([`h1::check_head`]) is answered here in its words, as
-//! the forwarder answers it, and the connection closed; any other is
-//! handed to hyper with the bytes read so far. A head hyper refuses later
-//! on a kept-alive connection gets hyper's answer, a status alone; it is
-//! logged and counted all the same ([`refused_by_hyper`]).
+//! Every request head of each admin connection, read before hyper's
+//! server sees it: the first by [`first_head`], each later one on a
+//! kept-alive connection by [`Heads`]. One the sidecar's HTTP/1.1
+//! forwarder would refuse ([`h1::check_head`]) is answered here in its
+//! words, as the forwarder answers it (with `trellis-proxy-error:
+//! invalid_request`), and the connection closed; one begun and not whole
+//! within [`HEAD_TIMEOUT`] is answered 408 ([`HEAD_TIMED_OUT`],
+//! `trellis-proxy-error: request_timeout`); a connection idle that long
+//! is closed without a word. What the check leaves to hyper (a field
+//! name, the framing), and a head after a request whose body is chunked,
+//! gets hyper's answer, a status alone; it is logged and counted all the
+//! same ([`refused_by_hyper`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use trellis_core::http1::{FirstHead, HeadFault, Rewind, first_head};
+use trellis_core::connections::serve_http1_for;
+use trellis_core::http1::{FirstHead, HeadFault, Heads, first_head};
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
-use super::HEAD_TIMEOUT;
+use super::{CONNECTION_LIFETIME, HEAD_TIMEOUT};
 use crate::http::h1::{self, LINGER, LINGER_BYTES, MAX_REQUEST_HEAD};
 use crate::metrics::Metrics;
 
@@ -26,36 +34,75 @@ use crate::metrics::Metrics;
 /// which may carry the hook token.
 pub const MALFORMED: &str = "admin request refused: malformed request head";
 
-/// Reads `tcp`'s first request head, within [`HEAD_TIMEOUT`]
-/// ([`first_head`], checked by [`h1::check_head`]): the connection with
-/// what was read put back, for hyper to serve, or `None` once it is
-/// closed: a head refused (answered, logged and counted), the client gone
-/// or silent, or `stop` resolved first.
-pub async fn first<F: Future<Output = ()>>(
+/// What a client that sent part of a request head, and not the rest
+/// within [`HEAD_TIMEOUT`], is told (with 408).
+pub const HEAD_TIMED_OUT: &str = "request head did not arrive within 5 s";
+const _: () = assert!(
+    HEAD_TIMEOUT.as_secs() == 5 && HEAD_TIMEOUT.subsec_nanos() == 0,
+    "HEAD_TIMED_OUT names the bound"
+);
+
+/// Serves `tcp` with hyper's HTTP/1.1 server until `stop` resolves, every
+/// request head read and checked by [`h1::check_head`] before hyper sees
+/// it: a head refused, or begun and not whole within [`HEAD_TIMEOUT`], is
+/// answered in words, logged and counted, and the connection closed.
+pub async fn serve<F, S>(
     tcp: TcpStream,
     client: SocketAddr,
     metrics: &Metrics,
     refusals: &Throttle,
-    stop: Pin<&mut F>,
-) -> Option<Rewind<TcpStream>> {
-    match first_head(tcp, h1::check_head, MAX_REQUEST_HEAD, HEAD_TIMEOUT, stop).await {
-        FirstHead::Whole(tcp) => Some(tcp),
-        FirstHead::Refused { io, read, fault } => {
-            refuse(io, read, client, &fault, metrics, refusals).await;
-            None
+    mut stop: Pin<&mut F>,
+    service: S,
+) where
+    F: Future<Output = ()>,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let first = first_head(
+        tcp,
+        h1::check_head,
+        MAX_REQUEST_HEAD,
+        HEAD_TIMEOUT,
+        stop.as_mut(),
+    );
+    let (tcp, read, fault) = match first.await {
+        FirstHead::Whole(tcp) => {
+            let mut heads = Heads::after_first(tcp, h1::check_head, MAX_REQUEST_HEAD);
+            // A later head refused ends hyper's service as `stop` does,
+            // after the answer in progress.
+            let refusal = heads.refusal();
+            let stop = async move {
+                tokio::select! {
+                    () = stop => {}
+                    () = refusal.notified() => {}
+                }
+            };
+            let ended =
+                serve_http1_for(&mut heads, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, stop).await;
+            let Some(fault) = heads.refused(ended.as_ref(), HEAD_TIMED_OUT) else {
+                if let Some(error) = ended {
+                    refused_by_hyper(&error, client, metrics, refusals);
+                }
+                return;
+            };
+            let (read, tcp) = heads.into_parts();
+            (tcp, read, fault)
         }
+        FirstHead::Refused { io, read, fault } => (io, read, fault),
+        FirstHead::Stalled { io, read } => (io, read, HeadFault::timed_out(HEAD_TIMED_OUT)),
         FirstHead::Silent => {
             tracing::debug!(
                 %client,
                 "no admin request head within {}",
                 trellis_core::duration::Words(HEAD_TIMEOUT)
             );
-            None
+            return;
         }
         // Closed, or failed, before a whole head came: hyper answers
         // nothing either.
-        FirstHead::Closed => None,
-    }
+        FirstHead::Closed => return,
+    };
+    refuse(tcp, read, client, &fault, metrics, refusals).await;
 }
 
 /// Answers a refused head in words, logs and counts it, and closes the
@@ -80,7 +127,7 @@ async fn refuse(
 /// Logs and counts a head hyper refused on a connection it served (its
 /// `error`), answered with a status alone; errors that are not a refused
 /// head are left alone.
-pub fn refused_by_hyper(
+fn refused_by_hyper(
     error: &hyper::Error,
     client: SocketAddr,
     metrics: &Metrics,

@@ -12,22 +12,26 @@
 //! not ready, saying why (without a valid certificate, why the last
 //! Certify failed), and an app probe that fails 503 with `probe_failed`.
 //!
-//! A connection's first request head is read before hyper's server is
-//! given the connection (`head`), and checked as the sidecar's HTTP/1.1
-//! forwarder checks a head: one that does not parse (a bad request line,
-//! a bare CR, a header line without a colon), with more than 100 fields
-//! or over 408 KiB (431), with a target over 65534 bytes (414) or one that
-//! is not a URI or holds a raw `#`, or an invalid method, is answered as
-//! the forwarder answers it: 400, 414 or 431 with
-//! `trellis-proxy-error: invalid_request`, one line of text naming what
-//! was wrong, and the connection closed. A head refused later on a
-//! kept-alive connection, or one hyper refuses for what is not checked
+//! Every request head of a connection is read before hyper's server sees
+//! it (`head`: the first, and each later one on a kept-alive connection),
+//! and checked as the sidecar's HTTP/1.1 forwarder checks a head: one that
+//! does not parse (a bad request line, a bare CR, a header line without a
+//! colon), with more than 100 fields or over 408 KiB (431), with a target
+//! over 65534 bytes (414) or one that is not a URI or holds a raw `#`, or
+//! an invalid method, is answered as the forwarder answers it: 400, 414 or
+//! 431 with `trellis-proxy-error: invalid_request`, one line of text
+//! naming what was wrong, and the connection closed. A head begun and not
+//! whole within [`HEAD_TIMEOUT`] is answered 408 with
+//! `trellis-proxy-error: request_timeout`; a connection idle that long is
+//! closed without a word. A head hyper refuses for what is not checked
 //! first (a field name the `http` crate refuses, a `Content-Length` or
-//! `Transfer-Encoding` it cannot read), gets hyper's own answer, a status
-//! alone: hyper writes it with no hook to add words. Either way the
-//! refusal is counted by its kind (`trellis_admin_malformed_requests_total`,
-//! `reason`: `malformed`, `head_too_large`, `target_too_long`) and logged
-//! as a warning ([`MALFORMED`]) naming the client and the fault (never a
+//! `Transfer-Encoding` it cannot read), or one after a request whose body
+//! is chunked (not followed to find the next head), gets hyper's own
+//! answer, a status alone: hyper writes it with no hook to add words.
+//! Either way the refusal is counted by its kind
+//! (`trellis_admin_malformed_requests_total`, `reason`: `malformed` (a 408
+//! among them), `head_too_large`, `target_too_long`) and logged as a
+//! warning ([`MALFORMED`]) naming the client and the fault (never a
 //! header's value: the hook token travels in one), at most once per kind
 //! per [`REFUSAL_LOG_PAUSE`], hyper's marked `answered="status only"`.
 //!
@@ -65,7 +69,7 @@ use hyper::service::service_fn;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::connections::ConnectionLimits;
 use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::token;
@@ -75,7 +79,7 @@ pub mod access;
 mod head;
 pub mod probes;
 
-pub use head::MALFORMED;
+pub use head::{HEAD_TIMED_OUT, MALFORMED};
 
 use crate::config::Config;
 use crate::drain::{self, Drain};
@@ -183,13 +187,7 @@ impl Admin {
                 let app = probes::app_host(tcp.local_addr().ok());
                 tokio::spawn(async move {
                     let admitted = admitted;
-                    let mut evicted = std::pin::pin!(admitted.evicted());
-                    let metrics = &state.metrics;
-                    let Some(tcp) =
-                        head::first(tcp, client, metrics, &refusals, evicted.as_mut()).await
-                    else {
-                        return;
-                    };
+                    let evicted = std::pin::pin!(admitted.evicted());
                     let metrics = state.metrics.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
@@ -211,12 +209,7 @@ impl Admin {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    let ended =
-                        serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted)
-                            .await;
-                    if let Some(error) = ended {
-                        head::refused_by_hyper(&error, client, &metrics, &refusals);
-                    }
+                    head::serve(tcp, client, &metrics, &refusals, evicted, service).await;
                 });
             })
             .await;

@@ -45,20 +45,26 @@
 //! what hyper would refuse in it (its target), so none of these gets
 //! hyper's answer, which is a status alone.
 //!
-//! **After a hand-off.** A malformed head later on a connection hyper
-//! serves gets hyper's answer: 400, 414 or 431 with no body, and the
-//! connection closed. hyper writes it itself (its server's `on_error`,
-//! which nothing outside hyper can change) as soon as a head fails to
-//! parse; the error it then ends the connection with is logged and
-//! counted as the forwarder's refusals are ([`HeadFault::from_hyper`]). Taking the connection back after each request hyper serves is
-//! not possible while it is kept alive: hyper gives its stream back only
-//! where it would close it (`without_shutdown`), and turning keep-alive
-//! off to make it do so after every request makes every answer say
-//! `connection: close`. Answering in a wrapper would mean a second parser
-//! in front of hyper's, following every body's framing to find the next
-//! head. Such a caller has already been served a request hyper had to
-//! take (an upgrade, an `https` absolute-form target), and its malformed
-//! request is refused all the same, only without the words.
+//! **After a hand-off.** hyper's server answers a head it refuses with a
+//! status alone (its `on_error`, which nothing outside hyper can change)
+//! and closes a head that stalls without a word, so it is given none of
+//! them: every later head on a connection it serves is read and checked
+//! first, by the same check ([`check_head`]), as it passes to hyper
+//! ([`Heads`](trellis_core::http1::Heads), which follows each body's
+//! `Content-Length` to find the next head). A head it refuses is answered
+//! as the forwarder answers one ([`refuse_later_head`]), once hyper has
+//! written the answer in progress; one begun and not whole when hyper's
+//! header read timeout ([`HEAD_TIMEOUT`]) ends the connection is answered
+//! 408 ([`HEAD_TIMED_OUT`]); either is logged and counted once, as
+//! `invalid`. Some heads are still hyper's: after a request whose body is
+//! chunked (not followed to find the next head) or whose framing the
+//! check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
+//! are another protocol's (an upgrade hyper declines goes on in HTTP/1.1
+//! unchecked). A malformed head there gets hyper's answer, 400, 414 or
+//! 431 with no body, and the error hyper ends the connection with is
+//! logged and counted as the forwarder's refusals are
+//! ([`HeadFault::from_hyper`]). HTTP/2 (gRPC among it) is not HTTP/1 and
+//! has no such heads.
 //!
 //! **HTTP/1.0.** As on hyper's path: the request goes to the app in
 //! HTTP/1.0 (a `Transfer-Encoding` in it is refused above, and an
@@ -155,7 +161,8 @@
 //! (but empty lines) is idle, and closed without a word; one with part of
 //! a head is answered 408 ([`HEAD_TIMED_OUT`], `trellis-proxy-error:
 //! request_timeout`), logged and counted as a malformed head is, and
-//! closed (as Envoy's header timeout answers; nginx closes without one).
+//! closed (as Envoy's header timeout answers; nginx closes without one),
+//! after a hand-off too (above).
 //! A head is read up to [`MAX_REQUEST_HEAD`] bytes,
 //! parsed again past 16 KiB only when a line of it has ended, after at
 //! most [`MAX_EMPTY_LINES`] bytes of empty lines, dropped as they come
@@ -1048,6 +1055,27 @@ pub(crate) fn refused_entry(fault: &HeadFault, conn: Arc<Connection>) -> Entry {
     };
     tracing::debug!(peer = %conn.peer, problem = fault.why, "{what}");
     Entry::refused_head(conn, Protocol::Http1.as_str(), fault.status, fault.why)
+}
+
+/// Answers a head refused after a hand-off, later on a connection
+/// hyper's server serves (by [`Heads`](trellis_core::http1::Heads), before
+/// hyper read it, or begun and not whole when hyper's header read timeout
+/// ended the connection), as the forwarder answers a head it refuses
+/// ([`refuse_head`]): logged and counted once the answer is out (or
+/// failed), and the connection closed, lingering.
+pub(crate) async fn refuse_later_head<S: AsyncRead + AsyncWrite + Unpin>(
+    heads: trellis_core::http1::Heads<S>,
+    fault: &HeadFault,
+    conn: Arc<Connection>,
+) {
+    let (mut buf, mut io) = heads.into_parts();
+    let entry = refused_entry(fault, conn);
+    if let Ok(written) = refuse_head(&mut io, fault).await {
+        entry.count(Direction::Out, written);
+        drop(entry);
+        let _ = io.shutdown().await;
+        refusal::linger(&mut io, &mut buf, LINGER, LINGER_BYTES).await;
+    }
 }
 
 /// A complete head that hyper is to serve, unless hyper would refuse its
@@ -3728,6 +3756,88 @@ mod tests {
         assert!(read.ends_with("GET /after "), "{read}");
     }
 
+    /// After a hand-off, a later head on the connection hyper serves gets
+    /// the forwarder's answer, not hyper's status alone: a malformed one
+    /// 400 in words with `trellis-proxy-error: invalid_request`, counted
+    /// once as `invalid`, and the connection closed. A body that reads as
+    /// a head is passed to the app as a body.
+    #[tokio::test]
+    async fn a_malformed_head_after_a_hand_off_is_answered_in_words() {
+        let app = hyper_app().await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(
+            &mut caller,
+            "POST https://api/abs HTTP/1.1\r\nHost: api\r\nContent-Length: 18\r\n\r\n\
+             GET / HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\nHost: api\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.contains("POST /abs GET / HTTP/1.1\r\n\r\n"), "{read}");
+        assert!(read.ends_with("GET /after "), "{read}");
+        caller
+            .write_all(b"GET /a HTTP/1.1\r\nHost: api\r\nx-no-colon\r\n\r\n")
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut read))
+            .await
+            .expect("closed")
+            .unwrap();
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(
+                "\r\n\r\ntrellis: malformed header line: not a field name and a colon (a line \
+                 without a colon, or a space before it)\n"
+            ),
+            "{read}"
+        );
+        assert_eq!(invalid_4xx(&metrics), 1);
+    }
+
+    /// After a hand-off, a later head begun and not whole within
+    /// [`HEAD_TIMEOUT`] is answered 408 in words with
+    /// `trellis-proxy-error: request_timeout`, as a first head is, and
+    /// counted once as `invalid`.
+    #[tokio::test]
+    async fn a_stalled_head_after_a_hand_off_is_answered_408() {
+        let app = hyper_app().await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(
+            &mut caller,
+            "GET https://api/abs HTTP/1.1\r\nHost: api\r\n\r\nGET /next HTTP/1.1\r\nHo",
+            1,
+        )
+        .await;
+        assert!(read.ends_with("GET /abs "), "{read}");
+        let mut read = Vec::new();
+        let within = HEAD_TIMEOUT + Duration::from_secs(10);
+        tokio::time::timeout(within, caller.read_to_end(&mut read))
+            .await
+            .expect("closed")
+            .unwrap();
+        let read = String::from_utf8(read).unwrap();
+        assert!(
+            read.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: request_timeout\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with("\r\n\r\ntrellis: request head did not arrive within 30 s\n"),
+            "{read}"
+        );
+        assert_eq!(invalid_4xx(&metrics), 1);
+    }
+
     /// An `Expect: 100-continue` upload: the caller is told to go on once
     /// the request is on its way to the app (and only then: the head
     /// alone gets the `100 Continue`), the app gets the expectation and
@@ -3817,7 +3927,9 @@ mod tests {
     }
 
     /// An expectation other than `100-continue` is hyper's, which passes
-    /// it to the app: the forwarder does not take it.
+    /// it to the app: the forwarder does not take it. A raw `#` in a head
+    /// after it is refused in words all the same, before hyper (which
+    /// would cut it) reads it.
     #[tokio::test]
     async fn another_expectation_goes_to_hyper() {
         let app = hyper_app().await;
@@ -3830,8 +3942,15 @@ mod tests {
         )
         .await;
         assert!(read.contains("POST /x abc"), "{read}");
-        // hyper's server, which cuts a raw `#`, serves the rest.
-        assert!(read.ends_with("GET /a "), "{read}");
+        assert!(read.contains("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
+            "{read}"
+        );
     }
 
     /// A head of `Host: api` and `n` fields `x-field-i`, after the

@@ -54,7 +54,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
-use trellis_core::http1::HeadFault;
+use trellis_core::http1::{HeadFault, Heads};
 use trellis_core::logging::keyed::Keyed;
 
 pub use access::ACCESS_TARGET;
@@ -401,13 +401,30 @@ where
             until_drained(served, draining, |c| c.graceful_shutdown()).await
         }
         _ => {
-            // A caller still sending a body hyper left unread when it
-            // closes is read a while first, so its answer is not lost to
-            // a reset.
-            let io = TokioIo::new(h1::Lingering::new(io, held.clone()));
-            let served = hyper::server::conn::http1::Builder::new()
+            // Every head is read and checked before hyper sees it
+            // (`Heads`), so that a later one gets the forwarder's answer,
+            // not hyper's status alone. A caller still sending a body
+            // hyper left unread when it closes is read a while first, so
+            // its answer is not lost to a reset.
+            let heads = Heads::new(
+                h1::Lingering::new(io, held.clone()),
+                h1::check_head,
+                h1::MAX_REQUEST_HEAD,
+            );
+            // A later head refused ends hyper's service as a drain does,
+            // after the answer in progress.
+            let refusal = heads.refusal();
+            let mut stop = std::pin::pin!(async {
+                tokio::select! {
+                    () = draining => {}
+                    () = refusal.notified() => {}
+                }
+            });
+            let io = TokioIo::new(heads);
+            let mut served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .max_buf_size(h1::MAX_REQUEST_HEAD)
+                .header_read_timeout(h1::HEAD_TIMEOUT)
                 // Half-closed callers are not supported (hyper's default):
                 // with them, hyper stops reading while a request is in
                 // flight, so a caller that went away would hold its app
@@ -415,7 +432,21 @@ where
                 // ever.
                 .serve_connection(io, service)
                 .with_upgrades();
-            if let Err(e) = until_drained(served, draining, |c| c.graceful_shutdown()).await {
+            let ended = until_drained(&mut served, stop.as_mut(), |c| {
+                std::pin::Pin::new(&mut **c.get_mut()).graceful_shutdown()
+            })
+            .await;
+            // A head `Heads` refused, or held begun when hyper's header
+            // read timeout ended the connection: answered as the forwarder
+            // answers it.
+            if let Some(parts) = served.into_parts() {
+                let heads = parts.io.into_inner();
+                if let Some(fault) = heads.refused(ended.as_ref().err(), h1::HEAD_TIMED_OUT) {
+                    h1::refuse_later_head(heads, &fault, held).await;
+                    return Ok(());
+                }
+            }
+            if let Err(e) = ended {
                 // A head hyper refused has had hyper's answer, a status
                 // alone: it is logged and counted as the forwarder's are.
                 let Some(refused) = HeadFault::from_hyper(&e, &h1::RULES.bounds) else {
