@@ -49,10 +49,10 @@
 //! status alone (its `on_error`, which nothing outside hyper can change)
 //! and closes a head that stalls without a word, so it is given none of
 //! them: every later head on a connection it serves is read and checked
-//! first, by the same check ([`check_head`]), as it passes to hyper
+//! first, by the same check (`check_head`), as it passes to hyper
 //! ([`Heads`](trellis_core::http1::Heads), which follows each body's
 //! `Content-Length` to find the next head). A head it refuses is answered
-//! as the forwarder answers one ([`refuse_later_head`]), once hyper has
+//! as the forwarder answers one (`refuse_later_head`), once hyper has
 //! written the answer in progress; one begun and not whole when hyper's
 //! header read timeout ([`HEAD_TIMEOUT`]) ends the connection is answered
 //! 408 ([`HEAD_TIMED_OUT`]); either is logged and counted once, as
