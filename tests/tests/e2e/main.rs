@@ -10,6 +10,7 @@
 mod admin;
 mod certify;
 mod demo;
+mod flags;
 mod http;
 mod inbound;
 mod metrics;
