@@ -163,6 +163,50 @@ fn duration_flags_are_read_and_said_in_words() {
     );
 }
 
+/// `check` warns of an operator credential about to expire and says how to
+/// get a new one, and doing what it says gives one: a restart alone does
+/// not, as the credential is issued again only within a day of its expiry.
+#[test]
+fn check_says_how_to_renew_the_operator_credential() {
+    let cp = ControlPlane::start(&[]);
+    // The credential lasts a year, so it expires within two.
+    let out = cp.ctl(&["check", "--expiry-warning", "2y"]);
+    let report = String::from_utf8(out.stdout).unwrap();
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("warn") && l.contains("the operator credential expires at"))
+        .unwrap_or_else(|| panic!("no warning of the operator credential: {report}"));
+    assert!(
+        line.ends_with("delete admin.crt from its state dir and restart it"),
+        "{line}"
+    );
+
+    let cert = cp.state_dir.join("admin.crt");
+    let before = std::fs::read(&cert).unwrap();
+    let tmp = cp.tmp.clone();
+    cp.stop();
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
+    assert_eq!(
+        std::fs::read(&cert).unwrap(),
+        before,
+        "a restart alone issued a new operator credential"
+    );
+    cp.stop();
+    std::fs::remove_file(&cert).unwrap();
+    let cp = ControlPlane::start_in(tmp, &[]);
+    assert_ne!(
+        std::fs::read(&cert).unwrap(),
+        before,
+        "no new operator credential"
+    );
+    let out = cp.ctl(&["policy", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn only_the_operator_identity_may_call_admin() {
     let cp = ControlPlane::start(&[]);

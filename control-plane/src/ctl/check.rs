@@ -515,8 +515,9 @@ fn operator(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
         out.push(finding(
             Level::Warn,
             format!(
-                "the operator credential expires at {}: the control plane issues it again \
-                 when it restarts",
+                "the operator credential expires at {}: a control plane started less than a \
+                 day before that issues a new one; for one now, delete admin.crt from its \
+                 state dir and restart it",
                 rfc3339(at)
             ),
         ));
