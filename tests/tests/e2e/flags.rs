@@ -1,9 +1,9 @@
 //! Every flag the programs take, as their `--help` lists it, against the
 //! README's lists of them, as an operator reads one beside the other: each
 //! flag `--help` shows is in the README's table (or, for `trellisctl`, its
-//! synopsis) of that program, each flag the README lists there is taken, and
-//! each flag's environment variable is the `TRELLIS_<FLAG>` twin the README's
-//! rule names.
+//! synopsis) of that program, with the default `--help` shows; each flag the
+//! README lists there is taken; and each flag's environment variable is the
+//! `TRELLIS_<FLAG>` twin the README's rule names.
 
 use std::collections::BTreeSet;
 
@@ -55,13 +55,14 @@ fn help(launcher: &Launcher, program: Program, args: &[&str]) -> anyhow::Result<
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// One option of a `--help`: its long name, short name and environment
-/// variable.
+/// One option of a `--help`: its long name, short name, environment
+/// variable and default value.
 #[derive(Debug)]
 struct Opt {
     long: String,
     short: Option<char>,
     env: Option<String>,
+    default: Option<String>,
 }
 
 /// The options of a `--help`, `--help` and `--version` left out.
@@ -94,7 +95,11 @@ fn options(help: &str) -> Vec<Opt> {
                 long,
                 short,
                 env: None,
+                default: None,
             });
+        }
+        if let (Some(opt), Some((_, default))) = (opts.last_mut(), line.split_once("[default: ")) {
+            opt.default = default.split_once(']').map(|(value, _)| value.to_string());
         }
         if let (Some(opt), Some((_, env))) = (opts.last_mut(), line.split_once("[env: ")) {
             let name: String = env
@@ -161,7 +166,8 @@ fn twin(long: &str) -> String {
 
 /// The faults of one program's table against its `--help`: flags not in the
 /// table, flags the table's first column names that the program does not
-/// take, and environment variables that are not the flag's twin.
+/// take, defaults the table does not give, and environment variables that
+/// are not the flag's twin.
 fn table_faults(name: &str, help: &str, table: &[&str]) -> Vec<String> {
     let opts = options(help);
     let taken: BTreeSet<&str> = opts.iter().map(|o| o.long.as_str()).collect();
@@ -191,6 +197,30 @@ fn table_faults(name: &str, help: &str, table: &[&str]) -> Vec<String> {
                 opt.long,
                 twin(&opt.long)
             )),
+        }
+    }
+    // A default that is one value (not a sentence, not empty) is written in
+    // the Default column of each row naming the flag.
+    for opt in &opts {
+        let Some(default) = opt.default.as_deref() else {
+            continue;
+        };
+        if default.contains(' ') || default == "\"\"" {
+            continue;
+        }
+        for row in table {
+            let cells: Vec<&str> = row.split('|').collect();
+            let (Some(flags), Some(column)) = (cells.get(1), cells.get(2)) else {
+                continue;
+            };
+            if written_flags(flags).contains(&opt.long) && !column.contains(&format!("`{default}`"))
+            {
+                faults.push(format!(
+                    "{name}: --{} defaults to {default}; the README's table says {}",
+                    opt.long,
+                    column.trim()
+                ));
+            }
         }
     }
     for flag in &first_column {
