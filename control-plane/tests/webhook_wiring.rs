@@ -456,8 +456,8 @@ fn the_outbound_policy_decides_a_pod_running_as_the_sidecars_uid() {
 }
 
 /// The admission review's warnings are one plain string in a JSON log
-/// line, the warnings separated by commas as every list field is, not a
-/// debug-printed list quoting each inside it.
+/// line, not a debug-printed list quoting each inside it; as each holds
+/// commas, they are separated by `; `.
 #[test]
 fn the_admission_review_logs_its_warnings_as_a_plain_string() {
     let certs = WebhookCerts::new();
@@ -481,7 +481,7 @@ fn the_admission_review_logs_its_warnings_as_a_plain_string() {
     assert_eq!(
         line["warnings"],
         "container \"log-shipper\" runs as UID 1337, the proxy's UID: its traffic bypasses \
-         the sidecar,container \"wait-for-db\" runs as UID 1337, the proxy's UID: its traffic \
+         the sidecar; container \"wait-for-db\" runs as UID 1337, the proxy's UID: its traffic \
          bypasses the sidecar",
         "{line}"
     );

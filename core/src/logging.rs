@@ -77,14 +77,33 @@ pub struct List<'a, T>(pub &'a [T]);
 
 impl<T: std::fmt::Display> std::fmt::Display for List<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, item) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            item.fmt(f)?;
-        }
-        Ok(())
+        joined(self.0, ",", f)
     }
+}
+
+/// Sentences as one field's value, as [`List`] but separated by `; `:
+/// for items that hold commas themselves (an admission review's
+/// warnings), so that a reader can tell where one ends.
+pub struct Sentences<'a, T>(pub &'a [T]);
+
+impl<T: std::fmt::Display> std::fmt::Display for Sentences<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        joined(self.0, "; ", f)
+    }
+}
+
+fn joined<T: std::fmt::Display>(
+    items: &[T],
+    separator: &str,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str(separator)?;
+        }
+        item.fmt(f)?;
+    }
+    Ok(())
 }
 
 /// The filter in [`FILTER_VAR`]: `info` when it is unset or empty, and
@@ -186,6 +205,11 @@ mod tests {
     fn a_list_is_its_items_between_commas() {
         assert_eq!(List(&[8080u16, 9090]).to_string(), "8080,9090");
         assert_eq!(List(&["127.0.0.1:1"]).to_string(), "127.0.0.1:1");
+        assert_eq!(
+            Sentences(&["a, b", "c"]).to_string(),
+            "a, b; c",
+            "sentences holding commas are told apart"
+        );
         assert_eq!(List::<u16>(&[]).to_string(), "");
     }
 

@@ -827,7 +827,7 @@ pub fn respond(
                     uid = %quoted(&response.uid),
                     allowed = response.allowed,
                     detail = response.message.as_deref().unwrap_or_default(),
-                    warnings = %trellis_core::logging::List(&response.warnings),
+                    warnings = %trellis_core::logging::Sentences(&response.warnings),
                     "admission review"
                 );
             }
