@@ -14,7 +14,7 @@ use trellis_core::grpc::CertifyRefusal;
 use trellis_core::http1::HEAD_FAULT_REASONS;
 
 use crate::discovery::{EndpointsIn, SyncState};
-use crate::handshake::HandshakeFailure;
+use crate::handshake::{self, HandshakeFailure};
 
 /// The `reason` values of `trellis_inbound_addresses_refused_total`
 /// (see [`Metrics::inbound_address_refused`]).
@@ -43,8 +43,8 @@ pub struct Metrics {
     inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Failed handshakes of the gRPC port and of the webhook port, by
     /// [`HandshakeFailure`] (in the order of its `ALL`).
-    handshake_failures: ByReason<{ HandshakeFailure::ALL.len() }>,
-    webhook_handshake_failures: ByReason<{ HandshakeFailure::ALL.len() }>,
+    handshake_failures: ByReason<{ HandshakeFailure::COUNT }>,
+    webhook_handshake_failures: ByReason<{ HandshakeFailure::COUNT }>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_closed: Mutex<BTreeMap<&'static str, u64>>,
@@ -100,14 +100,14 @@ impl Metrics {
     /// A connection to the gRPC port whose TLS handshake failed, for
     /// `reason` (`other` for one the port does not list).
     pub fn handshake_failed(&self, reason: HandshakeFailure) {
-        let reason = reason.on(HandshakeFailure::GRPC_PORT);
+        let reason = handshake::on(reason, handshake::GRPC_PORT);
         self.handshake_failures.count(reason as usize);
     }
 
     /// A connection to the webhook port whose TLS handshake failed, for
     /// `reason` (`other` for one the port does not list).
     pub fn webhook_handshake_failed(&self, reason: HandshakeFailure) {
-        let reason = reason.on(HandshakeFailure::WEBHOOK_PORT);
+        let reason = handshake::on(reason, handshake::WEBHOOK_PORT);
         self.webhook_handshake_failures.count(reason as usize);
     }
 
@@ -253,9 +253,9 @@ impl Metrics {
             &mut out,
             "trellis_tls_handshake_failures_total",
             "TLS handshakes on the gRPC port that failed, by reason.",
-            HandshakeFailure::GRPC_PORT.iter().map(|reason| {
+            handshake::GRPC_PORT.iter().map(|reason| {
                 (
-                    reason.label(),
+                    reason.token(),
                     self.handshake_failures.get(*reason as usize),
                 )
             }),
@@ -269,9 +269,9 @@ impl Metrics {
             "trellis_webhook_tls_handshake_failures_total",
             "TLS handshakes on the admission webhook port that failed, by reason (the gRPC \
              port's are trellis_tls_handshake_failures_total).",
-            HandshakeFailure::WEBHOOK_PORT.iter().map(|reason| {
+            handshake::WEBHOOK_PORT.iter().map(|reason| {
                 let count = self.webhook_handshake_failures.get(*reason as usize);
-                (reason.label(), count)
+                (reason.token(), count)
             }),
         );
         render_family(
@@ -659,11 +659,11 @@ mod tests {
             ),
             (
                 "trellis_tls_handshake_failures_total",
-                listed(&mut HandshakeFailure::GRPC_PORT.iter().map(|f| f.label())),
+                listed(&mut handshake::GRPC_PORT.iter().map(|f| f.token())),
             ),
             (
                 "trellis_webhook_tls_handshake_failures_total",
-                listed(&mut HandshakeFailure::WEBHOOK_PORT.iter().map(|f| f.label())),
+                listed(&mut handshake::WEBHOOK_PORT.iter().map(|f| f.token())),
             ),
         ] {
             let in_readme = readme_reasons(&readme, family);
@@ -695,16 +695,16 @@ mod tests {
             );
             assert!(text.contains(&zero), "{zero} missing from\n{text}");
         }
-        for failure in HandshakeFailure::GRPC_PORT {
+        for failure in handshake::GRPC_PORT {
             let zero = format!(
                 "{} 0\n",
-                series("trellis_tls_handshake_failures_total", failure.label())
+                series("trellis_tls_handshake_failures_total", failure.token())
             );
             assert!(text.contains(&zero), "{zero} missing from\n{text}");
         }
-        for failure in HandshakeFailure::WEBHOOK_PORT {
+        for failure in handshake::WEBHOOK_PORT {
             let family = "trellis_webhook_tls_handshake_failures_total";
-            let zero = format!("{} 0\n", series(family, failure.label()));
+            let zero = format!("{} 0\n", series(family, failure.token()));
             assert!(text.contains(&zero), "{zero} missing from\n{text}");
         }
         // A reason a port does not list is counted as `other`.

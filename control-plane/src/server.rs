@@ -681,7 +681,7 @@ impl RefusalReason for &'static str {
 
 impl RefusalReason for HandshakeFailure {
     fn label(self) -> &'static str {
-        HandshakeFailure::label(self)
+        HandshakeFailure::token(self)
     }
 }
 

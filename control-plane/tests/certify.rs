@@ -89,7 +89,7 @@ async fn refuses_an_oversized_request_naming_the_limit() {
 /// own series only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_control_planes_first_scrape_has_every_refusal_reason_at_zero() {
-    use trellis_control_plane::handshake::HandshakeFailure;
+    use trellis_control_plane::handshake;
     use trellis_core::grpc::CertifyRefusal;
 
     let cp = ControlPlane::start(&[]);
@@ -103,17 +103,14 @@ async fn a_fresh_control_planes_first_scrape_has_every_refusal_reason_at_zero() 
         assert!(has(series.clone()), "{series} missing from\n{page}");
     }
     for (family, reasons) in [
-        (
-            "trellis_tls_handshake_failures_total",
-            HandshakeFailure::GRPC_PORT,
-        ),
+        ("trellis_tls_handshake_failures_total", handshake::GRPC_PORT),
         (
             "trellis_webhook_tls_handshake_failures_total",
-            HandshakeFailure::WEBHOOK_PORT,
+            handshake::WEBHOOK_PORT,
         ),
     ] {
         for reason in reasons {
-            let series = format!("{family}{{reason=\"{}\"}} 0", reason.label());
+            let series = format!("{family}{{reason=\"{}\"}} 0", reason.token());
             assert!(has(series.clone()), "{series} missing from\n{page}");
         }
     }

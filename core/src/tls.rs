@@ -24,8 +24,10 @@ use crate::revocation::Revocations;
 use crate::spiffe::{InvalidSpiffeId, SpiffeId, TrustDomain};
 
 mod claimed;
+mod failure;
 
 pub use claimed::{Bounded, CLAIMED_CHARS, Claimed, claimed, noting_refused};
+pub use failure::HandshakeFailure;
 
 /// The only protocol version Trellis speaks.
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
@@ -98,23 +100,25 @@ pub enum SvidError {
 }
 
 impl SvidError {
-    /// Names the refusal for metrics and logs with a short, bounded label,
-    /// as [`failure_reason`] names the handshake failure it ends.
-    pub fn reason(&self) -> &'static str {
+    /// The handshake failure the refusal ends, as
+    /// [`HandshakeFailure::of_rustls`] names a rustls error carrying it.
+    pub fn reason(&self) -> HandshakeFailure {
         match self {
-            SvidError::UnexpectedId { .. } => "unexpected_identity",
-            SvidError::ForeignTrustDomain { .. } => "foreign_trust_domain",
-            SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. } => "expired_root",
-            SvidError::OutsideValidity { .. } => "expired_certificate",
-            SvidError::NoPath { .. } => "trust_domain_id",
-            SvidError::KeyUsage(_) => "svid_key_usage",
-            SvidError::BasicConstraints(_) => "svid_basic_constraints",
-            SvidError::CaAsLeaf => "ca_used_as_leaf",
-            SvidError::LeafAsCa => "leaf_used_as_ca",
+            SvidError::UnexpectedId { .. } => HandshakeFailure::UnexpectedIdentity,
+            SvidError::ForeignTrustDomain { .. } => HandshakeFailure::ForeignTrustDomain,
+            SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. } => {
+                HandshakeFailure::ExpiredRoot
+            }
+            SvidError::OutsideValidity { .. } => HandshakeFailure::ExpiredCertificate,
+            SvidError::NoPath { .. } => HandshakeFailure::TrustDomainId,
+            SvidError::KeyUsage(_) => HandshakeFailure::SvidKeyUsage,
+            SvidError::BasicConstraints(_) => HandshakeFailure::SvidBasicConstraints,
+            SvidError::CaAsLeaf => HandshakeFailure::CaUsedAsLeaf,
+            SvidError::LeafAsCa => HandshakeFailure::LeafUsedAsCa,
             SvidError::Malformed(_)
             | SvidError::UriSanCount(_)
             | SvidError::InvalidId(_)
-            | SvidError::NoCertificate => "invalid_svid",
+            | SvidError::NoCertificate => HandshakeFailure::InvalidSvid,
         }
     }
 }
@@ -868,38 +872,6 @@ pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
             .get_ref()?
             .downcast_ref::<rustls::Error>()
     })
-}
-
-/// Names a handshake failure for metrics and logs with a short, bounded label.
-pub fn failure_reason(e: &rustls::Error) -> &'static str {
-    use rustls::Error as E;
-    match e {
-        E::NoCertificatesPresented => "no_client_certificate",
-        E::InvalidCertificate(CertificateError::Other(other)) => {
-            match other.0.downcast_ref::<SvidError>() {
-                Some(svid) => svid.reason(),
-                None => match as_svid_error(other) {
-                    Some(svid) => svid.reason(),
-                    None => "invalid_certificate",
-                },
-            }
-        }
-        E::InvalidCertificate(CertificateError::Expired)
-        | E::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired_certificate",
-        // Its holder's clock, or this one, is off by more than the CA
-        // backdates: told apart from an expired one.
-        E::InvalidCertificate(CertificateError::NotValidYet)
-        | E::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
-            "not_yet_valid_certificate"
-        }
-        E::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
-        E::InvalidCertificate(CertificateError::Revoked) => crate::grpc::REFUSAL_REVOKED,
-        E::InvalidCertificate(_) => "invalid_certificate",
-        E::InvalidMessage(_) => "not_tls",
-        E::PeerIncompatible(_) => "incompatible_peer",
-        E::AlertReceived(_) => "alert_received",
-        _ => "other",
-    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use trellis_core::connections::Refused;
 
 use crate::inbound::H2Refused;
-pub use crate::tls::HandshakeFailure;
+pub use crate::tls::{HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS};
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -101,7 +101,6 @@ macro_rules! label_values {
         }
     };
 }
-pub(crate) use label_values;
 
 /// Series touched by every connection, resolved once so the data path only
 /// does atomic adds (the family map takes a lock).
@@ -136,7 +135,7 @@ fn side(direction: &str) -> Option<usize> {
 }
 
 /// Makes the series of `family` at 0 for each of `values` in each
-/// direction it can be counted in (`label` and `directions` say which),
+/// direction it can be counted in (`token` and `counted_in` say which),
 /// and resolves them once, so counting takes no lock:
 /// `[inbound, outbound][value]`, `None` where a value is never counted.
 fn per_direction<T: Copy, const N: usize>(
@@ -144,11 +143,11 @@ fn per_direction<T: Copy, const N: usize>(
     label: &'static str,
     values: [T; N],
     token: fn(T) -> &'static str,
-    directions: fn(T) -> Directions,
+    counted_in: fn(T, &str) -> bool,
 ) -> [[Option<Counter>; N]; 2] {
     [INBOUND, OUTBOUND].map(|direction| {
         values.map(|value| {
-            directions(value).include(direction).then(|| {
+            counted_in(value, direction).then(|| {
                 family
                     .get_or_create(&[("direction", direction), (label, token(value))])
                     .clone()
@@ -356,15 +355,15 @@ impl Metrics {
             &handshake_failures,
             "reason",
             HandshakeFailure::ALL,
-            HandshakeFailure::label,
-            HandshakeFailure::directions,
+            HandshakeFailure::token,
+            |reason, direction| crate::tls::failure::reasons_of(direction).contains(&reason),
         );
         let outcomes = per_direction(
             &connections,
             "outcome",
             Outcome::ALL,
             Outcome::label,
-            Outcome::directions,
+            |outcome, direction| outcome.directions().include(direction),
         );
         let certificate_expiry = Gauge::default();
         registry.register(
@@ -605,7 +604,7 @@ impl Metrics {
             }
             None => {
                 self.handshake_failures
-                    .get_or_create(&[("direction", direction), ("reason", reason.label())])
+                    .get_or_create(&[("direction", direction), ("reason", reason.token())])
                     .inc();
             }
         }
@@ -890,10 +889,7 @@ mod tests {
         };
         assert_eq!(
             zeros("trellis_handshake_failures_total{"),
-            HandshakeFailure::ALL
-                .map(|reason| directions(reason.directions()))
-                .iter()
-                .sum::<usize>(),
+            INBOUND_REASONS.len() + OUTBOUND_REASONS.len(),
             "{text}"
         );
         assert_eq!(
@@ -909,7 +905,7 @@ mod tests {
                 let series = format!(
                     "trellis_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} 0"
                 );
-                let listed = reason.directions().include(direction);
+                let listed = crate::tls::failure::reasons_of(direction).contains(&reason);
                 assert_eq!(text.contains(&series), listed, "{series} in\n{text}");
             }
             for outcome in Outcome::ALL {

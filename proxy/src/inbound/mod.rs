@@ -307,7 +307,7 @@ impl Shared {
         let error = error.map(tracing::field::display);
         warn_throttled!(
             self.handshakes.refusals,
-            reason.label(),
+            reason.token(),
             { %client, reason = %reason, error },
             "{message}"
         );
@@ -334,7 +334,7 @@ impl Shared {
         let issuer = claimed.and_then(|c| c.issuer.as_ref());
         warn_throttled!(
             self.handshakes.refusals,
-            reason.label(),
+            reason.token(),
             {
                 %client,
                 reason = %reason,
@@ -511,7 +511,7 @@ pub async fn serve(
     let handshake = Box::pin(trellis_core::tls::noting_refused(async {
         let mut tcp = tcp;
         let patience = net::HANDSHAKE_TIMEOUT;
-        let (answer, reason) = (PLAINTEXT_ANSWER, Some(PLAINTEXT_REASON.label()));
+        let (answer, reason) = (PLAINTEXT_ANSWER, Some(PLAINTEXT_REASON.token()));
         if refuse_plaintext_briefly(&mut tcp, answer, reason, patience, found_plaintext).await {
             // Counted and logged in `found_plaintext`: only ends the attempt.
             return Err(io::ErrorKind::InvalidData.into());
@@ -557,7 +557,7 @@ pub async fn serve(
         // Counted when it was seen, its answer sent or cut short since.
         _ if plaintext => return,
         Ok((Err(e), claimed)) => {
-            let reason = HandshakeFailure::of_io(&e);
+            let reason = crate::tls::failure::of_io(&e);
             let error = trellis_core::tls::Described(&e);
             if reason == HandshakeFailure::NotResumed {
                 // Expected once per caller holding tickets
@@ -597,7 +597,7 @@ pub async fn serve(
                 // A full handshake's verifier has checked the SVID already; a
                 // resumed session's certificate is checked only here, and one
                 // that has expired since the session began is refused.
-                let reason = HandshakeFailure::of_svid(&e);
+                let reason = e.reason();
                 return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
             }
         };

@@ -209,7 +209,7 @@ impl DialError {
     fn failure(&self) -> Option<HandshakeFailure> {
         match self {
             DialError::NoCertificate => Some(HandshakeFailure::NoLocalCertificate),
-            DialError::Handshake(e, _) => Some(HandshakeFailure::of_io(e)),
+            DialError::Handshake(e, _) => Some(tls::failure::of_io(e)),
             DialError::Timeout => Some(HandshakeFailure::Timeout),
             DialError::PeerNotReady => Some(HandshakeFailure::PeerNotReady),
             DialError::Revoked(_) => Some(HandshakeFailure::Revoked),
@@ -221,7 +221,7 @@ impl DialError {
     /// failed instead.
     fn reason(&self) -> &'static str {
         match (self, self.failure()) {
-            (_, Some(failure)) => failure.label(),
+            (_, Some(failure)) => failure.token(),
             (DialError::Connect(_), None) => token::CONNECT_FAILED,
             (_, None) => token::WRITE_FAILED,
         }
@@ -375,7 +375,7 @@ where
                         .map(|()| not_before)
                         .map_err(|e| {
                             let error = trellis_core::tls::Described(&e).to_string();
-                            (error, trellis_core::tls::failure_reason(&e))
+                            (error, HandshakeFailure::of_rustls(&e).token())
                         })
                 })
                 // Against the notBefore `still_valid` read: not parsed again.
@@ -763,7 +763,7 @@ impl PeerRefusal {
             HandshakeFailure::AlertInternalError => "it failed internally",
             _ => "it sent a TLS alert",
         };
-        let reason = failure.label();
+        let reason = failure.token();
         Some(PeerRefusal {
             alert: Some(alert),
             reason,

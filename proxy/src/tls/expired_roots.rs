@@ -12,7 +12,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use trellis_core::tls::{
-    Described, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
+    Described, ExpectedServer, HandshakeFailure, SpiffeClientVerifier, SpiffeServerVerifier,
     root_store,
 };
 use trellis_core::{SpiffeId, TrustDomain};
@@ -79,7 +79,8 @@ fn verdicts(
     secs: u64,
 ) -> [String; 2] {
     let name = ServerName::try_from("api.mesh").unwrap();
-    let words = |e: rustls::Error| format!("{} ({})", Described(&e), failure_reason(&e));
+    let words =
+        |e: rustls::Error| format!("{} ({})", Described(&e), HandshakeFailure::of_rustls(&e));
     [
         server
             .verify_server_cert(leaf, &[], &name, &[], unix(secs))
@@ -139,7 +140,11 @@ fn a_root_stops_anchoring_chains_the_moment_it_expires() {
         client.verify_resumed(&old_chain, unix(expiry + 1)),
     ] {
         let refused = refused.unwrap_err();
-        assert_eq!(failure_reason(&refused), "expired_root", "{refused}");
+        assert_eq!(
+            HandshakeFailure::of_rustls(&refused).token(),
+            "expired_root",
+            "{refused}"
+        );
     }
     assert!(
         server

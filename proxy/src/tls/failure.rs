@@ -1,147 +1,118 @@
-//! Why a TLS handshake failed, or a peer was refused as if it had: the
-//! `reason` of `trellis_handshake_failures_total` and of the log lines
-//! that report it.
+//! Which handshake failures the sidecar counts in each direction, and how
+//! it names the I/O error a handshake ended with.
 //!
-//! This is the one list of those reasons: the code that classifies a
-//! failure names one of them (so no other can be counted), and the
-//! metrics make each at 0 in the directions it can occur in.
+//! The reasons themselves are core's one list
+//! ([`trellis_core::tls::HandshakeFailure`]), shared with the control
+//! plane; the metrics make each of the lists here at 0 in its direction.
 
 use std::io;
 
-use trellis_core::tls::SvidError;
+pub use trellis_core::tls::HandshakeFailure;
 
-use crate::metrics::label_values;
+use crate::metrics::{INBOUND, OUTBOUND};
 
-label_values! {
-    /// The `reason` label values of `trellis_handshake_failures_total`.
-    pub enum HandshakeFailure {
-        /// The bytes were not TLS (plaintext to the inbound port).
-        NotTls = ("not_tls", Both),
-        /// The peer presented no certificate.
-        NoClientCertificate = ("no_client_certificate", Both),
-        /// No root of the trust bundle leads to the peer's certificate.
-        UnknownIssuer = ("unknown_issuer", Both),
-        /// The chain leads only to a root of the bundle that has expired.
-        ExpiredRoot = ("expired_root", Both),
-        /// The peer is not the identity expected of it.
-        UnexpectedIdentity = ("unexpected_identity", Both),
-        /// The peer's SPIFFE ID is of another trust domain.
-        ForeignTrustDomain = ("foreign_trust_domain", Both),
-        /// A leaf without digitalSignature in its keyUsage, or with
-        /// keyCertSign or cRLSign.
-        SvidKeyUsage = ("svid_key_usage", Both),
-        /// A leaf without basicConstraints.
-        SvidBasicConstraints = ("svid_basic_constraints", Both),
-        /// The trust domain's own ID for a workload's.
-        TrustDomainId = ("trust_domain_id", Both),
-        /// A CA certificate presented as the leaf.
-        CaUsedAsLeaf = ("ca_used_as_leaf", Both),
-        /// A leaf that signed another certificate of the chain.
-        LeafUsedAsCa = ("leaf_used_as_ca", Both),
-        /// A certificate that is no X.509-SVID: malformed, no single URI
-        /// SAN, or one that is no SPIFFE ID.
-        InvalidSvid = ("invalid_svid", Both),
-        /// Any other fault of the peer's certificate.
-        InvalidCertificate = ("invalid_certificate", Both),
-        /// The handshake did not end in time.
-        Timeout = ("timeout", Both),
-        /// A TLS 1.2 peer, or one with no cipher suite or key exchange in
-        /// common.
-        IncompatiblePeer = ("incompatible_peer", Both),
-        /// The peer's certificate has expired.
-        ExpiredCertificate = ("expired_certificate", Both),
-        /// The peer's certificate is not valid yet by this sidecar's clock.
-        NotYetValidCertificate = ("not_yet_valid_certificate", Both),
-        /// A revocation covers the peer's certificate.
-        Revoked = ("revoked", Both),
-        /// This sidecar has no certificate yet.
-        NoLocalCertificate = ("no_local_certificate", Both),
-        /// The peer ended the handshake with a TLS alert.
-        AlertReceived = ("alert_received", Both),
-        /// The peer closed the connection during the handshake.
-        Closed = ("closed", Both),
-        /// The connection failed during the handshake (not a TLS error).
-        Io = ("io", Both),
-        /// Any other TLS error.
-        Other = ("other", Both),
-        /// A caller's attempt to resume with a ticket this sidecar no
-        /// longer accepts, which it ends and dials again in full.
-        NotResumed = ("not_resumed", Inbound),
-        /// A caller past the handshake limits.
-        Overloaded = ("overloaded", Inbound),
-        /// The server's sidecar has no certificate yet.
-        PeerNotReady = ("peer_not_ready", Outbound),
-        /// The server's sidecar refused this sidecar's certificate with
-        /// the alert `certificate_revoked`, once this sidecar's handshake
-        /// was over (as TLS 1.3 has it); so the `alert_` reasons below.
-        AlertCertificateRevoked = ("alert_certificate_revoked", Outbound),
-        AlertCertificateExpired = ("alert_certificate_expired", Outbound),
-        AlertUnknownCa = ("alert_unknown_ca", Outbound),
-        AlertCertificateRequired = ("alert_certificate_required", Outbound),
-        AlertBadCertificate = ("alert_bad_certificate", Outbound),
-        AlertCertificateUnknown = ("alert_certificate_unknown", Outbound),
-        AlertAccessDenied = ("alert_access_denied", Outbound),
-        AlertHandshakeFailure = ("alert_handshake_failure", Outbound),
-        AlertInternalError = ("alert_internal_error", Outbound),
-        /// Any other alert.
-        AlertOther = ("alert_other", Outbound),
+use HandshakeFailure as F;
+
+/// The reasons either direction can count: core's classifiers
+/// ([`HandshakeFailure::CLASSIFIED`]) and what a sidecar meets on both
+/// sides of a handshake.
+const EITHER_DIRECTION: [HandshakeFailure; 23] = [
+    F::NotTls,
+    F::NoClientCertificate,
+    F::UnknownIssuer,
+    F::ExpiredRoot,
+    F::UnexpectedIdentity,
+    F::ForeignTrustDomain,
+    F::SvidKeyUsage,
+    F::SvidBasicConstraints,
+    F::TrustDomainId,
+    F::CaUsedAsLeaf,
+    F::LeafUsedAsCa,
+    F::InvalidSvid,
+    F::InvalidCertificate,
+    F::Timeout,
+    F::IncompatiblePeer,
+    F::ExpiredCertificate,
+    F::NotYetValidCertificate,
+    F::Revoked,
+    F::NoLocalCertificate,
+    F::AlertReceived,
+    F::Closed,
+    F::Io,
+    F::Other,
+];
+
+/// The reasons an inbound handshake can fail for: a caller's resumption
+/// with a ticket no longer accepted ([`F::NotResumed`]), and a caller past
+/// the handshake limits ([`F::Overloaded`]), besides either direction's.
+pub const INBOUND_REASONS: [HandshakeFailure; 25] =
+    joined(EITHER_DIRECTION, [F::NotResumed, F::Overloaded]);
+
+/// The reasons an outbound dial can fail for: a server whose sidecar has
+/// no certificate yet, and the alerts a server's sidecar refuses this
+/// sidecar's certificate with once this side's handshake is over (as TLS
+/// 1.3 has it), besides either direction's.
+pub const OUTBOUND_REASONS: [HandshakeFailure; 34] = joined(
+    EITHER_DIRECTION,
+    [
+        F::PeerNotReady,
+        F::AlertCertificateRevoked,
+        F::AlertCertificateExpired,
+        F::AlertUnknownCa,
+        F::AlertCertificateRequired,
+        F::AlertBadCertificate,
+        F::AlertCertificateUnknown,
+        F::AlertAccessDenied,
+        F::AlertHandshakeFailure,
+        F::AlertInternalError,
+        F::AlertOther,
+    ],
+);
+
+/// `a` then `b`; `N` must be their length together (checked as the
+/// constant is evaluated).
+const fn joined<const A: usize, const B: usize, const N: usize>(
+    a: [HandshakeFailure; A],
+    b: [HandshakeFailure; B],
+) -> [HandshakeFailure; N] {
+    assert!(A + B == N, "the length of a joined list");
+    let mut out = [F::Other; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
+
+/// The reasons the sidecar counts in `direction` ([`INBOUND`] or
+/// [`OUTBOUND`]); none for any other.
+pub fn reasons_of(direction: &str) -> &'static [HandshakeFailure] {
+    match direction {
+        INBOUND => &INBOUND_REASONS,
+        OUTBOUND => &OUTBOUND_REASONS,
+        _ => &[],
     }
 }
 
-impl HandshakeFailure {
-    /// The reason whose token is `label`, or [`HandshakeFailure::Other`].
-    fn named(label: &str) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|reason| reason.label() == label)
-            .unwrap_or(HandshakeFailure::Other)
+/// The I/O error a TLS handshake ended with: the rustls error inside it
+/// ([`HandshakeFailure::of_rustls`]), a caller's resumption ended
+/// ([`crate::net::ResumptionRefused`]), the connection closed, or
+/// [`HandshakeFailure::Io`].
+pub fn of_io(e: &io::Error) -> HandshakeFailure {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<crate::net::ResumptionRefused>())
+    {
+        return F::NotResumed;
     }
-
-    /// A rustls error of a handshake, named as the control plane names it
-    /// ([`trellis_core::tls::failure_reason`]).
-    pub fn of_rustls(e: &rustls::Error) -> Self {
-        Self::named(trellis_core::tls::failure_reason(e))
-    }
-
-    /// A certificate refused for not being a usable X.509-SVID.
-    pub fn of_svid(e: &SvidError) -> Self {
-        Self::named(e.reason())
-    }
-
-    /// The I/O error a TLS handshake ended with: the rustls error inside
-    /// it, a caller's resumption ended ([`crate::net::ResumptionRefused`]),
-    /// the connection closed, or [`HandshakeFailure::Io`].
-    pub fn of_io(e: &io::Error) -> Self {
-        if e.get_ref()
-            .is_some_and(|inner| inner.is::<crate::net::ResumptionRefused>())
-        {
-            return HandshakeFailure::NotResumed;
-        }
-        match trellis_core::tls::rustls_error(e) {
-            Some(tls) => Self::of_rustls(tls),
-            None if e.kind() == io::ErrorKind::UnexpectedEof => HandshakeFailure::Closed,
-            None => HandshakeFailure::Io,
-        }
-    }
-
-    /// The reason an alert the server's sidecar refused this sidecar's
-    /// certificate with after the handshake is counted under.
-    pub fn of_alert(alert: rustls::AlertDescription) -> Self {
-        use rustls::AlertDescription as A;
-        match alert {
-            A::CertificateRevoked => HandshakeFailure::AlertCertificateRevoked,
-            A::CertificateExpired => HandshakeFailure::AlertCertificateExpired,
-            A::UnknownCA => HandshakeFailure::AlertUnknownCa,
-            A::CertificateRequired => HandshakeFailure::AlertCertificateRequired,
-            A::BadCertificate | A::UnsupportedCertificate | A::DecryptError => {
-                HandshakeFailure::AlertBadCertificate
-            }
-            A::CertificateUnknown => HandshakeFailure::AlertCertificateUnknown,
-            A::AccessDenied => HandshakeFailure::AlertAccessDenied,
-            A::HandshakeFailure => HandshakeFailure::AlertHandshakeFailure,
-            A::InternalError => HandshakeFailure::AlertInternalError,
-            _ => HandshakeFailure::AlertOther,
-        }
+    match trellis_core::tls::rustls_error(e) {
+        Some(tls) => HandshakeFailure::of_rustls(tls),
+        None if e.kind() == io::ErrorKind::UnexpectedEof => F::Closed,
+        None => F::Io,
     }
 }
 
@@ -149,83 +120,33 @@ impl HandshakeFailure {
 mod tests {
     use std::collections::HashSet;
 
-    use rustls::{AlertDescription, CertificateError, Error, InvalidMessage, PeerIncompatible};
-    use trellis_core::spiffe::SpiffeId;
-
     use super::*;
 
+    /// Whatever core's classifiers name a failure by has a series in both
+    /// directions, so none falls to a series of its own unlisted; and no
+    /// reason is listed twice in a direction.
     #[test]
-    fn tokens_are_unique_and_in_snake_case() {
-        let tokens: HashSet<_> = HandshakeFailure::ALL.map(HandshakeFailure::label).into();
-        assert_eq!(tokens.len(), HandshakeFailure::COUNT);
-        for token in tokens {
-            assert!(
-                token.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-                "{token}"
-            );
+    fn every_reason_the_classifiers_name_is_listed_in_both_directions() {
+        for direction in [INBOUND, OUTBOUND] {
+            let listed = reasons_of(direction);
+            for reason in HandshakeFailure::CLASSIFIED {
+                assert!(listed.contains(reason), "{reason} in {direction}");
+            }
+            let unique: HashSet<_> = listed.iter().collect();
+            assert_eq!(unique.len(), listed.len(), "{direction}");
         }
     }
 
-    /// Every reason the shared classifier names a rustls error or a
-    /// refused SVID by is one of the list, under the same token: none
-    /// falls to `other` for want of a place in it.
     #[test]
-    fn every_reason_the_classifier_names_is_listed() {
-        let id = |s: &str| SpiffeId::parse(s).unwrap();
-        let svid_errors = [
-            SvidError::Malformed("x".into()),
-            SvidError::UriSanCount(2),
-            SvidError::ForeignTrustDomain {
-                found: id("spiffe://other/ns/a/sa/b"),
-                expected: id("spiffe://td/ns/a/sa/b").trust_domain(),
-            },
-            SvidError::UnexpectedId {
-                found: id("spiffe://td/ns/a/sa/b"),
-                expected: id("spiffe://td/ns/a/sa/c"),
-            },
-            SvidError::NoCertificate,
-            SvidError::OutsideValidity {
-                not_before: String::new(),
-                not_after: String::new(),
-            },
-            SvidError::ExpiredRoot {
-                subject: String::new(),
-                not_after: String::new(),
-            },
-            SvidError::RootsExpired {
-                not_after: String::new(),
-            },
-            SvidError::NoPath {
-                id: id("spiffe://td/ns/a/sa/b"),
-            },
-            SvidError::KeyUsage("x"),
-            SvidError::BasicConstraints("x"),
-            SvidError::CaAsLeaf,
-            SvidError::LeafAsCa,
-        ];
-        for e in &svid_errors {
-            let reason = HandshakeFailure::of_svid(e);
-            assert_eq!(reason.label(), e.reason(), "{e:?}");
-            assert_ne!(reason, HandshakeFailure::Other, "{e:?}");
-        }
-        for e in [
-            Error::NoCertificatesPresented,
-            Error::InvalidCertificate(CertificateError::Expired),
-            Error::InvalidCertificate(CertificateError::NotValidYet),
-            Error::InvalidCertificate(CertificateError::UnknownIssuer),
-            Error::InvalidCertificate(CertificateError::Revoked),
-            Error::InvalidCertificate(CertificateError::BadSignature),
-            Error::InvalidMessage(InvalidMessage::InvalidContentType),
-            Error::PeerIncompatible(PeerIncompatible::Tls12NotOffered),
-            Error::AlertReceived(AlertDescription::HandshakeFailure),
-        ] {
-            let reason = HandshakeFailure::of_rustls(&e);
-            assert_eq!(reason.label(), trellis_core::tls::failure_reason(&e));
-            assert_ne!(reason, HandshakeFailure::Other, "{e:?}");
-        }
-        assert_eq!(
-            HandshakeFailure::of_rustls(&Error::HandshakeNotComplete),
-            HandshakeFailure::Other
+    fn an_ended_handshake_is_named_by_what_ended_it() {
+        let closed = io::Error::new(io::ErrorKind::UnexpectedEof, "eof");
+        assert_eq!(of_io(&closed), F::Closed);
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(of_io(&reset), F::Io);
+        let tls = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         );
+        assert_eq!(of_io(&tls), F::UnknownIssuer);
     }
 }

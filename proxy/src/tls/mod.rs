@@ -36,11 +36,11 @@
 //! session, ticket or byte of the app exists, and the dial forgets the
 //! peer's tickets and starts again with the hybrid.
 
-mod failure;
+pub mod failure;
 pub mod ticketer;
 pub mod tickets;
 
-pub use failure::HandshakeFailure;
+pub use failure::{HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS};
 
 #[cfg(test)]
 mod expired_roots;

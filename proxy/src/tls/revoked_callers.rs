@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use trellis_core::revocation::{BACKDATE, Revocations};
-use trellis_core::tls::{SpiffeClientVerifier, failure_reason, noting_refused, root_store};
+use trellis_core::tls::{HandshakeFailure, SpiffeClientVerifier, noting_refused, root_store};
 use trellis_core::{SpiffeId, TrustDomain};
 
 use super::TlsState;
@@ -61,7 +61,7 @@ async fn a_caller_is_refused_with_certificate_revoked_only_if_issued_by_the_revo
         rustls::AlertDescription::from(rustls::CertificateError::Revoked),
         rustls::AlertDescription::CertificateRevoked
     );
-    assert_eq!(failure_reason(&e), "revoked");
+    assert_eq!(HandshakeFailure::of_rustls(&e).token(), "revoked");
     let revoked = claimed
         .and_then(|c| c.revoked)
         .expect("the revocation noted");

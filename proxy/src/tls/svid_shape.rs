@@ -14,7 +14,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use trellis_core::tls::{
-    Described, ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
+    Described, ExpectedServer, HandshakeFailure, SpiffeClientVerifier, SpiffeServerVerifier,
     peer_svid, root_store,
 };
 use trellis_core::{SpiffeId, TrustDomain};
@@ -65,7 +65,8 @@ fn verdicts(chain: &[CertificateDer<'static>], root: &CertificateDer<'static>) -
     let client = SpiffeClientVerifier::new(roots, td, true).unwrap();
     let name = ServerName::try_from("api.mesh").unwrap();
     let now = UnixTime::since_unix_epoch(SystemTime::now().duration_since(UNIX_EPOCH).unwrap());
-    let words = |e: rustls::Error| format!("{} ({})", Described(&e), failure_reason(&e));
+    let words =
+        |e: rustls::Error| format!("{} ({})", Described(&e), HandshakeFailure::of_rustls(&e));
     let (leaf, intermediates) = chain.split_first().unwrap();
     [
         server

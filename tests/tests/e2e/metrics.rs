@@ -7,7 +7,9 @@
 
 use std::collections::BTreeSet;
 
-use trellis_proxy::metrics::{HandshakeFailure, Outcome};
+use trellis_proxy::metrics::{
+    Directions, HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS, Outcome,
+};
 use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::{HttpApp, Mesh};
 
@@ -229,7 +231,18 @@ async fn a_fresh_sidecars_first_scrape_shows_every_metric_the_readme_lists() -> 
     same_families(&families(&page), &readme_sidecar_families(&readme)?)?;
     // Every reason and outcome the sidecar can count is listed, and made
     // at 0 in each direction it can be counted in (in no other).
-    let failures = HandshakeFailure::ALL.map(|f| (f.label(), f.directions()));
+    let failures: Vec<_> = HandshakeFailure::ALL
+        .iter()
+        .filter_map(|f| {
+            let directions = match (INBOUND_REASONS.contains(f), OUTBOUND_REASONS.contains(f)) {
+                (true, true) => Directions::Both,
+                (true, false) => Directions::Inbound,
+                (false, true) => Directions::Outbound,
+                (false, false) => return None,
+            };
+            Some((f.token(), directions))
+        })
+        .collect();
     let outcomes = Outcome::ALL.map(|o| (o.label(), o.directions()));
     for (metric, label, values) in [
         ("trellis_handshake_failures_total", "reason", &failures[..]),
