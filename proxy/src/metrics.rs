@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use trellis_core::connections::Refused;
 
 use crate::inbound::H2Refused;
+use crate::net::ConnectFailure;
 pub use crate::tls::{HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS};
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -248,8 +249,8 @@ pub struct Metrics {
     /// `[inbound, outbound][full, resumed][KX_GROUP_VALUES]`.
     handshakes: [[[Counter; KX_GROUP_VALUES.len()]; 2]; 2],
     /// `trellis_service_connect_retries_total`, resolved once:
-    /// `[CONNECT_FAILURES]`.
-    service_retries: [Counter; CONNECT_FAILURES.len()],
+    /// `[ConnectFailure]`.
+    service_retries: [Counter; ConnectFailure::ALL.len()],
     /// `trellis_app_request_retries_total`, resolved once:
     /// `[APP_RETRIES]`.
     app_retries: [Counter; APP_RETRIES.len()],
@@ -266,11 +267,6 @@ pub struct Metrics {
     /// `[per_peer, total]`.
     h2_refused: [Counter; 2],
 }
-
-/// The `reason` label values of `trellis_service_connect_retries_total`:
-/// why connecting to a Service's backend failed (see
-/// [`crate::net::connect_failure_reason`]).
-pub const CONNECT_FAILURES: [&str; 5] = ["refused", "unreachable", "timeout", "reset", "other"];
 
 /// The `reason` label values of `trellis_app_request_retries_total`: what
 /// of an inbound request was at hand when it went out again on another app
@@ -478,7 +474,7 @@ impl Metrics {
             "Calls to a Service sent on to another of its backends because connecting to \
              the one tried failed (before any byte of the app's was sent), by why \
              (refused, unreachable, timeout, reset, other)",
-            CONNECT_FAILURES,
+            ConnectFailure::ALL.map(ConnectFailure::token),
         );
         let app_retries = per_reason(
             &mut registry,
@@ -673,11 +669,10 @@ impl Metrics {
     }
 
     /// Counts a call to a service that went on to another backend because
-    /// connecting to one failed, `reason` being one of
-    /// [`CONNECT_FAILURES`] (any other counts as `other`). No lock: every
-    /// series was resolved up front.
-    pub fn service_retry(&self, reason: &'static str) {
-        self.service_retries[reason_index(&CONNECT_FAILURES, reason)].inc();
+    /// connecting to one failed, for `reason`. No lock: every series was
+    /// resolved up front.
+    pub fn service_retry(&self, reason: ConnectFailure) {
+        self.service_retries[reason as usize].inc();
     }
 
     /// Counts an inbound request sent again on a new app connection

@@ -13,6 +13,7 @@
 //!
 //! Nothing here knows about identities or policy.
 
+use std::fmt;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -200,15 +201,62 @@ async fn dial(addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> io::Re
     Ok(stream)
 }
 
-/// Why a [`connect`] failed, as a `reason` label of
-/// [`CONNECT_FAILURES`](crate::metrics::CONNECT_FAILURES).
-pub fn connect_failure_reason(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "refused",
-        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
-        io::ErrorKind::TimedOut => "timeout",
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "reset",
-        _ => "other",
+/// Why a [`connect`] failed: the `reason` label of
+/// `trellis_service_connect_retries_total`, each made at 0 from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens at the address.
+    Refused,
+    /// No route to the host or its network.
+    Unreachable,
+    /// No answer in time.
+    Timeout,
+    /// The connection was reset or aborted as it was made.
+    Reset,
+    /// Any other failure.
+    Other,
+}
+
+impl ConnectFailure {
+    /// Every reason; a reason's index is `reason as usize`.
+    pub const ALL: [ConnectFailure; 5] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Unreachable,
+        ConnectFailure::Timeout,
+        ConnectFailure::Reset,
+        ConnectFailure::Other,
+    ];
+
+    /// The reason `e` names.
+    pub fn of(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                ConnectFailure::Unreachable
+            }
+            io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+                ConnectFailure::Reset
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    /// The label token it is counted and logged under.
+    pub const fn token(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Reset => "reset",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.token())
     }
 }
 
@@ -672,6 +720,24 @@ mod tests {
 
     use super::*;
     use trellis_core::tcp::DEFAULT_USER_TIMEOUT;
+
+    /// A failed connect is counted under what its error names, each
+    /// reason at its own index of the metric's resolved series.
+    #[test]
+    fn a_failed_connect_is_named_by_its_error() {
+        for (kind, token) in [
+            (io::ErrorKind::ConnectionRefused, "refused"),
+            (io::ErrorKind::HostUnreachable, "unreachable"),
+            (io::ErrorKind::NetworkUnreachable, "unreachable"),
+            (io::ErrorKind::TimedOut, "timeout"),
+            (io::ErrorKind::ConnectionReset, "reset"),
+            (io::ErrorKind::AddrNotAvailable, "other"),
+        ] {
+            let reason = ConnectFailure::of(&io::Error::from(kind));
+            assert_eq!(reason.token(), token, "{kind:?}");
+            assert_eq!(ConnectFailure::ALL[reason as usize], reason);
+        }
+    }
 
     /// A listener is reached at its own address, and a wildcard one at
     /// any address of this host of its family; another port, another

@@ -1234,13 +1234,13 @@ impl Retry<'_> {
                 tried,
             )
         }?;
-        let reason = net::connect_failure_reason(error);
+        let reason = net::ConnectFailure::of(error);
         tracing::debug!(
             dst = %self.call.dst,
             service = self.call.name,
             backend = tried.last().map(tracing::field::display),
             next = next.dialled().map(tracing::field::display),
-            reason,
+            reason = %reason,
             error = %error,
             "outbound connection to a service backend failed; trying another backend"
         );
