@@ -275,23 +275,36 @@ pub struct Metrics {
 /// (`streaming_body`).
 pub const APP_RETRIES: [&str; 2] = ["whole_request", "streaming_body"];
 
-/// The `reason` label values of `trellis_tls_resumptions_abandoned_total`:
-/// `not_resumed` (the peer no longer accepted the ticket), or why a resumed
-/// session's peer certificate is no longer trusted, named as in
-/// `trellis_handshake_failures_total` (any other reason is `other`).
 /// The `reason` label of `trellis_admin_malformed_requests_total`: what
 /// was wrong with a request head the admin port refused. The last stands
 /// for any other.
 pub const ADMIN_MALFORMED: [&str; 3] = trellis_core::http1::HEAD_FAULT_REASONS;
 
-pub const RESUMPTIONS_ABANDONED: [&str; 6] = [
-    "not_resumed",
-    "expired_certificate",
-    "revoked",
-    "expired_root",
-    "unknown_issuer",
-    "other",
+/// The `reason` label values of `trellis_tls_resumptions_abandoned_total`:
+/// `not_resumed` (the peer no longer accepted the ticket), or why a resumed
+/// session's peer certificate is no longer trusted, named as in
+/// `trellis_handshake_failures_total` (any other reason is `other`, the
+/// last).
+pub const RESUMPTIONS_ABANDONED: [HandshakeFailure; 6] = [
+    HandshakeFailure::NotResumed,
+    HandshakeFailure::ExpiredCertificate,
+    HandshakeFailure::Revoked,
+    HandshakeFailure::ExpiredRoot,
+    HandshakeFailure::UnknownIssuer,
+    HandshakeFailure::Other,
 ];
+
+/// The index in [`RESUMPTIONS_ABANDONED`] each reason is counted at, by
+/// `reason as usize`: its own, or `other`'s for one not listed.
+const RESUMPTION_ABANDONED_AT: [usize; HandshakeFailure::COUNT] = {
+    let mut at = [RESUMPTIONS_ABANDONED.len() - 1; HandshakeFailure::COUNT];
+    let mut i = 0;
+    while i < RESUMPTIONS_ABANDONED.len() {
+        at[RESUMPTIONS_ABANDONED[i] as usize] = i;
+        i += 1;
+    }
+    at
+};
 
 /// The `group` label values of `trellis_tls_handshakes_total`: the key
 /// exchange of the handshake: the hybrid, X25519 alone, or any other.
@@ -499,7 +512,7 @@ impl Metrics {
              (expired_certificate, revoked, expired_root, unknown_issuer, other): the peer is \
              dialled again with a full handshake, counted in trellis_handshake_failures_total \
              only if it fails",
-            RESUMPTIONS_ABANDONED,
+            RESUMPTIONS_ABANDONED.map(HandshakeFailure::token),
         );
         let admin_refused = per_reason(
             &mut registry,
@@ -688,12 +701,12 @@ impl Metrics {
 
     /// Counts an outbound attempt to resume a session given up because the
     /// peer refused its ticket or the peer certificate it brought back is
-    /// no longer trusted, `reason` being one of [`RESUMPTIONS_ABANDONED`]
+    /// no longer trusted, for `reason`, one of [`RESUMPTIONS_ABANDONED`]
     /// (any other counts as `other`). Not a handshake failure: the dial
     /// goes on with a full handshake, which counts as one if it fails. No
     /// lock: every series was resolved up front.
-    pub fn resumption_abandoned(&self, reason: &'static str) {
-        self.resumptions_abandoned[reason_index(&RESUMPTIONS_ABANDONED, reason)].inc();
+    pub fn resumption_abandoned(&self, reason: HandshakeFailure) {
+        self.resumptions_abandoned[RESUMPTION_ABANDONED_AT[reason as usize]].inc();
     }
 
     /// Counts a connection to the admin port closed as it was accepted, by
@@ -926,6 +939,26 @@ mod tests {
             1 + crate::identity::RENEWAL_FAILURE_REASONS.len()
         );
         assert!(!text.contains("trellis_rate_limited_total{"), "{text}");
+    }
+
+    /// An abandoned resumption counts under its reason when the metric
+    /// lists it, else under `other`.
+    #[test]
+    fn an_abandoned_resumption_counts_under_its_reason_or_other() {
+        let m = Metrics::new();
+        m.resumption_abandoned(HandshakeFailure::Revoked);
+        m.resumption_abandoned(HandshakeFailure::NotResumed);
+        m.resumption_abandoned(HandshakeFailure::NotResumed);
+        m.resumption_abandoned(HandshakeFailure::ForeignTrustDomain);
+        let text = m.encode();
+        for series in [
+            "trellis_tls_resumptions_abandoned_total{reason=\"revoked\"} 1",
+            "trellis_tls_resumptions_abandoned_total{reason=\"not_resumed\"} 2",
+            "trellis_tls_resumptions_abandoned_total{reason=\"other\"} 1",
+            "trellis_tls_resumptions_abandoned_total{reason=\"expired_root\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
     }
 
     /// A count lands on its own series, made at 0 before; a value counted

@@ -348,7 +348,9 @@ where
         // handshake fails.
         Err(DialError::Handshake(e, _)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
-            shared.metrics.resumption_abandoned("not_resumed");
+            shared
+                .metrics
+                .resumption_abandoned(HandshakeFailure::NotResumed);
             peer.tickets.forget(name);
             full().await
         }
@@ -366,7 +368,7 @@ where
                 .map_or(Err(SvidError::NoCertificate), |leaf| {
                     peer.tickets.still_valid(leaf)
                 })
-                .map_err(|e| (e.to_string(), "expired_certificate"))
+                .map_err(|e| (e.to_string(), HandshakeFailure::ExpiredCertificate))
                 // A root of the bundle that expired since the session
                 // began: the chain is verified again, as a full handshake
                 // would.
@@ -375,13 +377,13 @@ where
                         .map(|()| not_before)
                         .map_err(|e| {
                             let error = trellis_core::tls::Described(&e).to_string();
-                            (error, HandshakeFailure::of_rustls(&e).token())
+                            (error, HandshakeFailure::of_rustls(&e))
                         })
                 })
                 // Against the notBefore `still_valid` read: not parsed again.
                 .and_then(|not_before| match revoked_at {
                     Some(at) => revocation::check_against(expected, at, not_before)
-                        .map_err(|e| (e.to_string(), trellis_core::grpc::REFUSAL_REVOKED)),
+                        .map_err(|e| (e.to_string(), HandshakeFailure::Revoked)),
                     None => Ok(()),
                 });
             match valid {
@@ -393,7 +395,7 @@ where
                 // The held Finished never leaves: the peer sees the
                 // handshake end unfinished.
                 Err((e, reason)) => {
-                    tracing::debug!(peer = %expected, error = %e, reason, "resumed session's certificate no longer valid; dialling again with a full handshake");
+                    tracing::debug!(peer = %expected, error = %e, reason = %reason, "resumed session's certificate no longer valid; dialling again with a full handshake");
                     shared.metrics.resumption_abandoned(reason);
                     peer.tickets.forget(name);
                     drop(stream);
