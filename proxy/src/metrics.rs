@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use trellis_core::connections::Refused;
 
+use crate::identity::RenewalFailure;
 use crate::inbound::H2Refused;
 use crate::net::ConnectFailure;
 pub use crate::tls::{HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS};
@@ -27,7 +28,7 @@ type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
 /// `outcome` alone when a Certify call succeeded, with a `reason` when it
-/// failed (one of [`crate::identity::RENEWAL_FAILURE_REASONS`]).
+/// failed (one of [`RenewalFailure::ALL`]).
 type RenewalLabels = Vec<(&'static str, &'static str)>;
 /// `action` (static) and `policy` (a policy's `namespace/name` or
 /// `default:<mode>`: bounded by the policies selecting this workload).
@@ -231,7 +232,11 @@ pub struct Metrics {
     /// `[inbound, outbound][HandshakeFailure]`.
     failures: [[Option<Counter>; HandshakeFailure::COUNT]; 2],
     pub certificate_expiry: Gauge,
-    renewals: Family<RenewalLabels, Counter>,
+    /// `trellis_certificate_renewals_total{outcome="ok"}`, resolved once.
+    renewals_ok: Counter,
+    /// `trellis_certificate_renewals_total{outcome="error"}`, resolved
+    /// once: `[RenewalFailure]`.
+    renewal_failures: [Counter; RenewalFailure::ALL.len()],
     pub snapshot_version: Gauge<u64, AtomicU64>,
     /// `trellis_drain_start_timestamp_seconds`: 0 until the drain starts.
     drain_start: Gauge,
@@ -386,11 +391,13 @@ impl Metrics {
             "Certify calls by outcome, and by reason when they failed",
             renewals.clone(),
         );
-        // Made at 0 (the read guard each call returns is dropped at once).
-        let _ = renewals.get_or_create(&vec![("outcome", "ok")]);
-        for reason in crate::identity::RENEWAL_FAILURE_REASONS {
-            let _ = renewals.get_or_create(&vec![("outcome", "error"), ("reason", reason)]);
-        }
+        // Made at 0 and resolved once, so counting takes no lock.
+        let renewals_ok = renewals.get_or_create(&vec![("outcome", "ok")]).clone();
+        let renewal_failures = RenewalFailure::ALL.map(|reason| {
+            renewals
+                .get_or_create(&vec![("outcome", "error"), ("reason", reason.token())])
+                .clone()
+        });
         let snapshot_version = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "trellis_snapshot_version",
@@ -569,7 +576,8 @@ impl Metrics {
             handshake_failures,
             failures,
             certificate_expiry,
-            renewals,
+            renewals_ok,
+            renewal_failures,
             snapshot_version,
             drain_start,
             decisions,
@@ -759,17 +767,16 @@ impl Metrics {
             .set(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
     }
 
-    /// Counts a Certify call that gave this sidecar its certificate.
+    /// Counts a Certify call that gave this sidecar its certificate. No
+    /// lock: its series was resolved up front.
     pub fn renewed(&self) {
-        self.renewals.get_or_create(&vec![("outcome", "ok")]).inc();
+        self.renewals_ok.inc();
     }
 
-    /// Counts a failed Certify call, by `reason`: one of
-    /// [`crate::identity::RENEWAL_FAILURE_REASONS`].
-    pub fn renewal_failed(&self, reason: &'static str) {
-        self.renewals
-            .get_or_create(&vec![("outcome", "error"), ("reason", reason)])
-            .inc();
+    /// Counts a failed Certify call, by `reason`. No lock: every series
+    /// was resolved up front.
+    pub fn renewal_failed(&self, reason: RenewalFailure) {
+        self.renewal_failures[reason as usize].inc();
     }
 
     /// Marks a connection open until the returned guard is dropped.
@@ -849,7 +856,7 @@ mod tests {
         m.handshake_failure(INBOUND, HandshakeFailure::NotTls);
         m.bytes(OUTBOUND, 10);
         m.renewed();
-        m.renewal_failed("unreachable");
+        m.renewal_failed(RenewalFailure::Unreachable);
         let _g = m.open(INBOUND);
         let text = m.encode();
         for name in [
@@ -936,9 +943,51 @@ mod tests {
         }
         assert_eq!(
             zeros("trellis_certificate_renewals_total{"),
-            1 + crate::identity::RENEWAL_FAILURE_REASONS.len()
+            1 + RenewalFailure::ALL.len()
         );
         assert!(!text.contains("trellis_rate_limited_total{"), "{text}");
+    }
+
+    /// Each failed renewal's reason has its series at 0 from the start,
+    /// and a count lands on the series of its own reason alone.
+    #[test]
+    fn renewal_failures_count_under_their_reason() {
+        let fresh = Metrics::new().encode();
+        for reason in RenewalFailure::ALL {
+            let series = format!(
+                "trellis_certificate_renewals_total{{outcome=\"error\",reason=\"{}\"}} 0",
+                reason.token()
+            );
+            assert!(
+                fresh.lines().any(|l| l == series),
+                "{series} missing from\n{fresh}"
+            );
+        }
+        let m = Metrics::new();
+        // Each reason a different number of times: its index plus one.
+        for (i, reason) in RenewalFailure::ALL.into_iter().enumerate() {
+            for _ in 0..=i {
+                m.renewal_failed(reason);
+            }
+        }
+        m.renewed();
+        let text = m.encode();
+        for (i, reason) in RenewalFailure::ALL.into_iter().enumerate() {
+            let series = format!(
+                "trellis_certificate_renewals_total{{outcome=\"error\",reason=\"{}\"}} {}",
+                reason.token(),
+                i + 1
+            );
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing from\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l == "trellis_certificate_renewals_total{outcome=\"ok\"} 1"),
+            "{text}"
+        );
     }
 
     /// An abandoned resumption counts under its reason when the metric

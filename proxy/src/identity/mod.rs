@@ -121,18 +121,18 @@ pub enum InvalidSvid {
 
 impl InvalidSvid {
     /// Why, as the `reason` of a failed renewal's count.
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> RenewalFailure {
         match self {
-            InvalidSvid::KeyMismatch => "key_mismatch",
+            InvalidSvid::KeyMismatch => RenewalFailure::KeyMismatch,
             InvalidSvid::Svid(trellis_core::tls::SvidError::OutsideValidity { .. }) => {
-                "outside_validity"
+                RenewalFailure::OutsideValidity
             }
-            InvalidSvid::Shape(_) => "peers_would_refuse",
+            InvalidSvid::Shape(_) => RenewalFailure::PeersWouldRefuse,
             InvalidSvid::EmptyChain
             | InvalidSvid::Leaf(_)
             | InvalidSvid::WrongId { .. }
             | InvalidSvid::Svid(_)
-            | InvalidSvid::Key(_) => "invalid_certificate",
+            | InvalidSvid::Key(_) => RenewalFailure::InvalidCertificate,
         }
     }
 }
@@ -300,37 +300,87 @@ pub enum CertifyError {
     },
 }
 
-/// The `reason` values of `trellis_certificate_renewals_total` for a
-/// failed Certify call ([`CertifyError::reason`]): a fixed set, so that
-/// the series stay few whatever the errors say.
-pub const RENEWAL_FAILURE_REASONS: [&str; 7] = [
-    "unreachable",
-    "refused",
-    "key_mismatch",
-    "outside_validity",
-    "peers_would_refuse",
-    "invalid_certificate",
-    "local",
-];
+/// Why a Certify call failed: the `reason` label of
+/// `trellis_certificate_renewals_total{outcome="error"}`, each made at 0
+/// from the start. A fixed set, so that the series stay few whatever the
+/// errors say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenewalFailure {
+    /// The control plane not reached, its TLS handshake failed, or it did
+    /// not answer in time.
+    Unreachable,
+    /// The control plane answered with an error.
+    Refused,
+    /// The certificate answered is not for this sidecar's key.
+    KeyMismatch,
+    /// The certificate answered is outside its validity period.
+    OutsideValidity,
+    /// The leaf answered is not shaped as an X.509-SVID leaf.
+    PeersWouldRefuse,
+    /// Any other fault of the certificate answered.
+    InvalidCertificate,
+    /// This sidecar could not ask.
+    Local,
+}
+
+impl RenewalFailure {
+    /// Every reason; a reason's index is `reason as usize`.
+    pub const ALL: [RenewalFailure; 7] = [
+        RenewalFailure::Unreachable,
+        RenewalFailure::Refused,
+        RenewalFailure::KeyMismatch,
+        RenewalFailure::OutsideValidity,
+        RenewalFailure::PeersWouldRefuse,
+        RenewalFailure::InvalidCertificate,
+        RenewalFailure::Local,
+    ];
+
+    /// The label token it is counted under.
+    pub const fn token(self) -> &'static str {
+        match self {
+            RenewalFailure::Unreachable => "unreachable",
+            RenewalFailure::Refused => "refused",
+            RenewalFailure::KeyMismatch => "key_mismatch",
+            RenewalFailure::OutsideValidity => "outside_validity",
+            RenewalFailure::PeersWouldRefuse => "peers_would_refuse",
+            RenewalFailure::InvalidCertificate => "invalid_certificate",
+            RenewalFailure::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for RenewalFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.token())
+    }
+}
+
+/// A reason equals its token, so it can be checked against the label a
+/// scrape shows.
+impl PartialEq<&str> for RenewalFailure {
+    fn eq(&self, token: &&str) -> bool {
+        self.token() == *token
+    }
+}
 
 impl CertifyError {
-    /// Why the call failed, as the `reason` of its count (one of
-    /// [`RENEWAL_FAILURE_REASONS`]): the control plane not reached or not
-    /// answering in time, its refusal, what is wrong with the certificate
-    /// it answered, or what kept this sidecar from asking.
-    pub fn reason(&self) -> &'static str {
+    /// Why the call failed, as the `reason` of its count: the control
+    /// plane not reached or not answering in time, its refusal, what is
+    /// wrong with the certificate it answered, or what kept this sidecar
+    /// from asking.
+    pub fn reason(&self) -> RenewalFailure {
         match self {
-            CertifyError::Connect { .. } | CertifyError::Timeout => "unreachable",
+            CertifyError::Connect { .. } | CertifyError::Timeout => RenewalFailure::Unreachable,
             CertifyError::Refused { .. }
             | CertifyError::JoinTokenUsed
-            | CertifyError::RenewalTokenUnread { .. } => "refused",
+            | CertifyError::RenewalTokenUnread { .. } => RenewalFailure::Refused,
             CertifyError::Response(invalid) => invalid.reason(),
             CertifyError::AfterRevocation { source, .. } => source.reason(),
             CertifyError::NoProof
             | CertifyError::Csr(_)
             | CertifyError::NoBundle
             | CertifyError::Tls(_)
-            | CertifyError::TokenFile(_) => "local",
+            | CertifyError::TokenFile(_) => RenewalFailure::Local,
         }
     }
 }
@@ -756,6 +806,30 @@ mod tests {
         params.not_after = now + time::Duration::hours(1);
         shape(&mut params);
         params.signed_by(csr_key, &ca).unwrap().der().clone()
+    }
+
+    /// `ALL` lists each reason once, at its own index, so a count by
+    /// `reason as usize` lands on its series; the tokens are the labels
+    /// dashboards and alerts already use.
+    #[test]
+    fn renewal_failures_are_listed_at_their_index_with_their_tokens() {
+        for (i, reason) in RenewalFailure::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{reason:?}");
+            assert_eq!(reason, reason.token());
+            assert_eq!(reason.to_string(), reason.token());
+        }
+        assert_eq!(
+            RenewalFailure::ALL.map(RenewalFailure::token),
+            [
+                "unreachable",
+                "refused",
+                "key_mismatch",
+                "outside_validity",
+                "peers_would_refuse",
+                "invalid_certificate",
+                "local",
+            ]
+        );
     }
 
     fn pkcs8(key: &KeyPair) -> PrivateKeyDer<'static> {
