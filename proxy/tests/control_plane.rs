@@ -302,7 +302,7 @@ async fn a_renewal_refused_for_want_of_an_unreadable_token_says_why_it_was_not_s
     let e = identity::certify(&params, &bundle, Some(&first))
         .await
         .expect_err("refused without the token");
-    assert_eq!(e.reason(), "refused");
+    assert_eq!(e.reason().token(), "refused");
     let e = e.to_string();
     assert!(
         e.contains("the control plane renews only with the ServiceAccount token")
@@ -360,7 +360,7 @@ async fn a_failed_dial_says_what_to_check() {
     let e = identity::certify(&params(cp.addr.clone()), &[foreign], None)
         .await
         .unwrap_err();
-    assert_eq!(e.reason(), "unreachable");
+    assert_eq!(e.reason().token(), "unreachable");
     let e = e.to_string();
     assert!(
         e.starts_with(&format!(
@@ -385,7 +385,7 @@ async fn a_failed_dial_says_what_to_check() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.reason(), "unreachable");
+    assert_eq!(e.reason().token(), "unreachable");
     let e = e.to_string();
     assert!(
         e.starts_with(&format!(
