@@ -33,102 +33,76 @@ pub const REFUSAL_TOKEN_USED: &str = CertifyRefusal::TokenUsed.token();
 /// by a control plane whose renewals need the ServiceAccount token too.
 pub const REFUSAL_RENEWAL_NEEDS_TOKEN: &str = CertifyRefusal::RenewalNeedsToken.token();
 
-/// Declares [`CertifyRefusal`] from one table of variant and token, so
-/// [`CertifyRefusal::ALL`] cannot leave a variant out.
-macro_rules! certify_refusals {
-    ($($(#[$doc:meta])* $variant:ident = $token:literal,)*) => {
-        /// Why the control plane refused a Certify call: the one list of
-        /// them. Its [`token`](Self::token) goes on the wire (the
-        /// [`REFUSAL_KEY`] metadata) and labels
-        /// `trellis_certify_failures_total`, so a refusal can only be one
-        /// of these, and each is a series from the first scrape.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum CertifyRefusal {
-            $($(#[$doc])* $variant,)*
-        }
-
-        impl CertifyRefusal {
-            /// Every refusal, in the order of the table.
-            pub const ALL: &[CertifyRefusal] = &[$(CertifyRefusal::$variant,)*];
-
-            /// The refusal's wire token and metric label.
-            pub const fn token(self) -> &'static str {
-                match self {
-                    $(CertifyRefusal::$variant => $token,)*
-                }
-            }
-        }
-    };
-}
-
-certify_refusals! {
-    /// No proof: no token, and no client certificate to renew with.
-    NoProof = "no_proof",
-    /// A ServiceAccount token, to a control plane without Kubernetes.
-    UnimplementedProof = "unimplemented_proof",
-    /// A renewal by certificate alone where the token is needed too.
-    RenewalNeedsToken = "renewal_needs_token",
-    /// The proof is for another identity than the CSR asks for.
-    OtherIdentity = "other_identity",
-    /// A renewal by a certificate of a revoked identity.
-    Revoked = "revoked",
-    /// A join token the store does not know.
-    TokenUnknown = "token_unknown",
-    /// A join token past its expiry.
-    TokenExpired = "token_expired",
-    /// A join token already used.
-    TokenUsed = "token_used",
-    /// A join token, to a store that takes none.
-    JoinTokensDisabled = "join_tokens_disabled",
-    /// A ServiceAccount token that is no JWT.
-    SaTokenMalformed = "sa_token_malformed",
-    /// A ServiceAccount token the API server did not authenticate.
-    SaTokenNotAuthenticated = "sa_token_not_authenticated",
-    /// A ServiceAccount token for another audience.
-    SaTokenWrongAudience = "sa_token_wrong_audience",
-    /// A token of a user that is not a ServiceAccount.
-    SaTokenNotServiceAccount = "sa_token_not_service_account",
-    /// A ServiceAccount token whose signature does not verify.
-    SaTokenBadSignature = "sa_token_bad_signature",
-    /// The TokenReview could not reach the API server.
-    KubeApiUnreachable = "kube_api_unreachable",
-    /// The API server refused the TokenReview.
-    KubeApiRefused = "kube_api_refused",
-    /// The API server's TokenReview answer did not parse.
-    KubeApiBadResponse = "kube_api_bad_response",
-    /// Too many TokenReviews in flight.
-    TokenReviewsBusy = "token_reviews_busy",
-    /// Too many TokenReviews in flight for one client.
-    TokenReviewsPerClient = "token_reviews_per_client",
-    /// A CSR that does not parse.
-    CsrMalformed = "csr_malformed",
-    /// A CSR whose signature does not verify.
-    CsrBadSignature = "csr_bad_signature",
-    /// A CSR for a key other than ECDSA P-256.
-    CsrKeyType = "csr_key_type",
-    /// A CSR without exactly one URI SAN.
-    CsrSan = "csr_san",
-    /// A CSR whose URI SAN is no workload SPIFFE ID.
-    CsrInvalidId = "csr_invalid_id",
-    /// A CSR for another trust domain.
-    CsrForeignTrustDomain = "csr_foreign_trust_domain",
-    /// A CSR for an identity the control plane keeps for itself.
-    CsrReservedId = "csr_reserved_id",
-    /// An inbound address reported that is no address.
-    BadInboundAddress = "bad_inbound_address",
-    /// A request past the size limit.
-    RequestTooLarge = "request_too_large",
-    /// A request whose bytes are no CertifyRequest.
-    RequestUnreadable = "request_unreadable",
-    /// The store failed.
-    StoreError = "store_error",
-    /// The CA failed to sign.
-    SigningFailed = "signing_failed",
-}
-
-impl std::fmt::Display for CertifyRefusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.token())
+crate::tokens! {
+    /// Why the control plane refused a Certify call: the one list of them.
+    /// Its [`token`](Self::token) goes on the wire (the [`REFUSAL_KEY`]
+    /// metadata) and labels `trellis_certify_failures_total`, so a refusal
+    /// can only be one of these, and each is a series from the first
+    /// scrape.
+    #[derive(PartialOrd, Ord)]
+    pub enum CertifyRefusal {
+        /// No proof: no token, and no client certificate to renew with.
+        NoProof = "no_proof",
+        /// A ServiceAccount token, to a control plane without Kubernetes.
+        UnimplementedProof = "unimplemented_proof",
+        /// A renewal by certificate alone where the token is needed too.
+        RenewalNeedsToken = "renewal_needs_token",
+        /// The proof is for another identity than the CSR asks for.
+        OtherIdentity = "other_identity",
+        /// A renewal by a certificate of a revoked identity.
+        Revoked = "revoked",
+        /// A join token the store does not know.
+        TokenUnknown = "token_unknown",
+        /// A join token past its expiry.
+        TokenExpired = "token_expired",
+        /// A join token already used.
+        TokenUsed = "token_used",
+        /// A join token, to a store that takes none.
+        JoinTokensDisabled = "join_tokens_disabled",
+        /// A ServiceAccount token that is no JWT.
+        SaTokenMalformed = "sa_token_malformed",
+        /// A ServiceAccount token the API server did not authenticate.
+        SaTokenNotAuthenticated = "sa_token_not_authenticated",
+        /// A ServiceAccount token for another audience.
+        SaTokenWrongAudience = "sa_token_wrong_audience",
+        /// A token of a user that is not a ServiceAccount.
+        SaTokenNotServiceAccount = "sa_token_not_service_account",
+        /// A ServiceAccount token whose signature does not verify.
+        SaTokenBadSignature = "sa_token_bad_signature",
+        /// The TokenReview could not reach the API server.
+        KubeApiUnreachable = "kube_api_unreachable",
+        /// The API server refused the TokenReview.
+        KubeApiRefused = "kube_api_refused",
+        /// The API server's TokenReview answer did not parse.
+        KubeApiBadResponse = "kube_api_bad_response",
+        /// Too many TokenReviews in flight.
+        TokenReviewsBusy = "token_reviews_busy",
+        /// Too many TokenReviews in flight for one client.
+        TokenReviewsPerClient = "token_reviews_per_client",
+        /// A CSR that does not parse.
+        CsrMalformed = "csr_malformed",
+        /// A CSR whose signature does not verify.
+        CsrBadSignature = "csr_bad_signature",
+        /// A CSR for a key other than ECDSA P-256.
+        CsrKeyType = "csr_key_type",
+        /// A CSR without exactly one URI SAN.
+        CsrSan = "csr_san",
+        /// A CSR whose URI SAN is no workload SPIFFE ID.
+        CsrInvalidId = "csr_invalid_id",
+        /// A CSR for another trust domain.
+        CsrForeignTrustDomain = "csr_foreign_trust_domain",
+        /// A CSR for an identity the control plane keeps for itself.
+        CsrReservedId = "csr_reserved_id",
+        /// An inbound address reported that is no address.
+        BadInboundAddress = "bad_inbound_address",
+        /// A request past the size limit.
+        RequestTooLarge = "request_too_large",
+        /// A request whose bytes are no CertifyRequest.
+        RequestUnreadable = "request_unreadable",
+        /// The store failed.
+        StoreError = "store_error",
+        /// The CA failed to sign.
+        SigningFailed = "signing_failed",
     }
 }
 

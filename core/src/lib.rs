@@ -45,5 +45,6 @@ pub mod slots;
 pub mod spiffe;
 pub mod tcp;
 pub mod tls;
+pub mod tokens;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -58,10 +58,11 @@ impl Directions {
     }
 }
 
-/// Declares the bounded label values of a per-direction family as an enum,
-/// each variant with its label token and the [`Directions`] it is counted
-/// in: the one list both the code that names a value and the metrics that
-/// make its series at 0 read (`ALL`, in order; `COUNT`).
+/// Declares the bounded label values of a per-direction family as an enum
+/// ([`trellis_core::tokens!`]), each variant with its label token and the
+/// [`Directions`] it is counted in: the one list both the code that names a
+/// value and the metrics that make its series at 0 read (`ALL`, in order;
+/// `COUNT`).
 macro_rules! label_values {
     (
         $(#[$meta:meta])*
@@ -69,36 +70,19 @@ macro_rules! label_values {
             $( $(#[$vmeta:meta])* $variant:ident = ($label:literal, $directions:ident), )+
         }
     ) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $( $(#[$vmeta])* $variant, )+
+        trellis_core::tokens! {
+            $(#[$meta])*
+            pub enum $name {
+                $( $(#[$vmeta])* $variant = $label, )+
+            }
         }
 
         impl $name {
-            /// How many values there are.
-            pub const COUNT: usize = [$($label),+].len();
-            /// Every value, in the order of the enum.
-            pub const ALL: [$name; Self::COUNT] = [$($name::$variant),+];
-
-            /// The label token it is counted and logged under.
-            pub const fn label(self) -> &'static str {
-                match self {
-                    $( $name::$variant => $label, )+
-                }
-            }
-
             /// The directions it can be counted in.
             pub const fn directions(self) -> $crate::metrics::Directions {
                 match self {
                     $( $name::$variant => $crate::metrics::Directions::$directions, )+
                 }
-            }
-        }
-
-        impl ::std::fmt::Display for $name {
-            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str(self.label())
             }
         }
     };
@@ -376,7 +360,7 @@ impl Metrics {
             &connections,
             "outcome",
             Outcome::ALL,
-            Outcome::label,
+            Outcome::token,
             |outcome, direction| outcome.directions().include(direction),
         );
         let certificate_expiry = Gauge::default();
@@ -605,7 +589,7 @@ impl Metrics {
             }
             None => {
                 self.connections
-                    .get_or_create(&[("direction", direction), ("outcome", outcome.label())])
+                    .get_or_create(&[("direction", direction), ("outcome", outcome.token())])
                     .inc();
             }
         }

@@ -13,7 +13,6 @@
 //!
 //! Nothing here knows about identities or policy.
 
-use std::fmt;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -201,32 +200,24 @@ async fn dial(addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> io::Re
     Ok(stream)
 }
 
-/// Why a [`connect`] failed: the `reason` label of
-/// `trellis_service_connect_retries_total`, each made at 0 from the start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectFailure {
-    /// Nothing listens at the address.
-    Refused,
-    /// No route to the host or its network.
-    Unreachable,
-    /// No answer in time.
-    Timeout,
-    /// The connection was reset or aborted as it was made.
-    Reset,
-    /// Any other failure.
-    Other,
+trellis_core::tokens! {
+    /// Why a [`connect`] failed: the `reason` label of
+    /// `trellis_service_connect_retries_total`, each made at 0 from the start.
+    pub enum ConnectFailure {
+        /// Nothing listens at the address.
+        Refused = "refused",
+        /// No route to the host or its network.
+        Unreachable = "unreachable",
+        /// No answer in time.
+        Timeout = "timeout",
+        /// The connection was reset or aborted as it was made.
+        Reset = "reset",
+        /// Any other failure.
+        Other = "other",
+    }
 }
 
 impl ConnectFailure {
-    /// Every reason; a reason's index is `reason as usize`.
-    pub const ALL: [ConnectFailure; 5] = [
-        ConnectFailure::Refused,
-        ConnectFailure::Unreachable,
-        ConnectFailure::Timeout,
-        ConnectFailure::Reset,
-        ConnectFailure::Other,
-    ];
-
     /// The reason `e` names.
     pub fn of(e: &io::Error) -> Self {
         match e.kind() {
@@ -240,23 +231,6 @@ impl ConnectFailure {
             }
             _ => ConnectFailure::Other,
         }
-    }
-
-    /// The label token it is counted and logged under.
-    pub const fn token(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Unreachable => "unreachable",
-            ConnectFailure::Timeout => "timeout",
-            ConnectFailure::Reset => "reset",
-            ConnectFailure::Other => "other",
-        }
-    }
-}
-
-impl fmt::Display for ConnectFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.token())
     }
 }
 

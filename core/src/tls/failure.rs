@@ -11,115 +11,91 @@ use rustls::CertificateError;
 
 use super::{SvidError, as_svid_error};
 
-/// Declares [`HandshakeFailure`] from one table of variant and token, so
-/// [`HandshakeFailure::ALL`] cannot leave a variant out.
-macro_rules! handshake_failures {
-    ($($(#[$doc:meta])* $variant:ident = $token:literal,)*) => {
-        /// Why a handshake failed: the `reason` label of the handshake
-        /// failure metrics and of the log lines that report one.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum HandshakeFailure {
-            $($(#[$doc])* $variant,)*
-        }
-
-        impl HandshakeFailure {
-            /// How many reasons there are.
-            pub const COUNT: usize = [$($token),*].len();
-            /// Every reason, in the order of the table; a reason's index is
-            /// `reason as usize`.
-            pub const ALL: [HandshakeFailure; Self::COUNT] = [$(HandshakeFailure::$variant,)*];
-
-            /// The label token it is counted and logged under.
-            pub const fn token(self) -> &'static str {
-                match self {
-                    $(HandshakeFailure::$variant => $token,)*
-                }
-            }
-        }
-    };
-}
-
-handshake_failures! {
-    /// The bytes were not TLS (plaintext HTTP, say).
-    NotTls = "not_tls",
-    /// The peer presented no certificate where one is required.
-    NoClientCertificate = "no_client_certificate",
-    /// No root of the trust bundle leads to the peer's certificate.
-    UnknownIssuer = "unknown_issuer",
-    /// The chain leads only to a root of the bundle that has expired.
-    ExpiredRoot = "expired_root",
-    /// The peer is not the identity expected of it.
-    UnexpectedIdentity = "unexpected_identity",
-    /// The peer's SPIFFE ID is of another trust domain.
-    ForeignTrustDomain = "foreign_trust_domain",
-    /// A leaf without digitalSignature in its keyUsage, or with
-    /// keyCertSign or cRLSign.
-    SvidKeyUsage = "svid_key_usage",
-    /// A leaf without basicConstraints.
-    SvidBasicConstraints = "svid_basic_constraints",
-    /// The trust domain's own ID for a workload's.
-    TrustDomainId = "trust_domain_id",
-    /// A CA certificate presented as the leaf.
-    CaUsedAsLeaf = "ca_used_as_leaf",
-    /// A leaf that signed another certificate of the chain.
-    LeafUsedAsCa = "leaf_used_as_ca",
-    /// A certificate that is no X.509-SVID: malformed, no single URI SAN,
-    /// or one that is no SPIFFE ID.
-    InvalidSvid = "invalid_svid",
-    /// Any other fault of the peer's certificate.
-    InvalidCertificate = "invalid_certificate",
-    /// Nothing received, or the handshake not finished, in time.
-    Timeout = "timeout",
-    /// A TLS 1.2 peer, or one with no cipher suite or key exchange in
-    /// common.
-    IncompatiblePeer = "incompatible_peer",
-    /// The peer's certificate has expired.
-    ExpiredCertificate = "expired_certificate",
-    /// The peer's certificate is not valid yet by this clock.
-    NotYetValidCertificate = "not_yet_valid_certificate",
-    /// A revocation covers the peer's certificate.
-    Revoked = "revoked",
-    /// A sidecar that has no certificate yet.
-    NoLocalCertificate = "no_local_certificate",
-    /// The peer ended the handshake with a TLS alert.
-    AlertReceived = "alert_received",
-    /// The peer closed the connection during the handshake (sidecar).
-    Closed = "closed",
-    /// The connection failed during the handshake, not a TLS error
-    /// (sidecar).
-    Io = "io",
-    /// Any other TLS error.
-    Other = "other",
-    /// A caller's attempt to resume with a ticket the sidecar no longer
-    /// accepts, which it ends and dials again in full.
-    NotResumed = "not_resumed",
-    /// A caller past the handshake limits, or too many handshakes waiting
-    /// for their turn.
-    Overloaded = "overloaded",
-    /// The server's sidecar has no certificate yet.
-    PeerNotReady = "peer_not_ready",
-    /// The server's sidecar refused the dialling sidecar's certificate with
-    /// the alert `certificate_revoked`, once the dialling side's handshake
-    /// was over (as TLS 1.3 has it); so the `alert_` reasons below.
-    AlertCertificateRevoked = "alert_certificate_revoked",
-    AlertCertificateExpired = "alert_certificate_expired",
-    AlertUnknownCa = "alert_unknown_ca",
-    AlertCertificateRequired = "alert_certificate_required",
-    AlertBadCertificate = "alert_bad_certificate",
-    AlertCertificateUnknown = "alert_certificate_unknown",
-    AlertAccessDenied = "alert_access_denied",
-    AlertHandshakeFailure = "alert_handshake_failure",
-    AlertInternalError = "alert_internal_error",
-    /// Any other alert.
-    AlertOther = "alert_other",
-    /// The client left while its handshake waited for its turn (control
-    /// plane).
-    ClientGone = "client_gone",
-    /// The connection failed under the handshake (control plane).
-    IoError = "io_error",
-    /// The client refused the serving certificate (the control plane's
-    /// webhook port).
-    CertificateRefused = "certificate_refused",
+crate::tokens! {
+    /// Why a handshake failed: the `reason` label of the handshake failure
+    /// metrics and of the log lines that report one.
+    pub enum HandshakeFailure {
+        /// The bytes were not TLS (plaintext HTTP, say).
+        NotTls = "not_tls",
+        /// The peer presented no certificate where one is required.
+        NoClientCertificate = "no_client_certificate",
+        /// No root of the trust bundle leads to the peer's certificate.
+        UnknownIssuer = "unknown_issuer",
+        /// The chain leads only to a root of the bundle that has expired.
+        ExpiredRoot = "expired_root",
+        /// The peer is not the identity expected of it.
+        UnexpectedIdentity = "unexpected_identity",
+        /// The peer's SPIFFE ID is of another trust domain.
+        ForeignTrustDomain = "foreign_trust_domain",
+        /// A leaf without digitalSignature in its keyUsage, or with
+        /// keyCertSign or cRLSign.
+        SvidKeyUsage = "svid_key_usage",
+        /// A leaf without basicConstraints.
+        SvidBasicConstraints = "svid_basic_constraints",
+        /// The trust domain's own ID for a workload's.
+        TrustDomainId = "trust_domain_id",
+        /// A CA certificate presented as the leaf.
+        CaUsedAsLeaf = "ca_used_as_leaf",
+        /// A leaf that signed another certificate of the chain.
+        LeafUsedAsCa = "leaf_used_as_ca",
+        /// A certificate that is no X.509-SVID: malformed, no single URI SAN,
+        /// or one that is no SPIFFE ID.
+        InvalidSvid = "invalid_svid",
+        /// Any other fault of the peer's certificate.
+        InvalidCertificate = "invalid_certificate",
+        /// Nothing received, or the handshake not finished, in time.
+        Timeout = "timeout",
+        /// A TLS 1.2 peer, or one with no cipher suite or key exchange in
+        /// common.
+        IncompatiblePeer = "incompatible_peer",
+        /// The peer's certificate has expired.
+        ExpiredCertificate = "expired_certificate",
+        /// The peer's certificate is not valid yet by this clock.
+        NotYetValidCertificate = "not_yet_valid_certificate",
+        /// A revocation covers the peer's certificate.
+        Revoked = "revoked",
+        /// A sidecar that has no certificate yet.
+        NoLocalCertificate = "no_local_certificate",
+        /// The peer ended the handshake with a TLS alert.
+        AlertReceived = "alert_received",
+        /// The peer closed the connection during the handshake (sidecar).
+        Closed = "closed",
+        /// The connection failed during the handshake, not a TLS error
+        /// (sidecar).
+        Io = "io",
+        /// Any other TLS error.
+        Other = "other",
+        /// A caller's attempt to resume with a ticket the sidecar no longer
+        /// accepts, which it ends and dials again in full.
+        NotResumed = "not_resumed",
+        /// A caller past the handshake limits, or too many handshakes waiting
+        /// for their turn.
+        Overloaded = "overloaded",
+        /// The server's sidecar has no certificate yet.
+        PeerNotReady = "peer_not_ready",
+        /// The server's sidecar refused the dialling sidecar's certificate with
+        /// the alert `certificate_revoked`, once the dialling side's handshake
+        /// was over (as TLS 1.3 has it); so the `alert_` reasons below.
+        AlertCertificateRevoked = "alert_certificate_revoked",
+        AlertCertificateExpired = "alert_certificate_expired",
+        AlertUnknownCa = "alert_unknown_ca",
+        AlertCertificateRequired = "alert_certificate_required",
+        AlertBadCertificate = "alert_bad_certificate",
+        AlertCertificateUnknown = "alert_certificate_unknown",
+        AlertAccessDenied = "alert_access_denied",
+        AlertHandshakeFailure = "alert_handshake_failure",
+        AlertInternalError = "alert_internal_error",
+        /// Any other alert.
+        AlertOther = "alert_other",
+        /// The client left while its handshake waited for its turn (control
+        /// plane).
+        ClientGone = "client_gone",
+        /// The connection failed under the handshake (control plane).
+        IoError = "io_error",
+        /// The client refused the serving certificate (the control plane's
+        /// webhook port).
+        CertificateRefused = "certificate_refused",
+    }
 }
 
 impl HandshakeFailure {
@@ -202,12 +178,6 @@ impl HandshakeFailure {
             A::InternalError => HandshakeFailure::AlertInternalError,
             _ => HandshakeFailure::AlertOther,
         }
-    }
-}
-
-impl std::fmt::Display for HandshakeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.token())
     }
 }
 

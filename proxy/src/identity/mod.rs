@@ -300,58 +300,27 @@ pub enum CertifyError {
     },
 }
 
-/// Why a Certify call failed: the `reason` label of
-/// `trellis_certificate_renewals_total{outcome="error"}`, each made at 0
-/// from the start. A fixed set, so that the series stay few whatever the
-/// errors say.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RenewalFailure {
-    /// The control plane not reached, its TLS handshake failed, or it did
-    /// not answer in time.
-    Unreachable,
-    /// The control plane answered with an error.
-    Refused,
-    /// The certificate answered is not for this sidecar's key.
-    KeyMismatch,
-    /// The certificate answered is outside its validity period.
-    OutsideValidity,
-    /// The leaf answered is not shaped as an X.509-SVID leaf.
-    PeersWouldRefuse,
-    /// Any other fault of the certificate answered.
-    InvalidCertificate,
-    /// This sidecar could not ask.
-    Local,
-}
-
-impl RenewalFailure {
-    /// Every reason; a reason's index is `reason as usize`.
-    pub const ALL: [RenewalFailure; 7] = [
-        RenewalFailure::Unreachable,
-        RenewalFailure::Refused,
-        RenewalFailure::KeyMismatch,
-        RenewalFailure::OutsideValidity,
-        RenewalFailure::PeersWouldRefuse,
-        RenewalFailure::InvalidCertificate,
-        RenewalFailure::Local,
-    ];
-
-    /// The label token it is counted under.
-    pub const fn token(self) -> &'static str {
-        match self {
-            RenewalFailure::Unreachable => "unreachable",
-            RenewalFailure::Refused => "refused",
-            RenewalFailure::KeyMismatch => "key_mismatch",
-            RenewalFailure::OutsideValidity => "outside_validity",
-            RenewalFailure::PeersWouldRefuse => "peers_would_refuse",
-            RenewalFailure::InvalidCertificate => "invalid_certificate",
-            RenewalFailure::Local => "local",
-        }
-    }
-}
-
-impl fmt::Display for RenewalFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.token())
+trellis_core::tokens! {
+    /// Why a Certify call failed: the `reason` label of
+    /// `trellis_certificate_renewals_total{outcome="error"}`, each made at 0
+    /// from the start. A fixed set, so that the series stay few whatever the
+    /// errors say.
+    pub enum RenewalFailure {
+        /// The control plane not reached, its TLS handshake failed, or it
+        /// did not answer in time.
+        Unreachable = "unreachable",
+        /// The control plane answered with an error.
+        Refused = "refused",
+        /// The certificate answered is not for this sidecar's key.
+        KeyMismatch = "key_mismatch",
+        /// The certificate answered is outside its validity period.
+        OutsideValidity = "outside_validity",
+        /// The leaf answered is not shaped as an X.509-SVID leaf.
+        PeersWouldRefuse = "peers_would_refuse",
+        /// Any other fault of the certificate answered.
+        InvalidCertificate = "invalid_certificate",
+        /// This sidecar could not ask.
+        Local = "local",
     }
 }
 

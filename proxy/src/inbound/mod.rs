@@ -759,7 +759,7 @@ pub async fn serve(
             metrics.connection(INBOUND, Outcome::NoPreface);
             warn_throttled!(
                 shared.handshakes.refusals,
-                Outcome::NoPreface.label(),
+                Outcome::NoPreface.token(),
                 { %peer, %client },
                 "inbound HTTP/2 connection closed: no client preface within {}",
                 Words(http::detect::DETECT_TIMEOUT)

@@ -128,7 +128,7 @@ mod tests {
                 Err(Misdirected::NotThisPod(lo.to_canonical())),
                 "{lo}"
             );
-            assert_eq!(refused.unwrap_err().outcome().label(), "misdirected");
+            assert_eq!(refused.unwrap_err().outcome().token(), "misdirected");
         }
     }
 
@@ -150,7 +150,7 @@ mod tests {
     fn the_proxys_own_ports_are_a_loop() {
         let refused = to(addr(POD_V4, 15001), POD_V4).unwrap_err();
         assert_eq!(refused, Misdirected::Loop(Loop(15001)));
-        assert_eq!(refused.outcome().label(), "loop");
+        assert_eq!(refused.outcome().token(), "loop");
         assert!(refused.to_string().contains("own port 15001"), "{refused}");
     }
 

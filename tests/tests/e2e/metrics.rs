@@ -243,7 +243,7 @@ async fn a_fresh_sidecars_first_scrape_shows_every_metric_the_readme_lists() -> 
             Some((f.token(), directions))
         })
         .collect();
-    let outcomes = Outcome::ALL.map(|o| (o.label(), o.directions()));
+    let outcomes = Outcome::ALL.map(|o| (o.token(), o.directions()));
     for (metric, label, values) in [
         ("trellis_handshake_failures_total", "reason", &failures[..]),
         ("trellis_connections_total", "outcome", &outcomes[..]),
