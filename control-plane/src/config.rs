@@ -14,7 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
-use trellis_core::flags::Given;
+use trellis_core::flags::{FlagNames, Given};
 use trellis_core::logging::Format;
 pub(crate) use trellis_core::policy::pattern::is_dns_label;
 use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
@@ -407,10 +407,10 @@ impl Config {
         let args = with_program_name("trellis-control-plane", args);
         match Given::parse::<Self>(&args) {
             // A flag whose value came from its environment variable is
-            // named with it.
-            Ok((mut config, given)) => match config.resolve() {
+            // named with it: `resolve` names each flag through `given`.
+            Ok((mut config, given)) => match config.resolve(&given) {
                 Ok(()) => Parsed::Run(Box::new(config)),
-                Err(message) => Parsed::Invalid(format!("error: {}\n", given.naming(&message))),
+                Err(message) => Parsed::Invalid(format!("error: {message}\n")),
             },
             Err(e) => classify_clap_error(e, &<Self as clap::CommandFactory>::command(), &args),
         }
@@ -427,49 +427,56 @@ impl Config {
     /// `--webhook-cert`/`--webhook-key`, `--trust-anchors` and
     /// `--ca-cert`/`--ca-key`, resolves the Kubernetes API (its CA and token
     /// file read) for `--identity-provider kubernetes` and the default
-    /// `--renewal-proof`.
-    fn resolve(&mut self) -> Result<(), String> {
+    /// `--renewal-proof`. Each flag the error names is named by `names`.
+    fn resolve(&mut self, names: &dyn FlagNames) -> Result<(), String> {
+        let n = |flag: &str| names.name(flag);
         if self.inject_config.is_some() && self.webhook.is_none() {
-            return Err(
-                "--inject-config configures the injection webhook: it needs --webhook (with \
-                 --webhook-cert and --webhook-key)"
-                    .into(),
-            );
+            return Err(format!(
+                "{} configures the injection webhook: it needs {} (with {} and {})",
+                n("inject-config"),
+                n("webhook"),
+                n("webhook-cert"),
+                n("webhook-key")
+            ));
         }
         if let Some(path) = &self.trust_anchors {
             self.trust_anchor_roots =
-                load_trust_anchors(path).map_err(|e| format!("--trust-anchors {e}"))?;
+                load_trust_anchors(path).map_err(|e| format!("{} {e}", n("trust-anchors")))?;
         }
         if let Some(path) = &self.inject_config {
             let json = std::fs::read_to_string(path).map_err(|e| {
                 let e = trellis_core::io_error::IoWords(&e);
-                format!("--inject-config {}: {e}", shown(path))
+                format!("{} {}: {e}", n("inject-config"), shown(path))
             })?;
             InjectConfig::from_settings(&json, self.trust_domain.clone(), String::new())
-                .map_err(|e| format!("--inject-config {}: {e}", shown(path)))?;
+                .map_err(|e| format!("{} {}: {e}", n("inject-config"), shown(path)))?;
             self.inject_settings = Some(json);
         }
         if let (Some(cert), Some(key)) = (&self.webhook_cert, &self.webhook_key) {
-            crate::inject::server::check_serving_files(cert, key)?;
+            crate::inject::server::check_serving_files(cert, key, names)?;
         }
         let kube_flags = [
-            ("--kube-api", self.kube_api.is_some()),
-            ("--kube-ca", self.kube_ca.is_some()),
-            ("--kube-token-file", self.kube_token_file.is_some()),
+            ("kube-api", self.kube_api.is_some()),
+            ("kube-ca", self.kube_ca.is_some()),
+            ("kube-token-file", self.kube_token_file.is_some()),
         ];
         match self.store {
-            StoreKind::Kubernetes => self.resolve_kubernetes_store()?,
+            StoreKind::Kubernetes => self.resolve_kubernetes_store(names)?,
             StoreKind::Embedded => {
                 if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
-                    crate::ca::files::check_operator_ca(&self.trust_domain, cert, key)?;
+                    crate::ca::files::check_operator_ca(&self.trust_domain, cert, key, names)?;
                 }
                 for (flag, given) in [
-                    ("--ca-secret", self.ca_secret.is_some()),
-                    ("--ca-secret-new-root", self.ca_secret_new_root),
-                    ("--namespace", self.namespace.is_some()),
+                    ("ca-secret", self.ca_secret.is_some()),
+                    ("ca-secret-new-root", self.ca_secret_new_root),
+                    ("namespace", self.namespace.is_some()),
                 ] {
                     if given {
-                        return Err(format!("{flag} is only used with --store kubernetes"));
+                        return Err(format!(
+                            "{} is only used with {} kubernetes",
+                            n(flag),
+                            n("store")
+                        ));
                     }
                 }
             }
@@ -477,12 +484,12 @@ impl Config {
         self.renewal_proof = match (self.identity_provider, self.renewal_proof) {
             (IdentityProvider::Kubernetes, proof) => Some(proof.unwrap_or(RenewalProof::Token)),
             (_, Some(RenewalProof::Token)) => {
-                return Err(
-                    "--renewal-proof token needs --identity-provider kubernetes: without it no \
-                     workload has a ServiceAccount token to prove, and renewals prove the \
-                     current certificate"
-                        .into(),
-                );
+                return Err(format!(
+                    "{} token needs {} kubernetes: without it no workload has a \
+                     ServiceAccount token to prove, and renewals prove the current certificate",
+                    n("renewal-proof"),
+                    n("identity-provider")
+                ));
             }
             (_, _) => Some(RenewalProof::Certificate),
         };
@@ -493,10 +500,14 @@ impl Config {
                 self.kube_api.as_deref(),
                 self.kube_ca.as_deref(),
                 self.kube_token_file.as_deref(),
+                names,
             )?);
         } else if let Some((flag, _)) = kube_flags.iter().find(|(_, given)| *given) {
             return Err(format!(
-                "{flag} is only used with --identity-provider kubernetes or --store kubernetes"
+                "{} is only used with {} kubernetes or {} kubernetes",
+                n(flag),
+                n("identity-provider"),
+                n("store")
             ));
         }
         Ok(())
@@ -504,25 +515,31 @@ impl Config {
 
     /// Checks the flags `--store kubernetes` needs and finds the namespace
     /// of the CA Secret.
-    fn resolve_kubernetes_store(&mut self) -> Result<(), String> {
+    fn resolve_kubernetes_store(&mut self, names: &dyn FlagNames) -> Result<(), String> {
+        let n = |flag: &str| names.name(flag);
         if self.ca_secret.is_none() {
-            return Err(
-                "--store kubernetes needs --ca-secret NAME (the Secret of the mesh CA)".into(),
-            );
+            return Err(format!(
+                "{} kubernetes needs {} NAME (the Secret of the mesh CA)",
+                n("store"),
+                n("ca-secret")
+            ));
         }
         if self.ca_cert.is_some() {
-            return Err(
-                "--ca-cert/--ca-key cannot be used with --store kubernetes: the CA lives in \
-                 the Secret --ca-secret"
-                    .into(),
-            );
+            return Err(format!(
+                "{}/{} cannot be used with {} kubernetes: the CA lives in the Secret {}",
+                n("ca-cert"),
+                n("ca-key"),
+                n("store"),
+                n("ca-secret")
+            ));
         }
         if self.identity_provider != IdentityProvider::Kubernetes {
-            return Err(
-                "--store kubernetes needs --identity-provider kubernetes: the Kubernetes store \
-                 keeps no join tokens, sidecars prove themselves with ServiceAccount tokens"
-                    .into(),
-            );
+            return Err(format!(
+                "{} kubernetes needs {} kubernetes: the Kubernetes store keeps no join \
+                 tokens, sidecars prove themselves with ServiceAccount tokens",
+                n("store"),
+                n("identity-provider")
+            ));
         }
         if self.namespace.is_none() {
             let from_env = std::env::var("POD_NAMESPACE")
@@ -536,8 +553,10 @@ impl Config {
             };
             let namespace = from_env.or_else(from_file).ok_or_else(|| {
                 format!(
-                    "--store kubernetes: no --namespace given (TRELLIS_NAMESPACE), POD_NAMESPACE \
-                     is not set and {IN_CLUSTER_NAMESPACE} is missing (not running in a pod)"
+                    "{} kubernetes: no {} given (TRELLIS_NAMESPACE), POD_NAMESPACE is not set \
+                     and {IN_CLUSTER_NAMESPACE} is missing (not running in a pod)",
+                    n("store"),
+                    n("namespace")
                 )
             })?;
             self.namespace = Some(parse_object_name(&namespace).map_err(|e| {

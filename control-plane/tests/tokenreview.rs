@@ -224,6 +224,7 @@ async fn a_kept_connection_the_api_server_closed_is_replaced() {
         Some(&format!("https://{addr}")),
         Some(&dir.path().join("ca.crt")),
         Some(&dir.path().join("token")),
+        &trellis_core::flags::AsTyped,
     )
     .unwrap();
     let reviewer = TokenReviewer::new(&api, td())

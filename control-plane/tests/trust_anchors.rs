@@ -260,6 +260,34 @@ fn unusable_trust_anchors_exit_64_naming_the_file_and_touch_nothing() {
     }
 }
 
+/// A path quoted in a refusal is said as it is, even when it holds the
+/// text of a flag whose value came from the environment: only the flag
+/// the refusal names is named with its variable.
+#[test]
+fn a_refused_path_holding_a_flags_text_is_said_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let dir = tmp.path().join("--trust-anchors");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("--trust-anchors.pem");
+    std::fs::write(&file, "").unwrap();
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("TRELLIS_TRUST_ANCHORS", &file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let expected = format!(
+        "error: TRELLIS_TRUST_ANCHORS (--trust-anchors) {}: no certificate in it (it should \
+         hold the PEM roots to trust)\n",
+        file.display()
+    );
+    assert_eq!(stderr, expected);
+    assert!(!state.exists(), "the state dir must not be created");
+}
+
 /// The procedure of docs/ARCHITECTURE.md ("Rotating the root") on a state
 /// dir whose control plane generated its root.
 #[tokio::test]

@@ -5,9 +5,11 @@
 //! command line in vain (a pod's env, a unit file or a shell's profile set
 //! it). clap's own refusals are said by
 //! [`environment_refusal`](crate::escape::environment_refusal); those of a
-//! program's own checks, after clap took the flags, by [`Given`]. Every
-//! binary (`trellis-proxy`, `trellis-control-plane`, `trellisctl`) says
-//! them so.
+//! program's own checks, after clap took the flags, by [`Given`]: each
+//! check names every flag it speaks of with [`Given::name`] (or through
+//! [`FlagNames`]) as it writes its words, never by rewriting them after.
+//! Every binary (`trellis-proxy`, `trellis-control-plane`, `trellisctl`)
+//! says them so.
 
 use std::ffi::OsString;
 
@@ -68,48 +70,39 @@ impl Given {
 
     /// The refusal of the value of `--flag` for `reason`: `invalid --flag:
     /// REASON`, or `invalid value in TRELLIS_FLAG (--flag): REASON` when it
-    /// came from that variable, as clap's refusals say it. Any other flag
-    /// `reason` names is named as [`naming`](Self::naming) says.
+    /// came from that variable, as clap's refusals say it. `reason` is said
+    /// as it is: any other flag it names was named by [`name`](Self::name)
+    /// where it was written.
     pub fn refused(&self, flag: &str, reason: impl std::fmt::Display) -> String {
-        let reason = self.naming(&reason.to_string());
         match self.twin(flag) {
             Some(twin) => format!("invalid value in {twin} (--{flag}): {reason}"),
             None => format!("invalid --{flag}: {reason}"),
         }
     }
+}
 
-    /// `text`, an error of the program's own checks, with each flag it
-    /// names (`--name`) whose value came from its environment variable
-    /// named as `TRELLIS_NAME (--name)` ([`name`](Self::name)); flags
-    /// given on the command line, or not given, as they are, and a flag
-    /// already named with its variable left alone.
-    pub fn naming(&self, text: &str) -> String {
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(at) = rest.find("--") {
-            let (before, from) = rest.split_at(at);
-            out.push_str(before);
-            let len = from[2..]
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-                .unwrap_or(from.len() - 2);
-            let flag = &from[2..2 + len];
-            // A flag starts a word: `a--b` and `---x` are not flags.
-            let starts_word = !out
-                .chars()
-                .next_back()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-');
-            let twin = (starts_word && !flag.is_empty())
-                .then(|| self.twin(flag))
-                .flatten()
-                .filter(|twin| !out.ends_with(&format!("{twin} (")));
-            match twin {
-                Some(twin) => out.push_str(&format!("{twin} (--{flag})")),
-                None => out.push_str(&from[..2 + len]),
-            }
-            rest = &from[2 + len..];
-        }
-        out.push_str(rest);
-        out
+/// How a refusal names a flag (`flag` without its dashes). The words are
+/// made where the refusal is: a value quoted in it (a path, a URL) is never
+/// read back for flags.
+pub trait FlagNames {
+    /// `--flag`, or how the operator gave it.
+    fn name(&self, flag: &str) -> String;
+}
+
+impl FlagNames for Given {
+    fn name(&self, flag: &str) -> String {
+        Given::name(self, flag)
+    }
+}
+
+/// Every flag named as typed, `--flag`: for a check run with no [`Given`]
+/// (a library caller or a test that built the values itself), where no
+/// value came from an environment variable.
+pub struct AsTyped;
+
+impl FlagNames for AsTyped {
+    fn name(&self, flag: &str) -> String {
+        format!("--{flag}")
     }
 }
 
@@ -134,19 +127,24 @@ mod tests {
         assert_eq!(given.name("idle"), "--idle");
         assert_eq!(given.name("timeout"), "PATH (--timeout)");
         assert_eq!(
-            given.refused("idle", "5s is longer than --timeout 1s"),
+            given.refused(
+                "idle",
+                format!("5s is longer than {} 1s", given.name("timeout"))
+            ),
             "invalid --idle: 5s is longer than PATH (--timeout) 1s"
+        );
+        // A value quoted in the reason is said as it is.
+        assert_eq!(
+            given.refused("idle", "/etc/--timeout/x is missing"),
+            "invalid --idle: /etc/--timeout/x is missing"
         );
         assert_eq!(
             given.refused("timeout", "too long"),
             "invalid value in PATH (--timeout): too long"
         );
-        assert_eq!(
-            given.naming("--timeout, a--timeout, --timeouts, --idle, PATH (--timeout), --"),
-            "PATH (--timeout), a--timeout, --timeouts, --idle, PATH (--timeout), --"
-        );
         let args: Vec<OsString> = ["x", "--timeout=1s"].iter().map(Into::into).collect();
         let (_, given) = Given::parse::<Flags>(&args).unwrap();
-        assert_eq!(given.naming("--timeout 1s"), "--timeout 1s");
+        assert_eq!(given.name("timeout"), "--timeout");
+        assert_eq!(AsTyped.name("timeout"), "--timeout");
     }
 }

@@ -64,7 +64,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     if let Some(Command::Init(args)) = cli.command {
         return init::run(args, &given);
     }
-    let config = match Config::from_args(&cli.proxy) {
+    let config = match Config::from_given(&cli.proxy, &given) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {}", given.refused(e.flag, &e.reason));

@@ -87,6 +87,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
+use trellis_core::flags::FlagNames;
 use trellis_core::grpc::CertifyRefusal;
 use trellis_core::{SpiffeId, TrustDomain};
 
@@ -177,20 +178,23 @@ impl KubeApi {
     /// is a configuration error) and `token_file` (else the pod's
     /// service-account token, read now too, only to check that it can be
     /// read and holds a token: it is read again when used, and its content
-    /// is never part of an error). The error is a sentence naming the flag.
+    /// is never part of an error). The error is a sentence naming the flag
+    /// as `names` does.
     pub fn resolve(
         url: Option<&str>,
         ca: Option<&Path>,
         token_file: Option<&Path>,
+        names: &dyn FlagNames,
     ) -> Result<Self, String> {
         let url = match url {
-            Some(url) => parse_api_url(url).map_err(|e| format!("--kube-api {url:?}: {e}"))?,
-            None => in_cluster_url()?,
+            Some(url) => parse_api_url(url)
+                .map_err(|e| format!("{} {url:?}: {e}", names.name("kube-api")))?,
+            None => in_cluster_url(names)?,
         };
-        let ca = usable_file(ca, "--kube-ca", IN_CLUSTER_CA, "CA", read_roots)?;
+        let ca = usable_file(ca, &names.name("kube-ca"), IN_CLUSTER_CA, "CA", read_roots)?;
         let token_file = usable_file(
             token_file,
-            "--kube-token-file",
+            &names.name("kube-token-file"),
             IN_CLUSTER_TOKEN,
             "token",
             read_bearer,
@@ -253,7 +257,7 @@ pub fn parse_api_url(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-fn in_cluster_url() -> Result<Uri, String> {
+fn in_cluster_url(names: &dyn FlagNames) -> Result<Uri, String> {
     let host = std::env::var("KUBERNETES_SERVICE_HOST")
         .ok()
         .filter(|h| !h.is_empty());
@@ -261,11 +265,12 @@ fn in_cluster_url() -> Result<Uri, String> {
         .ok()
         .filter(|p| !p.is_empty());
     let Some(host) = host else {
-        return Err(
-            "--identity-provider kubernetes: no --kube-api given and KUBERNETES_SERVICE_HOST \
-             is not set (not running in a pod)"
-                .into(),
-        );
+        return Err(format!(
+            "{} kubernetes: no {} given and KUBERNETES_SERVICE_HOST is not set (not running \
+             in a pod)",
+            names.name("identity-provider"),
+            names.name("kube-api")
+        ));
     };
     let host = if host.contains(':') {
         format!("[{host}]")

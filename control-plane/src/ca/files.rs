@@ -128,27 +128,31 @@ pub fn open_ca(
 /// readable, a chain of CAs each signed by the next, ending at a root that
 /// signed itself, valid now, and the key of its first certificate), so a
 /// configuration error exits before the state dir is touched. The error
-/// names the flag, its file and the certificate, never the key.
+/// names the flag (as `names` does), its file and the certificate, never
+/// the key.
 pub fn check_operator_ca(
     trust_domain: &trellis_core::TrustDomain,
     cert: &Path,
     key: &Path,
+    names: &dyn trellis_core::flags::FlagNames,
 ) -> Result<(), String> {
     let read = |flag: &str, path: &Path| {
-        std::fs::read(path)
-            .map_err(|e| format!("{flag} {}: cannot read it: {}", shown(path), IoWords(&e)))
+        std::fs::read(path).map_err(|e| {
+            let flag = names.name(flag);
+            format!("{flag} {}: cannot read it: {}", shown(path), IoWords(&e))
+        })
     };
-    let (cert_pem, key_pem) = (read("--ca-cert", cert)?, read("--ca-key", key)?);
+    let (cert_pem, key_pem) = (read("ca-cert", cert)?, read("ca-key", key)?);
     let e = match load_ca(trust_domain, &cert_pem, cert, &key_pem, key) {
         Ok(_) => return Ok(()),
         Err(e) => e,
     };
     let flag = match &e {
-        CaFilesError::KeyMismatch { .. } => "--ca-key",
-        CaFilesError::Invalid { path, .. } if path == key => "--ca-key",
-        _ => "--ca-cert",
+        CaFilesError::KeyMismatch { .. } => "ca-key",
+        CaFilesError::Invalid { path, .. } if path == key => "ca-key",
+        _ => "ca-cert",
     };
-    Err(format!("{flag} {e}"))
+    Err(format!("{} {e}", names.name(flag)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CaFilesError> {

@@ -27,7 +27,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
-use trellis_core::flags::Given;
+use trellis_core::flags::{FlagNames, Given};
 use trellis_core::io_error::stdout_closed;
 use trellis_core::policy::PolicyFiles;
 use trellis_core::tls::{
@@ -486,7 +486,10 @@ fn host_port(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
-    fn credentials(&self) -> Result<AdminCredentials, CtlError> {
+    /// The operator credential the flags give; a refusal names each flag
+    /// as `names` does.
+    fn credentials(&self, names: &dyn FlagNames) -> Result<AdminCredentials, CtlError> {
+        let n = |flag: &str| names.name(flag);
         match (&self.state_dir, &self.ca, &self.cert, &self.key) {
             (Some(dir), None, None, None) => Ok(AdminCredentials::in_state_dir(dir)),
             (None, Some(ca), Some(cert), Some(key)) => Ok(AdminCredentials {
@@ -494,12 +497,20 @@ impl Cli {
                 cert: cert.clone(),
                 key: key.clone(),
             }),
-            (Some(_), _, _, _) => Err(CtlError::Usage(
-                "--state-dir cannot be combined with --ca/--cert/--key".into(),
-            )),
-            _ => Err(CtlError::Usage(
-                "give --state-dir DIR, or all of --ca, --cert and --key".into(),
-            )),
+            (Some(_), _, _, _) => Err(CtlError::Usage(format!(
+                "{} cannot be combined with {}/{}/{}",
+                n("state-dir"),
+                n("ca"),
+                n("cert"),
+                n("key")
+            ))),
+            _ => Err(CtlError::Usage(format!(
+                "give {} DIR, or all of {}, {} and {}",
+                n("state-dir"),
+                n("ca"),
+                n("cert"),
+                n("key")
+            ))),
         }
     }
 }
@@ -537,7 +548,9 @@ pub(crate) fn offline_flags() -> Vec<Arg> {
 }
 
 /// Why `matches` are refused, if they are: `policy lint` given a
-/// connection flag on the command line, before or after its name.
+/// connection flag on the command line, before or after its name. It runs
+/// before any [`Given`]; the flags it names are those typed on the command
+/// line (`lint` reads no variable of theirs), so named as typed.
 fn offline_refusal(matches: &ArgMatches) -> Option<String> {
     let lint = matches
         .subcommand_matches("policy")?
@@ -659,6 +672,8 @@ fn given_on_command_line(matches: &ArgMatches, id: &str) -> bool {
 /// Why the value of the environment variable of the connection flag `id`
 /// (of `command`) would be refused, naming the variable and its flag; or
 /// `None` when the variable is unset or its value is one the flag takes.
+/// It runs before clap took the flags, so before any [`Given`]: the name
+/// is made here, the variable's beside its flag's.
 fn env_refusal(command: &clap::Command, id: &str) -> Option<String> {
     let (_, flag, _) = CONNECTION_FLAGS.iter().find(|(each, _, _)| *each == id)?;
     let name = command
@@ -709,7 +724,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (printed, code) = match runtime.block_on(execute(&cli)) {
+    let (printed, code) = match runtime.block_on(execute(&cli, &given)) {
         Ok(printed) => {
             let code = if printed.failed {
                 ExitCode::FAILURE
@@ -720,9 +735,10 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
         }
         Err(CtlError::Reported(report)) => (Printed::err(report), ExitCode::FAILURE),
         // A flag whose value came from its environment variable is named
-        // with it.
+        // with it where the message was made (`execute` names through
+        // `given`).
         Err(CtlError::Usage(message)) => (
-            Printed::err(format!("error: {}\n", given.naming(&message))),
+            Printed::err(format!("error: {message}\n")),
             ExitCode::from(EXIT_USAGE),
         ),
         Err(e) => (Printed::err(format!("error: {e}\n")), ExitCode::FAILURE),
@@ -774,18 +790,19 @@ pub fn escape_lines(text: &str) -> String {
 }
 
 /// Runs one subcommand; returns what to print. `policy lint` reads files
-/// only; every other subcommand calls the control plane.
-pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
+/// only; every other subcommand calls the control plane. A usage error
+/// names each flag as `names` does.
+pub async fn execute(cli: &Cli, names: &dyn FlagNames) -> Result<Printed, CtlError> {
     match &cli.command {
         Command::Policy(PolicyCommand::Lint {
             paths,
             recursive,
             trust_domain,
             root,
-        }) => policy::lint(paths, recursive, trust_domain, &root.root_namespace),
-        Command::Policy(PolicyCommand::Remote(command)) => remote_policy(cli, command).await,
+        }) => policy::lint(paths, recursive, trust_domain, &root.root_namespace, names),
+        Command::Policy(PolicyCommand::Remote(command)) => remote_policy(cli, command, names).await,
         Command::Remote(command) => {
-            connected(cli, async |credentials, client| {
+            connected(cli, names, async |credentials, client| {
                 run(cli, command, credentials, client).await
             })
             .await
@@ -794,7 +811,11 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
 }
 
 /// A `policy` subcommand that calls the control plane.
-async fn remote_policy(cli: &Cli, command: &RemotePolicyCommand) -> Result<Printed, CtlError> {
+async fn remote_policy(
+    cli: &Cli,
+    command: &RemotePolicyCommand,
+    names: &dyn FlagNames,
+) -> Result<Printed, CtlError> {
     // Checked here, not by clap: an environment twin such as
     // TRELLIS_DRY_RUN=false counts as given to clap's conflicts, and would
     // refuse a plain `--wait`.
@@ -805,10 +826,11 @@ async fn remote_policy(cli: &Cli, command: &RemotePolicyCommand) -> Result<Print
     } = command
         && wait.is_set()
     {
-        return Err(CtlError::Usage(
-            "the argument '--dry-run' cannot be used with '--wait': a dry run writes nothing to wait for"
-                .into(),
-        ));
+        return Err(CtlError::Usage(format!(
+            "the argument '{}' cannot be used with '{}': a dry run writes nothing to wait for",
+            names.name("dry-run"),
+            names.name("wait")
+        )));
     }
     // A directory without policy files is a usage error before any
     // credential is read.
@@ -818,9 +840,9 @@ async fn remote_policy(cli: &Cli, command: &RemotePolicyCommand) -> Result<Print
         } => policy::policy_files(files, recursive)?,
         _ => PolicyFiles::default(),
     };
-    connected(cli, async |credentials, client| {
+    connected(cli, names, async |credentials, client| {
         let td = credentials.trust_domain()?;
-        policy::run(client, &td, command, found).await
+        policy::run(client, &td, command, found, names).await
     })
     .await
 }
@@ -829,9 +851,10 @@ async fn remote_policy(cli: &Cli, command: &RemotePolicyCommand) -> Result<Print
 /// `calls` over the connection.
 async fn connected(
     cli: &Cli,
+    names: &dyn FlagNames,
     calls: impl AsyncFnOnce(&AdminCredentials, &mut AdminClient<Channel>) -> Result<Printed, CtlError>,
 ) -> Result<Printed, CtlError> {
-    let credentials = cli.credentials()?;
+    let credentials = cli.credentials(names)?;
     let mut client = credentials.connect(&cli.control_plane).await?;
     match calls(&credentials, &mut client).await {
         // A connection closed under the call: if the control plane refused

@@ -28,6 +28,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::TrustDomain;
+use trellis_core::flags::FlagNames;
 use trellis_core::policy::{
     AuthorizationPolicy, Decision, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy,
     Reason, RequestAnswer, RequestOutcome, RuleRef, SelectorScope, ValidationContext, Walk,
@@ -90,7 +91,9 @@ impl Wait {
 
 /// Why `e` refused `args`, when it is a duration given to `--wait` after a
 /// space (`--wait 30s`): the duration is optional, so it must follow an
-/// `=`, and clap says only that `30s` is an unexpected argument.
+/// `=`, and clap says only that `30s` is an unexpected argument. It runs on
+/// clap's refusal, before any `Given`: the `--wait` it names was typed on
+/// the command line, so it is named as typed.
 pub fn wait_without_equals(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if e.kind() != ErrorKind::UnknownArgument {
@@ -356,9 +359,12 @@ pub fn lint(
     recursive: &Recursive,
     trust_domain: &str,
     root_namespace: &str,
+    names: &dyn FlagNames,
 ) -> Result<Printed, CtlError> {
-    let td = TrustDomain::new(trust_domain)
-        .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
+    let td = TrustDomain::new(trust_domain).map_err(|e| {
+        let flag = names.name("trust-domain");
+        CtlError::Usage(format!("{flag} {trust_domain:?}: {e}"))
+    })?;
     let found = policy_files(paths, recursive)?;
     let context = ValidationContext {
         scope: SelectorScope::root(root_namespace),
@@ -421,6 +427,7 @@ pub async fn run(
     td: &TrustDomain,
     command: &RemotePolicyCommand,
     found: PolicyFiles,
+    names: &dyn FlagNames,
 ) -> Result<Printed, CtlError> {
     match command {
         RemotePolicyCommand::Apply {
@@ -509,7 +516,8 @@ pub async fn run(
                 && crate::api::policy::is_absolute_target(path)
             {
                 return Err(CtlError::Usage(format!(
-                    "--path {}: {}",
+                    "{} {}: {}",
+                    names.name("path"),
                     crate::api::quoted(path),
                     crate::api::policy::NO_ABSOLUTE_H2
                 )));
@@ -519,7 +527,8 @@ pub async fn run(
                 && path.contains('#')
             {
                 return Err(CtlError::Usage(format!(
-                    "--path {}: {}",
+                    "{} {}: {}",
+                    names.name("path"),
                     crate::api::quoted(path),
                     crate::api::policy::NO_FRAGMENT_H2
                 )));
@@ -556,11 +565,11 @@ pub async fn run(
                 // A control plane older than --path answers the connection
                 // alone: saying nothing of the request would read as if
                 // the connection's verdict were the request's.
-                return Err(CtlError::Usage(
-                    "the control plane does not decide HTTP requests (it predates --path): \
-                     upgrade it, or explain the connection alone"
-                        .to_owned(),
-                ));
+                return Err(CtlError::Usage(format!(
+                    "the control plane does not decide HTTP requests (it predates {}): \
+                     upgrade it, or explain the connection alone",
+                    names.name("path")
+                )));
             }
             let mut printed = explained(&explanation, &response, *output, *http2);
             if let Some(warning) = trellis_core::policy::sidecar_port_warning(*port) {
@@ -1355,6 +1364,7 @@ spec:
             &Recursive { recursive: false },
             "cluster.local",
             "trellis-system",
+            &trellis_core::flags::AsTyped,
         )
         .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

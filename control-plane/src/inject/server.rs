@@ -271,17 +271,21 @@ impl ServingFiles {
 /// Checks `--webhook-cert` and `--webhook-key` as the start will load them
 /// (each readable, a certificate, a key, the key of the certificate), so a
 /// configuration error exits before the state dir is touched. The error
-/// names the flag and its file, never the key.
-pub fn check_serving_files(cert: &Path, key: &Path) -> Result<(), String> {
+/// names the flag (as `names` does) and its file, never the key.
+pub fn check_serving_files(
+    cert: &Path,
+    key: &Path,
+    names: &dyn trellis_core::flags::FlagNames,
+) -> Result<(), String> {
     let e = match load(cert, key) {
         Ok(_) => return Ok(()),
         Err(e) => e,
     };
     let flag = match &e {
-        TlsFilesError::File { path, .. } if path == key => "--webhook-key",
-        _ => "--webhook-cert",
+        TlsFilesError::File { path, .. } if path == key => "webhook-key",
+        _ => "webhook-cert",
     };
-    Err(format!("{flag} {e}"))
+    Err(format!("{} {e}", names.name(flag)))
 }
 
 /// The certificate file's stamp, through symlinks.

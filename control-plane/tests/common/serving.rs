@@ -194,6 +194,7 @@ impl ApiServer {
             Some(&self.url()),
             Some(&self.ca()),
             Some(&self.token_file()),
+            &trellis_core::flags::AsTyped,
         )
         .unwrap()
     }

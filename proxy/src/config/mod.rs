@@ -26,7 +26,7 @@ use crate::admin::probes::AppProbes;
 mod listen;
 
 pub use listen::{DEFAULT_INBOUND, DEFAULT_OUTBOUND, Listen};
-pub use trellis_core::flags::Given;
+pub use trellis_core::flags::{AsTyped, FlagNames, Given};
 
 /// `trellis-proxy`: the Trellis sidecar.
 #[derive(Debug, Parser)]
@@ -244,29 +244,33 @@ pub struct ProxyArgs {
     pub max_h2_connections: String,
 }
 
-/// The flags a sidecar cannot start without, with what each holds.
-const REQUIRED: [(&str, &str); 3] = [
-    (
-        "identity",
-        "this workload's SPIFFE ID (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)",
-    ),
-    (
-        "trust-bundle",
-        "the PEM roots that verify the control plane (its state dir's bundle.pem)",
-    ),
-    (
-        "token-file",
-        "the file of the token that proves this workload for its first certificate \
-         (`trellisctl token create`, or a projected ServiceAccount token with --token-type \
-         service-account)",
-    ),
-];
+/// The flags a sidecar cannot start without.
+const REQUIRED: [&str; 3] = ["identity", "trust-bundle", "token-file"];
+
+/// What the flag `flag` of [`REQUIRED`] holds, any other flag named as
+/// `names` does.
+fn holds(flag: &str, names: &dyn FlagNames) -> String {
+    match flag {
+        "identity" => "this workload's SPIFFE ID \
+                       (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)"
+            .to_owned(),
+        "trust-bundle" => {
+            "the PEM roots that verify the control plane (its state dir's bundle.pem)".to_owned()
+        }
+        _ => format!(
+            "the file of the token that proves this workload for its first certificate \
+             (`trellisctl token create`, or a projected ServiceAccount token with {} \
+             service-account)",
+            names.name("token-type")
+        ),
+    }
+}
 
 /// The refusal of flags without one of [`REQUIRED`], if any is missing:
 /// it names the first missing and what it holds, then every other one
 /// missing, so a first start from the README learns of them all at once,
 /// not one run after another.
-fn missing_required(args: &ProxyArgs) -> Option<InvalidFlag> {
+fn missing_required(args: &ProxyArgs, names: &dyn FlagNames) -> Option<InvalidFlag> {
     let given = [
         args.identity.is_some(),
         args.trust_bundle.is_some(),
@@ -276,9 +280,10 @@ fn missing_required(args: &ProxyArgs) -> Option<InvalidFlag> {
         .iter()
         .zip(given)
         .filter(|(_, given)| !given)
-        .map(|(flag, _)| flag);
-    let (flag, holds) = missing.next()?;
-    let others: Vec<String> = missing.map(|(other, _)| format!("--{other}")).collect();
+        .map(|(flag, _)| *flag);
+    let flag = missing.next()?;
+    let holds = holds(flag, names);
+    let others: Vec<String> = missing.map(|other| names.name(other)).collect();
     let also = match others.as_slice() {
         [] => String::new(),
         [one] => format!("; {one} is missing too"),
@@ -438,15 +443,24 @@ impl Config {
         plaintext_listeners(&self.routes, &self.outbound)
     }
 
-    /// Validates parsed flags, reading the bundle and token files.
+    /// Validates parsed flags, reading the bundle and token files; a
+    /// refusal names any other flag as typed ([`AsTyped`]), for flags no
+    /// environment variable gave.
     pub fn from_args(args: &ProxyArgs) -> Result<Self, InvalidFlag> {
+        Self::from_given(args, &AsTyped)
+    }
+
+    /// Validates parsed flags, reading the bundle and token files; a
+    /// refusal names any flag besides the one refused as `names` does
+    /// (its [`Given`], for the flags of a run).
+    pub fn from_given(args: &ProxyArgs, names: &dyn FlagNames) -> Result<Self, InvalidFlag> {
         let Some(id) = args.identity.as_deref() else {
             return Err(
-                missing_required(args).unwrap_or_else(|| invalid("identity", "is required"))
+                missing_required(args, names).unwrap_or_else(|| invalid("identity", "is required"))
             );
         };
         let identity = SpiffeId::parse(id).map_err(|e| invalid("identity", e))?;
-        if let Some(missing) = missing_required(args) {
+        if let Some(missing) = missing_required(args, names) {
             return Err(missing);
         }
         let trust_domain = identity.trust_domain();
@@ -528,8 +542,8 @@ impl Config {
                     format_args!(
                         "{route}{addr} is not a loopback address: every client that reaches it \
                          would be served under this sidecar's identity; listen on 127.0.0.1 or \
-                         [::1], or pass --allow-non-loopback-listeners to lend the identity to \
-                         every client that reaches it"
+                         [::1], or pass {} to lend the identity to every client that reaches it",
+                        names.name("allow-non-loopback-listeners")
                     ),
                 ));
             }
@@ -546,7 +560,8 @@ impl Config {
                     return Err(invalid(
                         "drain-idle",
                         format_args!(
-                            "{given} is longer than --drain-timeout {}: every drain would last the whole timeout",
+                            "{given} is longer than {} {}: every drain would last the whole timeout",
+                            names.name("drain-timeout"),
                             args.drain_timeout
                         ),
                     ));

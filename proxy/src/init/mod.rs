@@ -267,6 +267,9 @@ pub enum InitError {
     /// (`invalid --token-file: PATH: ...`).
     #[error("invalid --resolv-conf: {0}")]
     ResolvConf(String),
+    /// The resolv.conf `--exclude-outbound-dns` reads names no nameserver.
+    #[error("invalid --resolv-conf: {}", no_nameserver(.0, "--exclude-outbound-dns"))]
+    NoNameserver(PathBuf),
     #[error("{failed}; {} reverted, so nothing is left half done", changes(.reverted))]
     Reverted {
         failed: IptablesError,
@@ -282,6 +285,15 @@ pub enum InitError {
     },
     #[error("could not write the rules: {0}")]
     Output(#[from] std::io::Error),
+}
+
+/// Why the resolv.conf at `path` is refused, `exclude_dns` naming the flag
+/// that reads it.
+fn no_nameserver(path: &Path, exclude_dns: &str) -> String {
+    format!(
+        "{} names no nameserver, so {exclude_dns} could not let DNS past the sidecar",
+        shown(path)
+    )
 }
 
 /// `the IPv4 change was`, `the IPv4 and IPv6 changes were`.
@@ -335,7 +347,9 @@ impl InitError {
     /// permission).
     pub fn exit_code(&self) -> u8 {
         let iptables = match self {
-            InitError::SamePorts(_) | InitError::ResolvConf(_) => return 64,
+            InitError::SamePorts(_) | InitError::ResolvConf(_) | InitError::NoNameserver(_) => {
+                return 64;
+            }
             InitError::Iptables(e)
             | InitError::Ipv6Unavailable(e)
             | InitError::Ipv6Bypass { failed: e, .. } => e,
@@ -414,11 +428,7 @@ pub fn nameservers(text: &str, path: &Path) -> Result<Vec<IpAddr>, InitError> {
         }
     }
     if found.is_empty() {
-        return Err(InitError::ResolvConf(format!(
-            "{} names no nameserver, so --exclude-outbound-dns could not let DNS past the \
-             sidecar",
-            shown(path)
-        )));
+        return Err(InitError::NoNameserver(path.to_path_buf()));
     }
     Ok(found)
 }
@@ -476,6 +486,10 @@ fn said(error: &InitError, given: &Given) -> String {
             given.name("outbound-port")
         ),
         InitError::ResolvConf(why) => given.refused("resolv-conf", why),
+        InitError::NoNameserver(path) => given.refused(
+            "resolv-conf",
+            no_nameserver(path, &given.name("exclude-outbound-dns")),
+        ),
         other => other.to_string(),
     }
 }
