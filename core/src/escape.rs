@@ -59,6 +59,11 @@ pub fn escape_given(mut e: clap::Error) -> clap::Error {
 /// (--cert-ttl): ...` and then the value parser's reason or the values
 /// allowed, the value escaped ([`escape_controls`]). `None` for any other
 /// error, or a value given on the command line.
+///
+/// Use it for the refusals clap makes while taking the flags; a program's
+/// own checks, run on the values clap took, name each flag with
+/// [`Given::name`](crate::flags::Given::name) instead (the rule of
+/// [`flags`](crate::flags)).
 pub fn environment_refusal(
     e: &clap::Error,
     command: &clap::Command,
