@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Parser;
-use common::injector::sidecar_env;
+use common::injector::{sidecar_env, sidecar_env_with};
 use serde_json::{Value, json};
 use trellis_proxy::config::{Cli, Config, DEFAULT_INBOUND, DEFAULT_OUTBOUND};
 
@@ -165,5 +165,33 @@ fn an_injected_sidecar_holds_the_pods_tcp_user_timeout() {
         });
         let config = config_from(&kubelet_env(&sidecar_env(&pod), "10.0.0.7"));
         assert_eq!(config.tcp_user_timeout, expected, "{annotation}");
+    }
+}
+
+/// Each log format the injector's settings take reaches the sidecar as
+/// one its `--log-format` takes, the same format.
+#[test]
+fn an_injected_sidecar_logs_in_the_settings_log_format() {
+    use clap::ValueEnum;
+    use trellis_core::logging::Format;
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{"name": "web", "image": "nginx"}],
+        },
+    });
+    for format in Format::value_variants() {
+        let name = format.to_possible_value().unwrap().get_name().to_owned();
+        let settings = format!(r#"{{"logFormat": "{name}"}}"#);
+        let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
+        let settings =
+            trellis_control_plane::inject::InjectConfig::from_settings(&settings, td, "PEM".into())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let env = kubelet_env(&sidecar_env_with(&pod, settings), "10.0.0.7");
+        assert_eq!(env["TRELLIS_LOG_FORMAT"], name);
+        assert_eq!(config_from(&env).log_format, *format, "{name}");
     }
 }

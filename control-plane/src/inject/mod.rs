@@ -377,8 +377,8 @@ pub struct InjectConfig {
     /// the sidecar (init's `--exclude-outbound-dns`).
     pub exclude_outbound_dns: bool,
     pub failure_policy: FailurePolicy,
-    /// `text` or `json`, the sidecar's `--log-format`.
-    pub log_format: String,
+    /// The sidecar's `--log-format`.
+    pub log_format: trellis_core::logging::Format,
     /// The sidecar's `--tcp-user-timeout` for pods without the annotation
     /// `trellis.io/tcp-user-timeout`; `None`: none.
     pub tcp_user_timeout: Option<Duration>,
@@ -420,7 +420,7 @@ impl Default for InjectConfig {
             // other host goes through the sidecar.
             exclude_outbound_dns: true,
             failure_policy: FailurePolicy::Fail,
-            log_format: "json".to_owned(),
+            log_format: trellis_core::logging::Format::Json,
             tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
             max_h2_connections_per_peer: trellis_core::h2_limits::DEFAULT_PER_PEER,
             max_h2_connections: trellis_core::h2_limits::DEFAULT_TOTAL,

@@ -749,7 +749,7 @@ fn proxy_container(
             "TRELLIS_ADVERTISE_ADDRESS",
             "$(TRELLIS_POD_IPS)".to_string(),
         ),
-        value("TRELLIS_LOG_FORMAT", config.log_format.clone()),
+        value("TRELLIS_LOG_FORMAT", log_format(config.log_format)),
     ];
     // The sidecar logs requests unless told not to: only the opt-out is set.
     if !access_log {
@@ -934,4 +934,13 @@ fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
 
 fn array(value: Option<&Value>) -> Vec<Value> {
     value.and_then(Value::as_array).cloned().unwrap_or_default()
+}
+
+/// `format` as the sidecar's `--log-format` takes it.
+fn log_format(format: trellis_core::logging::Format) -> String {
+    use clap::ValueEnum;
+    format
+        .to_possible_value()
+        .map(|value| value.get_name().to_owned())
+        .expect("every log format has a value")
 }

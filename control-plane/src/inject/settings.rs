@@ -25,6 +25,7 @@
 //!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024, "proxyUid": 1337}
 //! ```
 
+use clap::ValueEnum;
 use serde::Deserialize;
 use serde_json::Value;
 use trellis_core::{TrustDomain, h2_limits};
@@ -367,12 +368,7 @@ impl InjectConfig {
             };
         }
         if let Some(format) = s.log_format {
-            if !matches!(format.as_str(), "text" | "json") {
-                return Err(InvalidSettings(format!(
-                    "logFormat: expected text or json, got {format:?}"
-                )));
-            }
-            config.log_format = format;
+            config.log_format = one_of(&format, "logFormat")?;
         }
         if let Some(families) = s.ip_families {
             config.ip_families = ip_families(&families)?;
@@ -443,6 +439,25 @@ fn nonzero(ports: Vec<u16>, field: &str) -> Result<Vec<u16>, InvalidSettings> {
         return Err(InvalidSettings(format!("{field}: 0 is not a port")));
     }
     Ok(ports)
+}
+
+/// The value of `E` (a flag's values, as `--log-format`'s) that `given`
+/// names, as the flag takes it; or a refusal naming `field` and every value
+/// `E` has.
+fn one_of<E: ValueEnum>(given: &str, field: &str) -> Result<E, InvalidSettings> {
+    E::from_str(given, false).map_err(|_| {
+        let names: Vec<String> = E::value_variants()
+            .iter()
+            .filter_map(ValueEnum::to_possible_value)
+            .map(|value| value.get_name().to_owned())
+            .collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => "nothing".to_owned(),
+        };
+        InvalidSettings(format!("{field}: expected {expected}, got {given:?}"))
+    })
 }
 
 #[cfg(test)]
@@ -592,6 +607,31 @@ mod tests {
     /// The sidecar's UID, which an operator moves off one their images
     /// use; root, or a UID Kubernetes refuses, fails the control plane's
     /// start, naming the field, rather than every pod injected after it.
+    #[test]
+    fn reads_each_log_format_the_sidecar_takes_and_refuses_any_other() {
+        use trellis_core::logging::Format;
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        assert_eq!(read("{}").unwrap().log_format, Format::Json);
+        let names: Vec<String> = Format::value_variants()
+            .iter()
+            .map(|format| format.to_possible_value().unwrap().get_name().to_owned())
+            .collect();
+        for (format, name) in Format::value_variants().iter().zip(&names) {
+            let config = read(&format!(r#"{{"logFormat": "{name}"}}"#)).unwrap();
+            assert_eq!(config.log_format, *format, "{name}");
+        }
+        for bad in ["xml", "JSON", ""] {
+            let e = read(&format!(r#"{{"logFormat": "{bad}"}}"#))
+                .unwrap_err()
+                .to_string();
+            let says = format!(
+                "invalid injection settings: logFormat: expected text or json, got {bad:?}"
+            );
+            assert_eq!(e, says);
+            assert!(names.iter().all(|name| e.contains(name.as_str())), "{e}");
+        }
+    }
+
     #[test]
     fn reads_the_proxy_uid_and_refuses_root() {
         let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());

@@ -8,9 +8,14 @@ use trellis_control_plane::inject::{self, InjectConfig, Injection, NamespaceScop
 /// The sidecar container's environment as the injector writes it for
 /// `pod`: each variable's `value`, or its `valueFrom` when it has none.
 pub fn sidecar_env(pod: &Value) -> Vec<(String, Value)> {
+    sidecar_env_with(pod, InjectConfig::default())
+}
+
+/// [`sidecar_env`] with the injector's settings `config`.
+pub fn sidecar_env_with(pod: &Value, config: InjectConfig) -> Vec<(String, Value)> {
     let config = InjectConfig {
         trust_bundle: inject::TrustBundleSource::Annotation("bundle".into()),
-        ..InjectConfig::default()
+        ..config
     };
     let Injection::Injected { patch, .. } =
         inject::inject_pod(pod, NamespaceScope::SelectedByWebhook, &config).unwrap()
