@@ -191,8 +191,8 @@ use pod::{has_sidecar, unknown_inject_values};
 pub use policy::{GROUP, respond_policy, review_policy};
 pub use probes::{PROBE_KINDS, app_health_path};
 pub use review::{
-    ADMISSION_API_VERSION, AdmissionRequest, AdmissionResponse, GroupVersionKind, PatchOp,
-    ReviewError,
+    ADMISSION_API_VERSION, AdmissionRequest, AdmissionResponse, GroupVersionKind, PatchKind,
+    PatchOp, ReviewError,
 };
 pub use settings::InvalidSettings;
 pub use uninjected::{Admitted, MAX_ENTRIES, MAX_INJECTED, Owner, UninjectedPod, UninjectedPods};

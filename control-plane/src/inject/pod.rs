@@ -244,30 +244,18 @@ pub fn inject_pod(
     }
 
     let mut patch = vec![
-        PatchOp {
-            path: "/metadata/annotations",
-            value: Value::Object(new_annotations),
-        },
-        PatchOp {
-            path: "/spec/initContainers",
-            value: Value::Array(init_containers),
-        },
+        PatchOp::add("/metadata/annotations", Value::Object(new_annotations)),
+        PatchOp::add("/spec/initContainers", Value::Array(init_containers)),
     ];
     if Some(&Value::Array(containers.clone())) != spec.get("containers") {
-        patch.push(PatchOp {
-            path: "/spec/containers",
-            value: Value::Array(containers),
-        });
+        patch.push(PatchOp::add("/spec/containers", Value::Array(containers)));
     }
-    patch.push(PatchOp {
-        path: "/spec/volumes",
-        value: Value::Array(volumes),
-    });
+    patch.push(PatchOp::add("/spec/volumes", Value::Array(volumes)));
     if let Some(secrets) = pull_secrets(spec, config) {
-        patch.push(PatchOp {
-            path: "/spec/imagePullSecrets",
-            value: Value::Array(secrets),
-        });
+        patch.push(PatchOp::add(
+            "/spec/imagePullSecrets",
+            Value::Array(secrets),
+        ));
     }
     Ok(Injection::Injected { patch, warnings })
 }

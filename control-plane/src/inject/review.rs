@@ -4,6 +4,8 @@
 //! This module owns the wire shape only. It never decides anything about the
 //! object under review: [`super::pod`] and [`super::policy`] do.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -128,12 +130,51 @@ impl AdmissionRequest {
     }
 }
 
-/// One JSONPatch (RFC 6902) operation. The injector only ever needs `add`,
-/// which creates a member or replaces an existing one.
+/// One JSONPatch (RFC 6902) operation: `add`, which creates an object's
+/// member or replaces an existing one (and inserts into an array, or
+/// appends at `-`), or `replace`, which replaces an array's element in
+/// place.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchOp {
-    pub path: &'static str,
+    pub op: PatchKind,
+    /// A JSON pointer: a whole field of the pod (`/spec/containers`), or
+    /// one element of an array of it (`/spec/initContainers/1/env/14`).
+    pub path: Cow<'static, str>,
     pub value: Value,
+}
+
+/// The JSONPatch operations the injector uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    Add,
+    Replace,
+}
+
+impl PatchKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Replace => "replace",
+        }
+    }
+}
+
+impl PatchOp {
+    pub fn add(path: impl Into<Cow<'static, str>>, value: Value) -> Self {
+        Self {
+            op: PatchKind::Add,
+            path: path.into(),
+            value,
+        }
+    }
+
+    pub fn replace(path: impl Into<Cow<'static, str>>, value: Value) -> Self {
+        Self {
+            op: PatchKind::Replace,
+            path: path.into(),
+            value,
+        }
+    }
 }
 
 /// The answer to one review.
@@ -178,7 +219,7 @@ impl AdmissionResponse {
         Value::Array(
             self.patch
                 .iter()
-                .map(|op| json!({"op": "add", "path": op.path, "value": op.value}))
+                .map(|op| json!({"op": op.op.as_str(), "path": op.path, "value": op.value}))
                 .collect(),
         )
     }
