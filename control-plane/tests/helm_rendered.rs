@@ -440,14 +440,16 @@ fn injection_fails_closed_by_default_and_the_control_plane_still_starts() {
     );
 }
 
-/// The injecting entries are never reinvoked: called again after a later
-/// webhook added a container, the control plane finds its own marker on
-/// the pod and changes nothing (the added container's probe stays as it
-/// is), so `IfNeeded` would only add a call to the pod's admission. Shown
-/// on a real AdmissionReview: injected, patched, a container added, and
-/// reviewed again.
+/// The injecting entries are reinvoked (`IfNeeded`), the warning-only
+/// ones not (`Never`: they change nothing): called again after a later
+/// webhook added a container, the control plane rewrites that container's
+/// probe to the sidecar's admin port, as it did the others', and the
+/// sidecar is told of its check; called once more, it changes nothing.
+/// Shown on a real AdmissionReview document (fixtures/k8s) with the
+/// settings the chart renders: injected, patched, a container added, and
+/// reviewed again; no Kubernetes API server can run here.
 #[test]
-fn injecting_webhooks_are_never_reinvoked() {
+fn injecting_webhooks_are_reinvoked() {
     use base64::Engine as _;
     use trellis_control_plane::inject::server::respond;
     use trellis_control_plane::metrics::Metrics;
@@ -455,15 +457,23 @@ fn injecting_webhooks_are_never_reinvoked() {
     let Some((helm, _)) = tools() else { return };
     for sets in [&[][..], &["injection.failurePolicy=Ignore"][..]] {
         let docs = documents(&template(&helm, sets).unwrap());
-        for webhook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+        let webhooks = one(&docs, "MutatingWebhookConfiguration")["webhooks"]
             .as_array()
-            .unwrap()
-        {
+            .unwrap();
+        let mut injecting = 0;
+        for webhook in webhooks {
+            let expected = if webhook["clientConfig"]["service"]["path"] == "/inject" {
+                injecting += 1;
+                "IfNeeded"
+            } else {
+                "Never"
+            };
             assert_eq!(
-                webhook["reinvocationPolicy"], "Never",
+                webhook["reinvocationPolicy"], expected,
                 "{sets:?}: {webhook}"
             );
         }
+        assert_eq!(injecting, 2, "{sets:?}");
     }
 
     let config = rendered_injection_config(&helm, &[]);
@@ -481,25 +491,56 @@ fn injecting_webhooks_are_never_reinvoked() {
         assert_eq!(answer["response"]["allowed"], true, "{answer}");
         answer
     };
+    let apply = |review: &mut Value, answer: &Value| {
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(answer["response"]["patch"].as_str().expect("a patch"))
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+        json_patch::patch(&mut review["request"]["object"], &patch).unwrap();
+    };
     let path = format!(
         "{}/tests/fixtures/k8s/pod-deployment-http-probes.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let mut review: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let answer = review_of(&review);
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(answer["response"]["patch"].as_str().expect("injected"))
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
-    let pod = &mut review["request"]["object"];
-    json_patch::patch(pod, &patch).unwrap();
-    let probe = json!({"httpGet": {"path": "/healthz", "port": 9000}});
-    pod["spec"]["containers"]
+    apply(&mut review, &answer);
+    let injected = review["request"]["object"].clone();
+    let probe = json!({"httpGet": {"path": "/healthz", "port": 9000, "scheme": "HTTP"}});
+    review["request"]["object"]["spec"]["containers"]
         .as_array_mut()
         .unwrap()
-        .push(json!({"name": "log-shipper", "image": "registry.example.com/shipper:1", "readinessProbe": probe}));
+        .push(json!({"name": "vault-agent", "image": "registry.example.com/vault:1", "readinessProbe": probe}));
     let again = review_of(&review);
-    assert!(again["response"].get("patch").is_none(), "{again}");
+    apply(&mut review, &again);
+    let pod = &review["request"]["object"];
+    assert_eq!(
+        pod["spec"]["containers"][2]["readinessProbe"],
+        json!({"httpGet": {"path": "/app-health/vault-agent/readiness", "port": 15020, "scheme": "HTTP"}})
+    );
+    assert_eq!(
+        pod["spec"]["containers"].as_array().unwrap()[..2],
+        injected["spec"]["containers"].as_array().unwrap()[..2]
+    );
+    let sidecar = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "trellis-proxy")
+        .unwrap();
+    let probes = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_APP_PROBES")
+        .unwrap();
+    let probes: Value = serde_json::from_str(probes["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes["/app-health/vault-agent/readiness"],
+        json!({"httpGet": {"port": 9000, "path": "/healthz", "scheme": "HTTP"}})
+    );
+    let third = review_of(&review);
+    assert!(third["response"].get("patch").is_none(), "{third}");
 }
 
 /// The injection settings the chart renders are read by the control

@@ -579,6 +579,339 @@ fn an_already_injected_pod_gets_no_patch() {
     assert!(patch_of(&answer2).is_none());
 }
 
+/// A container a mutating webhook called after ours adds (a Vault agent
+/// with an `httpGet` readiness probe on a named port and an `httpGet`
+/// preStop hook; a log forwarder as a native sidecar with a `tcpSocket`
+/// liveness probe) would be probed in plaintext on the sidecar's mTLS port
+/// and the pod never become Ready: the API server calls `/inject` again
+/// (`reinvocationPolicy: IfNeeded`), and the added containers' probes and
+/// hook are rewritten as the first injection rewrites them, the sidecar
+/// told of their checks and given a hook token for the hook, the
+/// containers of the first injection left exactly as they were. Reviewed
+/// once more, the pod gets no patch. The documents are real AdmissionReview
+/// documents (fixtures/k8s) as the API server sends them, the first
+/// answer's patch applied as it applies it (`json-patch`) and the other
+/// webhook's containers added as it would send them (defaults filled in);
+/// no Kubernetes API server can run here.
+#[test]
+fn containers_a_later_webhook_adds_are_rewritten_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let mut pod = first.clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .push(log_forwarder());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+
+    let token = hook_token(&again);
+    assert_eq!(token.len(), 64, "{token}");
+    let agent = container(&again, "containers", "vault-agent");
+    assert_eq!(
+        agent["readinessProbe"],
+        json!({
+            "httpGet": {"path": "/app-health/vault-agent/readiness", "port": 15020, "scheme": "HTTP"},
+            "initialDelaySeconds": 2, "timeoutSeconds": 1, "periodSeconds": 5,
+            "successThreshold": 1, "failureThreshold": 3,
+        })
+    );
+    assert_eq!(
+        agent["lifecycle"],
+        json!({"preStop": {"httpGet": {
+            "path": "/app-health/vault-agent/pre-stop", "port": 15020, "scheme": "HTTP",
+            "httpHeaders": [{"name": "x-trellis-hook-token", "value": token}],
+        }}})
+    );
+    let forwarder = container(&again, "initContainers", "log-forwarder");
+    assert_eq!(
+        forwarder["livenessProbe"]["httpGet"],
+        json!({"path": "/app-health/log-forwarder/liveness", "port": 15020, "scheme": "HTTP"})
+    );
+
+    // The sidecar runs the added checks beside the first injection's.
+    let mut expected = app_probes(&first);
+    let added = json!({
+        "/app-health/vault-agent/readiness": {"httpGet": {"port": 8200, "path": "/agent/v1/ready", "scheme": "HTTP"}},
+        "/app-health/vault-agent/pre-stop": {"httpGet": {"port": 8200, "path": "/agent/v1/quit", "scheme": "HTTP"}},
+        "/app-health/log-forwarder/liveness": {"tcpSocket": {"port": 24240}},
+    });
+    expected
+        .as_object_mut()
+        .unwrap()
+        .extend(added.as_object().unwrap().clone());
+    assert_eq!(app_probes(&again), expected);
+
+    // The rest is the first injection's, untouched: the sidecar but for
+    // the two entries of its environment, the other containers entirely.
+    for name in ["web", "log-shipper"] {
+        assert_eq!(
+            container(&again, "containers", name),
+            container(&first, "containers", name),
+            "{name}"
+        );
+    }
+    for name in ["trellis-init", "wait-for-db"] {
+        assert_eq!(
+            container(&again, "initContainers", name),
+            container(&first, "initContainers", name),
+            "{name}"
+        );
+    }
+    let without_env = |pod: &Value| {
+        let mut proxy = container(pod, "initContainers", "trellis-proxy").clone();
+        proxy.as_object_mut().unwrap().remove("env");
+        proxy
+    };
+    assert_eq!(without_env(&again), without_env(&first));
+    let (mut before, mut after) = (
+        env(container(&first, "initContainers", "trellis-proxy")),
+        env(container(&again, "initContainers", "trellis-proxy")),
+    );
+    for changed in ["TRELLIS_APP_PROBES", "TRELLIS_HOOK_TOKEN"] {
+        before.remove(changed);
+        after.remove(changed);
+    }
+    assert_eq!(after, before);
+    assert_eq!(again["spec"]["volumes"], first["spec"]["volumes"]);
+    assert_eq!(
+        again["metadata"]["annotations"]["trellis.io/injected-containers"],
+        "web,log-shipper,vault-agent,wait-for-db,log-forwarder"
+    );
+
+    // Reviewed again (the API server reinvokes once; a manifest copied
+    // from the pod), nothing is left to do.
+    let third = answer_for(&with_object(&review, again.clone()));
+    assert_eq!(third["response"]["allowed"], true, "{third}");
+    assert!(patch_of(&third).is_none(), "{third}");
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
+/// A Vault agent as the API server sends a container another webhook
+/// added: an `httpGet` readiness probe on a named port, an `httpGet`
+/// preStop hook, defaults filled in.
+fn vault_agent() -> Value {
+    json!({
+        "name": "vault-agent",
+        "image": "hashicorp/vault:1.17",
+        "args": ["agent", "-config=/vault/config/agent.hcl"],
+        "ports": [{"name": "agent", "containerPort": 8200, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/agent/v1/ready", "port": "agent", "scheme": "HTTP"},
+            "initialDelaySeconds": 2, "timeoutSeconds": 1, "periodSeconds": 5,
+            "successThreshold": 1, "failureThreshold": 3,
+        },
+        "lifecycle": {"preStop": {"httpGet": {"path": "/agent/v1/quit", "port": 8200, "scheme": "HTTP"}}},
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    })
+}
+
+/// A log forwarder another webhook added as a native sidecar, with a
+/// `tcpSocket` liveness probe, as the API server sends it.
+fn log_forwarder() -> Value {
+    json!({
+        "name": "log-forwarder",
+        "image": "fluent/fluent-bit:3.1",
+        "restartPolicy": "Always",
+        "livenessProbe": {
+            "tcpSocket": {"port": 24240},
+            "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3,
+        },
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    })
+}
+
+/// A pod whose hooks have a token already: a hook another webhook's
+/// container adds gets the same one, the sidecar's `TRELLIS_HOOK_TOKEN`
+/// stays as it is, and only `TRELLIS_APP_PROBES` is patched. A warning the
+/// first injection gives for a container (a probe on a port the container
+/// does not declare) is given for the added one, and not again once it has
+/// been seen. Real AdmissionReview documents (fixtures/k8s) as the API
+/// server sends them, reinvoked with the patched pod; no Kubernetes API
+/// server can run here.
+#[test]
+fn a_reinvocation_reuses_the_pods_hook_token_and_warns_of_the_added_container_once() {
+    let mut review = fixture("pod-deployment-http-probes.json");
+    review["request"]["object"]["spec"]["containers"][0]["lifecycle"] = json!({
+        "preStop": {"httpGet": {"path": "/drain", "port": "http", "scheme": "HTTP"}},
+    });
+    let first = injected(&review);
+    let token = hook_token(&first);
+    let mut pod = first.clone();
+    let mut agent = vault_agent();
+    agent["livenessProbe"] =
+        json!({"httpGet": {"path": "/live", "port": "admin", "scheme": "HTTP"}});
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(agent.clone());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(
+        reply["response"]["warnings"],
+        json!([
+            "container \"vault-agent\" livenessProbe is not rewritten for the sidecar (the \
+             container declares no port named \"admin\"); it will fail under strict mTLS"
+        ])
+    );
+    let patch = patch_of(&reply).expect("a patch");
+    let paths: Vec<String> = serde_json::to_value(&patch)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| {
+            format!(
+                "{} {}",
+                op["op"].as_str().unwrap(),
+                op["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let probes_at = container(&first, "initContainers", "trellis-proxy")["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|e| e["name"] == "TRELLIS_APP_PROBES")
+        .unwrap();
+    assert_eq!(
+        paths,
+        [
+            "add /metadata/annotations".to_owned(),
+            "replace /spec/containers/2".to_owned(),
+            format!("replace /spec/initContainers/1/env/{probes_at}"),
+        ]
+    );
+    let again = apply(&pod, &patch);
+    assert_eq!(hook_token(&again), token);
+    assert_eq!(
+        container(&again, "containers", "vault-agent")["lifecycle"]["preStop"]["httpGet"]["httpHeaders"],
+        json!([{"name": "x-trellis-hook-token", "value": token}])
+    );
+    assert_eq!(
+        container(&again, "containers", "vault-agent")["livenessProbe"],
+        agent["livenessProbe"]
+    );
+
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
+/// A container another webhook adds is held to the first injection's
+/// rules: one declaring a port of the sidecar's is refused, naming it, and
+/// so, under the outbound policy deny, is one running as the sidecar's UID;
+/// under passthrough that one is warned of, and the first injection's
+/// containers are not warned of again. Real AdmissionReview documents
+/// (fixtures/k8s) as the API server sends them, reinvoked with the patched
+/// pod; no Kubernetes API server can run here.
+#[test]
+fn a_container_a_later_webhook_adds_is_checked_as_at_injection() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let added = |agent: Value| {
+        let mut pod = first.clone();
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(agent);
+        with_object(&review, pod)
+    };
+
+    let mut on_inbound = vault_agent();
+    on_inbound["ports"][0]["containerPort"] = json!(15006);
+    let reply = answer_for(&added(on_inbound));
+    assert!(
+        denial(&reply).starts_with(
+            "trellis: cannot inject: container \"vault-agent\" declares TCP port 15006, the \
+             sidecar's inbound port"
+        ),
+        "{reply}"
+    );
+
+    let mut as_proxy = vault_agent();
+    as_proxy["securityContext"] = json!({"runAsUser": 1337});
+    let reply = answer_for(&added(as_proxy.clone()));
+    assert!(
+        denial(&reply).contains("container \"vault-agent\" runs as UID 1337"),
+        "{reply}"
+    );
+    let reply = answer(
+        &added(as_proxy),
+        NamespaceScope::SelectedByWebhook,
+        &passthrough(),
+    );
+    assert_eq!(
+        reply["response"]["warnings"],
+        json!([
+            "container \"vault-agent\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+             the sidecar"
+        ])
+    );
+    assert!(patch_of(&reply).is_some(), "{reply}");
+}
+
+/// A sidecar whose `TRELLIS_APP_PROBES` is not what the injector writes
+/// (edited by hand) cannot take an added container's checks: the pod
+/// follows the failure policy (`Fail`: denied, naming the variable) rather
+/// than run with a probe that always fails. Real AdmissionReview documents
+/// (fixtures/k8s) as the API server sends them; no Kubernetes API server
+/// can run here.
+#[test]
+fn a_sidecar_environment_the_injector_cannot_read_follows_the_failure_policy() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = injected(&review);
+    for entry in pod["spec"]["initContainers"][1]["env"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if entry["name"] == "TRELLIS_APP_PROBES" {
+            entry["value"] = json!("not json");
+        }
+    }
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        denial(&reply),
+        "trellis: cannot inject: the trellis-proxy container's environment variable \
+         TRELLIS_APP_PROBES has no value as the injector writes it, so the checks of the \
+         containers added since injection cannot be added to it"
+    );
+}
+
+/// Reinvoked after a later webhook changed the pod but added no container
+/// (a label, an annotation), the injector has nothing to do: no patch, no
+/// warning. Real AdmissionReview documents (fixtures/k8s) as the API
+/// server sends them, the first patch applied; no Kubernetes API server can
+/// run here.
+#[test]
+fn a_reinvocation_without_a_new_container_gets_no_patch() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = injected(&review);
+    pod["metadata"]["labels"]["team"] = json!("shop");
+    pod["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"] = json!("injected");
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        reply,
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+               "response": {"uid": review["request"]["uid"], "allowed": true}})
+    );
+}
+
 /// The marker annotation `trellis.io/injected` without the sidecar (copied
 /// into a manifest by hand, or the containers taken out by a later webhook,
 /// which re-invokes this one) is no sidecar: the pod is injected as any

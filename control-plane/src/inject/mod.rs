@@ -124,13 +124,24 @@
 //! pods are left alone (see [`Skip`]), and told so in a warning.
 //!
 //! Idempotent: a pod with both containers `trellis-proxy` and
-//! `trellis-init` gets no patch, so injecting twice equals injecting once
-//! (a pod manifest copied from a running pod); a pod with only one of them
-//! is denied. The annotation `trellis.io/injected` alone is not enough: a
-//! pod that carries it without our containers (the annotation copied by
-//! hand, or from a pod a later webhook took them out of; no entry is
-//! reinvoked) has no sidecar and is injected as any other, the volumes of
-//! an earlier injection making way for the new ones. A pod runs in the
+//! `trellis-init` is left as it is, so injecting twice equals injecting
+//! once (a pod manifest copied from a running pod); a pod with only one of
+//! them is denied. But for the containers the injection has not seen
+//! (not named in [`INJECTED_CONTAINERS_ANNOTATION`], which it writes):
+//! the chart's injecting entries are reinvoked (`reinvocationPolicy:
+//! IfNeeded`), so when a webhook called after ours adds a container (a
+//! Vault agent, a log shipper), the API server calls `/inject` again, and
+//! the new container's probes and hooks are rewritten by the same code as
+//! the first injection's (`probes`), its checks added to the sidecar's
+//! `TRELLIS_APP_PROBES` (a `replace` of that one entry of its
+//! environment), its warnings given and the first injection's checks
+//! (ports, UID) applied to it; it then joins the annotation, so a further
+//! call has no patch ([`Injection::Rewritten`]). Without anything new
+//! there is no patch. The annotation `trellis.io/injected` alone is not
+//! enough: a pod that carries it without our containers (the annotation
+//! copied by hand, or from a pod a later webhook took them out of, which
+//! reinvokes this one) has no sidecar and is injected as any other, the
+//! volumes of an earlier injection making way for the new ones. A pod runs in the
 //! mesh, for the record of [`UninjectedPods`], when it has both
 //! containers: one the warning-only entries admit with them (injected by
 //! hand) is warned of its label but counts as injected, one without them
@@ -153,7 +164,8 @@
 //! pod is injected with a warning; [`InjectError::InitWithoutProxy`]: our
 //! init container without the sidecar; [`InjectError::ProxyWithoutInit`]:
 //! the sidecar without our init, so nothing reaches it). A pod that cannot
-//! be injected for another reason (no trust bundle configured, not a Pod)
+//! be injected for another reason (no trust bundle configured, not a Pod,
+//! a sidecar environment a reinvocation cannot add checks to)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy` (`Fail` by default there):
 //! `Ignore` admits it unchanged with a warning that `kubectl` prints; `Fail`
@@ -164,7 +176,11 @@
 //! The patch is a few `add` operations on whole fields
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
 //! `/spec/volumes`, `/spec/imagePullSecrets`); `add` replaces a member
-//! that exists, so the patch applies whether or not the pod had them.
+//! that exists, so the patch applies whether or not the pod had them. A
+//! reinvocation's patch `add`s `/metadata/annotations`, `replace`s each
+//! new container it rewrote (`/spec/containers/2`) and the sidecar's
+//! `TRELLIS_APP_PROBES` entry, and appends what the sidecar's environment
+//! lacked (`/spec/initContainers/1/env/-`).
 
 mod annotations;
 mod pod;
@@ -201,6 +217,12 @@ pub use uninjected::{Admitted, MAX_ENTRIES, MAX_INJECTED, Owner, UninjectedPod, 
 pub const INJECT_KEY: &str = "trellis.io/inject";
 /// Annotation set on an injected pod.
 pub const INJECTED_ANNOTATION: &str = "trellis.io/injected";
+/// Annotation set on an injected pod: its own containers (app containers,
+/// then init containers) the injection has seen, comma-separated. A
+/// container missing from it (added by a later webhook, or to a copied
+/// manifest) has its probes and hooks rewritten when the pod is reviewed
+/// again, and joins it.
+pub const INJECTED_CONTAINERS_ANNOTATION: &str = "trellis.io/injected-containers";
 /// Annotation holding the PEM trust bundle ([`TrustBundleSource::Annotation`]).
 pub const TRUST_BUNDLE_ANNOTATION: &str = "trellis.io/trust-bundle";
 /// Comma lists of ports (inbound, outbound) and CIDRs that bypass the sidecar.
@@ -493,10 +515,11 @@ pub fn respond_pod_reporting(
     };
     let result = inject_pod(pod, scope, config);
     // Values that decided nothing are told of by the call that injects or
-    // skips the pod. A pod created already injected (its manifest copied
-    // from an injected pod; no webhook here is reinvoked) is told nothing:
-    // whatever it carries was told of when the pod it came from was
-    // injected.
+    // skips the pod. A pod created already injected (reinvoked after a
+    // later webhook changed it, or its manifest copied from an injected
+    // pod) is told nothing of them: whatever it carries was told of when
+    // it, or the pod it came from, was injected. Only the containers the
+    // injection had not seen are, by `Injection::Rewritten`.
     let unknown = |injected: bool| {
         unknown_inject_values(pod, scope)
             .into_iter()
@@ -520,6 +543,19 @@ pub fn respond_pod_reporting(
                 ..answer(response, found)
             }
         }
+        // Injected before, with containers the injection had not seen:
+        // their probes and hooks rewritten, and the warnings about them.
+        Ok(Injection::Rewritten { patch, warnings }) => PodReview {
+            meshed: true,
+            ..answer(
+                AdmissionResponse {
+                    patch,
+                    warnings,
+                    ..allow
+                },
+                Vec::new(),
+            )
+        },
         // Both our containers: one without the other is refused.
         Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
             meshed: true,

@@ -15,13 +15,18 @@ use super::probes;
 use super::review::PatchOp;
 use super::{
     ADMIN_PORT_NAME, IDENTITY_DIR, IDENTITY_VOLUME, INBOUND_PORT_NAME, INIT_CONTAINER, INJECT_KEY,
-    INJECTED_ANNOTATION, InjectConfig, IpFamily, MAX_TOKEN_EXPIRATION_SECONDS,
-    MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, OutboundPolicy, PROXY_CONTAINER, Resources,
-    TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
+    INJECTED_ANNOTATION, INJECTED_CONTAINERS_ANNOTATION, InjectConfig, IpFamily,
+    MAX_TOKEN_EXPIRATION_SECONDS, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, OutboundPolicy,
+    PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource,
+    XTABLES_VOLUME,
 };
 use trellis_core::policy::{SIDECAR_INBOUND_PORT, SIDECAR_OUTBOUND_PORT};
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
+/// The sidecar's environment entries with the app's original checks and
+/// the pod's hook token.
+const TRELLIS_APP_PROBES: &str = "TRELLIS_APP_PROBES";
+const TRELLIS_HOOK_TOKEN: &str = "TRELLIS_HOOK_TOKEN";
 
 /// Why a pod cannot be injected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +37,12 @@ pub enum InjectError {
     NoObject,
     #[error("{0} is not an object")]
     Malformed(&'static str),
+    #[error(
+        "the {PROXY_CONTAINER} container's environment variable {0} has no value as the \
+         injector writes it, so the checks of the containers added since injection cannot be \
+         added to it"
+    )]
+    SidecarEnv(&'static str),
     #[error("metadata.annotations[{key}]: {message}")]
     InvalidAnnotation { key: &'static str, message: String },
     #[error("metadata.labels[{INJECT_KEY}]: expected \"enabled\" or \"disabled\", got {0:?}")]
@@ -141,6 +152,15 @@ pub enum Injection {
         patch: Vec<PatchOp>,
         warnings: Vec<String>,
     },
+    /// Injected before ([`Skip::AlreadyInjected`]), with containers the
+    /// injection has not seen (added by a later webhook, the API server
+    /// reinvoking this one; or to a manifest copied from an injected pod):
+    /// their probes and hooks rewritten as the first injection rewrites
+    /// them, and the sidecar told of their checks.
+    Rewritten {
+        patch: Vec<PatchOp>,
+        warnings: Vec<String>,
+    },
     Skipped(Skip),
 }
 
@@ -161,8 +181,10 @@ pub fn inject_pod(
         .and_then(Value::as_object)
         .ok_or(InjectError::Malformed("spec"))?;
 
-    if let Some(skip) = skip_reason(&annotations, &labels, spec, scope)? {
-        return Ok(Injection::Skipped(skip));
+    match skip_reason(&annotations, &labels, spec, scope)? {
+        Some(Skip::AlreadyInjected) => return rewrite_added(metadata, spec, config),
+        Some(skip) => return Ok(Injection::Skipped(skip)),
+        None => {}
     }
     if !(MIN_TOKEN_EXPIRATION_SECONDS..=MAX_TOKEN_EXPIRATION_SECONDS)
         .contains(&config.token_expiration_seconds)
@@ -176,8 +198,8 @@ pub fn inject_pod(
     let user_timeout = tcp_user_timeout(&annotations, config)?;
     let h2_limits = H2Limits::read(&annotations, config)?;
     let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
-    check_port_clashes(spec, config)?;
-    check_proxy_uid(spec, config)?;
+    check_port_clashes(all_containers(spec), config)?;
+    check_proxy_uid(proxy_uid_containers(spec, config.proxy_uid), config)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -190,10 +212,10 @@ pub fn inject_pod(
     // cannot have probes and are left as they are.
     // One token per pod, written into its hooks and its sidecar's
     // environment in this one patch. A pod is injected once: a later
-    // admission of it (its manifest copied) is skipped as already
-    // injected. One injected again after its containers were removed has
-    // its earlier hooks given the new token too, so its spec never holds
-    // two tokens.
+    // admission of it (reinvoked, or its manifest copied) keeps it, and
+    // gives it to the hooks of containers added since. One injected again
+    // after its containers were removed has its earlier hooks given the
+    // new token too, so its spec never holds two tokens.
     let hook_token = new_hook_token();
     let rewritten = probes::rewrite(
         containers.iter_mut().chain(
@@ -205,7 +227,10 @@ pub fn inject_pod(
         &hook_token,
     );
     warnings.extend(rewritten.warnings);
-    warnings.extend(proxy_uid_warnings(spec, config.proxy_uid));
+    warnings.extend(proxy_uid_warnings(
+        proxy_uid_containers(spec, config.proxy_uid),
+        config.proxy_uid,
+    ));
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
@@ -239,6 +264,10 @@ pub fn inject_pod(
         .cloned()
         .unwrap_or_default();
     new_annotations.insert(INJECTED_ANNOTATION.into(), json!("true"));
+    new_annotations.insert(
+        INJECTED_CONTAINERS_ANNOTATION.into(),
+        json!(own_container_names(spec)),
+    );
     if let TrustBundleSource::Annotation(pem) = &config.trust_bundle {
         new_annotations.insert(TRUST_BUNDLE_ANNOTATION.into(), json!(pem));
     }
@@ -258,6 +287,185 @@ pub fn inject_pod(
         ));
     }
     Ok(Injection::Injected { patch, warnings })
+}
+
+/// The names of the pod's own containers (app containers, then init
+/// containers, native sidecars or not; never ours), comma-separated: the
+/// value of [`INJECTED_CONTAINERS_ANNOTATION`].
+fn own_container_names(spec: &Map<String, Value>) -> String {
+    join(
+        all_containers(spec)
+            .filter(|c| !is_ours(c))
+            .filter_map(|c| c.get("name").and_then(Value::as_str)),
+    )
+}
+
+fn is_ours(container: &Value) -> bool {
+    matches!(container.get("name").and_then(Value::as_str),
+             Some(name) if name == PROXY_CONTAINER || name == INIT_CONTAINER)
+}
+
+/// The pod injected before (it has both our containers): the containers
+/// the injection has not seen, which a webhook called after ours added (the
+/// API server then reinvokes this one, `reinvocationPolicy: IfNeeded`), or
+/// someone added to a manifest copied from an injected pod, are checked and
+/// their probes and lifecycle hooks rewritten as [`inject_pod`] rewrites a
+/// new pod's ([`probes::rewrite`]): the same admin paths, the pod's hook
+/// token (a new one if the pod has none yet), and their original checks
+/// added to the sidecar's `TRELLIS_APP_PROBES`, by patching that one entry
+/// of its environment. [`INJECTED_CONTAINERS_ANNOTATION`] names the
+/// containers seen; a pod without it (injected by hand, or by a version
+/// that did not write it) is taken to have seen every container of which
+/// a probe or hook already calls the sidecar's `/app-health/`, and its
+/// ordinary init containers.
+/// Everything seen is left as it is, and its warnings are not repeated.
+/// Nothing unseen: [`Skip::AlreadyInjected`], no patch.
+fn rewrite_added(
+    metadata: &Map<String, Value>,
+    spec: &Map<String, Value>,
+    config: &InjectConfig,
+) -> Result<Injection, InjectError> {
+    let recorded = metadata
+        .get("annotations")
+        .and_then(|a| a.get(INJECTED_CONTAINERS_ANNOTATION))
+        .and_then(Value::as_str);
+    // Without the annotation, an ordinary init container cannot be told
+    // new or seen: it has no probe or hook to tell by, and is taken as seen.
+    let ordinary_init: Vec<&str> = slice(spec.get("initContainers"))
+        .iter()
+        .filter(|c| !is_native_sidecar(c))
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    let seen = |container: &Value| {
+        let name = container.get("name").and_then(Value::as_str);
+        match recorded {
+            Some(names) => names.split(',').any(|seen| Some(seen.trim()) == name),
+            None => {
+                probes::calls_sidecar(container, config.admin_port)
+                    || name.is_some_and(|name| ordinary_init.contains(&name))
+            }
+        }
+    };
+    let is_new = |container: &Value| !is_ours(container) && !seen(container);
+    if !all_containers(spec).any(is_new) {
+        return Ok(Injection::Skipped(Skip::AlreadyInjected));
+    }
+    check_port_clashes(all_containers(spec).filter(|c| is_new(c)), config)?;
+    check_proxy_uid(
+        proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| is_new(c)),
+        config,
+    )?;
+
+    let (field, at, proxy) = ["initContainers", "containers"]
+        .into_iter()
+        .find_map(|field| {
+            slice(spec.get(field))
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
+                .map(|(at, proxy)| (field, at, proxy))
+        })
+        .ok_or(InjectError::ProxyWithoutInit)?;
+    let env = slice(proxy.get("env"));
+    let entry = |name: &str| {
+        env.iter()
+            .position(|e| e.get("name").and_then(Value::as_str) == Some(name))
+    };
+    let env_value = |at: usize, name: &'static str| {
+        env[at]
+            .get("value")
+            .and_then(Value::as_str)
+            .ok_or(InjectError::SidecarEnv(name))
+    };
+    let token_at = entry(TRELLIS_HOOK_TOKEN);
+    let hook_token = match token_at {
+        Some(at) => env_value(at, TRELLIS_HOOK_TOKEN)?.to_owned(),
+        None => new_hook_token(),
+    };
+
+    // Only the new ones: the seen stay as they are, their warnings given.
+    let mut containers = array(spec.get("containers"));
+    let mut init_containers = array(spec.get("initContainers"));
+    let before = (containers.clone(), init_containers.clone());
+    let rewritten = probes::rewrite(
+        containers.iter_mut().filter(|c| is_new(c)).chain(
+            init_containers
+                .iter_mut()
+                .filter(|c| is_native_sidecar(c) && is_new(c)),
+        ),
+        config.admin_port,
+        &hook_token,
+    );
+    let mut warnings = rewritten.warnings;
+    warnings.extend(proxy_uid_warnings(
+        proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| is_new(c)),
+        config.proxy_uid,
+    ));
+
+    let mut new_annotations = metadata
+        .get("annotations")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    new_annotations.insert(
+        INJECTED_CONTAINERS_ANNOTATION.into(),
+        json!(own_container_names(spec)),
+    );
+    let mut patch = vec![PatchOp::add(
+        "/metadata/annotations",
+        Value::Object(new_annotations),
+    )];
+    for (name, after, before) in [
+        ("containers", &containers, &before.0),
+        ("initContainers", &init_containers, &before.1),
+    ] {
+        for (i, (after, before)) in after.iter().zip(before).enumerate() {
+            if after != before {
+                patch.push(PatchOp::replace(format!("/spec/{name}/{i}"), after.clone()));
+            }
+        }
+    }
+
+    // The sidecar's environment: the new checks join the ones it has, and
+    // a pod's first rewritten hook brings it the token.
+    let env_path = format!("/spec/{field}/{at}/env");
+    let mut added = Vec::new();
+    if !rewritten.probes.is_empty() {
+        let probes_at = entry(TRELLIS_APP_PROBES);
+        let mut all: BTreeMap<String, Value> = match probes_at {
+            Some(at) => serde_json::from_str(env_value(at, TRELLIS_APP_PROBES)?)
+                .map_err(|_| InjectError::SidecarEnv(TRELLIS_APP_PROBES))?,
+            None => BTreeMap::new(),
+        };
+        all.extend(rewritten.probes);
+        let value = json!({
+            "name": TRELLIS_APP_PROBES,
+            "value": serde_json::to_string(&all).unwrap_or_default(),
+        });
+        match probes_at {
+            Some(at) => patch.push(PatchOp::replace(format!("{env_path}/{at}"), value)),
+            None => added.push(value),
+        }
+    }
+    if rewritten.hooks > 0 && token_at.is_none() {
+        added.push(json!({"name": TRELLIS_HOOK_TOKEN, "value": hook_token}));
+    }
+    if proxy.get("env").is_none() && !added.is_empty() {
+        patch.push(PatchOp::add(env_path, Value::Array(added)));
+    } else {
+        for value in added {
+            patch.push(PatchOp::add(format!("{env_path}/-"), value));
+        }
+    }
+    Ok(Injection::Rewritten { patch, warnings })
+}
+
+/// The elements of an array, none when it is not one.
+fn slice(value: Option<&Value>) -> &[Value] {
+    value
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 /// Where a value of `trellis.io/inject` that is neither `enabled` nor
@@ -364,9 +572,8 @@ fn skip_reason(
 ) -> Result<Option<Skip>, InjectError> {
     // Our containers, not the marker annotation: a pod carrying the
     // annotation without them (copied by hand, or from a pod a later
-    // webhook took them out of: no entry is reinvoked, so that webhook's
-    // change never comes back here) has no sidecar, and is injected as any
-    // other.
+    // webhook took them out of, which reinvokes this one) has no sidecar,
+    // and is injected as any other.
     // Our init without the sidecar redirects the pod's traffic to ports
     // nothing listens on: no pod works so, whatever it asks. The sidecar
     // without our init (taken out by a later webhook, or by hand) is never
@@ -498,8 +705,11 @@ fn is_native_sidecar(container: &Value) -> bool {
 /// containers [`check_proxy_uid`] refuses under the outbound policy deny
 /// (app containers, native sidecars and ordinary init containers, which
 /// run after the sidecar has started); so only under passthrough.
-fn proxy_uid_warnings(spec: &Map<String, Value>, proxy_uid: u32) -> Vec<String> {
-    proxy_uid_containers(spec, proxy_uid)
+fn proxy_uid_warnings<'a>(
+    found: impl Iterator<Item = (&'a Value, &'static str)>,
+    proxy_uid: u32,
+) -> Vec<String> {
+    found
         .map(|(c, _)| {
             let name = container_name(c);
             format!(
@@ -573,9 +783,12 @@ fn sidecar_ports(config: &InjectConfig) -> [SidecarPort; 3] {
 /// binds nothing on the node. Only with `hostNetwork` would the two be one
 /// port (the API server then requires them equal), and such a pod is not
 /// injected ([`Skip::HostNetwork`]).
-fn check_port_clashes(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
+fn check_port_clashes<'a>(
+    containers: impl Iterator<Item = &'a Value>,
+    config: &InjectConfig,
+) -> Result<(), InjectError> {
     let sidecar = sidecar_ports(config);
-    for container in all_containers(spec) {
+    for container in containers {
         for declared in array(container.get("ports")) {
             let port = declared.get("containerPort");
             // The sidecar's listeners are TCP; UDP and SCTP ports are free.
@@ -614,11 +827,14 @@ fn check_port_clashes(spec: &Map<String, Value>, config: &InjectConfig) -> Resul
 /// mesh refuses. Under `passthrough` such traffic leaves the pod as any
 /// other would, and [`proxy_uid_warnings`] only warns. A UID the pod does
 /// not set (the image's `USER`) cannot be known here.
-fn check_proxy_uid(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
+fn check_proxy_uid<'a>(
+    mut found: impl Iterator<Item = (&'a Value, &'static str)>,
+    config: &InjectConfig,
+) -> Result<(), InjectError> {
     if config.outbound_policy != OutboundPolicy::Deny {
         return Ok(());
     }
-    match proxy_uid_containers(spec, config.proxy_uid).next() {
+    match found.next() {
         Some((container, set_by)) => Err(InjectError::ProxyUid {
             container: container_name(container),
             uid: config.proxy_uid,
@@ -774,12 +990,12 @@ fn proxy_container(
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).unwrap_or_default();
-        env.push(value("TRELLIS_APP_PROBES", probes));
+        env.push(value(TRELLIS_APP_PROBES, probes));
     }
     // Only a pod with rewritten hooks has a token: the sidecar of one
     // without hooks has nothing to guard with it.
     if let Some(token) = hook_token {
-        env.push(value("TRELLIS_HOOK_TOKEN", token.to_owned()));
+        env.push(value(TRELLIS_HOOK_TOKEN, token.to_owned()));
     }
     let admin = config.admin_port;
     let ports: Vec<Value> = sidecar_ports(config)

@@ -175,6 +175,21 @@ pub fn rewrite<'a>(
     out
 }
 
+/// Whether a probe or lifecycle hook of `container` already calls the
+/// sidecar's `/app-health/` on `admin_port`: an injection rewrote it.
+pub fn calls_sidecar(container: &Value, admin_port: u16) -> bool {
+    let probes = PROBE_KINDS
+        .iter()
+        .filter_map(|(field, _)| container.get(field));
+    let hooks = HOOK_KINDS
+        .iter()
+        .filter_map(|(hook, _)| container.get("lifecycle")?.get(hook));
+    probes
+        .chain(hooks)
+        .filter_map(Value::as_object)
+        .any(|handler| admin_path(handler, admin_port).is_some())
+}
+
 /// The admin path `handler` calls when it is already one of ours: an
 /// `httpGet` on `admin_port` under `/app-health/`, as an earlier injection
 /// rewrote it (its containers since removed, the pod injected again). Taken
