@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 
 use crate::policy::l7::{self, HeadLimit, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, MAX_TARGET};
 
+pub mod chunked;
+
 /// A stream with bytes already read from it put back in front.
 #[derive(Debug)]
 pub struct Rewind<S> {
