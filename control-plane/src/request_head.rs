@@ -8,8 +8,9 @@
 //! names it), and the connection closed; one begun and not whole within
 //! the port's head timeout is answered 408 ([`HEAD_TIMED_OUT`]); a
 //! connection idle that long is closed without a word. What the check
-//! leaves to hyper (a field name, the framing), and a head after a request
-//! whose body is chunked, gets hyper's own answer, a status alone.
+//! leaves to hyper (a field name, the framing), and a head after a chunked
+//! body `Heads` does not follow (one that does not parse, or with
+//! trailers), gets hyper's own answer, a status alone.
 //! Either way the refusal is counted by its kind (`reason`: `malformed`,
 //! `head_too_large`, `target_too_long`; a 408 is `malformed`) in the
 //! port's metric and logged as a warning naming the client and the fault,

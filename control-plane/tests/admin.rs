@@ -1434,6 +1434,61 @@ async fn the_admin_http_port_answers_a_malformed_head_in_words() {
     assert!(!cp.log().contains("admin-secret-7f3a"), "{}", cp.log());
 }
 
+/// A chunked request body is followed to its end, as a `Content-Length`
+/// one is: the malformed head after it on the kept-alive connection is
+/// answered in words, not with hyper's bare status, and counted and
+/// logged once. (The port reads no body: hyper keeps the connection only
+/// when it can skip the body at once, as it can an empty one.)
+#[tokio::test]
+async fn the_admin_http_port_checks_the_head_after_a_chunked_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_control_plane::admin_http::MALFORMED;
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.parse().unwrap();
+    let mut tcp = connect_from(loopback(13), admin).await;
+    tcp.write_all(
+        b"POST /live HTTP/1.1\r\nhost: admin\r\ntransfer-encoding: chunked\r\n\r\n\
+          0;x=y\r\n\r\nGET /live HTTP/1.1\r\nhost admin\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{answer}"
+    );
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{answer}");
+    assert!(
+        answer.contains("GET or HEAD only\nHTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(
+            "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a colon \
+             (a line without a colon, or a space before it)\n"
+        ),
+        "{answer}"
+    );
+
+    eventually("the refused head counted", || {
+        cp.metrics()
+            .contains("trellis_admin_malformed_requests_total{reason=\"malformed\"} 1\n")
+            .then_some(())
+    });
+    let line = cp.wait_for_line("the refused head logged", |l| {
+        l.contains(MALFORMED) && l.contains("peer=127.0.0.13:")
+    });
+    assert!(
+        line.contains("answered 400: malformed header line"),
+        "{line}"
+    );
+}
+
 /// A request head begun and not whole within the admin port's head
 /// timeout is answered 408 in words, the first head of a connection or a
 /// later one on a kept-alive connection, counted and logged; a connection

@@ -31,6 +31,8 @@ use crate::policy::l7::{self, HeadLimit, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, 
 
 pub mod chunked;
 
+use chunked::Chunked;
+
 /// A stream with bytes already read from it put back in front.
 #[derive(Debug)]
 pub struct Rewind<S> {
@@ -137,21 +139,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// begun and not whole within its header read timeout without a word.
 ///
 /// Each head is held back until [`check`](Self::new) passes it whole; its
-/// body is then followed by its framing (`Content-Length`), so that the
-/// next head is found. A head the check refuses is never given to hyper:
-/// the caller, told so ([`refusal`](Self::refusal)), asks hyper to finish
-/// the answer it is writing, if any, and end; [`refused`](Self::refused)
-/// then says the fault, for the caller to answer in its words. A head begun and not whole when
-/// hyper's header read timeout ends the connection is held here too (hyper
-/// has none of it), so the caller answers it 408.
+/// body is then followed by its framing, as hyper's server reads it
+/// ([`framing`]): its `Content-Length`, or its chunks ([`Chunked`]), so
+/// that the next head is found. A body's bytes pass to hyper as they
+/// come, never held back for the rest of it. A head the check refuses is
+/// never given to hyper: the caller, told so ([`refusal`](Self::refusal)),
+/// asks hyper to finish the answer it is writing, if any, and end;
+/// [`refused`](Self::refused) then says the fault, for the caller to
+/// answer in its words. A head begun and not whole when hyper's header
+/// read timeout ends the connection is held here too (hyper has none of
+/// it), so the caller answers it 408.
 ///
 /// What is not HTTP/1.1 heads is passed on unread: after a request whose
-/// body is chunked or framed in a way the check leaves to hyper (hyper
-/// refuses it itself, with a status alone), and after an upgrade or a
-/// `CONNECT`, whose bytes after the head are another protocol's (hyper
-/// serves it, or refuses the upgrade and closes). Later heads on such a
-/// connection get hyper's answer, logged and counted
-/// ([`HeadFault::from_hyper`]).
+/// body is framed in a way the check leaves to hyper (hyper refuses it
+/// itself, with a status alone, or closes the connection after it: two
+/// `Content-Length`s that differ, a `Transfer-Encoding` whose last coding
+/// is not `chunked`, one in HTTP/1.0, one with a `Content-Length` too),
+/// after a chunked body that does not parse (a bad size line, a bare LF,
+/// extensions or trailers over their bounds: hyper refuses it) or that
+/// hyper may read otherwise (whitespace after a chunk size, trailers:
+/// [`Chunked::regular`]), and after an upgrade or a `CONNECT`, whose bytes
+/// after the head are another protocol's (hyper serves it, or refuses the
+/// upgrade and closes). Later heads on such a connection get hyper's
+/// answer, logged and counted ([`HeadFault::from_hyper`]).
 ///
 /// Nothing is allocated per request: the bytes held are in one buffer per
 /// connection, which is freed once empty when it grew past what a small
@@ -168,6 +178,8 @@ pub struct Heads<S> {
     /// The bytes of `held` already parsed of a head not all in.
     parsed: usize,
     reading: Reading,
+    /// The chunked body being followed ([`Reading::Chunked`]).
+    chunked: Chunked,
     fault: Option<HeadFault>,
     /// Told when a head is refused ([`Heads::refusal`]).
     refused: Arc<Notify>,
@@ -178,6 +190,8 @@ enum Reading {
     Head,
     /// A body with this many bytes still to pass.
     Body(u64),
+    /// A chunked body, followed by [`Heads::chunked`] to its end.
+    Chunked,
     /// Not heads any more: passed on unread.
     Through,
     /// A refused head: hyper reads the end of the stream.
@@ -205,6 +219,7 @@ impl<S> Heads<S> {
             passed: 0,
             parsed: 0,
             reading: Reading::Head,
+            chunked: Chunked::default(),
             fault: None,
             refused: Arc::new(Notify::new()),
         }
@@ -280,6 +295,9 @@ impl<S> Heads<S> {
                         self.passed = len;
                         self.parsed = 0;
                         self.reading = framing(&self.held[..len]);
+                        if self.reading == Reading::Chunked {
+                            self.chunked = Chunked::default();
+                        }
                         false
                     }
                     Ok(None) => {
@@ -304,6 +322,28 @@ impl<S> Heads<S> {
                 };
                 false
             }
+            Reading::Chunked => {
+                match self.chunked.take(&self.held) {
+                    Ok((take, ended)) => {
+                        self.passed = take;
+                        if ended {
+                            // hyper may have read its end elsewhere: what
+                            // follows is passed as it comes.
+                            self.reading = if self.chunked.regular() {
+                                Reading::Head
+                            } else {
+                                Reading::Through
+                            };
+                        }
+                    }
+                    // hyper refuses it: what follows is its own.
+                    Err(_) => {
+                        self.passed = self.held.len();
+                        self.reading = Reading::Through;
+                    }
+                }
+                false
+            }
             Reading::Through => {
                 self.passed = self.held.len();
                 false
@@ -314,7 +354,16 @@ impl<S> Heads<S> {
 }
 
 /// How the body after the whole head `head` is framed, as far as finding
-/// the next head goes.
+/// the next head goes: as hyper's server frames a request's body, or
+/// [`Reading::Through`] where hyper refuses the head, reads no head after
+/// it, or might read the body otherwise.
+///
+/// hyper takes a body as chunked when its last `Transfer-Encoding` field's
+/// last coding is `chunked`, and refuses one whose last coding is another,
+/// or any `Transfer-Encoding` in HTTP/1.0; with a `Content-Length` too, it
+/// reads the chunks and closes the connection after the answer. Otherwise
+/// it reads the `Content-Length` (every one the same, digits only), or no
+/// body.
 fn framing(head: &[u8]) -> Reading {
     let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
@@ -325,11 +374,18 @@ fn framing(head: &[u8]) -> Reading {
         return Reading::Through;
     }
     let mut length = None;
+    // Whether the last `Transfer-Encoding` ends with `chunked`, if any.
+    let mut chunked = None;
     for field in request.headers.iter() {
-        if field.name.eq_ignore_ascii_case("upgrade")
-            || field.name.eq_ignore_ascii_case("transfer-encoding")
-        {
+        if field.name.eq_ignore_ascii_case("upgrade") {
             return Reading::Through;
+        }
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            if request.version != Some(1) {
+                return Reading::Through;
+            }
+            chunked = Some(ends_chunked(field.value));
+            continue;
         }
         if field.name.eq_ignore_ascii_case("content-length") {
             let value = std::str::from_utf8(field.value)
@@ -344,10 +400,26 @@ fn framing(head: &[u8]) -> Reading {
             }
         }
     }
-    match length {
-        Some(0) | None => Reading::Head,
-        Some(length) => Reading::Body(length),
+    match (chunked, length) {
+        (Some(true), None) => Reading::Chunked,
+        // Refused, or the last request of its connection.
+        (Some(_), _) => Reading::Through,
+        (None, Some(0) | None) => Reading::Head,
+        (None, Some(length)) => Reading::Body(length),
     }
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`, as
+/// hyper reads it: a value of visible ASCII (and tabs), its last
+/// comma-separated part, trimmed.
+fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+        && value
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
@@ -975,14 +1047,23 @@ mod tests {
     }
 
     /// Serves `sent` with hyper's server behind [`Heads`], checked by
-    /// [`check_head`], every answer `ok`: what the client read, and why the
+    /// [`check_head`], every answer `ok` once its body is read: what the client read, and why the
     /// connection is to be answered in words once hyper has ended it.
     async fn served(sent: &'static [u8]) -> (String, Option<HeadFault>) {
+        served_in(&[sent]).await
+    }
+
+    /// As [`served`], `sent` coming in parts a millisecond apart.
+    async fn served_in(sent: &[&'static [u8]]) -> (String, Option<HeadFault>) {
+        use http_body_util::BodyExt;
+        use hyper::body::Incoming;
         use std::convert::Infallible;
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let serving = tokio::spawn(async move {
             let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
-            let service = hyper::service::service_fn(|_| async {
+            let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
+                // The whole body read first, as it comes.
+                drop(request.into_body().collect().await);
                 Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
                     bytes::Bytes::from_static(b"ok"),
                 )))
@@ -998,7 +1079,10 @@ mod tests {
             .await;
             heads.refused(ended.as_ref(), "stalled")
         });
-        client.write_all(sent).await.unwrap();
+        for part in sent {
+            client.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let refused = serving.await.unwrap();
         drop(client.shutdown().await);
         let mut read = String::new();
@@ -1035,14 +1119,195 @@ mod tests {
         assert_eq!(answered, "1 answered");
         assert_eq!(refused, None);
 
-        // After a chunked body, heads are hyper's: its own status alone.
+        // After a chunked body, as after any other: the head after it is
+        // refused in words.
         let (answered, refused) = served(
             b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n\
               GET / HTTP/1.1\r\nno colon\r\n\r\n",
         )
         .await;
         assert_eq!(answered, "1 answered");
+        assert_eq!(
+            refused,
+            Some(HeadFault::bad(unparsable(
+                httparse::Error::HeaderName,
+                true
+            )))
+        );
+    }
+
+    /// A chunked request whose chunks read as heads.
+    const CHUNKED: &[u8] = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n\
+                             5;a=b\r\nGET /\r\n12\r\nGET / HTTP/1.1\r\n\r\n\r\n0\r\n\r\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_after_a_chunked_body_is_checked_too() {
+        // Chunks that read as heads, a byte at a time, then a head
+        // answered as any other, then one refused.
+        let mut sent: Vec<&'static [u8]> = CHUNKED.chunks(1).collect();
+        sent.push(b"GET / HTTP/1.1\r\n\r\n");
+        sent.push(b"GET / HTTP/1.1\r\nno colon\r\n\r\n");
+        let (answered, refused) = served_in(&sent).await;
+        assert_eq!(answered, "2 answered");
+        assert_eq!(
+            refused,
+            Some(HeadFault::bad(unparsable(
+                httparse::Error::HeaderName,
+                true
+            )))
+        );
+
+        // A valid head after it is answered, and the connection idles.
+        let (answered, refused) = served_in(&[CHUNKED, b"GET / HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(answered, "2 answered");
         assert_eq!(refused, None);
+
+        // Begun and not whole after a chunked body: 408.
+        let (answered, refused) = served_in(&[CHUNKED, b"GET / HT"]).await;
+        assert_eq!(answered, "1 answered");
+        assert_eq!(refused, Some(HeadFault::timed_out("stalled")));
+
+        // Chunked as the last coding, on any line of its own, in any case.
+        let (answered, refused) = served(
+            b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\nTransfer-Encoding: x, Chunked \r\n\r\n\
+              0\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(answered, "1 answered");
+        assert_eq!(
+            refused,
+            Some(HeadFault::bad(unparsable(
+                httparse::Error::HeaderName,
+                true
+            )))
+        );
+    }
+
+    /// A chunked body's bytes reach hyper as they come: the app answers
+    /// its first chunk before the rest is sent, and the head after it is
+    /// checked all the same.
+    #[tokio::test]
+    async fn a_chunked_body_passes_as_it_comes() {
+        use http_body_util::BodyExt;
+        use std::convert::Infallible;
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let serving = tokio::spawn(async move {
+            let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
+            let service = hyper::service::service_fn(
+                |request: http::Request<hyper::body::Incoming>| async move {
+                    let mut body = request.into_body();
+                    let first = match body.frame().await {
+                        Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+                        _ => bytes::Bytes::new(),
+                    };
+                    // The rest is read as it comes, after the answer.
+                    tokio::spawn(async move { drop(body.collect().await) });
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(first)))
+                },
+            );
+            let refusal = heads.refusal();
+            let ended = crate::connections::serve_http1_for(
+                &mut heads,
+                service,
+                Duration::from_secs(5),
+                Duration::from_secs(600),
+                refusal.notified(),
+            )
+            .await;
+            heads.refused(ended.as_ref(), "stalled")
+        });
+        client
+            .write_all(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        while !read.ends_with(b"first") {
+            let mut more = [0; 256];
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut more))
+                .await
+                .expect("the first chunk answered before the rest was sent")
+                .unwrap();
+            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&more[..n]);
+        }
+        client
+            .write_all(b"4\r\nrest\r\n0\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n")
+            .await
+            .unwrap();
+        let refused = serving.await.unwrap();
+        assert_eq!(
+            refused,
+            Some(HeadFault::bad(unparsable(
+                httparse::Error::HeaderName,
+                true
+            )))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_chunked_body_hyper_may_read_otherwise_heads_are_hyper_s() {
+        let no_colon = b"GET / HTTP/1.1\r\nno colon\r\n\r\n";
+        for (body, answered) in [
+            // Chunks that do not parse: hyper refuses them itself.
+            (&b"zz\r\nhello\r\n0\r\n\r\n"[..], "1 answered"),
+            (b"5\nhello\r\n0\r\n\r\n", "1 answered"),
+            // Trailers, and whitespace after a size: hyper reads them its
+            // own way.
+            (b"0\r\nx: y\r\n\r\n", "1 answered"),
+            (b"5 \r\nhello\r\n0\r\n\r\n", "1 answered"),
+        ] {
+            let head: &[u8] = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+            let sent = [head, body, no_colon].concat().leak();
+            let (got, refused) = served(sent).await;
+            let body = String::from_utf8_lossy(body);
+            assert_eq!((got.as_str(), refused), (answered, None), "{body:?}");
+        }
+        // Framings hyper refuses, or closes the connection after.
+        for framing in [
+            &b"transfer-encoding: chunked\r\ncontent-length: 5\r\n"[..],
+            b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+            b"transfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n",
+        ] {
+            let sent = [
+                &b"POST / HTTP/1.1\r\n"[..],
+                framing,
+                b"\r\n0\r\n\r\n",
+                no_colon,
+            ]
+            .concat()
+            .leak();
+            let (_, refused) = served(sent).await;
+            assert_eq!(refused, None, "{:?}", String::from_utf8_lossy(framing));
+        }
+    }
+
+    #[test]
+    fn the_framing_followed_is_hyper_s() {
+        let framing = |fields: &str| framing(format!("POST / HTTP/1.1\r\n{fields}\r\n").as_bytes());
+        assert_eq!(framing("transfer-encoding: chunked\r\n"), Reading::Chunked);
+        assert_eq!(
+            framing("Transfer-Encoding: gzip , CHUNKED\r\n"),
+            Reading::Chunked
+        );
+        assert_eq!(
+            framing("transfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n"),
+            Reading::Through
+        );
+        assert_eq!(
+            framing("transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n"),
+            Reading::Chunked
+        );
+        assert_eq!(
+            framing("transfer-encoding: chunked, gzip\r\n"),
+            Reading::Through
+        );
+        assert_eq!(
+            framing("transfer-encoding: chunked\r\ncontent-length: 3\r\n"),
+            Reading::Through
+        );
+        assert_eq!(framing("content-length: 3\r\n"), Reading::Body(3));
+        let http_1_0 = b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(super::framing(http_1_0), Reading::Through);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! A chunked body's framing (RFC 9112 section 7.1), followed as its bytes
 //! pass to find where it ends: the sidecar's HTTP/1.1 forwarder follows
-//! request and answer bodies with it. It holds no bytes and allocates
-//! nothing: each call is given what has come.
+//! request and answer bodies with it, and [`Heads`](super::Heads) the
+//! request bodies of a port hyper serves, to find the next head. It holds
+//! no bytes and allocates nothing: each call is given what has come.
 
 use std::ops::Range;
 
@@ -35,6 +36,9 @@ pub struct Chunked {
     extensions: usize,
     /// Payload bytes passed since last asked.
     payload: usize,
+    /// Whether a size line had whitespace after its digits, or the body
+    /// trailers ([`regular`](Chunked::regular)).
+    irregular: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -54,6 +58,15 @@ enum ChunkState {
 }
 
 impl Chunked {
+    /// Whether the body so far is framed as every reader of it reads it
+    /// alike: no whitespace after a size's digits, which some readers take
+    /// only before `;` or the line's end, and no trailers, which some
+    /// parse as header fields and bound in number. Its end is then where
+    /// hyper's server finds it too.
+    pub fn regular(&self) -> bool {
+        !self.irregular
+    }
+
     /// The payload bytes (chunk data, without its framing) passed since
     /// last asked.
     pub fn take_payload(&mut self) -> usize {
@@ -109,6 +122,7 @@ impl Chunked {
                 // Every byte of a size line after its digits, the `;`
                 // among them, counts towards the body's bound.
                 (Size, b';' | b' ' | b'\t') | (Extension, _) => {
+                    self.irregular |= self.state == Size && b != b';';
                     self.extensions += 1;
                     if self.extensions > CHUNK_EXTENSIONS {
                         return Err(EXTENSIONS_TOO_LONG);
@@ -132,6 +146,7 @@ impl Chunked {
                 (TrailerStart, b'\r') => EndLf,
                 (TrailerStart | Trailer, b'\n') => return Err("bare LF in trailers"),
                 (TrailerStart | Trailer, b) => {
+                    self.irregular = true;
                     self.line += 1;
                     if self.line > TRAILERS {
                         return Err("trailers too long");
@@ -185,6 +200,19 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn whitespace_after_a_size_or_trailers_make_a_body_irregular() {
+        let regular = |body: &[u8]| {
+            let mut chunked = Chunked::default();
+            assert_eq!(chunked.take(body), Ok((body.len(), true)));
+            chunked.regular()
+        };
+        assert!(regular(b"5;a=b c\r\nhello\r\n0\r\n\r\n"));
+        assert!(!regular(b"5 ;a\r\nhello\r\n0\r\n\r\n"));
+        assert!(!regular(b"5\r\nhello\r\n0\t\r\n\r\n"));
+        assert!(!regular(b"0\r\nx: y\r\n\r\n"));
     }
 
     /// A chunked body with `n` one-byte chunks, each with `ext` bytes of

@@ -50,15 +50,16 @@
 //! and closes a head that stalls without a word, so it is given none of
 //! them: every later head on a connection it serves is read and checked
 //! first, by the same check (`check_head`), as it passes to hyper
-//! ([`Heads`](trellis_core::http1::Heads), which follows each body's
-//! `Content-Length` to find the next head). A head it refuses is answered
+//! ([`Heads`](trellis_core::http1::Heads), which follows each body, by
+//! its `Content-Length` or its chunks ([`Chunked`]), to find the next
+//! head). A head it refuses is answered
 //! as the forwarder answers one (`refuse_later_head`), once hyper has
 //! written the answer in progress; one begun and not whole when hyper's
 //! header read timeout ([`HEAD_TIMEOUT`]) ends the connection is answered
 //! 408 ([`HEAD_TIMED_OUT`]); either is logged and counted once, as
-//! `invalid`. Some heads are still hyper's: after a request whose body is
-//! chunked (not followed to find the next head) or whose framing the
-//! check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
+//! `invalid`. Some heads are still hyper's: after a chunked body that does
+//! not parse or has trailers (not followed to find the next head), after
+//! a request whose framing the check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
 //! are another protocol's (an upgrade hyper declines goes on in HTTP/1.1
 //! unchecked). A malformed head there gets hyper's answer, 400, 414 or
 //! 431 with no body, and the error hyper ends the connection with is
