@@ -1230,3 +1230,59 @@ fn operator_maps_repeating_a_key_the_chart_writes_are_refused() {
     );
     assert!(find(&docs, "PodMonitor").is_empty());
 }
+
+/// Each chart value the Deployment passes to a control-plane flag that takes
+/// a fixed list of words (`--log-format={{ .Values.logFormat }}`, ...) lists
+/// in `values.schema.json` exactly the words that flag takes, as the
+/// control plane's own `--help` names them: a word the schema allows and the
+/// flag does not would pass `helm install` and then stop every replica at
+/// start (exit 64), and a word the flag takes and the schema does not could
+/// not be chosen. Reads the schema file and the flags' definitions; no helm.
+#[test]
+fn the_schemas_word_lists_are_the_control_planes_flags() {
+    use clap::CommandFactory;
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/helm/trellis/values.schema.json"
+        ))
+        .expect("read values.schema.json"),
+    )
+    .expect("values.schema.json is JSON");
+    let deployment = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/helm/trellis/templates/deployment.yaml"
+    ))
+    .expect("read the Deployment template");
+    let command = trellis_control_plane::config::Config::command();
+    for (value, flag) in [
+        ("logFormat", "log-format"),
+        ("renewalProof", "renewal-proof"),
+        ("defaultPolicy", "default-policy"),
+        ("outboundPolicy", "outbound-policy"),
+    ] {
+        assert!(
+            deployment.contains(&format!("- --{flag}={{{{ .Values.{value} }}}}")),
+            "the Deployment passes .Values.{value} to --{flag}"
+        );
+        let mut allowed: Vec<String> = schema["properties"][value]["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("the schema lists the words of {value}"))
+            .iter()
+            .map(|word| word.as_str().expect("a word").to_owned())
+            .collect();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("the control plane has --{flag}"));
+        let mut taken: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|word| word.get_name().to_owned())
+            .collect();
+        allowed.sort();
+        taken.sort();
+        assert!(!taken.is_empty(), "--{flag} takes a fixed list of words");
+        assert_eq!(allowed, taken, "{value} in values.schema.json against --{flag}");
+    }
+}
