@@ -1,6 +1,6 @@
 //! The applications behind the sidecars, run in-process on loopback: an
-//! HTTP server (HTTP/1.1 and HTTP/2 with prior knowledge) that greets and
-//! records what it was asked, and a raw TCP echo. Both count the connections they accept, so a test can show that a
+//! HTTP server (HTTP/1.1 and HTTP/2 with prior knowledge) that reads each
+//! request's body to its end, then greets and records what it was asked, and a raw TCP echo. Both count the connections they accept, so a test can show that a
 //! refused client never reached the app.
 
 use std::convert::Infallible;
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -26,6 +26,8 @@ pub struct RecordedRequest {
     pub path: String,
     pub version: http::Version,
     pub headers: http::HeaderMap,
+    /// The whole body, read before the request is answered.
+    pub body: Bytes,
 }
 
 /// What an app answers: a status and a text body.
@@ -152,11 +154,26 @@ async fn serve_http(listener: TcpListener, handler: Handler, record: Arc<Record>
                 let handler = handler.clone();
                 let record = record.clone();
                 async move {
+                    let (parts, body) = request.into_parts();
+                    // Read to its end before the answer, as an app that
+                    // takes a body does: hyper keeps the connection open
+                    // after it.
+                    let body = match body.collect().await {
+                        Ok(body) => body.to_bytes(),
+                        Err(e) => {
+                            let mut response = http::Response::new(Full::new(Bytes::from(
+                                format!("the request body could not be read: {e}\n"),
+                            )));
+                            *response.status_mut() = http::StatusCode::BAD_REQUEST;
+                            return Ok::<_, Infallible>(response);
+                        }
+                    };
                     let seen = RecordedRequest {
-                        method: request.method().clone(),
-                        path: request.uri().path().to_string(),
-                        version: request.version(),
-                        headers: request.headers().clone(),
+                        method: parts.method,
+                        path: parts.uri.path().to_string(),
+                        version: parts.version,
+                        headers: parts.headers,
+                        body,
                     };
                     record
                         .requests

@@ -205,3 +205,100 @@ async fn without_a_token_a_hook_runs_as_before_with_a_warning() -> anyhow::Resul
     assert!(log.contains(HOOK), "{log}");
     Ok(())
 }
+
+/// Writes `request` on a new connection to `admin` and reads every answer
+/// up to the close, within `within`.
+async fn answers_to(
+    admin: SocketAddr,
+    request: &[u8],
+    within: std::time::Duration,
+) -> anyhow::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to the admin port {admin}"))?;
+    tcp.write_all(request).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, tcp.read_to_end(&mut answer))
+        .await
+        .with_context(|| format!("{admin} did not close the connection within {within:?}"))??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The status lines of `answer`'s answers, in order.
+fn statuses(answer: &str) -> Vec<&str> {
+    answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|a| a.split("\r\n").next().unwrap_or_default())
+        .collect()
+}
+
+/// On a kept-alive connection to the sidecar's admin port, the head after
+/// a chunked request body is read and checked as any later head is: a
+/// malformed one is answered in words with `trellis-proxy-error:
+/// invalid_request`, one begun and not whole within 5 s 408 with
+/// `request_timeout`, each counted and logged once. The port reads no
+/// body, and hyper keeps a connection after an answer only when it can
+/// skip the rest of the body at once: the bodies here are empty
+/// (`0\r\n\r\n`), the 405 of a `POST /live` answered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_after_a_chunked_body_is_checked_on_the_admin_port() -> anyhow::Result<()> {
+    const MALFORMED: &str = "admin request refused: malformed request head";
+    const POST: &str =
+        "POST /live HTTP/1.1\r\nhost: admin\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    let mesh = Mesh::start().await?;
+    let app = HttpApp::start("web").await?;
+    let mut sidecar = mesh.sidecar("web").app(app.addr()).start().await?;
+    let admin = sidecar.admin().addr();
+
+    let malformed = format!("{POST}GET /live HTTP/1.1\r\nhost: admin\r\nbroken line\r\n\r\n");
+    let answer = answers_to(admin, malformed.as_bytes(), crate::SOON).await?;
+    assert_eq!(
+        statuses(&answer),
+        ["405 Method Not Allowed", "400 Bad Request"],
+        "{answer}"
+    );
+    let refused = answer.split("HTTP/1.1 ").nth(2).unwrap_or_default();
+    assert!(
+        refused.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        refused.ends_with(
+            "\r\n\r\ntrellis: malformed header line: not a field name and a colon (a line \
+             without a colon, or a space before it)\n"
+        ),
+        "{answer}"
+    );
+    let line = sidecar.wait_for_log(MALFORMED, crate::SOON).await?;
+    assert!(line.contains("not a field name and a colon"), "{line}");
+    assert!(!line.contains("status only"), "answered in words: {line}");
+    let counted = |metrics: trellis_tests::Metrics| {
+        metrics.counter(
+            "trellis_admin_malformed_requests_total",
+            &[("reason", "malformed")],
+        )
+    };
+    assert_eq!(counted(sidecar.metrics().await?), 1.0);
+
+    // A head begun after the body, and not finished: 408 once the port's
+    // 5 s for a head have passed.
+    let stalled = format!("{POST}GET /live HTTP/1.1\r\nhost: ad");
+    let answer = answers_to(admin, stalled.as_bytes(), crate::SOON).await?;
+    assert_eq!(
+        statuses(&answer),
+        ["405 Method Not Allowed", "408 Request Timeout"],
+        "{answer}"
+    );
+    let refused = answer.split("HTTP/1.1 ").nth(2).unwrap_or_default();
+    assert!(
+        refused.contains("\r\ntrellis-proxy-error: request_timeout\r\n"),
+        "{answer}"
+    );
+    assert!(
+        refused.ends_with("\r\n\r\ntrellis: request head did not arrive within 5 s\n"),
+        "{answer}"
+    );
+    assert_eq!(counted(sidecar.metrics().await?), 2.0);
+    Ok(())
+}

@@ -615,8 +615,11 @@ fn status_and_body(answer: &str) -> (&str, &str) {
 /// wrong and the limit, over HTTP/1.1 (through the sidecar's forwarder,
 /// also for a head hyper would serve: an absolute-form target) and HTTP/2 (curl); each is
 /// one access-log line with the caller's identity and the problem, and
-/// counted as `invalid`. A malformed head hyper reads after a hand-off
-/// gets hyper's answer, a status alone, but is logged and counted too.
+/// counted as `invalid`. A malformed head later on a connection handed
+/// off to hyper is answered in words too, with the token, and logged and
+/// counted as the first head is, also after a request whose body is
+/// chunked (followed to its end to find the next head): the app reads that
+/// body and answers it, and the connection stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -> anyhow::Result<()>
 {
@@ -685,6 +688,36 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
     {
         wrong.push(format!("HTTP/1.1 after a hand-off: {answer:?}"));
     }
+    // The same after a chunked body the app reads and answers.
+    const NO_COLON: &str = "trellis: malformed header line: not a field name and a colon (a line \
+                            without a colon, or a space before it)\n";
+    let after_chunked = "GET https://api/up HTTP/1.1\r\nhost: api\r\n\r\n\
+                         POST /chunked HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n\
+                         5\r\nhello\r\n0\r\n\r\n\
+                         GET /after HTTP/1.1\r\nhost: api\r\nno colon\r\n\r\n";
+    let answer = probes::plaintext(s.route(), after_chunked.as_bytes())
+        .await?
+        .received_text();
+    let answers: Vec<_> = answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|a| {
+            let status = a.split("\r\n").next().unwrap_or_default();
+            let body = a.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+            (status, body)
+        })
+        .collect();
+    let greeting = app.greeting();
+    if answers
+        != [
+            ("200 OK", greeting.as_str()),
+            ("200 OK", greeting.as_str()),
+            ("400 Bad Request", NO_COLON),
+        ]
+        || !answer.contains("\r\ntrellis-proxy-error: invalid_request\r\n")
+    {
+        wrong.push(format!("HTTP/1.1 after a chunked body: {answer:?}"));
+    }
 
     let url = format!("http://{}/h2", s.route());
     let big = format!("x-big: {}", "b".repeat(20 * 1024));
@@ -711,13 +744,17 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert!(
-        app.requests().iter().all(|r| r.path == "/up"),
-        "{:?}",
-        app.requests()
+    let requests: Vec<_> = app
+        .requests()
+        .into_iter()
+        .map(|r| format!("{} {} {:?}", r.method, r.path, r.body))
+        .collect();
+    assert_eq!(
+        requests,
+        ["GET /up b\"\"", "GET /up b\"\"", "POST /chunked b\"hello\""]
     );
 
-    let refused = http1.len() + 1 + 2;
+    let refused = http1.len() + 2 + 2;
     let lines = eventually("the refusals' access-log lines from api", SOON, || async {
         let lines: Vec<_> = access_lines(&s.api)
             .into_iter()
@@ -748,11 +785,14 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
             let code: u64 = status[9..12].parse().unwrap();
             (code.into(), problem(text), "http1".into())
         })
-        .chain([(
-            400.into(),
-            "malformed request line: invalid request target".into(),
-            "http1".into(),
-        )])
+        .chain([
+            (
+                400.into(),
+                "malformed request line: invalid request target".into(),
+                "http1".into(),
+            ),
+            (400.into(), problem(NO_COLON), "http1".into()),
+        ])
         .chain(std::iter::repeat_n(
             (431.into(), problem(h2_too_large), "h2".into()),
             2,
