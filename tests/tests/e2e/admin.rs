@@ -243,7 +243,7 @@ fn statuses(answer: &str) -> Vec<&str> {
 /// (`0\r\n\r\n`), the 405 of a `POST /live` answered first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_head_after_a_chunked_body_is_checked_on_the_admin_port() -> anyhow::Result<()> {
-    const MALFORMED: &str = "admin request refused: malformed request head";
+    use trellis_proxy::admin::MALFORMED;
     const POST: &str =
         "POST /live HTTP/1.1\r\nhost: admin\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
     let mesh = Mesh::start().await?;
