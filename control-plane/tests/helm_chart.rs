@@ -1283,6 +1283,9 @@ fn the_schemas_word_lists_are_the_control_planes_flags() {
         allowed.sort();
         taken.sort();
         assert!(!taken.is_empty(), "--{flag} takes a fixed list of words");
-        assert_eq!(allowed, taken, "{value} in values.schema.json against --{flag}");
+        assert_eq!(
+            allowed, taken,
+            "{value} in values.schema.json against --{flag}"
+        );
     }
 }
