@@ -1135,6 +1135,67 @@ fn a_verified_address_shares_an_ip_with_verified_claims_and_takes_it_from_others
     assert_eq!(live_at(&store, web, 50), ["10.0.0.1:7001"]);
 }
 
+/// A verified address taking an IP from unverified claims is logged once
+/// for each workload it took from, naming both workloads and every address
+/// taken, in JSON as one plain string (a list joined by `,`, not a debug
+/// print) that a log query can match; a Certify that takes nothing logs
+/// no such line.
+#[test]
+fn taking_an_ip_from_unverified_claims_is_logged_with_the_addresses_taken() {
+    // Unexpired when the test runs: a live claim is taken, an expired one
+    // only dropped.
+    const LATER: i64 = 32_503_680_000;
+    // Opened under the capture: the store's writer thread logs where its
+    // opener does.
+    let (logs, guard) = crate::test_logs::capture(true);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let web = "spiffe://td/ns/a/sa/web";
+    let squatter = "spiffe://td/ns/a/sa/squatter";
+    store
+        .record_issuance(
+            None,
+            &issued("01", squatter),
+            &certified(
+                squatter,
+                &["10.0.0.9:15006", "10.0.0.1:7003", "10.0.0.1:7002"],
+                LATER,
+                1,
+            ),
+        )
+        .unwrap();
+    assert!(
+        !logs.text().contains("took its IP"),
+        "nothing was taken yet: {}",
+        logs.text()
+    );
+    let mut web_record = certified(web, &["10.0.0.1:7001"], LATER, 1);
+    web_record.addresses[0].verified = true;
+    store
+        .record_issuance(None, &issued("02", web), &web_record)
+        .unwrap();
+    drop(guard);
+    let lines: Vec<serde_json::Value> = logs
+        .text()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .filter(|line: &serde_json::Value| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("took its IP from another workload's unverified claim"))
+        })
+        .collect();
+    let [line] = &lines[..] else {
+        panic!("one line for the one holder: {lines:#?}");
+    };
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["fields"]["spiffe_id"], web);
+    assert_eq!(line["fields"]["holder"], squatter);
+    assert_eq!(line["fields"]["addresses"], "10.0.0.1:7002,10.0.0.1:7003");
+    assert_eq!(live_at(&store, squatter, 50), ["10.0.0.9:15006"]);
+    assert_eq!(live_at(&store, web, 50), ["10.0.0.1:7001"]);
+}
+
 /// A revocation older than the longest certificate lifetime covers only
 /// expired certificates: it is neither read nor listed, and the next
 /// revocation write (or opening the database) removes it.

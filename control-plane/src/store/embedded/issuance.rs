@@ -141,9 +141,16 @@ impl IssuanceWriter {
     ) -> std::io::Result<Self> {
         let (queue, waiting) = mpsc::channel();
         let thread_path = path.clone();
+        // The thread logs where the code that opened the store logs: the
+        // process's subscriber, or a test's own.
+        let logs = tracing::dispatcher::get_default(Clone::clone);
         let thread = std::thread::Builder::new()
             .name("store-issuance".into())
-            .spawn(move || run(&db, &thread_path, retained, epoch, &waiting, &failure))?;
+            .spawn(move || {
+                tracing::dispatcher::with_default(&logs, || {
+                    run(&db, &thread_path, retained, epoch, &waiting, &failure)
+                })
+            })?;
         Ok(IssuanceWriter {
             queue: Mutex::new(Some(queue)),
             thread: Some(thread),
