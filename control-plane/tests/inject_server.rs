@@ -170,6 +170,138 @@ async fn inject_answers_with_a_patch_over_https() {
     );
 }
 
+/// `/inject` posted `review` over HTTPS: the AdmissionReview answered.
+async fn inject(webhook: &Webhook, review: &Value) -> Value {
+    let (status, body) = call(
+        webhook,
+        Method::POST,
+        "/inject",
+        serde_json::to_vec(review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let reply: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    reply
+}
+
+/// The JSONPatch of an answer, decoded as the API server decodes it.
+fn patch_of(reply: &Value) -> Option<json_patch::Patch> {
+    use base64::Engine as _;
+    let encoded = reply["response"].get("patch")?.as_str().unwrap();
+    assert_eq!(reply["response"]["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The sidecar's `TRELLIS_APP_PROBES`, parsed.
+fn app_probes(pod: &Value) -> Value {
+    let env = pod["spec"]["initContainers"][1]["env"].as_array().unwrap();
+    let entry = env
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_APP_PROBES")
+        .expect("the sidecar has TRELLIS_APP_PROBES");
+    serde_json::from_str(entry["value"].as_str().unwrap()).unwrap()
+}
+
+/// The API server's reinvocation, over HTTPS: it posts the pod, applies
+/// the answer's patch, lets a later webhook add a container with an
+/// `httpGet` probe and hook, and posts the pod again; the second answer
+/// rewrites the added container alone and hands its checks to the
+/// sidecar, and a third call gets no patch. The documents are real
+/// AdmissionReview JSON (fixtures/k8s) as the API server sends them, each
+/// patch applied as it applies one (`json-patch`, RFC 6902).
+#[tokio::test]
+async fn a_reinvocation_rewrites_the_added_container_over_https() {
+    let webhook = start().await;
+    let mut review: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    let reply = inject(&webhook, &review).await;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch_of(&reply).expect("a patch")).unwrap();
+    let first = pod.clone();
+
+    pod["spec"]["containers"].as_array_mut().unwrap().push(json!({
+        "name": "vault-agent",
+        "image": "hashicorp/vault:1.17",
+        "ports": [{"name": "agent", "containerPort": 8200, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/agent/v1/ready", "port": "agent", "scheme": "HTTP"},
+            "timeoutSeconds": 1, "periodSeconds": 5, "successThreshold": 1, "failureThreshold": 3,
+        },
+        "lifecycle": {"preStop": {"httpGet": {"path": "/agent/v1/quit", "port": 8200, "scheme": "HTTP"}}},
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    }));
+    review["request"]["object"] = pod.clone();
+    let reply = inject(&webhook, &review).await;
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch for the added container");
+    let ops: Vec<String> = serde_json::to_value(&patch)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| {
+            format!(
+                "{} {}",
+                op["op"].as_str().unwrap(),
+                op["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let env = first["spec"]["initContainers"][1]["env"]
+        .as_array()
+        .unwrap();
+    let probes_at = env
+        .iter()
+        .position(|e| e["name"] == "TRELLIS_APP_PROBES")
+        .unwrap();
+    assert_eq!(
+        ops,
+        [
+            "add /metadata/annotations".to_owned(),
+            "replace /spec/containers/2".to_owned(),
+            format!("replace /spec/initContainers/1/env/{probes_at}"),
+            "add /spec/initContainers/1/env/-".to_owned(),
+        ]
+    );
+    json_patch::patch(&mut pod, &patch).unwrap();
+
+    let agent = &pod["spec"]["containers"][2];
+    assert_eq!(
+        agent["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/vault-agent/readiness", "port": 15020, "scheme": "HTTP"})
+    );
+    let token = pod["spec"]["initContainers"][1]["env"][env.len()].clone();
+    assert_eq!(token["name"], "TRELLIS_HOOK_TOKEN");
+    assert_eq!(token["value"].as_str().unwrap().len(), 64, "{token}");
+    assert_eq!(
+        agent["lifecycle"]["preStop"]["httpGet"]["httpHeaders"],
+        json!([{"name": "x-trellis-hook-token", "value": token["value"]}])
+    );
+    let mut expected = app_probes(&first);
+    expected["/app-health/vault-agent/readiness"] =
+        json!({"httpGet": {"port": 8200, "path": "/agent/v1/ready", "scheme": "HTTP"}});
+    expected["/app-health/vault-agent/pre-stop"] =
+        json!({"httpGet": {"port": 8200, "path": "/agent/v1/quit", "scheme": "HTTP"}});
+    assert_eq!(app_probes(&pod), expected);
+    assert_eq!(pod["spec"]["containers"][0], first["spec"]["containers"][0]);
+    assert_eq!(pod["spec"]["containers"][1], first["spec"]["containers"][1]);
+    assert_eq!(
+        pod["metadata"]["annotations"]["trellis.io/injected-containers"],
+        "web,log-shipper,vault-agent,wait-for-db"
+    );
+
+    review["request"]["object"] = pod;
+    let reply = inject(&webhook, &review).await;
+    assert!(patch_of(&reply).is_none(), "{reply}");
+}
+
 /// `/inject`, called for a pod of a namespace that opted in, denies a pod
 /// whose `trellis.io/inject` label is neither `enabled` nor `disabled`,
 /// naming the field and the value (the reason a Deployment's ReplicaSet

@@ -912,6 +912,291 @@ fn a_reinvocation_without_a_new_container_gets_no_patch() {
     );
 }
 
+/// Each operation of a patch as `op path`, in order.
+fn ops(patch: &json_patch::Patch) -> Vec<String> {
+    serde_json::to_value(patch)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| {
+            format!(
+                "{} {}",
+                op["op"].as_str().unwrap(),
+                op["path"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// Where the sidecar's environment holds `name`.
+fn env_index(pod: &Value, name: &str) -> usize {
+    container(pod, "initContainers", "trellis-proxy")["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("the sidecar has no {name}"))
+}
+
+/// A pod injected by a version that did not write
+/// `trellis.io/injected-containers` (or by hand) counts as seen the
+/// containers whose probes already call the sidecar, and its ordinary init
+/// containers: reviewed with a container a later webhook added, only that
+/// one is rewritten, the others not warned of again, and the annotation is
+/// written naming them all. Real AdmissionReview documents (fixtures/k8s)
+/// as the API server sends them, the patch applied as it applies it
+/// (`json-patch`); no Kubernetes API server can run here.
+#[test]
+fn a_pod_injected_without_the_annotation_has_only_its_added_container_rewritten() {
+    let review = fixture("pod-already-injected.json");
+    let legacy = review["request"]["object"].clone();
+    assert!(
+        legacy["metadata"]["annotations"]
+            .get("trellis.io/injected-containers")
+            .is_none()
+    );
+    let mut pod = legacy.clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "add /metadata/annotations".to_owned(),
+            "replace /spec/containers/2".to_owned(),
+            format!(
+                "replace /spec/initContainers/1/env/{}",
+                env_index(&legacy, "TRELLIS_APP_PROBES")
+            ),
+            "add /spec/initContainers/1/env/-".to_owned(),
+        ]
+    );
+    let again = apply(&pod, &patch);
+    assert_eq!(
+        again["metadata"]["annotations"]["trellis.io/injected-containers"],
+        "web,log-shipper,vault-agent,wait-for-db"
+    );
+    assert_eq!(
+        container(&again, "containers", "vault-agent")["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/vault-agent/readiness", "port": 15020, "scheme": "HTTP"})
+    );
+    for name in ["web", "log-shipper"] {
+        assert_eq!(
+            container(&again, "containers", name),
+            container(&legacy, "containers", name),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        container(&again, "initContainers", "wait-for-db"),
+        container(&legacy, "initContainers", "wait-for-db")
+    );
+    let mut expected = app_probes(&legacy);
+    expected.as_object_mut().unwrap().extend(
+        json!({
+            "/app-health/vault-agent/readiness": {"httpGet": {"port": 8200, "path": "/agent/v1/ready", "scheme": "HTTP"}},
+            "/app-health/vault-agent/pre-stop": {"httpGet": {"port": 8200, "path": "/agent/v1/quit", "scheme": "HTTP"}},
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+    );
+    assert_eq!(app_probes(&again), expected);
+    assert_eq!(hook_token(&again).len(), 64);
+
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
+/// In a pod injected without `trellis.io/injected-containers`, a container
+/// with no probe or hook (or only `exec` ones) cannot be told seen or new:
+/// it is taken as new, which changes nothing in it (it has nothing to
+/// rewrite) but holds it to the port rules of injection and names it in the
+/// annotation, the only operation of the patch. Real AdmissionReview
+/// documents (fixtures/k8s), the patch applied with `json-patch`; no
+/// Kubernetes API server can run here.
+#[test]
+fn a_container_without_checks_in_a_pod_injected_without_the_annotation_is_taken_as_new() {
+    let review = fixture("pod-already-injected.json");
+    let exporter = json!({
+        "name": "exporter",
+        "image": "registry.example.com/tools/exporter:1.2",
+        "ports": [{"name": "scrape", "containerPort": 9102, "protocol": "TCP"}],
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    });
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(exporter.clone());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(ops(&patch), ["add /metadata/annotations"]);
+    let again = apply(&pod, &patch);
+    assert_eq!(container(&again, "containers", "exporter"), &exporter);
+    assert_eq!(
+        again["metadata"]["annotations"]["trellis.io/injected-containers"],
+        "web,log-shipper,exporter,wait-for-db"
+    );
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+
+    // New, it is checked as at injection: on the sidecar's inbound port it
+    // is refused, and the pod with it.
+    pod["spec"]["containers"][2]["ports"][0]["containerPort"] = json!(15006);
+    let reply = answer_for(&with_object(&review, pod));
+    assert!(
+        denial(&reply)
+            .starts_with("trellis: cannot inject: container \"exporter\" declares TCP port 15006"),
+        "{reply}"
+    );
+}
+
+/// `review`'s pod without any probe or lifecycle hook.
+fn without_checks(review: &Value) -> Value {
+    let mut pod = review["request"]["object"].clone();
+    for field in ["containers", "initContainers"] {
+        for c in pod["spec"][field].as_array_mut().unwrap() {
+            let c = c.as_object_mut().unwrap();
+            for key in [
+                "livenessProbe",
+                "readinessProbe",
+                "startupProbe",
+                "lifecycle",
+            ] {
+                c.remove(key);
+            }
+        }
+    }
+    pod
+}
+
+/// A pod injected without probes or hooks has a sidecar without
+/// `TRELLIS_APP_PROBES` or `TRELLIS_HOOK_TOKEN`: a container a later webhook
+/// adds with a probe and a hook gets both entries `add`ed to the end of the
+/// sidecar's environment, and the sidecar ends as the first injection
+/// makes it for a pod that had the container from the start (the same
+/// `TRELLIS_APP_PROBES` text, the token aside). Real AdmissionReview
+/// documents (fixtures/k8s), the patch applied with `json-patch`; no
+/// Kubernetes API server can run here.
+#[test]
+fn a_sidecar_without_app_probes_has_the_entry_added_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let bare = without_checks(&review);
+    let first = injected(&with_object(&review, bare.clone()));
+    let before = env(container(&first, "initContainers", "trellis-proxy"));
+    assert!(!before.contains_key("TRELLIS_APP_PROBES"), "{before:?}");
+    assert!(!before.contains_key("TRELLIS_HOOK_TOKEN"), "{before:?}");
+
+    let mut pod = first.clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "add /metadata/annotations",
+            "replace /spec/containers/2",
+            "add /spec/initContainers/1/env/-",
+            "add /spec/initContainers/1/env/-",
+        ]
+    );
+    let again = apply(&pod, &patch);
+
+    let mut from_start = bare;
+    from_start["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let direct = injected(&with_object(&review, from_start));
+    let token = hook_token(&again);
+    assert_eq!(token.len(), 64, "{token}");
+    let masked = |pod: &Value| {
+        let mut proxy = container(pod, "initContainers", "trellis-proxy").clone();
+        let at = env_index(pod, "TRELLIS_HOOK_TOKEN");
+        proxy["env"][at]["value"] = json!("<token>");
+        proxy
+    };
+    assert_eq!(masked(&again), masked(&direct));
+    let mut agent = container(&direct, "containers", "vault-agent").clone();
+    agent["lifecycle"]["preStop"]["httpGet"]["httpHeaders"][0]["value"] = json!(token);
+    assert_eq!(container(&again, "containers", "vault-agent"), &agent);
+
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+}
+
+/// A sidecar whose `env` was taken out (edited by hand) gets one: the patch
+/// `add`s `env` whole, with the added container's checks and a hook token,
+/// and the pod it gives is valid (`kubernetes-validate --strict`). Real
+/// AdmissionReview documents (fixtures/k8s), the patch applied with
+/// `json-patch`; no Kubernetes API server can run here.
+#[test]
+fn a_sidecar_without_env_gets_one_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = injected(&review);
+    pod["spec"]["initContainers"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("env");
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "add /metadata/annotations",
+            "replace /spec/containers/2",
+            "add /spec/initContainers/1/env",
+        ]
+    );
+    let mut again = apply(&pod, &patch);
+    let token = hook_token(&again);
+    let sidecar_env = &container(&again, "initContainers", "trellis-proxy")["env"];
+    assert_eq!(
+        names(sidecar_env),
+        ["TRELLIS_APP_PROBES", "TRELLIS_HOOK_TOKEN"]
+    );
+    assert_eq!(sidecar_env[1]["value"], token);
+    assert_eq!(
+        app_probes(&again),
+        json!({
+            "/app-health/vault-agent/pre-stop": {"httpGet": {"path": "/agent/v1/quit", "port": 8200, "scheme": "HTTP"}},
+            "/app-health/vault-agent/readiness": {"httpGet": {"path": "/agent/v1/ready", "port": 8200, "scheme": "HTTP"}},
+        })
+    );
+    let third = answer_for(&with_object(&review, again.clone()));
+    assert!(patch_of(&third).is_none(), "{third}");
+
+    let Some(validate) = chart::tool("kubernetes-validate") else {
+        chart::machine::skip(
+            "skipped: kubernetes-validate not installed (run scripts/install-helm.sh)",
+        );
+        return;
+    };
+    again["metadata"]["name"] = json!("web-6b7f9c5d8-x2x7k");
+    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&again).unwrap());
+}
+
 /// The marker annotation `trellis.io/injected` without the sidecar (copied
 /// into a manifest by hand, or the containers taken out by a later webhook,
 /// which re-invokes this one) is no sidecar: the pod is injected as any

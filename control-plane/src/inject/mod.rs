@@ -180,7 +180,8 @@
 //! reinvocation's patch `add`s `/metadata/annotations`, `replace`s each
 //! new container it rewrote (`/spec/containers/2`) and the sidecar's
 //! `TRELLIS_APP_PROBES` entry, and appends what the sidecar's environment
-//! lacked (`/spec/initContainers/1/env/-`).
+//! lacked (`/spec/initContainers/1/env/-`), or `add`s the environment
+//! whole to a sidecar that has none.
 
 mod annotations;
 mod pod;
