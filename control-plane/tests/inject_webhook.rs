@@ -1197,6 +1197,74 @@ fn a_sidecar_without_env_gets_one_on_reinvocation() {
     chart::validate_manifests(&validate, &serde_json::to_string_pretty(&again).unwrap());
 }
 
+/// A container named in `trellis.io/injected-containers` whose probe does
+/// not call the sidecar is not the one the injection saw: a later webhook
+/// replaced it under the same name, and its probe would reach the app
+/// through the mTLS port and fail. It is rewritten as a new one, and the
+/// checks of the container it replaced leave `TRELLIS_APP_PROBES` for its
+/// own. Real AdmissionReview documents (fixtures/k8s), the patch applied
+/// with `json-patch`; no Kubernetes API server can run here.
+#[test]
+fn a_container_replaced_under_a_seen_name_is_rewritten() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let shipper = json!({
+        "name": "log-shipper",
+        "image": "fluent/fluent-bit:3.1",
+        "ports": [{"name": "monitor", "containerPort": 2020, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/api/v1/health", "port": "monitor", "scheme": "HTTP"},
+            "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3,
+        },
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    });
+    let mut pod = first.clone();
+    pod["spec"]["containers"][1] = shipper.clone();
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "add /metadata/annotations".to_owned(),
+            "replace /spec/containers/1".to_owned(),
+            format!(
+                "replace /spec/initContainers/1/env/{}",
+                env_index(&first, "TRELLIS_APP_PROBES")
+            ),
+        ]
+    );
+    let again = apply(&pod, &patch);
+    let mut expected = shipper;
+    expected["readinessProbe"]["httpGet"] =
+        json!({"path": "/app-health/log-shipper/readiness", "port": 15020, "scheme": "HTTP"});
+    assert_eq!(container(&again, "containers", "log-shipper"), &expected);
+    assert_eq!(
+        container(&again, "containers", "web"),
+        container(&first, "containers", "web")
+    );
+    let mut probes = app_probes(&first);
+    let probes = probes.as_object_mut().unwrap();
+    assert!(probes.remove("/app-health/log-shipper/liveness").is_some());
+    probes.insert(
+        "/app-health/log-shipper/readiness".into(),
+        json!({"httpGet": {"port": 2020, "path": "/api/v1/health", "scheme": "HTTP"}}),
+    );
+    assert_eq!(app_probes(&again), Value::Object(probes.clone()));
+    assert_eq!(
+        again["metadata"]["annotations"]["trellis.io/injected-containers"],
+        first["metadata"]["annotations"]["trellis.io/injected-containers"]
+    );
+
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
 /// The marker annotation `trellis.io/injected` without the sidecar (copied
 /// into a manifest by hand, or the containers taken out by a later webhook,
 /// which re-invokes this one) is no sidecar: the pod is injected as any

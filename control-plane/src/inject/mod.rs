@@ -136,7 +136,9 @@
 //! `TRELLIS_APP_PROBES` (a `replace` of that one entry of its
 //! environment), its warnings given and the first injection's checks
 //! (ports, UID) applied to it; it then joins the annotation, so a further
-//! call has no patch ([`Injection::Rewritten`]). Without anything new
+//! call has no patch ([`Injection::Rewritten`]). A container named there
+//! with a probe or hook that does not call the sidecar was replaced under
+//! the same name by a later webhook, and is rewritten as a new one. Without anything new
 //! there is no patch. The annotation `trellis.io/injected` alone is not
 //! enough: a pod that carries it without our containers (the annotation
 //! copied by hand, or from a pod a later webhook took them out of, which
@@ -221,8 +223,9 @@ pub const INJECTED_ANNOTATION: &str = "trellis.io/injected";
 /// Annotation set on an injected pod: its own containers (app containers,
 /// then init containers) the injection has seen, comma-separated. A
 /// container missing from it (added by a later webhook, or to a copied
-/// manifest) has its probes and hooks rewritten when the pod is reviewed
-/// again, and joins it.
+/// manifest), or named in it with a probe or hook that does not call the
+/// sidecar (replaced under the same name), has its probes and hooks
+/// rewritten when the pod is reviewed again, and joins it.
 pub const INJECTED_CONTAINERS_ANNOTATION: &str = "trellis.io/injected-containers";
 /// Annotation holding the PEM trust bundle ([`TrustBundleSource::Annotation`]).
 pub const TRUST_BUNDLE_ANNOTATION: &str = "trellis.io/trust-bundle";

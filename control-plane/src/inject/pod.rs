@@ -317,7 +317,10 @@ fn is_ours(container: &Value) -> bool {
 /// containers seen; a pod without it (injected by hand, or by a version
 /// that did not write it) is taken to have seen every container of which
 /// a probe or hook already calls the sidecar's `/app-health/`, and its
-/// ordinary init containers.
+/// ordinary init containers. A container with a check that does not call
+/// the sidecar yet ([`probes::has_app_check`]) is never seen: named in the
+/// annotation, it was replaced under that name, and its checks take the
+/// place of its namesake's.
 /// Everything seen is left as it is, and its warnings are not repeated.
 /// Nothing unseen: [`Skip::AlreadyInjected`], no patch.
 fn rewrite_added(
@@ -336,15 +339,23 @@ fn rewrite_added(
         .filter(|c| !is_native_sidecar(c))
         .filter_map(|c| c.get("name").and_then(Value::as_str))
         .collect();
+    // A container with a check that does not call the sidecar yet is new,
+    // whatever its name: named in the annotation, it is not the one the
+    // injection saw but one a later webhook put in its place, whose probes
+    // would reach the app through the mTLS port and fail. Without the
+    // annotation, a container with no check to tell by (no probe or hook,
+    // or only `exec` ones) is new too: nothing in it changes, but it is
+    // held to the port and UID rules and joins the annotation.
     let seen = |container: &Value| {
         let name = container.get("name").and_then(Value::as_str);
-        match recorded {
+        let known = match recorded {
             Some(names) => names.split(',').any(|seen| Some(seen.trim()) == name),
             None => {
                 probes::calls_sidecar(container, config.admin_port)
                     || name.is_some_and(|name| ordinary_init.contains(&name))
             }
-        }
+        };
+        known && !probes::has_app_check(container, config.admin_port)
     };
     let is_new = |container: &Value| !is_ours(container) && !seen(container);
     if !all_containers(spec).any(is_new) {
@@ -437,6 +448,13 @@ fn rewrite_added(
                 .map_err(|_| InjectError::SidecarEnv(TRELLIS_APP_PROBES))?,
             None => BTreeMap::new(),
         };
+        // A container replaced under a seen name leaves no checks of the
+        // one it replaced behind.
+        let replaced: Vec<String> = all_containers(spec)
+            .filter(|c| is_new(c))
+            .map(|c| probes::app_health_path(&container_name(c), ""))
+            .collect();
+        all.retain(|path, _| !replaced.iter().any(|prefix| path.starts_with(prefix)));
         all.extend(rewritten.probes);
         let value = json!({
             "name": TRELLIS_APP_PROBES,

@@ -190,6 +190,29 @@ pub fn calls_sidecar(container: &Value, admin_port: u16) -> bool {
         .any(|handler| admin_path(handler, admin_port).is_some())
 }
 
+/// Whether [`rewrite`] would turn a probe or lifecycle hook of `container`
+/// into a call of the sidecar: an `httpGet`, `tcpSocket` or `grpc` probe, or
+/// an `httpGet` hook, that checks the app itself (no other host, its port
+/// known) and does not call the sidecar yet. An injected container has none
+/// left; one that has was put in the pod since, if under a name seen before.
+pub fn has_app_check(container: &Value, admin_port: u16) -> bool {
+    let ports = container.get("ports").unwrap_or(&Value::Null);
+    let probes = PROBE_KINDS
+        .iter()
+        .filter_map(|(field, _)| container.get(field));
+    let hooks = HOOK_KINDS
+        .iter()
+        .filter_map(|(hook, _)| container.get("lifecycle")?.get(hook))
+        .filter(|handler| handler.get("httpGet").is_some());
+    probes
+        .chain(hooks)
+        .filter_map(Value::as_object)
+        .any(|handler| {
+            admin_path(handler, admin_port).is_none()
+                && matches!(original_check(handler, ports), Ok(Some(_)))
+        })
+}
+
 /// The admin path `handler` calls when it is already one of ours: an
 /// `httpGet` on `admin_port` under `/app-health/`, as an earlier injection
 /// rewrote it (its containers since removed, the pod injected again). Taken
