@@ -912,6 +912,108 @@ fn a_reinvocation_without_a_new_container_gets_no_patch() {
     );
 }
 
+/// A later webhook that gives a seen container a probe more (a startup
+/// probe on the app's port) leaves the container's rewritten probes as they
+/// are: the sidecar keeps running their checks, the new probe is rewritten
+/// beside them, and no warning says a check is unknown. Real
+/// AdmissionReview documents (fixtures/k8s), the patch applied with
+/// `json-patch`; no Kubernetes API server can run here.
+#[test]
+fn a_probe_a_later_webhook_adds_to_a_seen_container_keeps_its_other_checks() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let mut pod = first.clone();
+    pod["spec"]["containers"][0]["startupProbe"] = json!({
+        "httpGet": {"path": "/started", "port": "http", "scheme": "HTTP"},
+        "timeoutSeconds": 1, "periodSeconds": 2, "successThreshold": 1, "failureThreshold": 30,
+    });
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+
+    let web = container(&again, "containers", "web");
+    let was = container(&first, "containers", "web");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(web[probe], was[probe], "{probe}");
+    }
+    assert_eq!(
+        web["startupProbe"]["httpGet"],
+        json!({"path": "/app-health/web/startup", "port": 15020, "scheme": "HTTP"})
+    );
+    let mut expected = app_probes(&first);
+    expected.as_object_mut().unwrap().insert(
+        "/app-health/web/startup".into(),
+        json!({"httpGet": {"port": 8080, "path": "/started", "scheme": "HTTP"}}),
+    );
+    assert_eq!(app_probes(&again), expected);
+
+    let third = answer_for(&with_object(&review, again));
+    assert!(patch_of(&third).is_none(), "{third}");
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
+/// `trellis.io/injected-containers` set or edited by hand: blanks,
+/// duplicates and names of containers the pod no longer has name what
+/// they can and change nothing; a value that is no list of container names
+/// is refused naming the annotation, as any invalid `trellis.io/*`
+/// annotation, whatever the failure policy, and a long one is not said
+/// back. Real AdmissionReview documents (fixtures/k8s); no Kubernetes API
+/// server can run here.
+#[test]
+fn a_hand_written_injected_containers_annotation_is_read_or_refused_naming_it() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let with = |value: &str| {
+        let mut pod = first.clone();
+        pod["metadata"]["annotations"]["trellis.io/injected-containers"] = json!(value);
+        with_object(&review, pod)
+    };
+    let ignore = InjectConfig {
+        failure_policy: FailurePolicy::Ignore,
+        ..config()
+    };
+
+    let reply = answer_for(&with(" web , log-shipper,web,,wait-for-db, gone-since "));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+
+    let rule = "a container's name is at most 63 lowercase letters, digits and '-', starting \
+                and ending with a letter or a digit";
+    for (value, says) in [
+        (
+            "web;log-shipper,wait-for-db",
+            "\"web;log-shipper\" is not a container name",
+        ),
+        ("web,log shipper", "\"log shipper\" is not a container name"),
+        ("Web,log-shipper", "\"Web\" is not a container name"),
+        ("web,-,log-shipper", "\"-\" is not a container name"),
+        ("web,\u{1b}[31m", "\"\\u{1b}[31m\" is not a container name"),
+    ] {
+        for config in [config(), ignore.clone()] {
+            let reply = answer(&with(value), NamespaceScope::SelectedByWebhook, &config);
+            assert_eq!(
+                denial(&reply),
+                format!(
+                    "trellis: cannot inject: metadata.annotations[trellis.io/injected-containers]: \
+                     {says}: {rule}"
+                ),
+                "{value:?}"
+            );
+        }
+    }
+    let huge = format!("web,{}", "x".repeat(200_000));
+    let reply = answer_for(&with(&huge));
+    assert_eq!(
+        denial(&reply),
+        format!(
+            "trellis: cannot inject: metadata.annotations[trellis.io/injected-containers]: \
+             an item of 200000 bytes is not a container name: {rule}"
+        )
+    );
+}
+
 /// Each operation of a patch as `op path`, in order.
 fn ops(patch: &json_patch::Patch) -> Vec<String> {
     serde_json::to_value(patch)

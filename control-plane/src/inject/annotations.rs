@@ -19,8 +19,8 @@ use trellis_core::tcp::{parse_port, parse_user_timeout};
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
-    InjectConfig, MAX_H2_CONNECTIONS_ANNOTATION, MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
-    OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
+    INJECTED_CONTAINERS_ANNOTATION, InjectConfig, MAX_H2_CONNECTIONS_ANNOTATION,
+    MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
 };
 
 /// The most items a list annotation (`trellis.io/exclude-inbound-ports`,
@@ -180,6 +180,57 @@ impl Exclusions {
             outbound_ports,
             outbound_cidrs,
         })
+    }
+}
+
+/// The containers an earlier injection saw, as it wrote them in
+/// `trellis.io/injected-containers` (comma-separated, blanks ignored,
+/// duplicates dropped); `None` when the pod has no such annotation. Each
+/// must be a container's name, as Kubernetes takes one (a DNS label): a
+/// value written by hand that is not (`web, *`, a sentence) is an
+/// [`InjectError::InvalidAnnotation`] naming the annotation, rather than
+/// guessed at. A name no container of the pod has (one a later webhook
+/// took out) is no error: it names nothing. The API server bounds the
+/// value (256 KiB for all of a pod's annotations), so no count is.
+pub(super) fn injected_containers(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<HashSet<&str>>, InjectError> {
+    let Some(value) = annotations.get(INJECTED_CONTAINERS_ANNOTATION) else {
+        return Ok(None);
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            container_name(name)
+                .map(|()| name)
+                .map_err(invalid(INJECTED_CONTAINERS_ANNOTATION))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// Whether `name` may name a container (a DNS label, RFC 1123: 1 to 63
+/// lowercase letters, digits and '-', starting and ending with a letter or
+/// a digit), or why not.
+fn container_name(name: &str) -> Result<(), String> {
+    const RULE: &str = "a container's name is at most 63 lowercase letters, digits and '-', \
+                        starting and ending with a letter or a digit";
+    if name.len() > 63 {
+        // A long value is not said back: the pod's author has it.
+        return Err(format!(
+            "an item of {} bytes is not a container name: {RULE}",
+            name.len()
+        ));
+    }
+    let bytes = name.as_bytes();
+    let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    let edge = |b: Option<&u8>| b.is_some_and(|b| *b != b'-');
+    if bytes.iter().all(inner) && edge(bytes.first()) && edge(bytes.last()) {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a container name: {RULE}"))
     }
 }
 

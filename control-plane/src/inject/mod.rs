@@ -138,7 +138,11 @@
 //! (ports, UID) applied to it; it then joins the annotation, so a further
 //! call has no patch ([`Injection::Rewritten`]). A container named there
 //! with a probe or hook that does not call the sidecar was replaced under
-//! the same name by a later webhook, and is rewritten as a new one. Without anything new
+//! the same name by a later webhook (or given a probe more by one), and is
+//! rewritten as a new one, keeping the checks its probes and hooks still
+//! call, without a warning for them. A value of the annotation that is no
+//! list of container names is an [`InjectError::InvalidAnnotation`], denied
+//! whatever the failure policy. Without anything new
 //! there is no patch. The annotation `trellis.io/injected` alone is not
 //! enough: a pod that carries it without our containers (the annotation
 //! copied by hand, or from a pod a later webhook took them out of, which
@@ -224,8 +228,10 @@ pub const INJECTED_ANNOTATION: &str = "trellis.io/injected";
 /// then init containers) the injection has seen, comma-separated. A
 /// container missing from it (added by a later webhook, or to a copied
 /// manifest), or named in it with a probe or hook that does not call the
-/// sidecar (replaced under the same name), has its probes and hooks
-/// rewritten when the pod is reviewed again, and joins it.
+/// sidecar (replaced under the same name, or given a probe more), has its
+/// probes and hooks rewritten when the pod is reviewed again, and joins it.
+/// A value that is no comma list of container names (written by hand) is
+/// refused naming it.
 pub const INJECTED_CONTAINERS_ANNOTATION: &str = "trellis.io/injected-containers";
 /// Annotation holding the PEM trust bundle ([`TrustBundleSource::Annotation`]).
 pub const TRUST_BUNDLE_ANNOTATION: &str = "trellis.io/trust-bundle";

@@ -4,13 +4,15 @@
 //! The pod is handled as a `serde_json::Value`, never a typed struct, so
 //! fields this version does not know survive untouched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::annotations::{Exclusions, H2Limits, access_log, join, opaque_ports, tcp_user_timeout};
+use super::annotations::{
+    Exclusions, H2Limits, access_log, injected_containers, join, opaque_ports, tcp_user_timeout,
+};
 use super::probes;
 use super::review::PatchOp;
 use super::{
@@ -182,7 +184,9 @@ pub fn inject_pod(
         .ok_or(InjectError::Malformed("spec"))?;
 
     match skip_reason(&annotations, &labels, spec, scope)? {
-        Some(Skip::AlreadyInjected) => return rewrite_added(metadata, spec, config),
+        Some(Skip::AlreadyInjected) => {
+            return rewrite_added(metadata, &annotations, spec, config);
+        }
         Some(skip) => return Ok(Injection::Skipped(skip)),
         None => {}
     }
@@ -319,19 +323,18 @@ fn is_ours(container: &Value) -> bool {
 /// a probe or hook already calls the sidecar's `/app-health/`, and its
 /// ordinary init containers. A container with a check that does not call
 /// the sidecar yet ([`probes::has_app_check`]) is never seen: named in the
-/// annotation, it was replaced under that name, and its checks take the
-/// place of its namesake's.
+/// annotation, it was replaced under that name (or given a probe more), and
+/// its checks take the place of its namesake's but for those its probes and
+/// hooks still call, which stay without a warning.
 /// Everything seen is left as it is, and its warnings are not repeated.
 /// Nothing unseen: [`Skip::AlreadyInjected`], no patch.
 fn rewrite_added(
     metadata: &Map<String, Value>,
+    annotations: &BTreeMap<String, String>,
     spec: &Map<String, Value>,
     config: &InjectConfig,
 ) -> Result<Injection, InjectError> {
-    let recorded = metadata
-        .get("annotations")
-        .and_then(|a| a.get(INJECTED_CONTAINERS_ANNOTATION))
-        .and_then(Value::as_str);
+    let recorded = injected_containers(annotations)?;
     // Without the annotation, an ordinary init container cannot be told
     // new or seen: it has no probe or hook to tell by, and is taken as seen.
     let ordinary_init: Vec<&str> = slice(spec.get("initContainers"))
@@ -348,8 +351,8 @@ fn rewrite_added(
     // held to the port and UID rules and joins the annotation.
     let seen = |container: &Value| {
         let name = container.get("name").and_then(Value::as_str);
-        let known = match recorded {
-            Some(names) => names.split(',').any(|seen| Some(seen.trim()) == name),
+        let known = match &recorded {
+            Some(names) => name.is_some_and(|name| names.contains(name)),
             None => {
                 probes::calls_sidecar(container, config.admin_port)
                     || name.is_some_and(|name| ordinary_init.contains(&name))
@@ -393,12 +396,23 @@ fn rewrite_added(
         Some(at) => env_value(at, TRELLIS_HOOK_TOKEN)?.to_owned(),
         None => new_hook_token(),
     };
+    // The checks the sidecar runs; an error only once new ones must join.
+    let probes_at = entry(TRELLIS_APP_PROBES);
+    let served: Result<BTreeMap<String, Value>, InjectError> = match probes_at {
+        Some(at) => env_value(at, TRELLIS_APP_PROBES).and_then(|probes| {
+            serde_json::from_str(probes).map_err(|_| InjectError::SidecarEnv(TRELLIS_APP_PROBES))
+        }),
+        None => Ok(BTreeMap::new()),
+    };
 
     // Only the new ones: the seen stay as they are, their warnings given.
+    // A new one's probe or hook that calls a check the sidecar runs (a
+    // seen container a later webhook gave another probe) stays as it is,
+    // without the warning of a check no sidecar knows.
     let mut containers = array(spec.get("containers"));
     let mut init_containers = array(spec.get("initContainers"));
     let before = (containers.clone(), init_containers.clone());
-    let rewritten = probes::rewrite(
+    let rewritten = probes::rewrite_beside(
         containers.iter_mut().filter(|c| is_new(c)).chain(
             init_containers
                 .iter_mut()
@@ -406,6 +420,11 @@ fn rewrite_added(
         ),
         config.admin_port,
         &hook_token,
+        |path| {
+            served
+                .as_ref()
+                .is_ok_and(|served| served.contains_key(path))
+        },
     );
     let mut warnings = rewritten.warnings;
     warnings.extend(proxy_uid_warnings(
@@ -442,19 +461,23 @@ fn rewrite_added(
     let env_path = format!("/spec/{field}/{at}/env");
     let mut added = Vec::new();
     if !rewritten.probes.is_empty() {
-        let probes_at = entry(TRELLIS_APP_PROBES);
-        let mut all: BTreeMap<String, Value> = match probes_at {
-            Some(at) => serde_json::from_str(env_value(at, TRELLIS_APP_PROBES)?)
-                .map_err(|_| InjectError::SidecarEnv(TRELLIS_APP_PROBES))?,
-            None => BTreeMap::new(),
-        };
+        let mut all = served?;
         // A container replaced under a seen name leaves no checks of the
-        // one it replaced behind.
+        // one it replaced behind; those a container still calls (a seen
+        // one given a probe more) stay.
         let replaced: Vec<String> = all_containers(spec)
             .filter(|c| is_new(c))
             .map(|c| probes::app_health_path(&container_name(c), ""))
             .collect();
-        all.retain(|path, _| !replaced.iter().any(|prefix| path.starts_with(prefix)));
+        let called: BTreeSet<&str> = containers
+            .iter()
+            .chain(&init_containers)
+            .flat_map(|c| probes::sidecar_paths(c, config.admin_port))
+            .collect();
+        all.retain(|path, _| {
+            called.contains(path.as_str())
+                || !replaced.iter().any(|prefix| path.starts_with(prefix))
+        });
         all.extend(rewritten.probes);
         let value = json!({
             "name": TRELLIS_APP_PROBES,

@@ -90,6 +90,20 @@ pub fn rewrite<'a>(
     admin_port: u16,
     hook_token: &str,
 ) -> Rewritten {
+    rewrite_beside(containers, admin_port, hook_token, |_| false)
+}
+
+/// [`rewrite`], for a pod whose sidecar already runs checks: a probe or hook
+/// that calls an admin path `served` says the sidecar knows is left as it
+/// is without a warning (an injection rewrote it, and a later webhook
+/// changed something else of its container), as a hook carrying the pod's
+/// token.
+pub fn rewrite_beside<'a>(
+    containers: impl IntoIterator<Item = &'a mut Value>,
+    admin_port: u16,
+    hook_token: &str,
+    served: impl Fn(&str) -> bool,
+) -> Rewritten {
     let mut out = Rewritten::default();
     for container in containers {
         let Some(container) = container.as_object_mut() else {
@@ -106,7 +120,9 @@ pub fn rewrite<'a>(
                 continue;
             };
             if let Some(path) = admin_path(probe, admin_port) {
-                out.warnings.push(already_ours(&name, field, path));
+                if !served(path) {
+                    out.warnings.push(already_ours(&name, field, path));
+                }
                 continue;
             }
             match original_check(probe, &ports) {
@@ -146,7 +162,9 @@ pub fn rewrite<'a>(
             // which this pod's new sidecar does not know: it gets this
             // one's, and the sidecar the same, or the two would disagree.
             if let Some(path) = admin_path(handler, admin_port) {
-                out.warnings.push(hook_already_ours(&name, hook, path));
+                if !served(path) {
+                    out.warnings.push(hook_already_ours(&name, hook, path));
+                }
                 set_hook_token(handler, hook_token);
                 out.hooks += 1;
                 continue;
@@ -178,6 +196,12 @@ pub fn rewrite<'a>(
 /// Whether a probe or lifecycle hook of `container` already calls the
 /// sidecar's `/app-health/` on `admin_port`: an injection rewrote it.
 pub fn calls_sidecar(container: &Value, admin_port: u16) -> bool {
+    sidecar_paths(container, admin_port).next().is_some()
+}
+
+/// The admin paths under `/app-health/` on `admin_port` that the probes and
+/// lifecycle hooks of `container` call.
+pub fn sidecar_paths(container: &Value, admin_port: u16) -> impl Iterator<Item = &str> {
     let probes = PROBE_KINDS
         .iter()
         .filter_map(|(field, _)| container.get(field));
@@ -187,7 +211,7 @@ pub fn calls_sidecar(container: &Value, admin_port: u16) -> bool {
     probes
         .chain(hooks)
         .filter_map(Value::as_object)
-        .any(|handler| admin_path(handler, admin_port).is_some())
+        .filter_map(move |handler| admin_path(handler, admin_port))
 }
 
 /// Whether [`rewrite`] would turn a probe or lifecycle hook of `container`
