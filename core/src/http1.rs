@@ -1244,6 +1244,87 @@ mod tests {
         );
     }
 
+    /// Serves one connection on a loopback socket with hyper behind
+    /// [`Heads`], checked by [`check_head`]: each request's body is read
+    /// whole before its answer `ok`, but for a target of `/early`, answered
+    /// at once with its body unread. `sent` is written at once and the
+    /// client then half-closes: what it read, and why the connection is to
+    /// be answered in words.
+    async fn served_on_a_socket(sent: &[u8]) -> (String, Option<HeadFault>) {
+        use http_body_util::BodyExt;
+        use hyper::body::Incoming;
+        use std::convert::Infallible;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let serving = tokio::spawn(async move {
+            let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
+            let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
+                if request.uri().path() != "/early" {
+                    drop(request.into_body().collect().await);
+                }
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let refusal = heads.refusal();
+            let ended = crate::connections::serve_http1_for(
+                &mut heads,
+                service,
+                Duration::from_secs(5),
+                Duration::from_secs(600),
+                refusal.notified(),
+            )
+            .await;
+            heads.refused(ended.as_ref(), "stalled")
+        });
+        client.write_all(sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("the connection ends once the client half-closes")
+            .unwrap();
+        let mut read = Vec::new();
+        drop(client.read_to_end(&mut read).await);
+        (String::from_utf8_lossy(&read).into_owned(), refused)
+    }
+
+    /// Chunked requests pipelined in one write, as hyper frames them: an
+    /// `Expect: 100-continue`, a quoted chunk extension holding `;` and
+    /// `"`, zero-padded and upper-case sizes, and a second chunked body
+    /// followed from its own start; requests answered before their bodies
+    /// are read, which hyper reads to their ends once they are in. The head
+    /// after them is checked.
+    #[tokio::test]
+    async fn pipelined_chunked_requests_are_followed_on_a_socket() {
+        let no_colon = Some(HeadFault::bad(unparsable(
+            httparse::Error::HeaderName,
+            true,
+        )));
+        let (read, refused) = served_on_a_socket(
+            b"POST / HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\n\
+              transfer-encoding: chunked\r\n\r\n\
+              005;q=\"a;b\\\"c\"\r\nhello\r\n0\r\n\r\n\
+              POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+              0A\r\nGET / HTTP\r\n0\r\n\r\n\
+              POST /early HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n\
+              GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 3, "{read}");
+        assert_eq!(refused, no_colon, "{read}");
+
+        let (read, refused) = served_on_a_socket(
+            b"POST /early HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 1, "{read}");
+        assert_eq!(refused, no_colon, "{read}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_a_chunked_body_hyper_may_read_otherwise_heads_are_hyper_s() {
         let no_colon = b"GET / HTTP/1.1\r\nno colon\r\n\r\n";
