@@ -156,8 +156,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// `Content-Length`s that differ, a `Transfer-Encoding` whose last coding
 /// is not `chunked`, one in HTTP/1.0, one with a `Content-Length` too),
 /// after a chunked body that does not parse (a bad size line, a bare LF,
-/// extensions or trailers over their bounds: hyper refuses it) or that
-/// hyper may read otherwise (whitespace after a chunk size, trailers:
+/// extensions or trailers over their bounds: hyper refuses most of them,
+/// and reads a size zero-padded past 16 digits) or that hyper may read
+/// otherwise (whitespace after a chunk size, trailers:
 /// [`Chunked::regular`]), and after an upgrade or a `CONNECT`, whose bytes
 /// after the head are another protocol's (hyper serves it, or refuses the
 /// upgrade and closes). Later heads on such a connection get hyper's
@@ -1323,6 +1324,26 @@ mod tests {
         .await;
         assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 1, "{read}");
         assert_eq!(refused, no_colon, "{read}");
+    }
+
+    /// A chunk size zero-padded past 16 digits is more than the sidecar's
+    /// parser takes, and hyper reads it: the head after it is hyper's, not
+    /// checked against the wrong bytes, and a malformed one gets hyper's
+    /// status alone.
+    #[tokio::test]
+    async fn after_a_size_zero_padded_past_16_digits_heads_are_hyper_s() {
+        let (read, refused) = served_on_a_socket(
+            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+              00000000000000000005\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+        )
+        .await;
+        assert_eq!(refused, None, "{read}");
+        assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 1, "{read}");
+        assert_eq!(
+            read.matches("HTTP/1.1 400 Bad Request").count(),
+            1,
+            "{read}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,7 +58,8 @@
 //! header read timeout ([`HEAD_TIMEOUT`]) ends the connection is answered
 //! 408 ([`HEAD_TIMED_OUT`]); either is logged and counted once, as
 //! `invalid`. Some heads are still hyper's: after a chunked body that does
-//! not parse or has trailers (not followed to find the next head), after
+//! not parse or has trailers or whitespace after a chunk size (not
+//! followed to find the next head), after
 //! a request whose framing the check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
 //! are another protocol's (an upgrade hyper declines goes on in HTTP/1.1
 //! unchecked). A malformed head there gets hyper's answer, 400, 414 or
