@@ -71,6 +71,7 @@ chmod +x "$work/bin/trellis-proxy"
 
 # The benchmark measures the idle pair first, then starts its traffic with the bulk scenario:
 # each sidecar's counts are dumped in between (callgrind.PID.1), the rest at its exit.
+: > "$work/bench.log"
 TRELLIS_BIN_DIR=$work/bin target/release/trellis-bench --quick --only trellis \
     --no-control-plane --no-wrk --json "$work/bench.json" > "$work/bench.log" 2>&1 &
 bench=$!
