@@ -1271,7 +1271,7 @@ fn a_sidecar_without_env_gets_one_on_reinvocation() {
             "add /spec/initContainers/1/env",
         ]
     );
-    let mut again = apply(&pod, &patch);
+    let again = apply(&pod, &patch);
     let token = hook_token(&again);
     let sidecar_env = &container(&again, "initContainers", "trellis-proxy")["env"];
     assert_eq!(
@@ -1289,14 +1289,7 @@ fn a_sidecar_without_env_gets_one_on_reinvocation() {
     let third = answer_for(&with_object(&review, again.clone()));
     assert!(patch_of(&third).is_none(), "{third}");
 
-    let Some(validate) = chart::tool("kubernetes-validate") else {
-        chart::machine::skip(
-            "skipped: kubernetes-validate not installed (run scripts/install-helm.sh)",
-        );
-        return;
-    };
-    again["metadata"]["name"] = json!("web-6b7f9c5d8-x2x7k");
-    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&again).unwrap());
+    valid_as_stored(again, "web-6b7f9c5d8-x2x7k");
 }
 
 /// A container named in `trellis.io/injected-containers` whose probe does
@@ -1596,7 +1589,7 @@ fn ephemeral_storage_reaches_the_injected_containers() {
     };
     let review = fixture("pod-deployment-http-probes.json");
     let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
-    let mut pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
+    let pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
     assert_eq!(
         container(&pod, "initContainers", "trellis-proxy")["resources"],
         json!({
@@ -1611,14 +1604,7 @@ fn ephemeral_storage_reaches_the_injected_containers() {
             "limits": {"ephemeral-storage": "67108864"},
         })
     );
-    let Some(validate) = chart::tool("kubernetes-validate") else {
-        chart::machine::skip(
-            "skipped: kubernetes-validate not installed (run scripts/install-helm.sh)",
-        );
-        return;
-    };
-    pod["metadata"]["name"] = json!("web-6b7f9c5d8-x2x7k");
-    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
+    valid_as_stored(pod, "web-6b7f9c5d8-x2x7k");
 }
 
 /// The configured pull secrets (the chart's `imagePullSecrets`) reach the
@@ -2067,22 +2053,28 @@ fn without_init_containers(pod: &Value, removed: &[&str]) -> Value {
 /// under CI.
 #[test]
 fn the_injected_pod_passes_strict_schema_validation() {
+    for (fixture_name, name) in [
+        ("pod-deployment-http-probes.json", "web-6b7f9c5d8-x2x7k"),
+        ("pod-native-sidecar-probes.json", "orders-5c9d7f8b6-q4w9z"),
+    ] {
+        valid_as_stored(injected(&fixture(fixture_name)), name);
+    }
+}
+
+/// Asserts `pod` is a valid Pod (`kubernetes-validate --strict`, as the
+/// chart tests validate) once named `name`, as the API server names a pod
+/// from its `generateName` when it stores it; without the tool, says
+/// `skipped:` (a failure under CI).
+fn valid_as_stored(mut pod: Value, name: &str) {
     let Some(validate) = chart::tool("kubernetes-validate") else {
         chart::machine::skip(
             "skipped: kubernetes-validate not installed (run scripts/install-helm.sh)",
         );
         return;
     };
-    for (fixture_name, name) in [
-        ("pod-deployment-http-probes.json", "web-6b7f9c5d8-x2x7k"),
-        ("pod-native-sidecar-probes.json", "orders-5c9d7f8b6-q4w9z"),
-    ] {
-        let mut pod = injected(&fixture(fixture_name));
-        // As stored: the API server fills the name from generateName.
-        pod["metadata"]["name"] = json!(name);
-        // JSON is YAML: the pod goes through the chart tests' validation.
-        chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
-    }
+    pod["metadata"]["name"] = json!(name);
+    // JSON is YAML: the pod goes through the chart tests' validation.
+    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
 }
 
 /// The app probes the injected sidecar is told to run (`TRELLIS_APP_PROBES`).

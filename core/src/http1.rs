@@ -1047,39 +1047,50 @@ mod tests {
         );
     }
 
-    /// Serves `sent` with hyper's server behind [`Heads`], checked by
-    /// [`check_head`], every answer `ok` once its body is read: what the client read, and why the
-    /// connection is to be answered in words once hyper has ended it.
+    /// Serves the connection `server` with hyper's server behind [`Heads`],
+    /// checked by [`check_head`] (hyper's header read timeout 5 s): each
+    /// request's body is read whole, as it comes, before its answer `ok`,
+    /// but for a target of `/early`, answered at once with its body unread.
+    /// Why the connection is to be answered in words once hyper has ended it.
+    async fn serve_behind_heads<S>(server: S) -> Option<HeadFault>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use http_body_util::BodyExt;
+        use hyper::body::Incoming;
+        use std::convert::Infallible;
+        let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
+        let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
+            if request.uri().path() != "/early" {
+                drop(request.into_body().collect().await);
+            }
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"ok"),
+            )))
+        });
+        let refusal = heads.refusal();
+        let ended = crate::connections::serve_http1_for(
+            &mut heads,
+            service,
+            Duration::from_secs(5),
+            Duration::from_secs(600),
+            refusal.notified(),
+        )
+        .await;
+        heads.refused(ended.as_ref(), "stalled")
+    }
+
+    /// Serves `sent` as [`serve_behind_heads`] does: what the client read,
+    /// and why the connection is to be answered in words once hyper has
+    /// ended it.
     async fn served(sent: &'static [u8]) -> (String, Option<HeadFault>) {
         served_in(&[sent]).await
     }
 
     /// As [`served`], `sent` coming in parts a millisecond apart.
     async fn served_in(sent: &[&'static [u8]]) -> (String, Option<HeadFault>) {
-        use http_body_util::BodyExt;
-        use hyper::body::Incoming;
-        use std::convert::Infallible;
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let serving = tokio::spawn(async move {
-            let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
-            let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
-                // The whole body read first, as it comes.
-                drop(request.into_body().collect().await);
-                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"ok"),
-                )))
-            });
-            let refusal = heads.refusal();
-            let ended = crate::connections::serve_http1_for(
-                &mut heads,
-                service,
-                Duration::from_secs(5),
-                Duration::from_secs(600),
-                refusal.notified(),
-            )
-            .await;
-            heads.refused(ended.as_ref(), "stalled")
-        });
+        let serving = tokio::spawn(serve_behind_heads(server));
         for part in sent {
             client.write_all(part).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1245,42 +1256,16 @@ mod tests {
         );
     }
 
-    /// Serves one connection on a loopback socket with hyper behind
-    /// [`Heads`], checked by [`check_head`]: each request's body is read
-    /// whole before its answer `ok`, but for a target of `/early`, answered
-    /// at once with its body unread. `sent` is written at once and the
-    /// client then half-closes: what it read, and why the connection is to
-    /// be answered in words.
+    /// Serves one connection on a loopback socket as [`serve_behind_heads`]
+    /// does. `sent` is written at once and the client then half-closes:
+    /// what it read, and why the connection is to be answered in words.
     async fn served_on_a_socket(sent: &[u8]) -> (String, Option<HeadFault>) {
-        use http_body_util::BodyExt;
-        use hyper::body::Incoming;
-        use std::convert::Infallible;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let serving = tokio::spawn(async move {
-            let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
-            let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
-                if request.uri().path() != "/early" {
-                    drop(request.into_body().collect().await);
-                }
-                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"ok"),
-                )))
-            });
-            let refusal = heads.refusal();
-            let ended = crate::connections::serve_http1_for(
-                &mut heads,
-                service,
-                Duration::from_secs(5),
-                Duration::from_secs(600),
-                refusal.notified(),
-            )
-            .await;
-            heads.refused(ended.as_ref(), "stalled")
-        });
+        let serving = tokio::spawn(serve_behind_heads(server));
         client.write_all(sent).await.unwrap();
         client.shutdown().await.unwrap();
         let refused = tokio::time::timeout(Duration::from_secs(10), serving)
