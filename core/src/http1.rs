@@ -140,7 +140,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 ///
 /// Each head is held back until [`check`](Self::new) passes it whole; its
 /// body is then followed by its framing, as hyper's server reads it
-/// ([`framing`]): its `Content-Length`, or its chunks ([`Chunked`]), so
+/// (`framing`): its `Content-Length`, or its chunks ([`Chunked`]), so
 /// that the next head is found. A body's bytes pass to hyper as they
 /// come, never held back for the rest of it. A head the check refuses is
 /// never given to hyper: the caller, told so ([`refusal`](Self::refusal)),
