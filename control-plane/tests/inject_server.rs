@@ -6,9 +6,11 @@
 //! real AdmissionReview documents of `fixtures/k8s/` over TLS 1.3 and reads
 //! the AdmissionReview answers.
 
+mod admission;
 #[path = "common/connections.rs"]
 mod connections;
 
+use admission::{app_probes, ops, patch_of};
 use trellis_control_plane::inject;
 
 use std::sync::Arc;
@@ -185,27 +187,6 @@ async fn inject(webhook: &Webhook, review: &Value) -> Value {
     reply
 }
 
-/// The JSONPatch of an answer, decoded as the API server decodes it.
-fn patch_of(reply: &Value) -> Option<json_patch::Patch> {
-    use base64::Engine as _;
-    let encoded = reply["response"].get("patch")?.as_str().unwrap();
-    assert_eq!(reply["response"]["patchType"], "JSONPatch");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .unwrap();
-    Some(serde_json::from_slice(&bytes).unwrap())
-}
-
-/// The sidecar's `TRELLIS_APP_PROBES`, parsed.
-fn app_probes(pod: &Value) -> Value {
-    let env = pod["spec"]["initContainers"][1]["env"].as_array().unwrap();
-    let entry = env
-        .iter()
-        .find(|e| e["name"] == "TRELLIS_APP_PROBES")
-        .expect("the sidecar has TRELLIS_APP_PROBES");
-    serde_json::from_str(entry["value"].as_str().unwrap()).unwrap()
-}
-
 /// The API server's reinvocation, over HTTPS: it posts the pod, applies
 /// the answer's patch, lets a later webhook add a container with an
 /// `httpGet` probe and hook, and posts the pod again; the second answer
@@ -241,19 +222,6 @@ async fn a_reinvocation_rewrites_the_added_container_over_https() {
     let reply = inject(&webhook, &review).await;
     assert!(reply["response"].get("warnings").is_none(), "{reply}");
     let patch = patch_of(&reply).expect("a patch for the added container");
-    let ops: Vec<String> = serde_json::to_value(&patch)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|op| {
-            format!(
-                "{} {}",
-                op["op"].as_str().unwrap(),
-                op["path"].as_str().unwrap()
-            )
-        })
-        .collect();
     let env = first["spec"]["initContainers"][1]["env"]
         .as_array()
         .unwrap();
@@ -262,7 +230,7 @@ async fn a_reinvocation_rewrites_the_added_container_over_https() {
         .position(|e| e["name"] == "TRELLIS_APP_PROBES")
         .unwrap();
     assert_eq!(
-        ops,
+        ops(&patch),
         [
             "add /metadata/annotations".to_owned(),
             "replace /spec/containers/2".to_owned(),

@@ -112,3 +112,35 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 pub fn answer_for(review: &Value) -> Value {
     answer(review, NamespaceScope::SelectedByWebhook, &config())
 }
+
+/// Each operation of a patch as `op path`, in order.
+pub fn ops(patch: &json_patch::Patch) -> Vec<String> {
+    serde_json::to_value(patch)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| {
+            format!(
+                "{} {}",
+                op["op"].as_str().unwrap(),
+                op["path"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// The app probes the injected sidecar is told to run (`TRELLIS_APP_PROBES`).
+pub fn app_probes(pod: &Value) -> Value {
+    let proxy = container(pod, "initContainers", "trellis-proxy");
+    serde_json::from_str(env(proxy)["TRELLIS_APP_PROBES"].as_str().unwrap()).unwrap()
+}
+
+/// The answer to `pod` reviewed once more in `review`, as a later
+/// reinvocation would send it, after asserting it changes nothing (no
+/// patch): what a pod the injector has finished with gets.
+pub fn settled(review: &Value, pod: Value) -> Value {
+    let reply = answer_for(&with_object(review, pod));
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    reply
+}
