@@ -59,19 +59,10 @@ impl Given {
         }
     }
 
-    /// How an error names `--flag`: so, or as `TRELLIS_FLAG (--flag)` when
-    /// its value came from that variable.
-    pub fn name(&self, flag: &str) -> String {
-        match self.twin(flag) {
-            Some(twin) => format!("{twin} (--{flag})"),
-            None => format!("--{flag}"),
-        }
-    }
-
     /// The refusal of the value of `--flag` for `reason`: `invalid --flag:
     /// REASON`, or `invalid value in TRELLIS_FLAG (--flag): REASON` when it
     /// came from that variable, as clap's refusals say it. `reason` is said
-    /// as it is: any other flag it names was named by [`name`](Self::name)
+    /// as it is: any other flag it names was named by [`FlagNames::name`]
     /// where it was written.
     pub fn refused(&self, flag: &str, reason: impl std::fmt::Display) -> String {
         match self.twin(flag) {
@@ -89,9 +80,14 @@ pub trait FlagNames {
     fn name(&self, flag: &str) -> String;
 }
 
+/// Names `--flag` so, or as `TRELLIS_FLAG (--flag)` when its value came
+/// from that variable.
 impl FlagNames for Given {
     fn name(&self, flag: &str) -> String {
-        Given::name(self, flag)
+        match self.twin(flag) {
+            Some(twin) => format!("{twin} (--{flag})"),
+            None => format!("--{flag}"),
+        }
     }
 }
 

@@ -83,7 +83,7 @@ use std::process::ExitCode;
 use trellis_core::escape::shown;
 use trellis_core::io_error::{EXIT_STDOUT_CLOSED, IoWords, stdout_closed};
 
-use crate::config::Given;
+use crate::config::{FlagNames, Given};
 
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
