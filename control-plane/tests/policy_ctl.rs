@@ -513,6 +513,34 @@ fn apply_of_a_file_past_the_request_limit_says_the_limit() {
     assert_eq!(listed["policies"], serde_json::json!([]));
 }
 
+/// A refusal only the control plane finds (a selector outside the
+/// policy's namespace) names the file and line it is at, whatever line
+/// ends the files read before it use: YAML reads a CR alone as a line end.
+#[test]
+fn apply_names_the_line_after_a_file_with_carriage_return_line_ends() {
+    let cp = ControlPlane::start(&[]);
+    let dir = cp.tmp.path().join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    let old_mac =
+        format!("# saved with CR line ends\r{}", policy_text("a", 80)).replace('\n', "\r");
+    std::fs::write(dir.join("a.yaml"), old_mac).unwrap();
+    std::fs::write(dir.join("b.yaml"), policy_text("b", 80)).unwrap();
+    let outside = policy_text("c", 80).replace("ns/default/sa/web", "ns/other/sa/web");
+    std::fs::write(dir.join("c.yaml"), outside).unwrap();
+
+    let out = cp.ctl(&["policy", "apply", "-f", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let at = format!(
+        "{}:5:26: spec.selector.spiffeIds[0]: ",
+        dir.join("c.yaml").display()
+    );
+    assert!(stderr.starts_with(&at), "{at} in {stderr}");
+    let out = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["policies"], serde_json::json!([]));
+}
+
 fn policy_text(name: &str, port: u32) -> String {
     format!(
         "apiVersion: trellis.io/v1alpha1

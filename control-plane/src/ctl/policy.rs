@@ -748,12 +748,27 @@ fn join_files(files: &[(String, String)]) -> (String, Vec<usize>) {
         starts.push(lines + 1);
         let contents = contents.strip_prefix('\u{feff}').unwrap_or(contents);
         text.push_str(contents);
-        lines += contents.lines().count();
+        lines += yaml_lines(contents);
         if !text.ends_with('\n') {
             text.push('\n');
         }
     }
     (text, starts)
+}
+
+/// How many lines YAML reads in `text`: its line breaks are LF, CRLF and a
+/// CR alone (a file saved with old Mac line ends), and a last line without
+/// one counts too. `str::lines` would miss the lone CRs, and every position
+/// in the files after such a file would be said lines too early.
+fn yaml_lines(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let breaks = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+        .count();
+    let unended = !matches!(bytes.last(), None | Some(b'\n' | b'\r'));
+    breaks + usize::from(unended)
 }
 
 /// `file:line:column` of a position in the stream [`join_files`] made.
