@@ -849,34 +849,56 @@ fn a_container_a_later_webhook_adds_is_checked_as_at_injection() {
 }
 
 /// A sidecar whose `TRELLIS_APP_PROBES` is not what the injector writes
-/// (edited by hand) cannot take an added container's checks: the pod
-/// follows the failure policy (`Fail`: denied, naming the variable) rather
-/// than run with a probe that always fails. Real AdmissionReview documents
-/// (fixtures/k8s) as the API server sends them; no Kubernetes API server
-/// can run here.
+/// (edited by hand: not JSON, or JSON of another shape) cannot take an
+/// added container's checks: the pod follows the failure policy the
+/// injector is configured with (the chart's `failurePolicy`, in its
+/// settings file) rather than run with a probe that always fails. `Fail`
+/// denies it naming the variable; `Ignore` admits it as it is (no patch)
+/// with the same words in a warning, which `kubectl` prints. Real
+/// AdmissionReview documents (fixtures/k8s) as the API server sends them;
+/// no Kubernetes API server can run here.
 #[test]
 fn a_sidecar_environment_the_injector_cannot_read_follows_the_failure_policy() {
     let review = fixture("pod-deployment-http-probes.json");
-    let mut pod = injected(&review);
-    for entry in pod["spec"]["initContainers"][1]["env"]
-        .as_array_mut()
-        .unwrap()
-    {
-        if entry["name"] == "TRELLIS_APP_PROBES" {
-            entry["value"] = json!("not json");
-        }
+    let first = injected(&review);
+    let why = "the trellis-proxy container's environment variable TRELLIS_APP_PROBES has no \
+               value as the injector writes it, so the checks of the containers added since \
+               injection cannot be added to it";
+    let ignore = InjectConfig {
+        failure_policy: FailurePolicy::Ignore,
+        ..config()
+    };
+    for unreadable in [
+        "not json",
+        r#"["/app-health/web/liveness"]"#,
+        r#"{"/app-health/web/liveness": 8080}"#,
+        r#"{"/healthz": {"httpGet": {"port": 8080, "path": "/healthz", "scheme": "HTTP"}}}"#,
+    ] {
+        let mut pod = first.clone();
+        let at = env_index(&pod, "TRELLIS_APP_PROBES");
+        pod["spec"]["initContainers"][1]["env"][at]["value"] = json!(unreadable);
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(vault_agent());
+        let review = with_object(&review, pod);
+
+        let reply = answer_for(&review);
+        assert_eq!(
+            denial(&reply),
+            format!("trellis: cannot inject: {why}"),
+            "{unreadable}"
+        );
+
+        let reply = answer(&review, NamespaceScope::SelectedByWebhook, &ignore);
+        assert_eq!(
+            reply,
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                   "response": {"uid": review["request"]["uid"], "allowed": true,
+                                "warnings": [format!("trellis: pod admitted as it is: {why}")]}}),
+            "{unreadable}"
+        );
     }
-    pod["spec"]["containers"]
-        .as_array_mut()
-        .unwrap()
-        .push(vault_agent());
-    let reply = answer_for(&with_object(&review, pod));
-    assert_eq!(
-        denial(&reply),
-        "trellis: cannot inject: the trellis-proxy container's environment variable \
-         TRELLIS_APP_PROBES has no value as the injector writes it, so the checks of the \
-         containers added since injection cannot be added to it"
-    );
 }
 
 /// Reinvoked after a later webhook changed the pod but added no container
@@ -1132,6 +1154,72 @@ fn a_container_without_checks_in_a_pod_injected_without_the_annotation_is_taken_
     );
 }
 
+/// The port and UID checks of injection are checks of the pod as it will
+/// run, and a reinvocation applies them to every container of the pod,
+/// seen or new. So an ordinary init container a later webhook adds to a pod
+/// injected without `trellis.io/injected-containers`, which the rule for
+/// such pods takes as seen (it has no probe or hook to tell it by), is
+/// refused as at injection when it declares the sidecar's inbound port, or
+/// runs as the sidecar's UID under the outbound policy deny, whatever the
+/// failure policy; without either it changes nothing (no patch). Real
+/// AdmissionReview documents (fixtures/k8s); no Kubernetes API server can
+/// run here.
+#[test]
+fn an_init_container_added_to_a_pod_injected_without_the_annotation_is_checked() {
+    let review = fixture("pod-already-injected.json");
+    let vault_init = json!({
+        "name": "vault-agent-init",
+        "image": "hashicorp/vault:1.17",
+        "args": ["agent", "-config=/vault/config/agent.hcl", "-exit-after-auth"],
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    });
+    let added = |init: &Value| {
+        let mut pod = review["request"]["object"].clone();
+        pod["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(init.clone());
+        with_object(&review, pod)
+    };
+    settled(&review, added(&vault_init)["request"]["object"].clone());
+
+    let ignore = InjectConfig {
+        failure_policy: FailurePolicy::Ignore,
+        ..config()
+    };
+    let mut on_inbound = vault_init.clone();
+    on_inbound["ports"] = json!([{"name": "agent", "containerPort": 15006, "protocol": "TCP"}]);
+    let mut as_proxy = vault_init.clone();
+    as_proxy["securityContext"] = json!({"runAsUser": 1337});
+    for (init, says) in [
+        (
+            on_inbound,
+            "trellis: cannot inject: container \"vault-agent-init\" declares TCP port 15006, \
+             the sidecar's inbound port",
+        ),
+        (
+            as_proxy,
+            "trellis: cannot inject: container \"vault-agent-init\" runs as UID 1337 (its \
+             securityContext.runAsUser), the sidecar's UID",
+        ),
+    ] {
+        for config in [config(), ignore.clone()] {
+            let reply = answer(&added(&init), NamespaceScope::SelectedByWebhook, &config);
+            assert!(denial(&reply).starts_with(says), "{reply}");
+        }
+        // As the first injection refuses the pod with it.
+        let mut fresh = fixture("pod-deployment-http-probes.json");
+        fresh["request"]["object"]["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(init.clone());
+        assert!(denial(&answer_for(&fresh)).starts_with(says));
+    }
+}
+
 /// `review`'s pod without any probe or lifecycle hook.
 fn without_checks(review: &Value) -> Value {
     let mut pod = review["request"]["object"].clone();
@@ -1321,6 +1409,170 @@ fn a_container_replaced_under_a_seen_name_is_rewritten() {
 
     let third = settled(&review, again);
     assert!(third["response"].get("warnings").is_none(), "{third}");
+}
+
+/// A fluent-bit log shipper as a later webhook puts it in the place of the
+/// fixture's `log-shipper`, defaults filled in as the API server sends it,
+/// with the probes `probes` (an object of probe fields).
+fn shipper_with(probes: Value) -> Value {
+    let mut shipper = json!({
+        "name": "log-shipper",
+        "image": "fluent/fluent-bit:3.1",
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent",
+    });
+    shipper
+        .as_object_mut()
+        .unwrap()
+        .extend(probes.as_object().unwrap().clone());
+    shipper
+}
+
+/// `pod` with its `log-shipper` container (the second) replaced by
+/// `shipper`.
+fn with_shipper(pod: &Value, shipper: &Value) -> Value {
+    let mut pod = pod.clone();
+    pod["spec"]["containers"][1] = shipper.clone();
+    pod
+}
+
+/// A container put in the place of a seen one whose HTTP probe names a
+/// port it does not declare is handled as the first injection handles such
+/// a probe: left as it is, with the same warning, and the checks of the
+/// container it replaced leave `TRELLIS_APP_PROBES`. Reviewed again, it
+/// gets no patch and no warning. Real AdmissionReview documents
+/// (fixtures/k8s), the patch applied with `json-patch`, the pod checked
+/// with `kubernetes-validate --strict`; no Kubernetes API server can run
+/// here.
+#[test]
+fn a_replacement_probing_a_port_it_does_not_declare_is_warned_as_at_injection() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let shipper = shipper_with(json!({"readinessProbe": {
+        "httpGet": {"path": "/api/v1/health", "port": "http", "scheme": "HTTP"},
+        "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3,
+    }}));
+    // What the first injection says of that container.
+    let direct = answer_for(&with_object(
+        &review,
+        with_shipper(&review["request"]["object"], &shipper),
+    ));
+    assert_eq!(
+        direct["response"]["warnings"],
+        json!([
+            "container \"log-shipper\" readinessProbe is not rewritten for the sidecar (the \
+             container declares no port named \"http\"); it will fail under strict mTLS"
+        ])
+    );
+
+    let pod = with_shipper(&first, &shipper);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert_eq!(
+        reply["response"]["warnings"],
+        direct["response"]["warnings"]
+    );
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "add /metadata/annotations".to_owned(),
+            format!(
+                "replace /spec/initContainers/1/env/{}",
+                env_index(&first, "TRELLIS_APP_PROBES")
+            ),
+        ]
+    );
+    let again = apply(&pod, &patch);
+    assert_eq!(container(&again, "containers", "log-shipper"), &shipper);
+    let mut probes = app_probes(&first);
+    let probes = probes.as_object_mut().unwrap();
+    assert!(probes.remove("/app-health/log-shipper/liveness").is_some());
+    assert_eq!(app_probes(&again), Value::Object(probes.clone()));
+    assert_eq!(
+        app_probes(&again),
+        app_probes(&injected_as(&direct, &review, &shipper))
+    );
+
+    let third = settled(&review, again.clone());
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+    valid_as_stored(again, "web-6b7f9c5d8-x2x7k");
+}
+
+/// The review's pod with `shipper` in the place of `log-shipper`, injected
+/// by the answer `direct`.
+fn injected_as(direct: &Value, review: &Value, shipper: &Value) -> Value {
+    apply(
+        &with_shipper(&review["request"]["object"], shipper),
+        &patch_of(direct).expect("a patch"),
+    )
+}
+
+/// A container put in the place of a seen one, or a seen one a later
+/// webhook gave `exec` checks only (no HTTP probe, no `httpGet` hook),
+/// leaves no checks of the one it replaced in `TRELLIS_APP_PROBES`: that
+/// one entry is replaced without them, the checks of the other containers
+/// untouched, and the sidecar says what the first injection would say of
+/// the pod with that container. Without the annotation (a pod injected by
+/// an older version) the same. Nothing of that container left in the
+/// sidecar, there is nothing to change: no patch. Real AdmissionReview
+/// documents (fixtures/k8s), the patch applied with `json-patch`, the pod
+/// checked with `kubernetes-validate --strict`; no Kubernetes API server
+/// can run here.
+#[test]
+fn a_replacement_with_only_exec_checks_leaves_none_of_its_namesakes_behind() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let shipper = shipper_with(json!({"livenessProbe": {
+        "exec": {"command": ["/fluent-bit/bin/healthcheck"]},
+        "timeoutSeconds": 1, "periodSeconds": 20, "successThreshold": 1, "failureThreshold": 3,
+    }}));
+    let first = injected(&review);
+    let legacy = fixture("pod-already-injected.json")["request"]["object"].clone();
+    for first in [first, legacy] {
+        let pod = with_shipper(&first, &shipper);
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        assert!(reply["response"].get("warnings").is_none(), "{reply}");
+        let patch = patch_of(&reply).expect("a patch");
+        assert_eq!(
+            ops(&patch),
+            [
+                "add /metadata/annotations".to_owned(),
+                format!(
+                    "replace /spec/initContainers/1/env/{}",
+                    env_index(&first, "TRELLIS_APP_PROBES")
+                ),
+            ]
+        );
+        let again = apply(&pod, &patch);
+        assert_eq!(container(&again, "containers", "log-shipper"), &shipper);
+        let mut probes = app_probes(&first);
+        let probes = probes.as_object_mut().unwrap();
+        assert!(probes.remove("/app-health/log-shipper/liveness").is_some());
+        assert_eq!(app_probes(&again), Value::Object(probes.clone()));
+        assert_eq!(
+            app_probes(&again),
+            app_probes(&injected(&with_object(
+                &review,
+                with_shipper(&review["request"]["object"], &shipper)
+            )))
+        );
+        assert_eq!(
+            again["metadata"]["annotations"]["trellis.io/injected-containers"],
+            "web,log-shipper,wait-for-db"
+        );
+        let third = settled(&review, again.clone());
+        assert!(third["response"].get("warnings").is_none(), "{third}");
+        valid_as_stored(again.clone(), "web-6b7f9c5d8-x2x7k");
+
+        // Replaced once more by another with `exec` checks only: nothing
+        // of it is in the sidecar, so nothing changes.
+        let mut other = shipper.clone();
+        other["readinessProbe"] = json!({"exec": {"command": ["true"]}});
+        settled(&review, with_shipper(&again, &other));
+    }
 }
 
 /// The marker annotation `trellis.io/injected` without the sidecar (copied

@@ -134,13 +134,26 @@
 //! the new container's probes and hooks are rewritten by the same code as
 //! the first injection's (`probes`), its checks added to the sidecar's
 //! `TRELLIS_APP_PROBES` (a `replace` of that one entry of its
-//! environment), its warnings given and the first injection's checks
-//! (ports, UID) applied to it; it then joins the annotation, so a further
-//! call has no patch ([`Injection::Rewritten`]). A container named there
-//! with a probe or hook that does not call the sidecar was replaced under
-//! the same name by a later webhook (or given a probe more by one), and is
-//! rewritten as a new one, keeping the checks its probes and hooks still
-//! call, without a warning for them. A value of the annotation that is no
+//! environment) and its warnings given; it then joins the annotation, so a
+//! further call has no patch ([`Injection::Rewritten`]). A container named
+//! there with a probe or hook that does not call the sidecar was replaced
+//! under the same name by a later webhook (or given a probe more by one),
+//! and is rewritten as a new one, keeping the checks its probes and hooks
+//! still call, without a warning for them. So is one named there of which
+//! the sidecar runs a check that none of its probes and hooks calls: its
+//! checks are now only ones injection leaves (`exec`, or a probe on a port
+//! it does not declare, warned of as at injection), and its namesake's
+//! checks leave `TRELLIS_APP_PROBES`, the other containers' staying. One
+//! replaced by a container with nothing to rewrite, its namesake having
+//! left no check in the sidecar, cannot be told from it and is taken as
+//! seen (only a warning of a port it does not declare is not given).
+//! The first injection's checks (ports, UID) are checks of the pod as it
+//! will run, not rewrites: each call applies them to every container of
+//! the pod, seen or new, since one that passed them at injection passes
+//! them again, and a container taken as seen (an ordinary init container a
+//! later webhook added to a pod without the annotation) is held to them all
+//! the same; only the warning of one running as the sidecar's UID under
+//! passthrough is given for new containers alone, not to repeat it. A value of the annotation that is no
 //! list of container names is an [`InjectError::InvalidAnnotation`], denied
 //! whatever the failure policy. Without anything new
 //! there is no patch. The annotation `trellis.io/injected` alone is not
@@ -174,7 +187,9 @@
 //! a sidecar environment a reinvocation cannot add checks to)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy` (`Fail` by default there):
-//! `Ignore` admits it unchanged with a warning that `kubectl` prints; `Fail`
+//! `Ignore` admits it unchanged with a warning that `kubectl` prints (a pod
+//! injected before keeps its sidecar: `trellis: pod admitted as it is`);
+//! `Fail`
 //! (also the default of a settings file that names none) denies it with the
 //! message. An object that is not a Pod is admitted with a warning whatever
 //! the policy.
@@ -228,7 +243,9 @@ pub const INJECTED_ANNOTATION: &str = "trellis.io/injected";
 /// then init containers) the injection has seen, comma-separated. A
 /// container missing from it (added by a later webhook, or to a copied
 /// manifest), or named in it with a probe or hook that does not call the
-/// sidecar (replaced under the same name, or given a probe more), has its
+/// sidecar (replaced under the same name, or given a probe more) or with a
+/// check in the sidecar's `TRELLIS_APP_PROBES` it no longer calls (replaced
+/// by one whose checks the injection leaves as they are), has its
 /// probes and hooks rewritten when the pod is reviewed again, and joins it.
 /// A value that is no comma list of container names (written by hand) is
 /// refused naming it.
@@ -634,6 +651,11 @@ fn deny_or_warn(
         // the mesh by admitting it, and refusing it would block objects the
         // injector has no business with.
         e @ InjectError::NotAPod(_) => allow.with_warning(format!("trellis: {e}")),
+        // A pod injected before, whose added containers' checks the
+        // sidecar's environment cannot take: it keeps its sidecar.
+        e @ InjectError::SidecarEnv(_) if config.failure_policy == FailurePolicy::Ignore => {
+            allow.with_warning(format!("trellis: pod admitted as it is: {e}"))
+        }
         e => match config.failure_policy {
             FailurePolicy::Ignore => {
                 allow.with_warning(format!("trellis: sidecar not injected: {e}"))

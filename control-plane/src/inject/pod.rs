@@ -22,6 +22,7 @@ use super::{
     PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource,
     XTABLES_VOLUME,
 };
+use trellis_core::app_health::PATH_PREFIX;
 use trellis_core::policy::{SIDECAR_INBOUND_PORT, SIDECAR_OUTBOUND_PORT};
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
@@ -325,9 +326,14 @@ fn is_ours(container: &Value) -> bool {
 /// the sidecar yet ([`probes::has_app_check`]) is never seen: named in the
 /// annotation, it was replaced under that name (or given a probe more), and
 /// its checks take the place of its namesake's but for those its probes and
-/// hooks still call, which stay without a warning.
+/// hooks still call, which stay without a warning. Nor is one of which the
+/// sidecar runs a check it no longer calls: its namesake's checks leave
+/// `TRELLIS_APP_PROBES`, and any probe of it the injection leaves as it
+/// is is warned of as at injection.
 /// Everything seen is left as it is, and its warnings are not repeated.
-/// Nothing unseen: [`Skip::AlreadyInjected`], no patch.
+/// Nothing unseen: [`Skip::AlreadyInjected`], no patch. The port and UID
+/// checks ([`check_port_clashes`], [`check_proxy_uid`]) are applied to
+/// every container of the pod, seen or new, first.
 fn rewrite_added(
     metadata: &Map<String, Value>,
     annotations: &BTreeMap<String, String>,
@@ -335,38 +341,14 @@ fn rewrite_added(
     config: &InjectConfig,
 ) -> Result<Injection, InjectError> {
     let recorded = injected_containers(annotations)?;
-    // Without the annotation, an ordinary init container cannot be told
-    // new or seen: it has no probe or hook to tell by, and is taken as seen.
-    let ordinary_init: Vec<&str> = slice(spec.get("initContainers"))
-        .iter()
-        .filter(|c| !is_native_sidecar(c))
-        .filter_map(|c| c.get("name").and_then(Value::as_str))
-        .collect();
-    // A container with a check that does not call the sidecar yet is new,
-    // whatever its name: named in the annotation, it is not the one the
-    // injection saw but one a later webhook put in its place, whose probes
-    // would reach the app through the mTLS port and fail. Without the
-    // annotation, a container with no check to tell by (no probe or hook,
-    // or only `exec` ones) is new too: nothing in it changes, but it is
-    // held to the port and UID rules and joins the annotation.
-    let seen = |container: &Value| {
-        let name = container.get("name").and_then(Value::as_str);
-        let known = match &recorded {
-            Some(names) => name.is_some_and(|name| names.contains(name)),
-            None => {
-                probes::calls_sidecar(container, config.admin_port)
-                    || name.is_some_and(|name| ordinary_init.contains(&name))
-            }
-        };
-        known && !probes::has_app_check(container, config.admin_port)
-    };
-    let is_new = |container: &Value| !is_ours(container) && !seen(container);
-    if !all_containers(spec).any(is_new) {
-        return Ok(Injection::Skipped(Skip::AlreadyInjected));
-    }
-    check_port_clashes(all_containers(spec).filter(|c| is_new(c)), config)?;
+    // The checks of the pod as it will run, of every container of its own,
+    // seen or new: they rewrite nothing, and a container that passed them
+    // at injection passes them again. A container the rule below takes as
+    // seen (an ordinary init container a later webhook added to a pod
+    // injected without the annotation) is held to them all the same.
+    check_port_clashes(all_containers(spec).filter(|c| !is_ours(c)), config)?;
     check_proxy_uid(
-        proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| is_new(c)),
+        proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| !is_ours(c)),
         config,
     )?;
 
@@ -391,18 +373,66 @@ fn rewrite_added(
             .and_then(Value::as_str)
             .ok_or(InjectError::SidecarEnv(name))
     };
+    // The checks the sidecar runs; an error only once they must change.
+    let probes_at = entry(TRELLIS_APP_PROBES);
+    let served: Result<BTreeMap<String, Value>, InjectError> = match probes_at {
+        Some(at) => env_value(at, TRELLIS_APP_PROBES).and_then(|probes| {
+            read_app_probes(probes).ok_or(InjectError::SidecarEnv(TRELLIS_APP_PROBES))
+        }),
+        None => Ok(BTreeMap::new()),
+    };
+    // Whether the sidecar runs a check of `container`'s name that none of
+    // its probes and hooks calls: the container the injection saw had a
+    // check this one has not, so a later webhook replaced it under that
+    // name (or took a probe of it away).
+    let has_stale_checks = |container: &Value| {
+        let Ok(served) = &served else {
+            return false;
+        };
+        let prefix = probes::app_health_path(&container_name(container), "");
+        let called: BTreeSet<&str> = probes::sidecar_paths(container, config.admin_port).collect();
+        served
+            .keys()
+            .any(|path| path.starts_with(&prefix) && !called.contains(path.as_str()))
+    };
+    // Without the annotation, an ordinary init container cannot be told
+    // new or seen: it has no probe or hook to tell by, and is taken as seen.
+    let ordinary_init: Vec<&str> = slice(spec.get("initContainers"))
+        .iter()
+        .filter(|c| !is_native_sidecar(c))
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    // A container with a check that does not call the sidecar yet is new,
+    // whatever its name: named in the annotation, it is not the one the
+    // injection saw but one a later webhook put in its place, whose probes
+    // would reach the app through the mTLS port and fail. So is one of
+    // which the sidecar runs a check it no longer calls: its checks are now
+    // only those the injection leaves as they are (`exec`, another host, a
+    // port it does not declare), and the sidecar's stale ones must go.
+    // Without the annotation, a container with no check to tell by (no
+    // probe or hook, or only `exec` ones) is new too: nothing in it
+    // changes, but it joins the annotation.
+    let seen = |container: &Value| {
+        let name = container.get("name").and_then(Value::as_str);
+        let known = match &recorded {
+            Some(names) => name.is_some_and(|name| names.contains(name)),
+            None => {
+                probes::calls_sidecar(container, config.admin_port)
+                    || name.is_some_and(|name| ordinary_init.contains(&name))
+            }
+        };
+        known
+            && !probes::has_app_check(container, config.admin_port)
+            && !has_stale_checks(container)
+    };
+    let is_new = |container: &Value| !is_ours(container) && !seen(container);
+    if !all_containers(spec).any(is_new) {
+        return Ok(Injection::Skipped(Skip::AlreadyInjected));
+    }
     let token_at = entry(TRELLIS_HOOK_TOKEN);
     let hook_token = match token_at {
         Some(at) => env_value(at, TRELLIS_HOOK_TOKEN)?.to_owned(),
         None => new_hook_token(),
-    };
-    // The checks the sidecar runs; an error only once new ones must join.
-    let probes_at = entry(TRELLIS_APP_PROBES);
-    let served: Result<BTreeMap<String, Value>, InjectError> = match probes_at {
-        Some(at) => env_value(at, TRELLIS_APP_PROBES).and_then(|probes| {
-            serde_json::from_str(probes).map_err(|_| InjectError::SidecarEnv(TRELLIS_APP_PROBES))
-        }),
-        None => Ok(BTreeMap::new()),
     };
 
     // Only the new ones: the seen stay as they are, their warnings given.
@@ -460,24 +490,27 @@ fn rewrite_added(
     // a pod's first rewritten hook brings it the token.
     let env_path = format!("/spec/{field}/{at}/env");
     let mut added = Vec::new();
-    if !rewritten.probes.is_empty() {
+    // A container replaced under a seen name leaves no checks of the one
+    // it replaced behind; those a container still calls (a seen one given
+    // a probe more) stay.
+    let replaced: Vec<String> = all_containers(spec)
+        .filter(|c| is_new(c))
+        .map(|c| probes::app_health_path(&container_name(c), ""))
+        .collect();
+    let called: BTreeSet<&str> = containers
+        .iter()
+        .chain(&init_containers)
+        .flat_map(|c| probes::sidecar_paths(c, config.admin_port))
+        .collect();
+    let is_stale = |path: &str| {
+        !called.contains(path) && replaced.iter().any(|prefix| path.starts_with(prefix))
+    };
+    let drops = served
+        .as_ref()
+        .is_ok_and(|served| served.keys().any(|path| is_stale(path)));
+    if !rewritten.probes.is_empty() || drops {
         let mut all = served?;
-        // A container replaced under a seen name leaves no checks of the
-        // one it replaced behind; those a container still calls (a seen
-        // one given a probe more) stay.
-        let replaced: Vec<String> = all_containers(spec)
-            .filter(|c| is_new(c))
-            .map(|c| probes::app_health_path(&container_name(c), ""))
-            .collect();
-        let called: BTreeSet<&str> = containers
-            .iter()
-            .chain(&init_containers)
-            .flat_map(|c| probes::sidecar_paths(c, config.admin_port))
-            .collect();
-        all.retain(|path, _| {
-            called.contains(path.as_str())
-                || !replaced.iter().any(|prefix| path.starts_with(prefix))
-        });
+        all.retain(|path, _| !is_stale(path));
         all.extend(rewritten.probes);
         let value = json!({
             "name": TRELLIS_APP_PROBES,
@@ -499,6 +532,18 @@ fn rewrite_added(
         }
     }
     Ok(Injection::Rewritten { patch, warnings })
+}
+
+/// The checks of a sidecar's `TRELLIS_APP_PROBES` as the injector writes
+/// them: a JSON object from admin paths under `/app-health/` to objects.
+/// `None` for anything else (not JSON, another shape: edited by hand),
+/// which the injector cannot add checks to or take them from.
+fn read_app_probes(text: &str) -> Option<BTreeMap<String, Value>> {
+    let checks: BTreeMap<String, Value> = serde_json::from_str(text).ok()?;
+    checks
+        .iter()
+        .all(|(path, check)| path.starts_with(PATH_PREFIX) && check.is_object())
+        .then_some(checks)
 }
 
 /// The elements of an array, none when it is not one.
