@@ -854,7 +854,8 @@ fn a_container_a_later_webhook_adds_is_checked_as_at_injection() {
 /// injector is configured with (the chart's `failurePolicy`, in its
 /// settings file) rather than run with a probe that always fails. `Fail`
 /// denies it naming the variable; `Ignore` admits it as it is (no patch)
-/// with the same words in a warning, which `kubectl` prints. Real
+/// with the same words in a warning, which `kubectl` prints, and counts
+/// as meshed, its sidecar kept. Real
 /// AdmissionReview documents (fixtures/k8s) as the API server sends them;
 /// no Kubernetes API server can run here.
 #[test]
@@ -898,6 +899,12 @@ fn a_sidecar_environment_the_injector_cannot_read_follows_the_failure_policy() {
                                 "warnings": [format!("trellis: pod admitted as it is: {why}")]}}),
             "{unreadable}"
         );
+        // Admitted with its sidecar, the pod runs in the mesh; denied, it
+        // is not created.
+        let request = AdmissionRequest::parse(&body(&review)).unwrap();
+        let scope = NamespaceScope::SelectedByWebhook;
+        assert!(respond_pod_reporting(&request, scope, &ignore).meshed);
+        assert!(!respond_pod_reporting(&request, scope, &config()).meshed);
     }
 }
 

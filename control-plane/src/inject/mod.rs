@@ -517,7 +517,9 @@ pub struct PodReview {
     pub unknown: Vec<UnknownInjectValue>,
     /// The pod is created with the sidecar: injected by this answer, or
     /// before it ([`Skip::AlreadyInjected`]: the `trellis-proxy` and
-    /// `trellis-init` containers); its owner runs in the mesh.
+    /// `trellis-init` containers, even when the pod is admitted as it is
+    /// under `Ignore` because its sidecar cannot take the checks of the
+    /// containers added since); its owner runs in the mesh.
     pub meshed: bool,
 }
 
@@ -601,7 +603,15 @@ pub fn respond_pod_reporting(
                 InjectError::InvalidLabel(_) => vec![UnknownInjectValue::PodLabel],
                 _ => Vec::new(),
             };
-            answer(deny_or_warn(request, config, e), found)
+            // Admitted all the same (a pod injected before, whose sidecar
+            // cannot take its added containers' checks, under `Ignore`),
+            // it runs in the mesh if it has the sidecar.
+            let response = deny_or_warn(request, config, e);
+            let meshed = response.allowed && has_sidecar(pod);
+            PodReview {
+                meshed,
+                ..answer(response, found)
+            }
         }
     }
 }
