@@ -15,7 +15,7 @@
 //! strings, for each of them.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -179,11 +179,46 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
 /// Reads and validates the files [`find_policy_files`] found, in their
 /// order; a path it could not read is an error diagnostic.
 pub fn load_files_in(found: &PolicyFiles, td: &TrustDomain, context: &ValidationContext) -> Loaded {
+    load_given_in(found, None, td, context)
+}
+
+/// A text given among policy files that no file holds (standard input,
+/// which can be read only once): what diagnostics name it, and where it is
+/// read among the files.
+#[derive(Clone, Copy, Debug)]
+pub struct GivenText<'a> {
+    /// The name diagnostics give it, as a file's path (`<stdin>`).
+    pub name: &'a str,
+    /// How many of the files are read before it (all of them, if more).
+    pub after: usize,
+    pub text: &'a str,
+}
+
+/// [`load_files_in`], with `text`, if any, read in its place among the
+/// files: its documents and diagnostics are ordered there, and duplicate
+/// names across it and the files are errors.
+pub fn load_given_in(
+    found: &PolicyFiles,
+    text: Option<GivenText<'_>>,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Loaded {
     let mut reading = Reading::default();
     for d in &found.unreadable {
         reading.found.push(None, d.clone());
     }
-    for (index, file) in found.files.iter().enumerate() {
+    let after = text.map(|t| t.after.min(found.files.len()));
+    let mut index = 0;
+    for i in 0..=found.files.len() {
+        if let Some(given) = text
+            && after == Some(i)
+        {
+            reading.check_text(index, given.name, given.text, td, context);
+            index += 1;
+        }
+        let Some(file) = found.files.get(i) else {
+            break;
+        };
         match fs::read_to_string(file) {
             Ok(text) => {
                 let name = file.display().to_string();
@@ -191,6 +226,7 @@ pub fn load_files_in(found: &PolicyFiles, td: &TrustDomain, context: &Validation
             }
             Err(e) => reading.found.push(Some(index), unreadable(file, &e)),
         }
+        index += 1;
     }
     reading.finish()
 }
@@ -244,6 +280,17 @@ pub fn find_policy_files(paths: &[PathBuf], walk: Walk) -> PolicyFiles {
 }
 
 impl PolicyFiles {
+    /// Appends what `later` found, for paths given after these: its files
+    /// not already among these, in its order, after them (a file is read
+    /// once, in its first place).
+    pub fn append(&mut self, later: PolicyFiles) {
+        let known: HashSet<PathBuf> = self.files.iter().cloned().collect();
+        let new = later.files.into_iter().filter(|f| !known.contains(f));
+        self.files.extend(new);
+        self.empty_directories.extend(later.empty_directories);
+        self.unreadable.extend(later.unreadable);
+    }
+
     /// Adds the policy files of `dir`, and with [`Walk::Recursive`] those
     /// of its subdirectories.
     fn walk(&mut self, dir: &Path, walk: Walk) {

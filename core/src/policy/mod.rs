@@ -101,8 +101,9 @@ pub use explain::{
 };
 pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
-    Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, PolicyFiles, Walk, find_policy_files,
-    has_errors, lint_paths, lint_source, load_files_in, load_paths, load_source, load_source_in,
+    Diagnostic, GivenText, Loaded, LoadedPolicy, LoadedRateLimit, PolicyFiles, Walk,
+    find_policy_files, has_errors, lint_paths, lint_source, load_files_in, load_given_in,
+    load_paths, load_source, load_source_in,
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
