@@ -1787,3 +1787,215 @@ fn explain_refuses_a_fragment_mark_in_a_target_at_any_length() {
          is %23)\n"
     );
 }
+
+/// Runs `command` with `input` on its standard input, which it may stop
+/// reading early (a refusal): the write's own error is not the test's.
+fn with_stdin(mut command: std::process::Command, input: &[u8]) -> std::process::Output {
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut stdin, &input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// `trellisctl policy lint ARGS` with `input` on standard input.
+fn lint_stdin(args: &[&str], input: &str) -> std::process::Output {
+    let mut command = std::process::Command::new(CTL);
+    command.args(["policy", "lint"]).args(args);
+    with_stdin(command, input.as_bytes())
+}
+
+/// The keys of the policies `policy list -o json` shows.
+fn listed_keys(cp: &ControlPlane) -> Vec<String> {
+    let out = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (listed["policies"].as_array().unwrap().iter())
+        .map(|p| p["policy"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `policy apply -f -` reads the documents from standard input (`helm
+/// template ... | trellisctl policy apply -f -`), alone or among files,
+/// its documents in its place among the paths; a mistake on it, found
+/// here or by the control plane, is said at `<stdin>:line:column` and
+/// nothing is applied; `-` twice, and more than the control plane reads in
+/// one request, are refused before anything is sent.
+#[test]
+fn apply_reads_standard_input_for_a_dash() {
+    let cp = ControlPlane::start(&[]);
+    let apply = |args: &[&str], input: &str| {
+        let command = cp.ctl_command(&[&["policy", "apply"][..], args].concat());
+        with_stdin(command, input.as_bytes())
+    };
+    // Invalid on stdin: nothing of it, or of the file beside it, applied.
+    let file = cp.tmp.path().join("a.yaml");
+    std::fs::write(&file, policy_text("a", 80)).unwrap();
+    let file = file.to_str().unwrap();
+    let two = [policy_text("b", 80), policy_text("c", 70000)].join("---\n");
+    let out = apply(&["-f", file, "-f", "-"], &two);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "<stdin>:15:26: spec.rules[0].to[0].ports[0]: port 70000 is out of range 1..=65535\n\
+         nothing applied: fix the errors above\n"
+    );
+    // One only the control plane finds, past the file read before it.
+    let outside = policy_text("c", 80).replace("ns/default/sa/web", "ns/other/sa/web");
+    let out = apply(&["-f", file, "-f", "-"], &outside);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("<stdin>:5:26: spec.selector.spiffeIds[0]: "),
+        "{stderr}"
+    );
+    assert_eq!(listed_keys(&cp), Vec::<String>::new());
+
+    // `-` takes its place among the paths.
+    let dry = apply(&["--dry-run", "-f", "-", "-f", file], &policy_text("b", 80));
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{dry:?}");
+    let outcomes: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split(" (").next())
+        .collect();
+    assert_eq!(
+        outcomes[..2],
+        [
+            "AuthorizationPolicy default/b: would be created",
+            "AuthorizationPolicy default/a: would be created"
+        ],
+        "{stdout}"
+    );
+    let out = apply(
+        &["-R", "-f", file, "-f", "-", "-o", "json"],
+        &two.replace("70000", "81"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let applied: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = (applied["results"].as_array().unwrap().iter())
+        .map(|r| r["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default/a", "default/b", "default/c"]);
+    assert_eq!(listed_keys(&cp), ["default/a", "default/b", "default/c"]);
+
+    let out = apply(&["-f", "-"], &policy_text("d", 80));
+    assert!(out.status.success(), "{out:?}");
+    assert!(listed_keys(&cp).contains(&"default/d".to_owned()));
+
+    // Refused before anything is read or sent.
+    let out = apply(&["-f", "-", "-f", file, "-f", "-"], &policy_text("e", 80));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: - (standard input) is given twice: it can be read only once (a file named - \
+         is ./-)\n"
+    );
+    let mut huge = policy_text("e", 80);
+    huge.push('#');
+    huge.push_str(&"x".repeat(MAX_ADMIN_REQUEST_BYTES));
+    let out = apply(&["-f", "-"], &huge);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "error: <stdin>: more than {MAX_ADMIN_REQUEST_BYTES} bytes (4 MiB), the most the \
+             control plane reads in one ApplyPolicy request: nothing applied; give the \
+             documents a few at a time\n"
+        )
+    );
+    // An empty stdin is an empty file.
+    let out = apply(&["-f", "-"], "");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: no AuthorizationPolicy or RateLimitPolicy documents found in the given files: \
+         <stdin>\n"
+    );
+    assert_eq!(listed_keys(&cp).len(), 4);
+
+    let help = String::from_utf8(cp.ctl(&["policy", "apply", "--help"]).stdout).unwrap();
+    assert!(help.contains("| trellisctl policy apply -f -"), "{help}");
+}
+
+/// `policy lint -` checks the documents on standard input as a file's,
+/// among files and with `-R`; a file named `-` is `./-`.
+#[test]
+fn lint_reads_standard_input_for_a_dash() {
+    let bad = fixtures().join("lint/bad/unknown-field.yaml");
+    let text = std::fs::read_to_string(&bad).unwrap();
+    let out = lint_stdin(&["-"], &text);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("<stdin>:10:3: spec.rulez: unknown field"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = fixtures().join("lint/bad/port-out-of-range.yaml");
+    let port = port.to_str().unwrap();
+    let lines = |args: &[&str]| {
+        let out = lint_stdin(args, &text);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        (String::from_utf8(out.stdout).unwrap().lines())
+            .map(|l| l.split(':').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines(&[port, "-"]), [port, "<stdin>"]);
+    assert_eq!(lines(&["-", port, "-R"]), ["<stdin>", port]);
+
+    let out = lint_stdin(&["-", "-"], &text);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+
+    let good = std::fs::read_to_string(fixtures().join("lint/good/web-to-api.yaml")).unwrap();
+    std::fs::write(dir.path().join("-"), &good).unwrap();
+    let mut command = std::process::Command::new(CTL);
+    command
+        .current_dir(dir.path())
+        .args(["policy", "lint", "./-"]);
+    let out = with_stdin(command, text.as_bytes());
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let help = lint(&["--help".as_ref()]);
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("| trellisctl policy lint -"), "{help}");
+}
+
+/// Files that hold no document are refused naming them, a few and then
+/// how many more, standard input among them.
+#[test]
+fn files_without_documents_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, "# nothing yet\n").unwrap();
+        paths.push(path.display().to_string());
+    }
+    let one = lint_stdin(&[&paths[0]], "");
+    assert_eq!(one.status.code(), Some(64), "{one:?}");
+    let start =
+        "error: no AuthorizationPolicy or RateLimitPolicy documents found in the given files";
+    assert_eq!(
+        String::from_utf8_lossy(&one.stderr),
+        format!("{start}: {}\n", paths[0])
+    );
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.insert(1, "-");
+    let all = lint_stdin(&args, "# nor here\n");
+    assert_eq!(all.status.code(), Some(64), "{all:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&all.stderr),
+        format!("{start}: {}, <stdin>, {} and 2 more\n", paths[0], paths[1])
+    );
+}

@@ -29,7 +29,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
 use trellis_core::flags::{FlagNames, Given};
 use trellis_core::io_error::stdout_closed;
-use trellis_core::policy::PolicyFiles;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store, spiffe_id_of,
 };
@@ -838,7 +837,7 @@ async fn remote_policy(
         RemotePolicyCommand::Apply {
             files, recursive, ..
         } => policy::policy_files(files, recursive)?,
-        _ => PolicyFiles::default(),
+        _ => policy::PolicyInput::default(),
     };
     connected(cli, names, async |credentials, client| {
         let td = credentials.trust_domain()?;

@@ -6,9 +6,11 @@
 //! not hidden ones, as `kubectl -f DIR` reads them, and with `-R` those of
 //! its subdirectories too (`trellis_core::policy::find_policy_files`); one
 //! that holds none is a usage error naming it. The files are read in sorted
-//! order and validated here first, by the same library function the
-//! control plane runs (`trellis_core::policy::load_files_in`), so a mistake is
-//! reported at `file:line:column: field.path: message` before anything is
+//! order; `-` reads standard input ([`policy_files`]), once, in its place:
+//! after the files of the paths given before it, before those of the paths
+//! after it, its diagnostics named `<stdin>`. All are validated here
+//! first, by the same library function the control plane runs
+//! (`trellis_core::policy::load_given_in`), so a mistake is reported at `file:line:column: field.path: message` before anything is
 //! sent; if any document is invalid nothing is applied. The valid documents
 //! of every file go to the control plane in one ApplyPolicy request, so a
 //! multi-file apply is all or nothing there too with the embedded store.
@@ -20,9 +22,11 @@
 //! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS), then how
 //! many more there were), and a summary counting them all on stderr; it
 //! exits 1 when there is any error, 64 when the files hold no document at
-//! all (as `apply` does), 0 otherwise (also with warnings).
+//! all (as `apply` does, naming the first few), 0 otherwise (also with
+//! warnings).
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -30,9 +34,9 @@ use tonic::transport::Channel;
 use trellis_core::TrustDomain;
 use trellis_core::flags::FlagNames;
 use trellis_core::policy::{
-    AuthorizationPolicy, Decision, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy,
-    Reason, RequestAnswer, RequestOutcome, RuleRef, SelectorScope, ValidationContext, Walk,
-    document_from_proto, find_policy_files, load_files_in, policy_key,
+    AuthorizationPolicy, Decision, Document, Explanation, GivenText, Loaded, PolicyFiles,
+    RateLimitPolicy, Reason, RequestAnswer, RequestOutcome, RuleRef, SelectorScope,
+    ValidationContext, Walk, document_from_proto, find_policy_files, load_given_in, policy_key,
 };
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
@@ -44,6 +48,7 @@ use trellis_proto::policy::v1::{Action, Policy, RateLimit};
 
 use super::wait::Written;
 use super::{CtlError, Output, Printed, pretty};
+use crate::api::admin::MAX_ADMIN_REQUEST_BYTES;
 use crate::api::policy::policy_errors_of;
 use crate::config::RootNamespaceArg;
 
@@ -134,12 +139,104 @@ impl Recursive {
     }
 }
 
-/// The policy files `paths` name, directories read as `recursive` says: a
-/// directory that holds none is a usage error naming it, before anything
-/// else is read.
-pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFiles, CtlError> {
+/// What diagnostics and errors name standard input (`-` among the paths).
+pub const STDIN: &str = "<stdin>";
+
+/// What `apply` and `lint` read: the files the paths name and, when `-` is
+/// among them, standard input, in its place.
+#[derive(Debug, Default)]
+pub struct PolicyInput {
+    found: PolicyFiles,
+    stdin: Option<Stdin>,
+}
+
+/// Standard input, read to its end, and how many of the files are read
+/// before it.
+#[derive(Debug)]
+struct Stdin {
+    after: usize,
+    text: String,
+}
+
+impl PolicyInput {
+    /// Reads and validates every file and standard input, in order.
+    fn load(&self, td: &TrustDomain, context: &ValidationContext) -> Loaded {
+        let given = self.stdin.as_ref().map(|s| GivenText {
+            name: STDIN,
+            after: s.after,
+            text: &s.text,
+        });
+        load_given_in(&self.found, given, td, context)
+    }
+
+    /// What is read, in order: each file's name as diagnostics give it, or
+    /// `None` for standard input.
+    fn sources(&self) -> Vec<Option<&Path>> {
+        let mut sources: Vec<_> = self.found.files.iter().map(|f| Some(f.as_path())).collect();
+        if let Some(stdin) = &self.stdin {
+            sources.insert(stdin.after.min(sources.len()), None);
+        }
+        sources
+    }
+
+    /// The names of what is read, in order, as diagnostics give them.
+    fn names(&self) -> Vec<String> {
+        let name = |s: Option<&Path>| match s {
+            Some(file) => file.display().to_string(),
+            None => STDIN.to_owned(),
+        };
+        self.sources().into_iter().map(name).collect()
+    }
+
+    /// Each file (or standard input) that holds valid documents, with its
+    /// text, in the order read.
+    fn texts_with_documents(&self, loaded: &Loaded) -> Result<Vec<(String, String)>, CtlError> {
+        let holding = files_with_documents(loaded);
+        let mut texts = Vec::with_capacity(holding.len());
+        for source in self.sources() {
+            let text = match source {
+                None if holding.iter().any(|n| n == STDIN) => {
+                    let stdin = self.stdin.as_ref().map(|s| s.text.clone());
+                    (STDIN.to_owned(), stdin.unwrap_or_default())
+                }
+                Some(file) if holding.contains(&file.display().to_string()) => read_file(file)?,
+                _ => continue,
+            };
+            texts.push(text);
+        }
+        Ok(texts)
+    }
+}
+
+/// What the paths name, directories read as `recursive` says, and `-`
+/// standard input: the files of the paths given before it are read before
+/// it, those of the paths after it after it (each set in sorted order). A
+/// directory that holds none is a usage error naming it, and `-` given
+/// twice one too, before anything else is read; standard input is read to
+/// its end, at most [`MAX_ADMIN_REQUEST_BYTES`] (more could not be
+/// applied in one request).
+pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyInput, CtlError> {
     let walk = recursive.walk();
-    let found = find_policy_files(paths, walk);
+    let dashes: Vec<usize> = (paths.iter().enumerate())
+        .filter(|(_, p)| p.as_os_str() == "-")
+        .map(|(i, _)| i)
+        .collect();
+    if dashes.len() > 1 {
+        return Err(CtlError::Usage(
+            "- (standard input) is given twice: it can be read only once (a file named - is \
+             ./-)"
+                .into(),
+        ));
+    }
+    let (found, after) = match dashes.first() {
+        None => (find_policy_files(paths, walk), None),
+        Some(&at) => {
+            let mut found = find_policy_files(&paths[..at], walk);
+            let after = found.files.len();
+            found.append(find_policy_files(&paths[at + 1..], walk));
+            (found, Some(after))
+        }
+    };
     if let Some(dir) = found.empty_directories.first() {
         let deeper = match walk {
             Walk::Directory => " (-R reads its subdirectories too)",
@@ -150,7 +247,37 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFi
             super::shown(dir)
         )));
     }
-    Ok(found)
+    let stdin = match after {
+        Some(after) => Some(Stdin {
+            after,
+            text: read_stdin(&mut std::io::stdin().lock())?,
+        }),
+        None => None,
+    };
+    Ok(PolicyInput { found, stdin })
+}
+
+/// All of `input` (standard input) as text: at most
+/// [`MAX_ADMIN_REQUEST_BYTES`], the most the control plane reads in one
+/// ApplyPolicy request, refused past that before anything is sent.
+fn read_stdin(input: &mut impl Read) -> Result<String, CtlError> {
+    let limit = MAX_ADMIN_REQUEST_BYTES;
+    let mut bytes = Vec::new();
+    let read = input.take(limit as u64 + 1).read_to_end(&mut bytes);
+    read.map_err(|e| {
+        CtlError::Reported(format!(
+            "error: {STDIN}: cannot read: {}\n",
+            trellis_core::io_error::IoWords(&e)
+        ))
+    })?;
+    if bytes.len() > limit {
+        return Err(CtlError::Reported(format!(
+            "error: {STDIN}: more than {limit} bytes (4 MiB), the most the control plane reads \
+             in one ApplyPolicy request: nothing applied; give the documents a few at a time\n"
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| CtlError::Reported(format!("error: {STDIN}: cannot read: not UTF-8 text\n")))
 }
 
 /// The `policy` subcommands: those of [`RemotePolicyCommand`], then `lint`.
@@ -164,7 +291,8 @@ pub enum PolicyCommand {
     /// them), 0 otherwise.
     #[command(args = super::offline_flags())]
     Lint {
-        /// Policy files or directories, read as `apply -f` reads them.
+        /// Policy files or directories, read as `apply -f` reads them; `-`
+        /// reads standard input: `kustomize build | trellisctl policy lint -`.
         #[arg(value_name = "FILE|DIR", required = true)]
         paths: Vec<PathBuf>,
         #[command(flatten)]
@@ -181,12 +309,14 @@ pub enum PolicyCommand {
 #[derive(Debug, Subcommand)]
 pub enum RemotePolicyCommand {
     /// Create or update policies from YAML/JSON files (several documents per
-    /// file), read in sorted order. Nothing is applied if any document is
-    /// invalid.
+    /// file), read in sorted order, and standard input (`-f -`) in its
+    /// place among them. Nothing is applied if any document is invalid.
     Apply {
         /// A policy file, or a directory: its own *.yaml, *.yml and *.json
         /// files, not hidden ones (with -R, its subdirectories' too);
-        /// repeatable.
+        /// repeatable. `-` reads standard input, once, in its place among
+        /// the paths (a file named - is ./-):
+        /// `helm template ... | trellisctl policy apply -f -`.
         #[arg(
             short = 'f',
             long = "filename",
@@ -349,9 +479,21 @@ async fn other_kind_hint(
 }
 
 /// Why `apply` and `lint` refuse files without errors that hold no
-/// document (empty, or only comments).
-const NO_DOCUMENTS: &str =
-    "no AuthorizationPolicy or RateLimitPolicy documents found in the given files";
+/// document (empty, or only comments), naming the first few of `names`
+/// and counting the rest.
+fn no_documents(names: &[String]) -> CtlError {
+    const NAMED: usize = 3;
+    let mut listed = (names.iter().take(NAMED))
+        .map(|n| super::escape_controls(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > NAMED {
+        listed.push_str(&format!(" and {} more", names.len() - NAMED));
+    }
+    CtlError::Usage(format!(
+        "no AuthorizationPolicy or RateLimitPolicy documents found in the given files: {listed}"
+    ))
+}
 
 /// `policy lint`: no credentials, no network.
 pub fn lint(
@@ -365,15 +507,15 @@ pub fn lint(
         let flag = names.name("trust-domain");
         CtlError::Usage(format!("{flag} {trust_domain:?}: {e}"))
     })?;
-    let found = policy_files(paths, recursive)?;
+    let input = policy_files(paths, recursive)?;
     let context = ValidationContext {
         scope: SelectorScope::root(root_namespace),
         ..ValidationContext::default()
     };
-    let loaded = load_files_in(&found, &td, &context);
+    let loaded = input.load(&td, &context);
     // What `apply` would refuse to send, refused alike.
     if !loaded.has_errors() && files_with_documents(&loaded).is_empty() {
-        return Err(CtlError::Usage(NO_DOCUMENTS.into()));
+        return Err(no_documents(&input.names()));
     }
     let (errors, warnings) = (loaded.errors(), loaded.warnings());
     let stderr = format!(
@@ -419,14 +561,14 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Runs a subcommand that talks to the control plane; `td` is the trust
-/// domain of the operator credential, `found` the files of `apply`, which
-/// [`policy_files`] found before the credential was read (none for the
-/// other subcommands).
+/// domain of the operator credential, `input` what `apply` reads, which
+/// [`policy_files`] found (and read from standard input) before the
+/// credential was read (nothing for the other subcommands).
 pub async fn run(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
     command: &RemotePolicyCommand,
-    found: PolicyFiles,
+    input: PolicyInput,
     names: &dyn FlagNames,
 ) -> Result<Printed, CtlError> {
     match command {
@@ -436,7 +578,7 @@ pub async fn run(
             wait,
             ..
         } => {
-            let (printed, written) = apply(client, td, &found, *dry_run, *output).await?;
+            let (printed, written) = apply(client, td, &input, *dry_run, *output).await?;
             wait.then(client, printed, written).await
         }
         RemotePolicyCommand::Get { name, kind } => {
@@ -626,7 +768,7 @@ fn split_name(text: &str) -> Result<(String, String), String> {
 async fn apply(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
-    found: &PolicyFiles,
+    input: &PolicyInput,
     dry_run: bool,
     output: Output,
 ) -> Result<(Printed, Written), CtlError> {
@@ -637,18 +779,17 @@ async fn apply(
         scope: SelectorScope::Unchecked,
         ..ValidationContext::default()
     };
-    let loaded = load_files_in(found, td, &context);
+    let loaded = input.load(td, &context);
     let mut report = listing(&loaded);
     if loaded.has_errors() {
         return Err(CtlError::Reported(format!(
             "{report}nothing applied: fix the errors above\n"
         )));
     }
-    let names = files_with_documents(&loaded);
-    if names.is_empty() {
-        return Err(CtlError::Usage(NO_DOCUMENTS.into()));
+    if files_with_documents(&loaded).is_empty() {
+        return Err(no_documents(&input.names()));
     }
-    let files = read_files(&names)?;
+    let files = input.texts_with_documents(&loaded)?;
     let (document, starts) = join_files(&files);
     let response = match client
         .apply_policy(ApplyPolicyRequest { document, dry_run })
@@ -699,7 +840,8 @@ async fn apply(
     Ok((printed, written))
 }
 
-/// The files that hold valid documents of either kind, in sorted order.
+/// The files (or `<stdin>`) that hold valid documents of either kind, by
+/// name.
 fn files_with_documents(loaded: &Loaded) -> Vec<String> {
     let policies = loaded.policies.iter().map(|p| p.file.clone());
     let limits = loaded.rate_limits.iter().map(|r| r.file.clone());
@@ -709,22 +851,18 @@ fn files_with_documents(loaded: &Loaded) -> Vec<String> {
     files
 }
 
-/// Each file with its text.
-fn read_files(names: &[String]) -> Result<Vec<(String, String)>, CtlError> {
-    names
-        .iter()
-        .map(|name| {
-            std::fs::read_to_string(name)
-                .map(|text| (name.clone(), text))
-                .map_err(|e| {
-                    CtlError::Usage(format!(
-                        "{}: cannot read: {}",
-                        super::escape_controls(name),
-                        trellis_core::io_error::IoWords(&e)
-                    ))
-                })
+/// A file's name, as diagnostics give it, with its text.
+fn read_file(file: &Path) -> Result<(String, String), CtlError> {
+    let name = file.display().to_string();
+    std::fs::read_to_string(file)
+        .map(|text| (name.clone(), text))
+        .map_err(|e| {
+            CtlError::Usage(format!(
+                "{}: cannot read: {}",
+                super::escape_controls(&name),
+                trellis_core::io_error::IoWords(&e)
+            ))
         })
-        .collect()
 }
 
 /// The files as one YAML stream, each as it was written but for a leading
