@@ -1227,6 +1227,90 @@ fn an_init_container_added_to_a_pod_injected_without_the_annotation_is_checked()
     }
 }
 
+/// A pod injected under other settings (its manifest copied, or restored
+/// from a backup, after `injection.proxy.uid` or a sidecar port changed)
+/// runs with the sidecar it carries: its containers are held to that
+/// sidecar's UID and ports, as its `trellis-init` arguments and its
+/// `trellis-proxy` ports say them, and an added container's probe is
+/// rewritten to that sidecar's admin port, not the current settings'.
+#[test]
+fn a_pod_injected_under_other_settings_is_held_to_its_own_sidecar() {
+    // Injected with UID 1337, inbound port 15006, admin port 15020.
+    let review = fixture("pod-already-injected.json");
+    let now = InjectConfig {
+        proxy_uid: 2000,
+        inbound_port: 16006,
+        admin_port: 16020,
+        ..config()
+    };
+    let with = |field: &str, added: Value| {
+        let mut pod = review["request"]["object"].clone();
+        pod["spec"][field].as_array_mut().unwrap().push(added);
+        let reply = answer(
+            &with_object(&review, pod.clone()),
+            NamespaceScope::SelectedByWebhook,
+            &now,
+        );
+        (pod, reply)
+    };
+
+    // Its own container, which the pod's sidecar leaves alone, stays
+    // admitted though it runs as the UID and on a port of the new settings.
+    let mut pod = review["request"]["object"].clone();
+    let web = pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == "web")
+        .unwrap();
+    web["securityContext"] = json!({"runAsUser": 2000});
+    web["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "alt", "containerPort": 16006, "protocol": "TCP"}));
+    let reply = answer(
+        &with_object(&review, pod),
+        NamespaceScope::SelectedByWebhook,
+        &now,
+    );
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+
+    // One added running as the pod's sidecar's UID, or on its inbound
+    // port, is refused naming them.
+    let init = json!({"name": "vault-agent-init", "image": "hashicorp/vault:1.17"});
+    let mut as_proxy = init.clone();
+    as_proxy["securityContext"] = json!({"runAsUser": 1337});
+    let mut on_inbound = init.clone();
+    on_inbound["ports"] = json!([{"containerPort": 15006, "protocol": "TCP"}]);
+    for (added, says) in [
+        (
+            as_proxy,
+            "trellis: cannot inject: container \"vault-agent-init\" runs as UID 1337",
+        ),
+        (
+            on_inbound,
+            "trellis: cannot inject: container \"vault-agent-init\" declares TCP port 15006, \
+             the sidecar's inbound port",
+        ),
+    ] {
+        let (_, reply) = with("initContainers", added);
+        assert!(denial(&reply).starts_with(says), "{reply}");
+    }
+
+    // An added container's probe calls the pod's sidecar.
+    let probed = json!({
+        "name": "cache",
+        "image": "redis:7",
+        "readinessProbe": {"tcpSocket": {"port": 6379}},
+    });
+    let (pod, reply) = with("containers", probed);
+    let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+    assert_eq!(
+        container(&pod, "containers", "cache")["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/cache/readiness", "port": 15020, "scheme": "HTTP"})
+    );
+}
+
 /// `review`'s pod without any probe or lifecycle hook.
 fn without_checks(review: &Value) -> Value {
     let mut pod = review["request"]["object"].clone();

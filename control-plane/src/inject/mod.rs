@@ -150,7 +150,10 @@
 //! The first injection's checks (ports, UID) are checks of the pod as it
 //! will run, not rewrites: each call applies them to every container of
 //! the pod, seen or new, since one that passed them at injection passes
-//! them again, and a container taken as seen (an ordinary init container a
+//! them again (they and the rewritten probes are of the sidecar the pod
+//! carries: its `trellis-init` arguments' UID and ports and its
+//! `trellis-admin` port, which a pod copied or restored after the settings
+//! changed has from the earlier ones), and a container taken as seen (an ordinary init container a
 //! later webhook added to a pod without the annotation) is held to them all
 //! the same; only the warning of one running as the sidecar's UID under
 //! passthrough is given for new containers alone, not to repeat it. A value of the annotation that is no

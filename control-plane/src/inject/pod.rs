@@ -333,7 +333,9 @@ fn is_ours(container: &Value) -> bool {
 /// Everything seen is left as it is, and its warnings are not repeated.
 /// Nothing unseen: [`Skip::AlreadyInjected`], no patch. The port and UID
 /// checks ([`check_port_clashes`], [`check_proxy_uid`]) are applied to
-/// every container of the pod, seen or new, first.
+/// every container of the pod, seen or new, first; they and the rewritten
+/// probes are of the UID and ports of the sidecar the pod carries
+/// ([`injected_settings`]), not the current settings'.
 fn rewrite_added(
     metadata: &Map<String, Value>,
     annotations: &BTreeMap<String, String>,
@@ -341,6 +343,10 @@ fn rewrite_added(
     config: &InjectConfig,
 ) -> Result<Injection, InjectError> {
     let recorded = injected_containers(annotations)?;
+    // The pod runs with the sidecar it was injected with, whose ports and
+    // UID may be other settings' (its manifest copied, or restored, since
+    // they changed): its checks and rewritten probes are held to that one.
+    let config = &injected_settings(spec, config);
     // The checks of the pod as it will run, of every container of its own,
     // seen or new: they rewrite nothing, and a container that passed them
     // at injection passes them again. A container the rule below takes as
@@ -532,6 +538,52 @@ fn rewrite_added(
         }
     }
     Ok(Injection::Rewritten { patch, warnings })
+}
+
+/// `config` with the ports and UID of the sidecar the pod was injected
+/// with, as its `trellis-init` arguments (`--proxy-uid`, `--inbound-port`,
+/// `--outbound-port`) and its `trellis-proxy` port named
+/// [`ADMIN_PORT_NAME`] say them; what they do not say (hand-written, or
+/// not a number) is the current settings'. The outbound policy is the
+/// mesh's, and stays the current one.
+fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> InjectConfig {
+    let named = |name: &str| {
+        all_containers(spec).find(|c| c.get("name").and_then(Value::as_str) == Some(name))
+    };
+    let args: Vec<&str> = named(INIT_CONTAINER)
+        .map(|init| {
+            slice(init.get("args"))
+                .iter()
+                .filter_map(Value::as_str)
+                .collect()
+        })
+        .unwrap_or_default();
+    let flag = |flag: &str| {
+        args.iter()
+            .enumerate()
+            .find_map(|(at, arg)| match arg.strip_prefix(flag)? {
+                "" => args.get(at + 1)?.parse::<u32>().ok(),
+                value => value.strip_prefix('=')?.parse::<u32>().ok(),
+            })
+    };
+    let admin_port = named(PROXY_CONTAINER).and_then(|proxy| {
+        slice(proxy.get("ports"))
+            .iter()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(ADMIN_PORT_NAME))
+            .and_then(|p| p.get("containerPort")?.as_u64())
+            .and_then(|port| u16::try_from(port).ok())
+    });
+    InjectConfig {
+        proxy_uid: flag("--proxy-uid").unwrap_or(config.proxy_uid),
+        inbound_port: flag("--inbound-port")
+            .and_then(|port| u16::try_from(port).ok())
+            .unwrap_or(config.inbound_port),
+        outbound_port: flag("--outbound-port")
+            .and_then(|port| u16::try_from(port).ok())
+            .unwrap_or(config.outbound_port),
+        admin_port: admin_port.unwrap_or(config.admin_port),
+        ..config.clone()
+    }
 }
 
 /// The checks of a sidecar's `TRELLIS_APP_PROBES` as the injector writes
