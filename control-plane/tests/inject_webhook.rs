@@ -908,6 +908,36 @@ fn a_sidecar_environment_the_injector_cannot_read_follows_the_failure_policy() {
     }
 }
 
+/// A `TRELLIS_APP_PROBES` that is empty or blank is what the sidecar
+/// starts with as no checks at all, so the injector reads it so too: an
+/// added container's checks become its value, the pod is not refused.
+#[test]
+fn a_blank_app_probes_entry_reads_as_no_checks() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    for blank in ["", "  "] {
+        let mut pod = first.clone();
+        let at = env_index(&pod, "TRELLIS_APP_PROBES");
+        pod["spec"]["initContainers"][1]["env"][at]["value"] = json!(blank);
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(vault_agent());
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{blank:?}: {reply}");
+        let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+        let probes = app_probes(&pod);
+        assert_eq!(
+            probes.as_object().unwrap().keys().collect::<Vec<_>>(),
+            [
+                "/app-health/vault-agent/pre-stop",
+                "/app-health/vault-agent/readiness"
+            ],
+            "{blank:?}"
+        );
+    }
+}
+
 /// Reinvoked after a later webhook changed the pod but added no container
 /// (a label, an annotation), the injector has nothing to do: no patch, no
 /// warning. Real AdmissionReview documents (fixtures/k8s) as the API

@@ -589,8 +589,12 @@ fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> Inject
 /// The checks of a sidecar's `TRELLIS_APP_PROBES` as the injector writes
 /// them: a JSON object from admin paths under `/app-health/` to objects.
 /// `None` for anything else (not JSON, another shape: edited by hand),
-/// which the injector cannot add checks to or take them from.
+/// which the injector cannot add checks to or take them from. A blank
+/// value is no checks, as the sidecar reads it.
 fn read_app_probes(text: &str) -> Option<BTreeMap<String, Value>> {
+    if text.trim().is_empty() {
+        return Some(BTreeMap::new());
+    }
     let checks: BTreeMap<String, Value> = serde_json::from_str(text).ok()?;
     checks
         .iter()
