@@ -9,9 +9,9 @@
 //! the port's head timeout is answered 408 ([`HEAD_TIMED_OUT`]); a
 //! connection idle that long is closed without a word. What the check
 //! leaves to hyper (a field name, the framing), and a head after a chunked
-//! body `Heads` does not follow (one that does not parse, or with
-//! trailers or whitespace after a chunk size), gets hyper's own answer, a
-//! status alone.
+//! body hyper refuses (one that does not parse, or over hyper's bounds on
+//! chunk extensions or trailers), gets hyper's own answer, a status
+//! alone.
 //! Either way the refusal is counted by its kind (`reason`: `malformed`,
 //! `head_too_large`, `target_too_long`; a 408 is `malformed`) in the
 //! port's metric and logged as a warning naming the client and the fault,

@@ -140,8 +140,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 ///
 /// Each head is held back until [`check`](Self::new) passes it whole; its
 /// body is then followed by its framing, as hyper's server reads it
-/// (`framing`): its `Content-Length`, or its chunks ([`Chunked`]), so
-/// that the next head is found. A body's bytes pass to hyper as they
+/// (`framing`): its `Content-Length`, or its chunks as hyper's decoder
+/// reads them ([`Chunked::lenient`]: a size zero-padded to any length
+/// while its value fits 64 bits, spaces and tabs after a size, chunk
+/// extensions and trailers within hyper's bounds), so that the next head
+/// is found. A body's bytes pass to hyper as they
 /// come, never held back for the rest of it. A head the check refuses is
 /// never given to hyper: the caller, told so ([`refusal`](Self::refusal)),
 /// asks hyper to finish the answer it is writing, if any, and end;
@@ -155,14 +158,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// itself, with a status alone, or closes the connection after it: two
 /// `Content-Length`s that differ, a `Transfer-Encoding` whose last coding
 /// is not `chunked`, one in HTTP/1.0, one with a `Content-Length` too),
-/// after a chunked body that does not parse (a bad size line, a bare LF,
-/// extensions or trailers over their bounds: hyper refuses most of them,
-/// and reads a size zero-padded past 16 digits) or that hyper may read
-/// otherwise (whitespace after a chunk size, trailers:
-/// [`Chunked::regular`]), and after an upgrade or a `CONNECT`, whose bytes
-/// after the head are another protocol's (hyper serves it, or refuses the
-/// upgrade and closes). Later heads on such a connection get hyper's
-/// answer, logged and counted ([`HeadFault::from_hyper`]).
+/// after a chunked body hyper's decoder refuses (a bad size line, a bare
+/// LF in one, a size past 64 bits, extensions or trailers over hyper's
+/// bounds; hyper reads nothing more of the connection after it, nor after
+/// trailers it then fails to parse as fields), and after an upgrade or a
+/// `CONNECT`, whose bytes after the head are another protocol's (hyper
+/// serves it, or refuses the upgrade and closes). Later heads on such a
+/// connection get hyper's answer, logged and counted
+/// ([`HeadFault::from_hyper`]). The chunks are followed as hyper 1.x's
+/// decoder reads them with its server's default bounds (100 trailer
+/// fields, trailers under 16 KiB), which no port changes: a port that set
+/// its own (`max_headers`), or another hyper whose decoder read a body
+/// otherwise, would differ from it there, and only there.
 ///
 /// Nothing is allocated per request: the bytes held are in one buffer per
 /// connection, which is freed once empty when it grew past what a small
@@ -297,7 +304,7 @@ impl<S> Heads<S> {
                         self.parsed = 0;
                         self.reading = framing(&self.held[..len]);
                         if self.reading == Reading::Chunked {
-                            self.chunked = Chunked::default();
+                            self.chunked = Chunked::lenient();
                         }
                         false
                     }
@@ -328,16 +335,11 @@ impl<S> Heads<S> {
                     Ok((take, ended)) => {
                         self.passed = take;
                         if ended {
-                            // hyper may have read its end elsewhere: what
-                            // follows is passed as it comes.
-                            self.reading = if self.chunked.regular() {
-                                Reading::Head
-                            } else {
-                                Reading::Through
-                            };
+                            // Where hyper's decoder ends it too.
+                            self.reading = Reading::Head;
                         }
                     }
-                    // hyper refuses it: what follows is its own.
+                    // hyper refuses it, and reads nothing after it.
                     Err(_) => {
                         self.passed = self.held.len();
                         self.reading = Reading::Through;
@@ -1056,10 +1058,18 @@ mod tests {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        serve(server, true).await
+    }
+
+    /// As [`serve_behind_heads`], or with hyper's server alone (`heads`
+    /// false: `None`, hyper answering every head itself).
+    async fn serve<S>(server: S, heads: bool) -> Option<HeadFault>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         use http_body_util::BodyExt;
         use hyper::body::Incoming;
         use std::convert::Infallible;
-        let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
         let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
             if request.uri().path() != "/early" {
                 drop(request.into_body().collect().await);
@@ -1068,6 +1078,18 @@ mod tests {
                 bytes::Bytes::from_static(b"ok"),
             )))
         });
+        if !heads {
+            crate::connections::serve_http1_for(
+                server,
+                service,
+                Duration::from_secs(5),
+                Duration::from_secs(600),
+                std::future::pending(),
+            )
+            .await;
+            return None;
+        }
+        let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
         let refusal = heads.refusal();
         let ended = crate::connections::serve_http1_for(
             &mut heads,
@@ -1260,12 +1282,18 @@ mod tests {
     /// does. `sent` is written at once and the client then half-closes:
     /// what it read, and why the connection is to be answered in words.
     async fn served_on_a_socket(sent: &[u8]) -> (String, Option<HeadFault>) {
+        served_on_a_socket_by(sent, true).await
+    }
+
+    /// As [`served_on_a_socket`], or by hyper's server alone (`heads`
+    /// false).
+    async fn served_on_a_socket_by(sent: &[u8], heads: bool) -> (String, Option<HeadFault>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let serving = tokio::spawn(serve_behind_heads(server));
+        let serving = tokio::spawn(serve(server, heads));
         client.write_all(sent).await.unwrap();
         client.shutdown().await.unwrap();
         let refused = tokio::time::timeout(Duration::from_secs(10), serving)
@@ -1311,24 +1339,111 @@ mod tests {
         assert_eq!(refused, no_colon, "{read}");
     }
 
-    /// A chunk size zero-padded past 16 digits is more than the sidecar's
-    /// parser takes, and hyper reads it: the head after it is hyper's, not
-    /// checked against the wrong bytes, and a malformed one gets hyper's
-    /// status alone.
+    /// `sent` served on a socket by hyper's server alone and behind
+    /// [`Heads`]: how many requests each answered `200` and `400`, and why
+    /// the connection behind `Heads` is to be answered in words.
+    async fn compared(sent: &[u8]) -> ((usize, usize), (usize, usize), Option<HeadFault>) {
+        let count = |read: &str| {
+            (
+                read.matches("HTTP/1.1 200 OK").count(),
+                read.matches("HTTP/1.1 400 Bad Request").count(),
+            )
+        };
+        let (alone, _) = served_on_a_socket_by(sent, false).await;
+        let (behind, refused) = served_on_a_socket_by(sent, true).await;
+        (count(&alone), count(&behind), refused)
+    }
+
+    /// The chunked bodies hyper reads that the sidecar's forwarder does not
+    /// take as they are (trailers, whitespace after a size, a size
+    /// zero-padded past 16 digits) are followed as hyper reads them: the
+    /// stream splits into requests behind `Heads` where hyper alone splits
+    /// it, a valid head after the body is served, and a malformed one,
+    /// which hyper alone answers with a status alone, is refused in words.
     #[tokio::test]
-    async fn after_a_size_zero_padded_past_16_digits_heads_are_hyper_s() {
-        let (read, refused) = served_on_a_socket(
-            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
-              00000000000000000005\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+    async fn chunked_bodies_hyper_reads_are_followed_as_hyper_reads_them() {
+        let no_colon = Some(HeadFault::bad(unparsable(
+            httparse::Error::HeaderName,
+            true,
+        )));
+        let padded = format!("{}5\r\nhello\r\n0\r\n\r\n", "0".repeat(40));
+        let trailers = format!("0\r\n{}\r\n", "x-t: a b\r\n".repeat(100));
+        let large = format!("0\r\nx: {}\r\n\r\n", "a".repeat(16 * 1024 - 8));
+        // Chunk extensions of 16 KiB but a byte, their `;`s not counted.
+        let extensions = format!(
+            "{}0\r\n\r\n",
+            format!("1;{}\r\nx\r\n", "e".repeat(1023)).repeat(16)
         )
-        .await;
-        assert_eq!(refused, None, "{read}");
-        assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 1, "{read}");
-        assert_eq!(
-            read.matches("HTTP/1.1 400 Bad Request").count(),
-            1,
-            "{read}"
-        );
+        .replacen(';', &format!(";{}", "e".repeat(15)), 1);
+        for body in [
+            &b"5\r\nhello\r\n0\r\nx-t: 1\r\nX-U:\r\n\r\n"[..],
+            trailers.as_bytes(),
+            large.as_bytes(),
+            b"5 \t \r\nhello\r\n0\t;a=b\r\n\r\n",
+            b"5\t;a\r\nhello\r\n0 \r\nx: y\r\n\r\n",
+            // Trailers as httparse and the `http` crate take them.
+            b"0\r\nx: y\n\r\n\r\n",
+            b"0\r\nx: \xc3\xa9\r\n\r\n",
+            extensions.as_bytes(),
+            padded.as_bytes(),
+            b"00000000000000000005\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let what = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
+            // A request answered before its body is read: hyper then
+            // reads the body once, to its end only if it is all in, so
+            // only a small one.
+            let early: &[bool] = if body.len() < 1024 {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &early in early {
+                let head: &[u8] = if early {
+                    b"POST /early HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+                } else {
+                    b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+                };
+                let valid = [head, body, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"].concat();
+                let (alone, behind, refused) = compared(&valid).await;
+                assert_eq!((alone, behind, refused), ((2, 0), (2, 0), None), "{what:?}");
+                let malformed = [&valid[..], b"GET / HTTP/1.1\r\nno colon\r\n\r\n"].concat();
+                let (alone, behind, refused) = compared(&malformed).await;
+                assert_eq!(
+                    (alone, behind, refused),
+                    ((2, 1), (2, 0), no_colon),
+                    "{what:?}"
+                );
+            }
+        }
+    }
+
+    /// A chunked body hyper refuses (over its bounds on trailers, a size
+    /// past 64 bits, a digit after whitespace, trailers that do not parse
+    /// as fields) ends hyper's reading of the connection: behind `Heads`
+    /// it answers as hyper alone does, and no later head is refused.
+    #[tokio::test]
+    async fn chunked_bodies_hyper_refuses_or_may_read_otherwise_are_hyper_s() {
+        let many = format!("0\r\n{}\r\n", "x: y\r\n".repeat(101));
+        let large = format!("0\r\nx: {}\r\n\r\n", "a".repeat(16 * 1024 - 7));
+        for body in [
+            many.as_bytes(),
+            large.as_bytes(),
+            b"10000000000000000\r\nhello\r\n0\r\n\r\n",
+            b"5 5\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nx : y\r\n\r\n",
+            b"0\r\nx: y\nz: w\r\n\r\n",
+            b"0\r\nx: y\r\n folded\r\n\r\n",
+        ] {
+            let what = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
+            let sent = [
+                &b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+                body,
+                b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nno colon\r\n\r\n",
+            ]
+            .concat();
+            let (alone, behind, refused) = compared(&sent).await;
+            assert_eq!((behind, refused), (alone, None), "{what:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1338,10 +1453,8 @@ mod tests {
             // Chunks that do not parse: hyper refuses them itself.
             (&b"zz\r\nhello\r\n0\r\n\r\n"[..], "1 answered"),
             (b"5\nhello\r\n0\r\n\r\n", "1 answered"),
-            // Trailers, and whitespace after a size: hyper reads them its
-            // own way.
-            (b"0\r\nx: y\r\n\r\n", "1 answered"),
-            (b"5 \r\nhello\r\n0\r\n\r\n", "1 answered"),
+            // Trailers that do not parse as fields.
+            (b"0\r\nx : y\r\n\r\n", "1 answered"),
         ] {
             let head: &[u8] = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
             let sent = [head, body, no_colon].concat().leak();

@@ -7,9 +7,9 @@
 //! within [`HEAD_TIMEOUT`] is answered 408 ([`HEAD_TIMED_OUT`],
 //! `trellis-proxy-error: request_timeout`); a connection idle that long
 //! is closed without a word. What the check leaves to hyper (a field
-//! name, the framing), and a head after a chunked body `Heads` does not
-//! follow (one that does not parse, or with trailers or whitespace after
-//! a chunk size), gets hyper's
+//! name, the framing), and a head after a chunked body hyper refuses
+//! (one that does not parse, or over hyper's bounds on chunk extensions
+//! or trailers), gets hyper's
 //! answer, a status alone; it is logged and counted all the
 //! same ([`refused_by_hyper`]).
 

@@ -25,9 +25,9 @@
 //! `trellis-proxy-error: request_timeout`; a connection idle that long is
 //! closed without a word. A head hyper refuses for what is not checked
 //! first (a field name the `http` crate refuses, a `Content-Length` or
-//! `Transfer-Encoding` it cannot read), or one after a chunked body that
-//! does not parse or has trailers or whitespace after a chunk size (not
-//! followed to find the next head),
+//! `Transfer-Encoding` it cannot read), or one after a chunked body hyper
+//! refuses (one that does not parse, or over hyper's bounds on chunk
+//! extensions or trailers),
 //! gets hyper's own answer, a status alone: hyper writes it with no hook to add words.
 //! Either way the refusal is counted by its kind
 //! (`trellis_admin_malformed_requests_total`, `reason`: `malformed` (a 408

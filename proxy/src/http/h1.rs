@@ -57,9 +57,9 @@
 //! written the answer in progress; one begun and not whole when hyper's
 //! header read timeout ([`HEAD_TIMEOUT`]) ends the connection is answered
 //! 408 ([`HEAD_TIMED_OUT`]); either is logged and counted once, as
-//! `invalid`. Some heads are still hyper's: after a chunked body that does
-//! not parse or has trailers or whitespace after a chunk size (not
-//! followed to find the next head), after
+//! `invalid`. Some heads are still hyper's: after a chunked body hyper
+//! refuses (one that does not parse, or over hyper's bounds on chunk
+//! extensions or trailers: hyper reads nothing after it), after
 //! a request whose framing the check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
 //! are another protocol's (an upgrade hyper declines goes on in HTTP/1.1
 //! unchecked). A malformed head there gets hyper's answer, 400, 414 or
