@@ -171,6 +171,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// its own (`max_headers`), or another hyper whose decoder read a body
 /// otherwise, would differ from it there, and only there.
 ///
+/// No head is read after a request that ends the connection, as hyper's
+/// server reads it (`Connection: close` in HTTP/1.1, HTTP/1.0 without
+/// `keep-alive`), which hyper answers and closes: nothing after it is
+/// passed to hyper, refused or counted, but the end of the stream, which
+/// hyper looks for while it answers. An answer that ends the connection
+/// itself (a service's own `Connection: close`) is not seen here: a head
+/// that comes whole after the request's body while hyper still writes
+/// such an answer is read, and refused in words if malformed, though
+/// hyper would not have served it.
+///
 /// Nothing is allocated per request: the bytes held are in one buffer per
 /// connection, which is freed once empty when it grew past what a small
 /// head needs.
@@ -188,6 +198,9 @@ pub struct Heads<S> {
     reading: Reading,
     /// The chunked body being followed ([`Reading::Chunked`]).
     chunked: Chunked,
+    /// Whether the request being read ends the connection: no head is
+    /// read after it ([`Reading::Last`]).
+    last: bool,
     fault: Option<HeadFault>,
     /// Told when a head is refused ([`Heads::refusal`]).
     refused: Arc<Notify>,
@@ -202,6 +215,10 @@ enum Reading {
     Chunked,
     /// Not heads any more: passed on unread.
     Through,
+    /// After a request that ends the connection, which hyper answers and
+    /// closes: nothing more is passed to hyper, but the end of the stream
+    /// (a client gone while it answers), as hyper alone would read it.
+    Last,
     /// A refused head: hyper reads the end of the stream.
     Refused,
 }
@@ -228,6 +245,7 @@ impl<S> Heads<S> {
             parsed: 0,
             reading: Reading::Head,
             chunked: Chunked::default(),
+            last: false,
             fault: None,
             refused: Arc::new(Notify::new()),
         }
@@ -302,7 +320,12 @@ impl<S> Heads<S> {
                     Ok(Some(len)) => {
                         self.passed = len;
                         self.parsed = 0;
-                        self.reading = framing(&self.held[..len]);
+                        let (reading, last) = framing(&self.held[..len]);
+                        self.last = last;
+                        self.reading = match reading {
+                            Reading::Head => self.next_head(),
+                            reading => reading,
+                        };
                         if self.reading == Reading::Chunked {
                             self.chunked = Chunked::lenient();
                         }
@@ -324,7 +347,7 @@ impl<S> Heads<S> {
                 let take = left.min(self.held.len() as u64);
                 self.passed = take as usize;
                 self.reading = if take == left {
-                    Reading::Head
+                    self.next_head()
                 } else {
                     Reading::Body(left - take)
                 };
@@ -336,7 +359,7 @@ impl<S> Heads<S> {
                         self.passed = take;
                         if ended {
                             // Where hyper's decoder ends it too.
-                            self.reading = Reading::Head;
+                            self.reading = self.next_head();
                         }
                     }
                     // hyper refuses it, and reads nothing after it.
@@ -351,7 +374,17 @@ impl<S> Heads<S> {
                 self.passed = self.held.len();
                 false
             }
-            Reading::Refused => false,
+            Reading::Refused | Reading::Last => false,
+        }
+    }
+
+    /// What is read once a request's body has passed: the next head, or
+    /// nothing after a request that ends the connection.
+    fn next_head(&self) -> Reading {
+        if self.last {
+            Reading::Last
+        } else {
+            Reading::Head
         }
     }
 }
@@ -359,7 +392,8 @@ impl<S> Heads<S> {
 /// How the body after the whole head `head` is framed, as far as finding
 /// the next head goes: as hyper's server frames a request's body, or
 /// [`Reading::Through`] where hyper refuses the head, reads no head after
-/// it, or might read the body otherwise.
+/// it, or might read the body otherwise; and whether the request ends the
+/// connection (hyper answers it and closes).
 ///
 /// hyper takes a body as chunked when its last `Transfer-Encoding` field's
 /// last coding is `chunked`, and refuses one whose last coding is another,
@@ -367,25 +401,41 @@ impl<S> Heads<S> {
 /// reads the chunks and closes the connection after the answer. Otherwise
 /// it reads the `Content-Length` (every one the same, digits only), or no
 /// body.
-fn framing(head: &[u8]) -> Reading {
+///
+/// A request ends its connection as hyper's server reads it: HTTP/1.1
+/// unless a `Connection` field has a `close` token, HTTP/1.0 only with a
+/// `keep-alive` token; once one field has `close`, no later `keep-alive`
+/// keeps the connection. A value not visible ASCII has no token.
+fn framing(head: &[u8]) -> (Reading, bool) {
     let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
-        return Reading::Through;
+        return (Reading::Through, false);
     }
     if request.method == Some("CONNECT") {
-        return Reading::Through;
+        return (Reading::Through, false);
     }
+    let mut kept = request.version == Some(1);
+    let mut closed = false;
     let mut length = None;
     // Whether the last `Transfer-Encoding` ends with `chunked`, if any.
     let mut chunked = None;
     for field in request.headers.iter() {
         if field.name.eq_ignore_ascii_case("upgrade") {
-            return Reading::Through;
+            return (Reading::Through, false);
+        }
+        if field.name.eq_ignore_ascii_case("connection") {
+            if closed || has_token(field.value, b"close") {
+                closed = true;
+                kept = false;
+            } else if !kept {
+                kept = has_token(field.value, b"keep-alive");
+            }
+            continue;
         }
         if field.name.eq_ignore_ascii_case("transfer-encoding") {
             if request.version != Some(1) {
-                return Reading::Through;
+                return (Reading::Through, false);
             }
             chunked = Some(ends_chunked(field.value));
             continue;
@@ -399,17 +449,30 @@ fn framing(head: &[u8]) -> Reading {
                 (Some(value), None) => length = Some(value),
                 (Some(value), Some(before)) if value == before => {}
                 // Hyper refuses it, or reads it otherwise: its own.
-                _ => return Reading::Through,
+                _ => return (Reading::Through, false),
             }
         }
     }
-    match (chunked, length) {
+    let reading = match (chunked, length) {
         (Some(true), None) => Reading::Chunked,
         // Refused, or the last request of its connection.
         (Some(_), _) => Reading::Through,
         (None, Some(0) | None) => Reading::Head,
         (None, Some(length)) => Reading::Body(length),
-    }
+    };
+    (reading, !kept)
+}
+
+/// Whether a `Connection` value has `token` among its comma-separated
+/// parts, trimmed, in any case, as hyper reads it: only in a value of
+/// visible ASCII (and tabs).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+        && value
+            .split(|&b| b == b',')
+            .any(|part| part.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, as
@@ -447,6 +510,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
                 // Woken by the graceful shutdown its refusal asks for.
                 return Poll::Pending;
             }
+            if this.reading == Reading::Last && !this.held.is_empty() {
+                // Bytes after the last request: hyper alone would hold
+                // them unread, and look for the end of the stream no more.
+                return Poll::Pending;
+            }
             // Bytes not heads go to hyper as they are read, not through
             // the buffer, when hyper has no room for more of them.
             match this.reading {
@@ -460,7 +528,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
                     if read == 0 {
                         this.reading = Reading::Through;
                     } else if read == left {
-                        this.reading = Reading::Head;
+                        this.reading = this.next_head();
                     } else {
                         this.reading = Reading::Body(left - read);
                     }
@@ -1052,8 +1120,8 @@ mod tests {
     /// Serves the connection `server` with hyper's server behind [`Heads`],
     /// checked by [`check_head`] (hyper's header read timeout 5 s): each
     /// request's body is read whole, as it comes, before its answer `ok`,
-    /// but for a target of `/early`, answered at once with its body unread.
-    /// Why the connection is to be answered in words once hyper has ended it.
+    /// but for a target of `/early`, answered at once with its body unread;
+    /// one of `/slow` is answered 200 ms later. Why the connection is to be answered in words once hyper has ended it.
     async fn serve_behind_heads<S>(server: S) -> Option<HeadFault>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -1071,8 +1139,10 @@ mod tests {
         use hyper::body::Incoming;
         use std::convert::Infallible;
         let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
-            if request.uri().path() != "/early" {
-                drop(request.into_body().collect().await);
+            match request.uri().path() {
+                "/early" => {}
+                "/slow" => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => drop(request.into_body().collect().await),
             }
             Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
                 bytes::Bytes::from_static(b"ok"),
@@ -1288,14 +1358,27 @@ mod tests {
     /// As [`served_on_a_socket`], or by hyper's server alone (`heads`
     /// false).
     async fn served_on_a_socket_by(sent: &[u8], heads: bool) -> (String, Option<HeadFault>) {
+        served_on_a_socket_in(&[sent], heads).await
+    }
+
+    /// As [`served_on_a_socket_by`], `sent` written in parts 50 ms apart
+    /// (a part the server closed before is not written).
+    async fn served_on_a_socket_in(sent: &[&[u8]], heads: bool) -> (String, Option<HeadFault>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let serving = tokio::spawn(serve(server, heads));
-        client.write_all(sent).await.unwrap();
-        client.shutdown().await.unwrap();
+        for (at, part) in sent.iter().enumerate() {
+            if at > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if client.write_all(part).await.is_err() {
+                break;
+            }
+        }
+        drop(client.shutdown().await);
         let refused = tokio::time::timeout(Duration::from_secs(10), serving)
             .await
             .expect("the connection ends once the client half-closes")
@@ -1446,6 +1529,64 @@ mod tests {
         }
     }
 
+    /// After a request that ends its connection (`Connection: close` in
+    /// HTTP/1.1, HTTP/1.0 without `keep-alive`), hyper answers it and
+    /// closes, reading nothing more: behind `Heads` a malformed head sent
+    /// after it, at once or while it is served, is neither read nor
+    /// refused. A request that keeps its connection has the next head
+    /// checked.
+    #[tokio::test]
+    async fn nothing_after_a_request_that_ends_its_connection_is_read() {
+        let no_colon: &[u8] = b"GET / HTTP/1.1\r\nno colon\r\n\r\n";
+        for last in [
+            &b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"[..],
+            b"GET /slow HTTP/1.1\r\nhost: a\r\nConnection: te, Close\r\n\r\n",
+            // A later `keep-alive` does not undo a `close`.
+            b"GET / HTTP/1.1\r\nconnection: close\r\nconnection: keep-alive\r\n\r\n",
+            b"GET /slow HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.0\r\nconnection: te\r\n\r\n",
+            b"POST /slow HTTP/1.1\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.0\r\ncontent-length: 5\r\n\r\nhello",
+        ] {
+            let what = String::from_utf8_lossy(last).into_owned();
+            for sent in [&[&[last, no_colon].concat()[..]][..], &[last, no_colon]] {
+                for heads in [false, true] {
+                    let (read, refused) = served_on_a_socket_in(sent, heads).await;
+                    assert_eq!(refused, None, "{what:?} {read}");
+                    assert_eq!(read.matches("HTTP/1.").count(), 1, "{what:?} {read}");
+                    assert!(read.contains(" 200 OK\r\n"), "{what:?} {read}");
+                }
+            }
+            // Nothing after it, and the client half-closes: what hyper
+            // alone makes of the end of the stream while it answers (it
+            // drops a slow answer) is what it makes of it behind `Heads`.
+            let (alone, _) = served_on_a_socket_in(&[last], false).await;
+            let (behind, refused) = served_on_a_socket_in(&[last], true).await;
+            let answers = |read: &str| read.matches("HTTP/1.").count();
+            assert_eq!(
+                (answers(&behind), refused),
+                (answers(&alone), None),
+                "{what:?}"
+            );
+        }
+        for kept in [
+            &b"GET /slow HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n"[..],
+            b"GET /slow HTTP/1.1\r\nconnection: keep-alive, x\r\n\r\n",
+        ] {
+            let what = String::from_utf8_lossy(kept).into_owned();
+            let (read, refused) = served_on_a_socket_in(&[kept, no_colon], true).await;
+            assert_eq!(
+                refused,
+                Some(HeadFault::bad(unparsable(
+                    httparse::Error::HeaderName,
+                    true
+                ))),
+                "{what:?} {read}"
+            );
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_a_chunked_body_hyper_may_read_otherwise_heads_are_hyper_s() {
         let no_colon = b"GET / HTTP/1.1\r\nno colon\r\n\r\n";
@@ -1483,7 +1624,8 @@ mod tests {
 
     #[test]
     fn the_framing_followed_is_hyper_s() {
-        let framing = |fields: &str| framing(format!("POST / HTTP/1.1\r\n{fields}\r\n").as_bytes());
+        let framing =
+            |fields: &str| framing(format!("POST / HTTP/1.1\r\n{fields}\r\n").as_bytes()).0;
         assert_eq!(framing("transfer-encoding: chunked\r\n"), Reading::Chunked);
         assert_eq!(
             framing("Transfer-Encoding: gzip , CHUNKED\r\n"),
@@ -1507,7 +1649,22 @@ mod tests {
         );
         assert_eq!(framing("content-length: 3\r\n"), Reading::Body(3));
         let http_1_0 = b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n";
-        assert_eq!(super::framing(http_1_0), Reading::Through);
+        assert_eq!(super::framing(http_1_0).0, Reading::Through);
+        // Whether a request ends its connection, as hyper reads it.
+        let last = |head: &str| super::framing(head.as_bytes()).1;
+        assert!(!last("GET / HTTP/1.1\r\nconnection: keep-alive\r\n\r\n"));
+        assert!(last("GET / HTTP/1.1\r\nconnection: x ,\tCLOSE\r\n\r\n"));
+        assert!(last(
+            "GET / HTTP/1.1\r\nconnection: close\r\nconnection: keep-alive\r\n\r\n"
+        ));
+        assert!(!last("GET / HTTP/1.1\r\nconnection: close, é\r\n\r\n"));
+        assert!(last("GET / HTTP/1.0\r\n\r\n"));
+        assert!(!last(
+            "GET / HTTP/1.0\r\nconnection: x\r\nconnection: keep-alive\r\n\r\n"
+        ));
+        assert!(last(
+            "GET / HTTP/1.0\r\nconnection: keep-alive, close\r\n\r\n"
+        ));
     }
 
     #[tokio::test]
