@@ -145,7 +145,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// while its value fits 64 bits, spaces and tabs after a size, chunk
 /// extensions and trailers within hyper's bounds), so that the next head
 /// is found. A body's bytes pass to hyper as they
-/// come, never held back for the rest of it. A head the check refuses is
+/// come, never held back for the rest of it; once none is held, they are
+/// read straight into hyper's buffer while it has no room for more than
+/// the body's rest (or the rest of a chunk's data). A head the check refuses is
 /// never given to hyper: the caller, told so ([`refusal`](Self::refusal)),
 /// asks hyper to finish the answer it is writing, if any, and end;
 /// [`refused`](Self::refused) then says the fault, for the caller to
@@ -531,6 +533,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
                         this.reading = this.next_head();
                     } else {
                         this.reading = Reading::Body(left - read);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                // So are a chunked body's, within a chunk's data.
+                Reading::Chunked
+                    if this.held.is_empty()
+                        && buf.remaining() as u64 <= this.chunked.data_left() =>
+                {
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                    let read = &buf.filled()[before..];
+                    if read.is_empty() {
+                        this.reading = Reading::Through;
+                    } else {
+                        // Chunk data, none of it the body's end.
+                        let taken = this.chunked.take(read);
+                        debug_assert_eq!(taken, Ok((read.len(), false)));
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -1121,7 +1140,8 @@ mod tests {
     /// checked by [`check_head`] (hyper's header read timeout 5 s): each
     /// request's body is read whole, as it comes, before its answer `ok`,
     /// but for a target of `/early`, answered at once with its body unread;
-    /// one of `/slow` is answered 200 ms later. Why the connection is to be answered in words once hyper has ended it.
+    /// one of `/slow` is answered 200 ms later, one of `/length` with its
+    /// body's length. Why the connection is to be answered in words once hyper has ended it.
     async fn serve_behind_heads<S>(server: S) -> Option<HeadFault>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -1139,14 +1159,18 @@ mod tests {
         use hyper::body::Incoming;
         use std::convert::Infallible;
         let service = hyper::service::service_fn(|request: http::Request<Incoming>| async {
+            let mut answer = bytes::Bytes::from_static(b"ok");
             match request.uri().path() {
                 "/early" => {}
                 "/slow" => tokio::time::sleep(Duration::from_millis(200)).await,
+                "/length" => {
+                    let body = request.into_body().collect().await;
+                    let length = body.map_or(0, |body| body.to_bytes().len());
+                    answer = bytes::Bytes::from(format!("length {length}"));
+                }
                 _ => drop(request.into_body().collect().await),
             }
-            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(b"ok"),
-            )))
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(answer)))
         });
         if !heads {
             crate::connections::serve_http1_for(
@@ -1420,6 +1444,35 @@ mod tests {
         .await;
         assert_eq!(read.matches("HTTP/1.1 200 OK").count(), 1, "{read}");
         assert_eq!(refused, no_colon, "{read}");
+    }
+
+    /// Large chunks, whose data is read straight into hyper's buffer,
+    /// reach hyper whole, in parts or pipelined, and the head after them
+    /// is checked.
+    #[tokio::test]
+    async fn large_chunks_reach_hyper_whole() {
+        let no_colon = Some(HeadFault::bad(unparsable(
+            httparse::Error::HeaderName,
+            true,
+        )));
+        let chunk = "x".repeat(256 * 1024);
+        let body = format!(
+            "{:x}\r\n{chunk}\r\n7\r\n, small\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len(),
+            chunk.len()
+        );
+        let sent = format!(
+            "POST /length HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n{body}\
+             POST /length HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n{body}\
+             GET / HTTP/1.1\r\nno colon\r\n\r\n"
+        );
+        let length = format!("length {}", 2 * chunk.len() + 7);
+        let parts: Vec<&[u8]> = sent.as_bytes().chunks(100 * 1024).collect();
+        for sent in [&[sent.as_bytes()][..], &parts] {
+            let (read, refused) = served_on_a_socket_in(sent, true).await;
+            assert_eq!(read.matches(&length).count(), 2, "{read}");
+            assert_eq!(refused, no_colon, "{read}");
+        }
     }
 
     /// `sent` served on a socket by hyper's server alone and behind

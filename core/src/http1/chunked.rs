@@ -92,6 +92,16 @@ impl Chunked {
         }
     }
 
+    /// How many bytes of chunk data come next, before any framing: none
+    /// unless a chunk's data is being read.
+    pub fn data_left(&self) -> u64 {
+        if self.state == ChunkState::Data {
+            self.size
+        } else {
+            0
+        }
+    }
+
     /// The payload bytes (chunk data, without its framing) passed since
     /// last asked.
     pub fn take_payload(&mut self) -> usize {
