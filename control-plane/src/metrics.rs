@@ -24,6 +24,9 @@ const GRPC_CONNECTIONS_CLOSED: [&str; 1] = ["idle"];
 /// The `reason` values of `trellis_inject_unknown_values_total`: where the
 /// unknown `trellis.io/inject` was.
 const INJECT_UNKNOWN_VALUES: [&str; 3] = ["pod_label", "pod_annotation", "namespace_label"];
+/// The `reason` values of `trellis_inject_unknown_names_total`: where the
+/// name under `trellis.io/` that is not the mesh's was.
+const INJECT_UNKNOWN_NAMES: [&str; 2] = ["pod_annotation", "pod_label"];
 /// The `reason` values of `trellis_watch_streams_refused_total`: the limit
 /// that refused the stream.
 const WATCH_STREAM_LIMITS: [&str; 2] = ["per_sidecar", "total"];
@@ -53,6 +56,7 @@ pub struct Metrics {
     webhook_malformed_requests: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams_refused: Mutex<BTreeMap<&'static str, u64>>,
     inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
+    inject_unknown_names: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
     /// (in the order of [`SNAPSHOT_ENDPOINTS`]): counted without a lock,
@@ -153,6 +157,13 @@ impl Metrics {
     /// `enabled` nor `disabled`; the pod was denied, or its author warned.
     pub fn inject_unknown_value(&self, reason: &'static str) {
         count(&self.inject_unknown_values, reason);
+    }
+
+    /// A pod `/inject` injected with annotations (or labels: the reason)
+    /// under `trellis.io/` that are not the mesh's, once however many;
+    /// its author was warned of them.
+    pub fn inject_unknown_name(&self, reason: &'static str) {
+        count(&self.inject_unknown_names, reason);
     }
 
     /// A Discovery.Watch stream refused as it opened, by the limit that
@@ -312,6 +323,14 @@ impl Metrics {
              neither enabled nor disabled, by where: pod_label, pod_annotation or \
              namespace_label.",
             &self.inject_unknown_values.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_inject_unknown_names_total",
+            &INJECT_UNKNOWN_NAMES,
+            "Pods the injecting webhook injected with a name under trellis.io/ that is not a \
+             Trellis one (a typo: ignored, and warned of), by where: pod_annotation or pod_label.",
+            &self.inject_unknown_names.lock().expect("not poisoned"),
         );
         render_family(
             &mut out,
@@ -592,6 +611,7 @@ mod tests {
             "trellis_admin_malformed_requests_total{reason=\"head_too_large\"} 0\n",
             "trellis_webhook_malformed_requests_total{reason=\"target_too_long\"} 0\n",
             "trellis_inject_unknown_values_total{reason=\"namespace_label\"} 0\n",
+            "trellis_inject_unknown_names_total{reason=\"pod_label\"} 0\n",
             "trellis_watch_streams_refused_total{reason=\"per_sidecar\"} 0\n",
             "trellis_inbound_addresses_refused_total{reason=\"held\"} 0\n",
         ] {

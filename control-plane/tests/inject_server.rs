@@ -172,6 +172,41 @@ async fn inject_answers_with_a_patch_over_https() {
     );
 }
 
+/// A pod `/inject` injects with a mistyped `trellis.io/` annotation gets,
+/// over HTTPS, the warning kubectl prints, naming it and the annotation
+/// meant; the server counts the pod once, by where the name was, and a
+/// pod without such a name is not counted.
+#[tokio::test]
+async fn an_unknown_trellis_annotation_is_warned_of_and_counted_over_https() {
+    let webhook = start().await;
+    let review: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    let reply = inject(&webhook, &review).await;
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let mut typoed = review.clone();
+    let annotations = &mut typoed["request"]["object"]["metadata"]["annotations"];
+    annotations["trellis.io/acces-log"] = json!("false");
+    annotations["trellis.io/opaque-port"] = json!("3306");
+    let reply = inject(&webhook, &typoed).await;
+    assert_eq!(
+        reply["response"]["warnings"],
+        json!([
+            "trellis: metadata.annotations[trellis.io/acces-log] is not a Trellis annotation and \
+             is ignored; did you mean trellis.io/access-log?",
+            "trellis: metadata.annotations[trellis.io/opaque-port] is not a Trellis annotation \
+             and is ignored; did you mean trellis.io/opaque-ports?",
+        ]),
+        "{reply}"
+    );
+    let rendered = webhook.metrics.render();
+    for counted in [
+        "trellis_inject_unknown_names_total{reason=\"pod_annotation\"} 1\n",
+        "trellis_inject_unknown_names_total{reason=\"pod_label\"} 0\n",
+    ] {
+        assert!(rendered.contains(counted), "{counted}in\n{rendered}");
+    }
+}
+
 /// `/inject` posted `review` over HTTPS: the AdmissionReview answered.
 async fn inject(webhook: &Webhook, review: &Value) -> Value {
     let (status, body) = call(

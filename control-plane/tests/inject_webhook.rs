@@ -14,8 +14,9 @@ mod chart;
 use admission::*;
 use serde_json::{Value, json};
 use trellis_control_plane::inject::{
-    AdmissionRequest, FailurePolicy, InjectConfig, IpFamily, NamespaceScope, OutboundPolicy,
-    TrustBundleSource, respond_pod_reporting, review_pod,
+    AdmissionRequest, FailurePolicy, InjectConfig, IpFamily, MAX_UNKNOWN_NAME_WARNINGS,
+    NamespaceScope, OutboundPolicy, POD_ANNOTATIONS, POD_LABELS, TrustBundleSource,
+    respond_pod_reporting, review_pod,
 };
 
 /// A Deployment's pod gets the init container, then the native sidecar,
@@ -2411,4 +2412,144 @@ fn valid_as_stored(mut pod: Value, name: &str) {
     pod["metadata"]["name"] = json!(name);
     // JSON is YAML: the pod goes through the chart tests' validation.
     chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
+}
+
+/// `review` with these annotations and labels added to its pod.
+fn with_names(review: &Value, annotations: &[(&str, &str)], labels: &[(&str, &str)]) -> Value {
+    let mut pod = review["request"]["object"].clone();
+    for (field, pairs) in [("annotations", annotations), ("labels", labels)] {
+        for (name, value) in pairs {
+            pod["metadata"][field][*name] = json!(value);
+        }
+    }
+    with_object(review, pod)
+}
+
+/// A mistyped `trellis.io/` annotation is no setting: the pod is injected
+/// exactly as without it (the same pod once patched, the typo kept as it
+/// is), and its author is warned, naming the annotation and the name it
+/// is close to (a letter missing, a singular for a plural); a name close
+/// to none, and a pod label under `trellis.io/` other than
+/// `trellis.io/inject`, are warned of without a suggestion. Told at
+/// injection: the pod reviewed again, injected, and a pod that opted out
+/// are told nothing. Real AdmissionReview (fixtures/k8s); no API server
+/// here.
+#[test]
+fn an_unknown_trellis_annotation_is_warned_of_with_the_name_it_is_close_to() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let typos = [
+        ("trellis.io/acces-log", "false"),
+        ("trellis.io/exclude-outbound-port", "5432"),
+        ("trellis.io/opaque-port", "3306"),
+    ];
+    let labels = [("trellis.io/Inject", "enabled"), ("trellis.io/tier", "web")];
+    let typoed = with_names(&review, &typos, &labels);
+    let reply = answer(&typoed, NamespaceScope::SelectedByWebhook, &config());
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert_eq!(
+        reply["response"]["warnings"],
+        json!([
+            "trellis: metadata.annotations[trellis.io/acces-log] is not a Trellis annotation and \
+             is ignored; did you mean trellis.io/access-log?",
+            "trellis: metadata.annotations[trellis.io/exclude-outbound-port] is not a Trellis \
+             annotation and is ignored; did you mean trellis.io/exclude-outbound-ports?",
+            "trellis: metadata.annotations[trellis.io/opaque-port] is not a Trellis annotation \
+             and is ignored; did you mean trellis.io/opaque-ports?",
+            "trellis: metadata.labels[trellis.io/Inject] is not a Trellis label and is ignored; \
+             did you mean trellis.io/inject?",
+            "trellis: metadata.labels[trellis.io/tier] is not a Trellis label and is ignored",
+        ]),
+        "{reply}"
+    );
+    // Injected as without the typos: the sidecar's access log stays on,
+    // no port is added to init's or the sidecar's flags.
+    let pod = apply(&typoed["request"]["object"], &patch_of(&reply).unwrap());
+    let expected = with_names(&with_object(&review, injected(&review)), &typos, &labels);
+    assert_eq!(pod, expected["request"]["object"]);
+
+    let again = answer(
+        &with_object(&review, pod),
+        NamespaceScope::SelectedByWebhook,
+        &config(),
+    );
+    assert!(patch_of(&again).is_none(), "{again}");
+    assert!(again["response"].get("warnings").is_none(), "{again}");
+    let opted_out = with_names(&typoed, &[("trellis.io/inject", "disabled")], &[]);
+    let skipped = answer(&opted_out, NamespaceScope::SelectedByWebhook, &config());
+    assert!(patch_of(&skipped).is_none(), "{skipped}");
+    assert!(skipped["response"].get("warnings").is_none(), "{skipped}");
+}
+
+/// A pod with a thousand names under `trellis.io/` that are not the
+/// mesh's is warned of the first few by name and the rest in one count,
+/// and injected all the same. Real AdmissionReview; no API server here.
+#[test]
+fn many_unknown_trellis_names_give_a_bounded_list_of_warnings() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let names: Vec<String> = (0..1000).map(|i| format!("trellis.io/x{i:04}")).collect();
+    let annotations: Vec<(&str, &str)> = names[..900].iter().map(|n| (&**n, "1")).collect();
+    let labels: Vec<(&str, &str)> = names[900..].iter().map(|n| (&**n, "1")).collect();
+    let reply = answer(
+        &with_names(&review, &annotations, &labels),
+        NamespaceScope::SelectedByWebhook,
+        &config(),
+    );
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(patch_of(&reply).is_some(), "{reply}");
+    let warnings = reply["response"]["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), MAX_UNKNOWN_NAME_WARNINGS + 1, "{reply}");
+    for (i, warning) in warnings[..MAX_UNKNOWN_NAME_WARNINGS].iter().enumerate() {
+        assert_eq!(
+            warning,
+            &format!(
+                "trellis: metadata.annotations[trellis.io/x{i:04}] is not a Trellis annotation \
+                 and is ignored"
+            )
+        );
+    }
+    assert_eq!(
+        warnings[MAX_UNKNOWN_NAME_WARNINGS],
+        format!(
+            "trellis: and {} more names under trellis.io/ in metadata.annotations or \
+             metadata.labels that Trellis does not know, ignored",
+            1000 - MAX_UNKNOWN_NAME_WARNINGS
+        )
+    );
+}
+
+/// Every annotation the injector reads or writes, and the label
+/// `trellis.io/inject`, each with a valid value, bring no warning. The
+/// test names a value for each of `POD_ANNOTATIONS`, so one added there
+/// must be added here. Real AdmissionReview; no API server here.
+#[test]
+fn the_meshs_own_names_bring_no_warning() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let values = [
+        ("trellis.io/inject", "enabled"),
+        ("trellis.io/access-log", "true"),
+        ("trellis.io/tcp-user-timeout", "10m"),
+        ("trellis.io/opaque-ports", "3306"),
+        ("trellis.io/exclude-inbound-ports", "22"),
+        ("trellis.io/exclude-outbound-ports", "25"),
+        ("trellis.io/exclude-outbound-cidrs", "10.0.0.0/8"),
+        ("trellis.io/max-h2-connections-per-peer", "16"),
+        ("trellis.io/max-h2-connections", "512"),
+        ("trellis.io/injected", "true"),
+        ("trellis.io/injected-containers", "web"),
+        ("trellis.io/trust-bundle", BUNDLE),
+    ];
+    let mut named: Vec<&str> = values.iter().map(|(name, _)| *name).collect();
+    named.sort_unstable();
+    let mut known = POD_ANNOTATIONS.to_vec();
+    known.sort_unstable();
+    assert_eq!(named, known);
+    assert_eq!(POD_LABELS, ["trellis.io/inject"]);
+    let reply = answer(
+        &with_names(&review, &values, &[("trellis.io/inject", "enabled")]),
+        NamespaceScope::SelectedByWebhook,
+        &config(),
+    );
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(patch_of(&reply).is_some(), "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
 }

@@ -5,6 +5,14 @@
 //! checked here; a bad one is an [`InjectError::InvalidAnnotation`] naming
 //! the annotation, and the pod is refused rather than injected with a
 //! guess.
+//!
+//! [`POD_ANNOTATIONS`] lists every pod annotation under `trellis.io/` the
+//! injector reads or writes, and nothing here reads one it does not list
+//! ([`Key::known`] fails the build). A name under `trellis.io/` that no
+//! list has, in a pod's annotations or labels (`trellis.io/acces-log`), is
+//! no error, since a newer chart's annotation must not block pods on an
+//! older control plane: an injected pod's author is warned of it, with the
+//! known name it is close to ([`unknown_names`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::{Display, Write as _};
@@ -19,9 +27,75 @@ use trellis_core::tcp::{parse_port, parse_user_timeout};
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
-    INJECTED_CONTAINERS_ANNOTATION, InjectConfig, MAX_H2_CONNECTIONS_ANNOTATION,
-    MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
+    INJECT_KEY, INJECTED_ANNOTATION, INJECTED_CONTAINERS_ANNOTATION, InjectConfig,
+    MAX_H2_CONNECTIONS_ANNOTATION, MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, OPAQUE_PORTS_ANNOTATION,
+    TCP_USER_TIMEOUT_ANNOTATION, TRUST_BUNDLE_ANNOTATION,
 };
+
+/// The prefix of the names the mesh owns in a pod's annotations and labels.
+pub const PREFIX: &str = "trellis.io/";
+
+/// Every pod annotation under [`PREFIX`] the injector reads (the pod's
+/// author writes them) or writes itself (the last three). The only list:
+/// the readers below take a [`Key`], which names one of these or fails
+/// the build, and any other name under the prefix is warned of
+/// ([`unknown_names`]).
+pub const POD_ANNOTATIONS: [&str; 12] = [
+    INJECT_KEY,
+    ACCESS_LOG_ANNOTATION,
+    TCP_USER_TIMEOUT_ANNOTATION,
+    OPAQUE_PORTS_ANNOTATION,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
+    MAX_H2_CONNECTIONS_ANNOTATION,
+    INJECTED_ANNOTATION,
+    INJECTED_CONTAINERS_ANNOTATION,
+    TRUST_BUNDLE_ANNOTATION,
+];
+
+/// Every pod label under [`PREFIX`] the injector reads.
+pub const POD_LABELS: [&str; 1] = [INJECT_KEY];
+
+/// The most names under [`PREFIX`] that are not the mesh's one pod is
+/// warned of one by one; the rest are counted in one warning more, so a
+/// pod with a thousand of them costs a few lines, not a thousand.
+pub const MAX_UNKNOWN_NAME_WARNINGS: usize = 5;
+
+/// A pod annotation the injector reads: one of [`POD_ANNOTATIONS`].
+#[derive(Debug, Clone, Copy)]
+struct Key(&'static str);
+
+impl Key {
+    /// `key`, which must be in [`POD_ANNOTATIONS`]: called in a `const`
+    /// block, a key missing there fails the build, so no annotation is
+    /// read that the injector would also warn of as unknown.
+    const fn known(key: &'static str) -> Self {
+        let mut i = 0;
+        while i < POD_ANNOTATIONS.len() {
+            if same(POD_ANNOTATIONS[i].as_bytes(), key.as_bytes()) {
+                return Self(key);
+            }
+            i += 1;
+        }
+        panic!("a pod annotation the injector reads is missing from POD_ANNOTATIONS");
+    }
+}
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// The most items a list annotation (`trellis.io/exclude-inbound-ports`,
 /// `trellis.io/exclude-outbound-ports`, `trellis.io/exclude-outbound-cidrs`,
@@ -38,7 +112,7 @@ pub const MAX_LIST_ITEMS: usize = 256;
 pub(super) fn access_log(annotations: &BTreeMap<String, String>) -> Result<bool, InjectError> {
     annotation_or(
         annotations,
-        ACCESS_LOG_ANNOTATION,
+        const { Key::known(ACCESS_LOG_ANNOTATION) },
         true,
         |value| match value {
             "true" => Ok(true),
@@ -56,7 +130,7 @@ pub(super) fn tcp_user_timeout(
 ) -> Result<Option<Duration>, InjectError> {
     annotation_or(
         annotations,
-        TCP_USER_TIMEOUT_ANNOTATION,
+        const { Key::known(TCP_USER_TIMEOUT_ANNOTATION) },
         config.tcp_user_timeout,
         parse_user_timeout,
     )
@@ -80,13 +154,13 @@ impl H2Limits {
         Ok(Self {
             per_peer: annotation_or(
                 annotations,
-                MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
+                const { Key::known(MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION) },
                 config.max_h2_connections_per_peer,
                 h2_limits::parse_per_peer,
             )?,
             total: annotation_or(
                 annotations,
-                MAX_H2_CONNECTIONS_ANNOTATION,
+                const { Key::known(MAX_H2_CONNECTIONS_ANNOTATION) },
                 config.max_h2_connections,
                 h2_limits::parse_total,
             )?,
@@ -106,8 +180,9 @@ pub(super) fn opaque_ports<'a>(
     annotations: &BTreeMap<String, String>,
     containers: impl Iterator<Item = &'a Value>,
 ) -> Result<Vec<u16>, InjectError> {
-    let invalid = invalid(OPAQUE_PORTS_ANNOTATION);
-    let items = list(annotations, OPAQUE_PORTS_ANNOTATION)?;
+    let key = const { Key::known(OPAQUE_PORTS_ANNOTATION) };
+    let invalid = invalid(key.0);
+    let items = list(annotations, key)?;
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -167,11 +242,14 @@ impl Exclusions {
         // `--exclude-ports` replaces init's default, so it is always listed.
         let mut inbound_ports = vec![config.admin_port];
         inbound_ports.extend(&config.exclude_inbound_ports);
-        inbound_ports.extend(each(annotations, EXCLUDE_INBOUND_PORTS, parse_port)?);
+        let inbound = const { Key::known(EXCLUDE_INBOUND_PORTS) };
+        inbound_ports.extend(each(annotations, inbound, parse_port)?);
         let mut outbound_ports = config.exclude_outbound_ports.clone();
-        outbound_ports.extend(each(annotations, EXCLUDE_OUTBOUND_PORTS, parse_port)?);
+        let outbound = const { Key::known(EXCLUDE_OUTBOUND_PORTS) };
+        outbound_ports.extend(each(annotations, outbound, parse_port)?);
         let mut outbound_cidrs = config.exclude_outbound_cidrs.clone();
-        outbound_cidrs.extend(each(annotations, EXCLUDE_OUTBOUND_CIDRS, cidr)?);
+        let cidrs = const { Key::known(EXCLUDE_OUTBOUND_CIDRS) };
+        outbound_cidrs.extend(each(annotations, cidrs, cidr)?);
         dedup(&mut inbound_ports);
         dedup(&mut outbound_ports);
         dedup(&mut outbound_cidrs);
@@ -195,18 +273,15 @@ impl Exclusions {
 pub(super) fn injected_containers(
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<HashSet<&str>>, InjectError> {
-    let Some(value) = annotations.get(INJECTED_CONTAINERS_ANNOTATION) else {
+    let key = const { Key::known(INJECTED_CONTAINERS_ANNOTATION) };
+    let Some(value) = annotations.get(key.0) else {
         return Ok(None);
     };
     value
         .split(',')
         .map(str::trim)
         .filter(|name| !name.is_empty())
-        .map(|name| {
-            container_name(name)
-                .map(|()| name)
-                .map_err(invalid(INJECTED_CONTAINERS_ANNOTATION))
-        })
+        .map(|name| container_name(name).map(|()| name).map_err(invalid(key.0)))
         .collect::<Result<_, _>>()
         .map(Some)
 }
@@ -243,10 +318,7 @@ fn dedup<T: Eq + Hash + Clone>(items: &mut Vec<T>) {
 /// The items of the list annotation `key` (comma-separated, blanks
 /// ignored); more than [`MAX_LIST_ITEMS`] are an
 /// [`InjectError::InvalidAnnotation`] naming `key`.
-fn list<'a>(
-    annotations: &'a BTreeMap<String, String>,
-    key: &'static str,
-) -> Result<Vec<&'a str>, InjectError> {
+fn list(annotations: &BTreeMap<String, String>, Key(key): Key) -> Result<Vec<&str>, InjectError> {
     let items: Vec<&str> = annotations
         .get(key)
         .map(|v| {
@@ -269,12 +341,12 @@ fn list<'a>(
 /// refuses is an [`InjectError::InvalidAnnotation`] naming `key`.
 fn each<T>(
     annotations: &BTreeMap<String, String>,
-    key: &'static str,
+    key: Key,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Vec<T>, InjectError> {
     list(annotations, key)?
         .into_iter()
-        .map(|item| parse(item).map_err(invalid(key)))
+        .map(|item| parse(item).map_err(invalid(key.0)))
         .collect()
 }
 
@@ -283,7 +355,7 @@ fn each<T>(
 /// [`InjectError::InvalidAnnotation`] naming `key`.
 fn annotation_or<T>(
     annotations: &BTreeMap<String, String>,
-    key: &'static str,
+    Key(key): Key,
     default: T,
     parse: impl FnOnce(&str) -> Result<T, String>,
 ) -> Result<T, InjectError> {
@@ -330,6 +402,138 @@ pub(crate) fn join<T: Display>(items: impl IntoIterator<Item = T>) -> String {
         let _ = write!(joined, "{item}");
     }
     joined
+}
+
+/// Where [`unknown_names`] found a name under [`PREFIX`] that is not the
+/// mesh's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnknownName {
+    PodAnnotation,
+    PodLabel,
+}
+
+impl UnknownName {
+    /// The metrics' label for it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::PodAnnotation => "pod_annotation",
+            Self::PodLabel => "pod_label",
+        }
+    }
+
+    /// The pod's field, its names and what one is called.
+    fn place(self) -> (&'static str, &'static [&'static str], &'static str) {
+        match self {
+            Self::PodAnnotation => ("annotations", &POD_ANNOTATIONS, "annotation"),
+            Self::PodLabel => ("labels", &POD_LABELS, "label"),
+        }
+    }
+}
+
+/// The names under [`PREFIX`] of `pod`'s annotations and labels that are
+/// not the mesh's (not in [`POD_ANNOTATIONS`], [`POD_LABELS`]): where
+/// each kind was found, and the warnings for them, one a name, naming it
+/// and the known name it is close to if one is ([`suggestion`]), for the
+/// first [`MAX_UNKNOWN_NAME_WARNINGS`], then one that counts the rest.
+/// Nothing is allocated for a name past those.
+pub(super) fn unknown_names(pod: &Value) -> (Vec<UnknownName>, Vec<String>) {
+    let metadata = pod.get("metadata");
+    let mut found = Vec::new();
+    let mut warnings = Vec::new();
+    let mut more = 0_usize;
+    for kind in [UnknownName::PodAnnotation, UnknownName::PodLabel] {
+        let (field, known, noun) = kind.place();
+        let unknown = metadata
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|names| names.keys())
+            .filter(|name| name.starts_with(PREFIX) && !known.contains(&name.as_str()));
+        for name in unknown {
+            if found.last() != Some(&kind) {
+                found.push(kind);
+            }
+            if warnings.len() == MAX_UNKNOWN_NAME_WARNINGS {
+                more += 1;
+                continue;
+            }
+            // A long name is not said back: the pod's author has it, and
+            // Kubernetes refuses it anyway (63 bytes after the prefix). One
+            // with a byte no name may hold is quoted, so that a newline in
+            // it cannot start a line of the log.
+            let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_./".contains(&b);
+            let what = if name.len() > 128 {
+                format!(
+                    "a name of {} bytes under metadata.{field}[{PREFIX}]",
+                    name.len()
+                )
+            } else if name.bytes().all(plain) {
+                format!("metadata.{field}[{name}]")
+            } else {
+                format!("metadata.{field}[{name:?}]")
+            };
+            let mut warning = format!("trellis: {what} is not a Trellis {noun} and is ignored");
+            if let Some(close) = suggestion(name, known) {
+                let _ = write!(warning, "; did you mean {close}?");
+            }
+            warnings.push(warning);
+        }
+    }
+    if more > 0 {
+        let names = if more == 1 { "name" } else { "names" };
+        warnings.push(format!(
+            "trellis: and {more} more {names} under {PREFIX} in metadata.annotations or \
+             metadata.labels that Trellis does not know, ignored"
+        ));
+    }
+    (found, warnings)
+}
+
+/// The name of `known` that `name` is likely a typo of: the first one at
+/// the fewest edits (a letter added, dropped or changed; ASCII case
+/// aside), when those are 2 at most. A singular for a plural, or a plural
+/// for a singular, is one of those (`trellis.io/opaque-port`).
+fn suggestion(name: &str, known: &[&'static str]) -> Option<&'static str> {
+    let name = name.strip_prefix(PREFIX)?.as_bytes();
+    let mut best: Option<(usize, &'static str)> = None;
+    for &candidate in known {
+        let Some(target) = candidate.strip_prefix(PREFIX) else {
+            continue;
+        };
+        if let Some(d) = edit_distance(name, target.as_bytes(), 2)
+            && best.is_none_or(|(b, _)| d < b)
+        {
+            best = Some((d, candidate));
+        }
+    }
+    best.map(|(_, candidate)| candidate)
+}
+
+/// The Levenshtein distance of `a` and `b`, ASCII case aside, when it is
+/// `max` at most; on two rows on the stack, `b` being one of the mesh's
+/// short names (a longer one, or an `a` longer by more than `max`, is
+/// never that close).
+fn edit_distance(a: &[u8], b: &[u8], max: usize) -> Option<usize> {
+    const ROW: usize = 64;
+    if b.len() >= ROW || a.len() > b.len() + max || b.len() > a.len() + max {
+        return None;
+    }
+    let mut previous = [0_usize; ROW];
+    let mut current = [0_usize; ROW];
+    for (j, cell) in previous.iter_mut().enumerate().take(b.len() + 1) {
+        *cell = j;
+    }
+    for (i, x) in a.iter().enumerate() {
+        current[0] = i + 1;
+        for (j, y) in b.iter().enumerate() {
+            let change = usize::from(!x.eq_ignore_ascii_case(y));
+            current[j + 1] = (previous[j] + change)
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    Some(previous[b.len()]).filter(|d| *d <= max)
 }
 
 #[cfg(test)]
@@ -543,6 +747,93 @@ mod tests {
                 )
             );
         }
+    }
+
+    /// A name under `trellis.io/` that is not the mesh's is told of with
+    /// the known name at 1 or 2 edits (case aside: a plural for a
+    /// singular, a letter dropped, doubled or swapped), the first of the
+    /// closest; with none for a name farther from every one; never for a
+    /// known name or one of another prefix.
+    #[test]
+    fn unknown_names_are_told_of_with_the_name_they_are_close_to() {
+        for (name, close) in [
+            ("trellis.io/acces-log", Some(ACCESS_LOG_ANNOTATION)),
+            ("trellis.io/Access-Log", Some(ACCESS_LOG_ANNOTATION)),
+            ("trellis.io/opaque-port", Some(OPAQUE_PORTS_ANNOTATION)),
+            (
+                "trellis.io/exclude-outbound-port",
+                Some(EXCLUDE_OUTBOUND_PORTS),
+            ),
+            (
+                "trellis.io/exclude-inbound-portss",
+                Some(EXCLUDE_INBOUND_PORTS),
+            ),
+            (
+                "trellis.io/max-h2-conections",
+                Some(MAX_H2_CONNECTIONS_ANNOTATION),
+            ),
+            (
+                "trellis.io/tcp-user-timout",
+                Some(TCP_USER_TIMEOUT_ANNOTATION),
+            ),
+            ("trellis.io/injectd", Some(INJECT_KEY)),
+            (
+                "trellis.io/injected-container",
+                Some(INJECTED_CONTAINERS_ANNOTATION),
+            ),
+            ("trellis.io/trustbundel", None),
+            ("trellis.io/sidecar-image", None),
+            ("trellis.io/", None),
+        ] {
+            assert_eq!(suggestion(name, &POD_ANNOTATIONS), close, "{name}");
+        }
+        assert_eq!(
+            suggestion("trellis.io/injct", &POD_LABELS),
+            Some(INJECT_KEY)
+        );
+        assert_eq!(edit_distance(b"ab", b"ba", 2), Some(2));
+        assert_eq!(edit_distance(&[b'a'; 70], &[b'a'; 68], 2), None);
+
+        let pod = serde_json::json!({"metadata": {
+            "annotations": {
+                ACCESS_LOG_ANNOTATION: "false",
+                "example.com/trellis.io-acces-log": "x",
+                "trellis.io/acces-log": "false",
+            },
+            "labels": {INJECT_KEY: "enabled", "app": "web"},
+        }});
+        let (found, warnings) = unknown_names(&pod);
+        assert_eq!(found, [UnknownName::PodAnnotation]);
+        assert_eq!(
+            warnings,
+            [
+                "trellis: metadata.annotations[trellis.io/acces-log] is not a Trellis annotation \
+              and is ignored; did you mean trellis.io/access-log?"
+            ]
+        );
+        let forged = serde_json::json!({"metadata": {"annotations": {
+            "trellis.io/acces-log\nINFO forged": "1",
+        }}});
+        assert_eq!(
+            unknown_names(&forged).1,
+            [
+                "trellis: metadata.annotations[\"trellis.io/acces-log\\nINFO forged\"] is not a \
+              Trellis annotation and is ignored"
+            ]
+        );
+        let long = format!("{PREFIX}{}", "x".repeat(200));
+        let pod = serde_json::json!({"metadata": {"labels": {long: "1"}}});
+        assert_eq!(
+            unknown_names(&pod),
+            (
+                vec![UnknownName::PodLabel],
+                vec![
+                    "trellis: a name of 211 bytes under metadata.labels[trellis.io/] is not a \
+                     Trellis label and is ignored"
+                        .to_owned()
+                ]
+            )
+        );
     }
 
     #[test]

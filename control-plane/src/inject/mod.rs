@@ -19,7 +19,7 @@
 //! | --- | --- |
 //! | `review` | the `admission.k8s.io/v1` AdmissionReview envelope, the base64 JSONPatch |
 //! | `pod` | whether a pod is injected, and what it gets |
-//! | `annotations` | what a pod's `trellis.io/*` annotations ask of its injection, each checked |
+//! | `annotations` | what a pod's `trellis.io/*` annotations ask of its injection, each checked; the names the injector knows, and warnings of others |
 //! | `probes` | rewriting app probes to the sidecar's admin port |
 //! | `policy` | the `/validate` verdict on Trellis policy objects |
 //! | `settings` | the `--inject-config` file the chart renders |
@@ -123,6 +123,17 @@
 //! its controller creates, and `trellisctl check` names them instead. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]), and told so in a warning.
 //!
+//! A name under `trellis.io/` of the pod's annotations or labels that the
+//! injector neither reads nor writes ([`POD_ANNOTATIONS`], [`POD_LABELS`])
+//! is not read: a typo (`trellis.io/acces-log`) would be a setting the
+//! author believes applied. It is no error, since a newer chart's
+//! annotation must not block pods on an older control plane, but a
+//! warning naming it, and the known name it is close to if one is
+//! ([`UnknownName`]; at most [`MAX_UNKNOWN_NAME_WARNINGS`], then one that
+//! counts the rest), which the server counts. It is given where the
+//! injector reads the pod's settings, when it injects the pod: not when
+//! it leaves the pod alone, nor when it reviews one injected before.
+//!
 //! Idempotent: a pod with both containers `trellis-proxy` and
 //! `trellis-init` is left as it is, so injecting twice equals injecting
 //! once (a pod manifest copied from a running pod); a pod with only one of
@@ -225,8 +236,11 @@ use trellis_core::policy::ValidationContext;
 
 pub use crate::config::OutboundPolicy;
 
-pub use annotations::MAX_LIST_ITEMS;
 pub(crate) use annotations::join;
+use annotations::unknown_names;
+pub use annotations::{
+    MAX_LIST_ITEMS, MAX_UNKNOWN_NAME_WARNINGS, POD_ANNOTATIONS, POD_LABELS, UnknownName,
+};
 pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
 use pod::{has_sidecar, unknown_inject_values};
 pub use policy::{GROUP, respond_policy, review_policy};
@@ -518,6 +532,9 @@ pub struct PodReview {
     /// The unknown values of `trellis.io/inject` the answer denies or
     /// warns about.
     pub unknown: Vec<UnknownInjectValue>,
+    /// Where the pod injected has names under `trellis.io/` that are not
+    /// the mesh's, which the answer warns of ([`UnknownName`]).
+    pub unknown_names: Vec<UnknownName>,
     /// The pod is created with the sidecar: injected by this answer, or
     /// before it ([`Skip::AlreadyInjected`]: the `trellis-proxy` and
     /// `trellis-init` containers, even when the pod is admitted as it is
@@ -527,8 +544,9 @@ pub struct PodReview {
 }
 
 /// [`respond_pod`], with the unknown values of `trellis.io/inject` the
-/// answer denies or warns about (for the server to count), and whether
-/// the pod created has the sidecar.
+/// answer denies or warns about and the unknown names under `trellis.io/`
+/// it warns of (for the server to count), and whether the pod created has
+/// the sidecar.
 pub fn respond_pod_reporting(
     request: &AdmissionRequest,
     scope: NamespaceScope<'_>,
@@ -537,6 +555,7 @@ pub fn respond_pod_reporting(
     let answer = |response, unknown| PodReview {
         response,
         unknown,
+        unknown_names: Vec::new(),
         meshed: false,
     };
     let allow = AdmissionResponse::allow(&request.uid);
@@ -564,6 +583,10 @@ pub fn respond_pod_reporting(
             warnings: injection_warnings,
         }) => {
             let (found, mut warnings) = unknown(true);
+            // Names the injector does not know are told of where it read
+            // the pod's settings: a typo there is a setting not applied.
+            let (unknown_names, names_warnings) = unknown_names(pod);
+            warnings.extend(names_warnings);
             warnings.extend(injection_warnings);
             let response = AdmissionResponse {
                 patch,
@@ -572,6 +595,7 @@ pub fn respond_pod_reporting(
             };
             PodReview {
                 meshed: true,
+                unknown_names,
                 ..answer(response, found)
             }
         }

@@ -2,8 +2,9 @@
 //! to [`INJECT_PATH`], [`UNKNOWN_POD_LABEL_PATH`],
 //! [`UNKNOWN_NAMESPACE_LABEL_PATH`] and [`VALIDATE_PATH`], each answered by
 //! the pure functions of [`super`]; the unknown values of
-//! `trellis.io/inject` an answer denies or warns of are counted, the pods
-//! the warning-only paths admit recorded ([`UninjectedPods`]), and the
+//! `trellis.io/inject` an answer denies or warns of are counted, and so
+//! are the pods injected with names under `trellis.io/` that are not
+//! Trellis's; the pods the warning-only paths admit are recorded ([`UninjectedPods`]), and the
 //! owners of the pods `/inject` injects told to it.
 //!
 //! This module owns only the transport: TLS with the serving certificate
@@ -750,7 +751,8 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 /// Routes one request: the status, content type and body of the answer.
 /// A body that is not an AdmissionReview gets 400, so the webhook's
 /// `failurePolicy` decides about the object. A `trellis.io/inject` value
-/// the answer denies or warns of is counted in `metrics`, a pod the
+/// the answer denies or warns of is counted in `metrics`, as is a pod
+/// injected with a name under `trellis.io/` that is not Trellis's, a pod the
 /// warning-only paths admit without a sidecar recorded in `uninjected`,
 /// and the owner of a pod injected told to it.
 pub fn respond(
@@ -773,6 +775,9 @@ pub fn respond(
             let review = respond_pod_reporting(&request, scope, config);
             for found in review.unknown {
                 metrics.inject_unknown_value(found.reason());
+            }
+            for found in review.unknown_names {
+                metrics.inject_unknown_name(found.reason());
             }
             // With the sidecar, injected now or before (re-submitted, or
             // injected by hand): the owner's pods admitted without one
@@ -1127,6 +1132,53 @@ mod tests {
                 assert!(text.contains("admission review"), "{text:?}");
                 assert!(text.contains(r#"uid="7d1c\nINFO forged"#), "{text:?}");
             }
+        }
+    }
+
+    /// A pod `/inject` injects with a name under `trellis.io/` that is not
+    /// Trellis's is logged with the answer's warnings, as the unknown
+    /// values of `trellis.io/inject` are, and counted by where it was.
+    #[test]
+    fn an_unknown_trellis_name_is_logged_and_counted() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/k8s/pod-deployment-http-probes.json"
+        );
+        let mut review: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        review["request"]["object"]["metadata"]["labels"]["trellis.io/injet"] =
+            serde_json::json!("enabled");
+        let config = InjectConfig {
+            trust_bundle: super::super::TrustBundleSource::Annotation("PEM".into()),
+            ..InjectConfig::default()
+        };
+        let metrics = Metrics::default();
+        let (logs, guard) = crate::test_logs::capture(true);
+        let (status, _, _) = respond(
+            &Method::POST,
+            INJECT_PATH,
+            review.to_string().as_bytes(),
+            &config,
+            &metrics,
+            &UninjectedPods::default(),
+        );
+        drop(guard);
+        assert_eq!(status, StatusCode::OK);
+        let text = logs.text();
+        let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(line["fields"]["message"], "admission review", "{line}");
+        assert_eq!(
+            line["fields"]["warnings"],
+            "trellis: metadata.labels[trellis.io/injet] is not a Trellis label and is ignored; \
+             did you mean trellis.io/inject?",
+            "{line}"
+        );
+        let rendered = metrics.render();
+        for counted in [
+            "trellis_inject_unknown_names_total{reason=\"pod_annotation\"} 0\n",
+            "trellis_inject_unknown_names_total{reason=\"pod_label\"} 1\n",
+        ] {
+            assert!(rendered.contains(counted), "{counted}in\n{rendered}");
         }
     }
 
