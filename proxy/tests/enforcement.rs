@@ -469,3 +469,61 @@ async fn keeps_enforcing_across_a_control_plane_reconnect() {
     assert!(gets_through(&cp, &s, &web()).await);
     assert!(!gets_through(&cp, &s, &other()).await);
 }
+
+/// A sidecar whose certificate expires while the control plane is away
+/// (renewals failing since half its life) refuses new connections as
+/// having no certificate, rather than presenting one every peer refuses:
+/// a caller is answered `access_denied`, counted as
+/// `no_local_certificate`, and the expiry is logged once, as an error.
+/// Once the control plane is back, the next renewal serves again, with
+/// no restart.
+#[tokio::test]
+async fn a_certificate_that_expires_during_an_outage_refuses_then_recovers() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(&cp, snapshot(1, "allow-mesh", vec![])).await;
+    assert!(gets_through(&cp, &s, &web()).await);
+    cp.go_down();
+    let config: serde_json::Value = serde_json::from_str(
+        s.get("/config")
+            .await
+            .split_once("\r\n\r\n")
+            .expect("an HTTP answer")
+            .1,
+    )
+    .unwrap();
+    let expires = config["certificate"]["expires_at_unix"].as_i64().unwrap();
+    let serial = config["certificate"]["serial"].as_str().unwrap().to_owned();
+
+    past(expires).await;
+    let client = cp.ca.client_config(Some((&cp.ca, &web())));
+    for _ in 0..3 {
+        let refused = tls_connect(s.inbound, client.clone()).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("AccessDenied"),
+            "refused otherwise than as not ready: {refused}"
+        );
+    }
+    let no_certificate =
+        "trellis_handshake_failures_total{direction=\"inbound\",reason=\"no_local_certificate\"}";
+    assert!(s.has_sample(no_certificate, 3), "{}", s.metrics.encode());
+    let expired = "this sidecar's certificate expired without being renewed";
+    let said = logs.wait_for(&[expired, &format!("serial={serial}")]).await;
+    assert!(said.contains("ERROR"), "{said}");
+    let times = logs.lines().iter().filter(|l| l.contains(expired)).count();
+    assert_eq!(times, 1, "{:?}", logs.lines());
+
+    cp.come_back();
+    // Renewal retries back off to a few seconds by now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tls_connect(s.inbound, client.clone()).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake once the control plane was back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gets_through(&cp, &s, &web()).await);
+}

@@ -548,6 +548,15 @@ impl ClientParts {
 
 /// Rebuilds the [`TlsState`] whenever the SVID, the bundle, the mesh
 /// endpoints or the revocations change, until every input's sender is gone.
+///
+/// A certificate past its notAfter is no certificate: every peer would
+/// refuse it, each naming its own reason. From the second it expires
+/// unrenewed (the control plane unreachable for longer than its second
+/// half of life), the state has no certificate, so new connections are
+/// refused here as `no_local_certificate` (a caller's sidecar is answered
+/// `access_denied`, reading this one as not ready), logged once as an
+/// error naming when it expired; the next certificate Certify brings
+/// serves again, with no restart.
 pub async fn run(
     trust_domain: TrustDomain,
     routes: Vec<SpiffeId>,
@@ -559,8 +568,12 @@ pub async fn run(
     // The inputs of the state in force: when only the endpoints change, the
     // server config and the known client configs are kept.
     let mut built: Option<(Option<Arc<Svid>>, TrustBundle, Arc<TlsState>)> = None;
+    let mut expired_logged = None;
     loop {
-        let current_svid = svid.borrow_and_update().clone();
+        let current_svid = in_force(svid.borrow_and_update().clone(), &mut expired_logged);
+        // When the certificate in force expires, the state is built again
+        // without it.
+        let expires = current_svid.as_ref().map(|s| s.not_after);
         let current_bundle = bundle.borrow_and_update().clone();
         let current_snapshot = snapshot.borrow_and_update().clone();
         let endpoint_ids = current_snapshot.iter().flat_map(|s| s.endpoints.values());
@@ -600,12 +613,43 @@ pub async fn run(
                 tracing::error!(error = %e, "rebuilding TLS configs; keeping the current ones")
             }
         }
+        let expiry = async {
+            match expires {
+                Some(at) => trellis_core::clock::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = svid.changed() => if r.is_err() { return },
             r = bundle.changed() => if r.is_err() { return },
             r = snapshot.changed() => if r.is_err() { return },
+            () = expiry => {}
         }
     }
+}
+
+/// `svid` unless it has expired, which is said once as an error (an
+/// expired certificate is read again at each rebuild until a new one
+/// comes, and logged only by the first of them to see it expired):
+/// `logged` holds the serial of the last one said.
+fn in_force(svid: Option<Arc<Svid>>, logged: &mut Option<String>) -> Option<Arc<Svid>> {
+    let Some(expired) = svid
+        .as_ref()
+        .filter(|s| std::time::SystemTime::now() >= s.not_after)
+    else {
+        return svid;
+    };
+    if logged.as_deref() != Some(expired.serial.as_str()) {
+        tracing::error!(
+            serial = %expired.serial,
+            expired = %crate::identity::rfc3339(expired.expires_at_unix() as i64),
+            "this sidecar's certificate expired without being renewed: new connections, inbound \
+             and outbound, are refused (no_local_certificate) until the control plane issues \
+             another; why the renewals failed is in the `certify failed` lines before this one"
+        );
+        *logged = Some(expired.serial.clone());
+    }
+    None
 }
 
 fn same(a: &Option<Arc<Svid>>, b: &Option<Arc<Svid>>) -> bool {

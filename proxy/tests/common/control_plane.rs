@@ -69,6 +69,9 @@ pub struct FakeControlPlane {
     /// Whether a renewal must prove a ServiceAccount token too (see
     /// [`Self::renewals_need_token`]).
     renewals_need_token: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether every new connection is closed as it is accepted (see
+    /// [`Self::go_down`]).
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -246,11 +249,16 @@ impl FakeControlPlane {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (conns, incoming) = mpsc::channel::<std::io::Result<Conn>>(16);
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closing = down.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                if closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
                 let (acceptor, conns) = (acceptor.clone(), conns.clone());
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
@@ -289,7 +297,21 @@ impl FakeControlPlane {
             generation,
             hold,
             renewals_need_token,
+            down,
         }
+    }
+
+    /// Acts as a control plane gone away: open Watch streams end and every
+    /// new connection is closed unanswered, so Certify and Watch fail to
+    /// connect, until [`Self::come_back`].
+    pub fn go_down(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.drop_streams();
+    }
+
+    /// Accepts connections again after [`Self::go_down`].
+    pub fn come_back(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// From now on, a renewal (a Certify with a client certificate) without
