@@ -527,3 +527,59 @@ async fn a_certificate_that_expires_during_an_outage_refuses_then_recovers() {
     }
     assert!(gets_through(&cp, &s, &web()).await);
 }
+
+/// A control plane away for many retries is warned of once, not at every
+/// retry: one `certify failed` while the failure repeats unchanged, and
+/// for discovery one line as the stream is lost and one as reconnecting
+/// fails; every failed renewal is still counted, and once the control
+/// plane is back a new outage is warned of again.
+#[tokio::test]
+async fn an_outage_is_warned_of_once_not_at_every_retry() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(&cp, snapshot(1, "deny", vec![])).await;
+    let unreachable =
+        "trellis_certificate_renewals_total{outcome=\"error\",reason=\"unreachable\"} ";
+    let failed = || {
+        s.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(unreachable)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let warned = |what: &str| {
+        logs.lines()
+            .iter()
+            .filter(|l| l.contains(" WARN ") && l.contains(what))
+            .count()
+    };
+
+    cp.go_down();
+    // Renewal is due at about half of the 4 s lifetime; retries come 0.5
+    // to 1 s, 1 to 2 s and 2 to 4 s after each failure.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while failed() < 4 || cp.seen.lock().unwrap().closed_while_down < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} failed renewals; {:?}",
+            failed(),
+            logs.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(warned("certify failed"), 1, "{:?}", logs.lines());
+    assert_eq!(warned("discovery stream lost"), 2, "{:?}", logs.lines());
+
+    cp.come_back();
+    logs.wait_for(&["certificate issued", "renewal=true"]).await;
+    let renewed = failed();
+    cp.go_down();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while failed() == renewed {
+        assert!(std::time::Instant::now() < deadline, "no failed renewal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(warned("certify failed"), 2, "{:?}", logs.lines());
+}

@@ -640,6 +640,7 @@ fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
 /// Keeps this sidecar certified: the first Certify, then renewals at
 /// half-life with jitter; after a failure it retries with capped backoff
 /// and the current certificate stays published until it expires. A
+/// failure is warned of once for as long as it repeats unchanged. A
 /// certificate the control plane refused to renew because its identity was
 /// revoked is not offered again: every retry proves the token, read again
 /// from its file, so a new join token written there is taken at the next.
@@ -655,6 +656,11 @@ pub async fn run(
     let mut attempt = 0u32;
     // The serial of the current certificate when it no longer renews.
     let mut revoked: Option<String> = None;
+    // The failure last said as a warning: the same one again is said at
+    // debug, so a control plane away for minutes costs one warning per
+    // sidecar rather than one per retry; another failure, or the next
+    // after a success, is warned of again.
+    let mut said: Option<String> = None;
     loop {
         let current = svid_tx.borrow().clone();
         let bundle = bundle_tx.borrow().clone();
@@ -666,6 +672,7 @@ pub async fn run(
         let due = match certify(&params, &bundle, proof).await {
             Ok((svid, new_bundle)) => {
                 attempt = 0;
+                said = None;
                 metrics.renewed();
                 metrics
                     .certificate_expiry
@@ -706,8 +713,14 @@ pub async fn run(
                 metrics.renewal_failed(e.reason());
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
-                failure_tx.send_replace(Some(Arc::from(e.to_string())));
+                let error = e.to_string();
+                if said.as_deref() == Some(error.as_str()) {
+                    tracing::debug!(error, retry_in = ?delay, attempt, "certify failed");
+                } else {
+                    tracing::warn!(error, retry_in = ?delay, "certify failed");
+                }
+                failure_tx.send_replace(Some(Arc::from(error.as_str())));
+                said = Some(error);
                 SystemTime::now() + delay
             }
         };

@@ -1,5 +1,6 @@
 //! The Discovery.Watch client: one stream to the control plane, opened with
-//! this sidecar's SVID, kept open and re-opened with capped backoff.
+//! this sidecar's SVID, kept open and re-opened with capped backoff; a
+//! reason the stream is lost is warned of once while it repeats.
 //!
 //! Every snapshot is compiled and answered: ACK and publish when valid, NACK
 //! with the reason and keep the last good one when not. While the control
@@ -114,6 +115,11 @@ pub struct Outputs {
 /// open, reconnecting with capped backoff.
 pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>>>, out: Outputs) {
     let mut attempt = 0u32;
+    // Why the last session ended, as said at warn: the same reason again,
+    // with no stream opened between, is said at debug, so a control plane
+    // away for minutes costs one warning for the stream lost and one for
+    // the reconnections failing, not one per retry.
+    let mut said: Option<String> = None;
     loop {
         let current = match svid.wait_for(Option::is_some).await {
             Ok(s) => s.clone().expect("waited for Some"),
@@ -127,22 +133,29 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         let e = session(&params, &current, &out, &mut opened).await;
         if opened {
             attempt = 0;
+            said = None;
         }
         let delay = retry_delay(attempt);
         attempt = attempt.saturating_add(1);
-        match e {
-            // No retry reads it either, unless the control plane comes to
-            // send less: an operator must know.
-            WatchError::TooLarge { size, limit } => tracing::error!(
-                size,
-                limit,
-                retry_in = ?delay,
-                "discovery snapshot too large to read; keeping the last good snapshot"
-            ),
-            e => {
-                tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot")
+        let reason = e.to_string();
+        if said.as_deref() == Some(reason.as_str()) {
+            tracing::debug!(error = reason, retry_in = ?delay, attempt, "discovery stream still lost; keeping the last good snapshot");
+        } else {
+            match e {
+                // No retry reads it either, unless the control plane comes to
+                // send less: an operator must know.
+                WatchError::TooLarge { size, limit } => tracing::error!(
+                    size,
+                    limit,
+                    retry_in = ?delay,
+                    "discovery snapshot too large to read; keeping the last good snapshot"
+                ),
+                e => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot")
+                }
             }
         }
+        said = Some(reason);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             // A new certificate may be what the control plane was

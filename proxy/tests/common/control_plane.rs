@@ -52,6 +52,9 @@ pub struct Seen {
     /// Whether Certify signs leaves without basicConstraints, which peers
     /// refuse (a faulty CA's).
     pub leaf_without_basic_constraints: bool,
+    /// Connections closed unanswered while down (see
+    /// [`FakeControlPlane::go_down`]).
+    pub closed_while_down: usize,
 }
 
 /// A running fake; dropped with the test's runtime.
@@ -251,12 +254,23 @@ impl FakeControlPlane {
         let (conns, incoming) = mpsc::channel::<std::io::Result<Conn>>(16);
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let closing = down.clone();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let seen_accepts = seen.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 if closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let seen_down = seen_accepts.clone();
+                    // Closed once the ClientHello is read, so every client
+                    // sees the same end of stream, never a reset.
+                    tokio::spawn(async move {
+                        let mut tcp = tcp;
+                        let mut hello = [0u8; 4096];
+                        let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut hello).await;
+                        seen_down.lock().unwrap().closed_while_down += 1;
+                    });
                     continue;
                 }
                 let (acceptor, conns) = (acceptor.clone(), conns.clone());
@@ -267,7 +281,6 @@ impl FakeControlPlane {
                 });
             }
         });
-        let seen = Arc::new(Mutex::new(Seen::default()));
         let (snapshot, snapshot_rx) = watch::channel(None);
         let (generation, generation_rx) = watch::channel(0);
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
