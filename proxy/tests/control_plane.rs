@@ -669,3 +669,41 @@ async fn a_certificate_peers_would_refuse_is_not_taken() {
     );
     assert_eq!(serial().await, held, "the refused certificate was taken");
 }
+
+/// A stream that opened and then brought a snapshot too large to read
+/// does not reset the reconnection backoff, as a stream that opened and
+/// later broke does: every retry would meet the same snapshot, so they
+/// come 0.5 to 1 s, 1 to 2 s, then 2 to 4 s apart, not every second.
+#[tokio::test]
+async fn a_snapshot_past_the_limit_is_retried_with_growing_backoff() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let _snapshot = start_watch(&cp, &id("/ns/a/sa/web"));
+    let answer = cp.push_and_wait(mesh_of(1, 10, 2)).await;
+    assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
+    cp.push(pb::Snapshot {
+        version: 2,
+        endpoints: vec![pb::Endpoint {
+            address: "10.0.0.1:15006".into(),
+            spiffe_id: "x".repeat(MAX_SNAPSHOT_BYTES),
+        }],
+        ..Default::default()
+    });
+    // When each Subscribe after the first arrived.
+    let mut arrived = Vec::new();
+    let mut seen = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrived.len() < 3 {
+        let subscribes = cp.seen.lock().unwrap().subscribes.len();
+        if subscribes > seen {
+            seen = subscribes;
+            arrived.push(std::time::Instant::now());
+        }
+        assert!(std::time::Instant::now() < deadline, "{arrived:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = arrived[2] - arrived[1];
+    assert!(
+        third >= Duration::from_millis(1900),
+        "the third retry came {third:?} after the second"
+    );
+}

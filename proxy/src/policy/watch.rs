@@ -68,6 +68,26 @@ pub enum WatchError {
     Ended,
 }
 
+impl WatchError {
+    /// Whether the control plane, having opened the stream, ended it with
+    /// what a retry at once would meet again: a refusal of this sidecar
+    /// (a revoked certificate, too many streams) or a snapshot too large
+    /// to read. Such an end does not reset the backoff, so a fleet refused
+    /// together does not come back every second, each time for a full
+    /// handshake and perhaps a snapshot of the whole mesh.
+    fn refuses(&self) -> bool {
+        use tonic::Code::*;
+        match self {
+            WatchError::TooLarge { .. } => true,
+            WatchError::Stream { code, .. } => !matches!(
+                code,
+                Ok | Cancelled | Unknown | DeadlineExceeded | Aborted | Internal | Unavailable
+            ),
+            WatchError::Tls(_) | WatchError::Connect { .. } | WatchError::Ended => false,
+        }
+    }
+}
+
 impl From<tonic::Status> for WatchError {
     fn from(s: tonic::Status) -> Self {
         if s.code() == tonic::Code::OutOfRange
@@ -128,10 +148,11 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         // A stream the control plane opened resets the backoff, whether or
         // not it sent anything: it sends nothing to a sidecar that already
         // holds the version it serves, which in a quiet mesh is every
-        // reconnection after the first.
+        // reconnection after the first. Unless it ended refusing what a
+        // retry would meet again.
         let mut opened = false;
         let e = session(&params, &current, &out, &mut opened).await;
-        if opened {
+        if opened && !e.refuses() {
             attempt = 0;
             said = None;
         }
