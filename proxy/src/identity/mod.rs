@@ -715,9 +715,9 @@ pub async fn run(
                 attempt = attempt.saturating_add(1);
                 let error = e.to_string();
                 if said.as_deref() == Some(error.as_str()) {
-                    tracing::debug!(error, retry_in = ?delay, attempt, "certify failed");
+                    tracing::debug!(error = %error, retry_in = ?delay, attempt, "certify failed");
                 } else {
-                    tracing::warn!(error, retry_in = ?delay, "certify failed");
+                    tracing::warn!(error = %error, retry_in = ?delay, "certify failed");
                 }
                 failure_tx.send_replace(Some(Arc::from(error.as_str())));
                 said = Some(error);

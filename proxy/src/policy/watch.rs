@@ -160,7 +160,7 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         attempt = attempt.saturating_add(1);
         let reason = e.to_string();
         if said.as_deref() == Some(reason.as_str()) {
-            tracing::debug!(error = reason, retry_in = ?delay, attempt, "discovery stream still lost; keeping the last good snapshot");
+            tracing::debug!(error = %reason, retry_in = ?delay, attempt, "discovery stream still lost; keeping the last good snapshot");
         } else {
             match e {
                 // No retry reads it either, unless the control plane comes to
