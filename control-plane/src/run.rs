@@ -290,6 +290,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             )
         }
         _ => {
+            // The database first: its lock is what keeps a second control
+            // plane off this state dir, and it must be held before the CA
+            // files are read, generated or `bundle.pem` rewritten (two
+            // starts on an empty dir would each write a root of their own).
+            let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
             let ca = open_ca(
                 &dir,
@@ -297,7 +302,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 operator_ca,
                 &config.trust_anchor_roots,
             )?;
-            let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             write_failure = Some(store.write_failure());
             (ca, store as Arc<dyn Store>, None, None)
         }

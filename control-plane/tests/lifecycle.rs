@@ -532,14 +532,24 @@ fn a_port_in_use_exits_naming_its_flag_and_touches_nothing() {
 
 /// A second control plane on the state dir of a running one (on ports of
 /// its own) exits 1 saying that another process holds the database and
-/// what to do, not redb's "Cannot acquire lock"; the running one serves on.
+/// what to do, not redb's "Cannot acquire lock"; the running one serves on,
+/// and the second wrote nothing there first (its trust anchors, another
+/// bundle, leave `bundle.pem` as the running one wrote it).
 #[test]
 fn a_state_dir_in_use_names_the_running_control_plane() {
     let cp = ControlPlane::start(&[]);
+    let files = ["bundle.pem", "ca.crt", "ca.key", "admin.crt", "admin.key"];
+    let read_all = || files.map(|f| std::fs::read(cp.state_dir.join(f)).unwrap());
+    let before = read_all();
+    let (anchor, _) = operator_ca("Another root", None);
+    let anchors = cp.tmp.path().join("anchors.pem");
+    std::fs::write(&anchors, anchor).unwrap();
     let out = Command::new(CP)
         .arg("--state-dir")
         .arg(&cp.state_dir)
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--trust-anchors")
+        .arg(&anchors)
         .env_remove("TRELLIS_LOG")
         .output()
         .unwrap();
@@ -551,6 +561,10 @@ fn a_state_dir_in_use_names_the_running_control_plane() {
         cp.state_dir.join("trellis.redb").display()
     );
     assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+    assert!(
+        read_all() == before,
+        "the state dir's files must be as the running control plane wrote them"
+    );
     assert_eq!(cp.ready().0, 200, "the running control plane serves on");
 }
 
