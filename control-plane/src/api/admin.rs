@@ -47,11 +47,11 @@ fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 /// A store error as a status: FAILED_PRECONDITION for what the store does
-/// not keep, INTERNAL otherwise.
+/// not keep, as [`StoreError::into_status`] otherwise.
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::RevocationsUnsupported => Status::failed_precondition(e.to_string()),
-        other => internal(other),
+        other => other.into_status(),
     }
 }
 
@@ -237,7 +237,7 @@ impl Admin for AdminService {
             .map_err(internal)?
             .map_err(|e| match e {
                 StoreError::Token(refusal) => Status::failed_precondition(refusal.to_string()),
-                other => internal(other),
+                other => other.into_status(),
             })?;
         tracing::info!(
             spiffe_id = %id,

@@ -175,9 +175,7 @@ impl IdentityService {
             Ok(Some(revocation)) => revocation,
             Ok(None) => return Ok(()),
             Err(e) => {
-                return Err(
-                    self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
-                );
+                return Err(self.refuse(CertifyRefusal::StoreError, e.into_status()));
             }
         };
         let issued_at = peer.and_then(|p| p.cert_issued_at_unix);
@@ -492,9 +490,7 @@ impl Identity for IdentityService {
                 Ok(()) => {}
                 Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
                 Err(e) => {
-                    return Err(
-                        self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
-                    );
+                    return Err(self.refuse(CertifyRefusal::StoreError, e.into_status()));
                 }
             }
         }
@@ -644,9 +640,7 @@ impl Identity for IdentityService {
                 return Err(self.refuse_revoked_at(&id, revocation.revoked_at_unix));
             }
             Err(e) => {
-                return Err(
-                    self.refuse(CertifyRefusal::StoreError, Status::internal(e.to_string()))
-                );
+                return Err(self.refuse(CertifyRefusal::StoreError, e.into_status()));
             }
         }
         self.mesh.metrics.certificate_issued();

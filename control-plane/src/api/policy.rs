@@ -76,7 +76,7 @@ fn store_status(e: crate::store::StoreError) -> Status {
             Some(401 | 403) => Status::failed_precondition(message),
             _ => Status::unavailable(message),
         },
-        _ => Status::internal(message),
+        e => e.into_status(),
     }
 }
 

@@ -150,6 +150,24 @@ impl WriteFailure {
         e
     }
 
+    /// `e` as a store error, noted as [`note`](Self::note) does:
+    /// [`StoreError::WriteFailed`] when it is an I/O error.
+    fn error(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e = self.note(e);
+        let reason = e.to_string();
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            StoreError::WriteFailed {
+                path: self.path.clone(),
+                reason,
+            }
+        } else {
+            StoreError::Database {
+                path: self.path.clone(),
+                reason,
+            }
+        }
+    }
+
     /// Resolves with the I/O error once a write has met one.
     pub async fn failed(&self) -> String {
         let mut reason = self.reason.subscribe();
@@ -247,6 +265,12 @@ impl EmbeddedStore {
         }
     }
 
+    /// A failed write as a store error: [`StoreError::WriteFailed`] for an
+    /// I/O error (noted, so that the control plane stops).
+    fn write_error(&self, e: impl Into<redb::Error>) -> StoreError {
+        self.failure.error(e)
+    }
+
     /// What the control plane waits on to stop when a write fails for good.
     pub fn write_failure(&self) -> Arc<WriteFailure> {
         self.failure.clone()
@@ -265,13 +289,9 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        let txn = self.db.begin_write().map_err(|e| self.write_error(e))?;
         let value = f(&txn)?;
-        txn.commit()
-            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        txn.commit().map_err(|e| self.write_error(e))?;
         Ok(value)
     }
 
@@ -283,17 +303,12 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<Option<T>, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        let txn = self.db.begin_write().map_err(|e| self.write_error(e))?;
         let Some(value) = f(&txn)? else {
-            txn.abort()
-                .map_err(|e| self.db_error(self.failure.note(e)))?;
+            txn.abort().map_err(|e| self.write_error(e))?;
             return Ok(None);
         };
-        txn.commit()
-            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        txn.commit().map_err(|e| self.write_error(e))?;
         Ok(Some(value))
     }
 
@@ -744,10 +759,7 @@ impl Store for EmbeddedStore {
         if !dry_run {
             return self.write(|txn| self.apply_in(txn, policies, rate_limits));
         }
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        let txn = self.db.begin_write().map_err(|e| self.write_error(e))?;
         let mut result = self.apply_in(&txn, policies, rate_limits)?;
         txn.abort().map_err(|e| self.db_error(e))?;
         // Nothing was committed: report the counters as they stand.

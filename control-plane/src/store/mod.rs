@@ -327,6 +327,15 @@ pub enum StoreError {
     /// `path` is as errors name a path ([`crate::escape::shown`]).
     #[error("database {path}: {reason}")]
     Database { path: String, reason: String },
+    /// A write to the embedded database met an I/O error (a full volume,
+    /// EIO): nothing was written, and the control plane stops so that a
+    /// restart reopens the file.
+    #[error(
+        "database {path}: a write failed ({reason}); nothing was written: free space on its \
+         volume or fix the disk; this control plane stops so that its next start reopens the \
+         database"
+    )]
+    WriteFailed { path: String, reason: String },
     #[error("database record {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
     #[error(transparent)]
@@ -356,6 +365,18 @@ pub enum StoreError {
     /// join token, waited for its commit: nothing was written.
     #[error("the caller went away before its issuance was recorded")]
     Abandoned,
+}
+
+impl StoreError {
+    /// The status a call that met `self` answers with: UNAVAILABLE for a
+    /// failed write (the disk, not the request: worth retrying, at another
+    /// replica or once this one restarted), INTERNAL otherwise.
+    pub fn into_status(self) -> tonic::Status {
+        match self {
+            StoreError::WriteFailed { .. } => tonic::Status::unavailable(self.to_string()),
+            other => tonic::Status::internal(other.to_string()),
+        }
+    }
 }
 
 /// What a recorded issuance changed for discovery.

@@ -282,8 +282,29 @@ impl ControlPlane {
     /// Starts on the state dir inside `tmp` (a restart when it exists); the
     /// gRPC API on a free IPv4 loopback port unless `extra` gives `--listen`.
     pub fn start_in(tmp: Arc<tempfile::TempDir>, extra: &[&str]) -> Self {
+        Self::start_via(tmp, &[], None, extra)
+    }
+
+    /// [`Self::start_in`] through `via`, a command given the control
+    /// plane's command line to exec (`nsenter -t PID -m --`: another mount
+    /// namespace), with the state dir seen by the test at `state_seen_at`
+    /// (`/proc/PID/root/...`) when that differs from its path.
+    pub fn start_via(
+        tmp: Arc<tempfile::TempDir>,
+        via: &[&str],
+        state_seen_at: Option<PathBuf>,
+        extra: &[&str],
+    ) -> Self {
         let state_dir = tmp.path().join("state");
-        let mut child = Command::new(CP)
+        let mut command = match via.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(CP);
+                command
+            }
+            None => Command::new(CP),
+        };
+        let mut child = command
             .arg("--state-dir")
             .arg(&state_dir)
             .args(if extra.contains(&"--listen") {
@@ -313,7 +334,7 @@ impl ControlPlane {
         let mut cp = Self {
             child,
             tmp,
-            state_dir,
+            state_dir: state_seen_at.unwrap_or(state_dir),
             grpc: String::new(),
             admin: String::new(),
             log,
@@ -388,6 +409,13 @@ impl ControlPlane {
             .status()
             .unwrap();
         assert!(status.success());
+        eventually("the control plane to exit", || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
+    /// Waits for the control plane to exit by itself.
+    pub fn exited(mut self) -> ExitStatus {
         eventually("the control plane to exit", || {
             self.child.try_wait().unwrap()
         })

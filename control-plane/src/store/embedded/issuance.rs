@@ -241,14 +241,42 @@ fn run(
                     let _ = issuance.answer.send(outcome);
                 }
             }
-            Err(reason) => {
+            Err(failed) => {
                 for issuance in batch {
-                    let _ = issuance.answer.send(Err(StoreError::Database {
-                        path: path.to_string(),
-                        reason: reason.clone(),
+                    let (path, reason) = (path.to_string(), failed.reason.clone());
+                    let _ = issuance.answer.send(Err(if failed.io {
+                        StoreError::WriteFailed { path, reason }
+                    } else {
+                        StoreError::Database { path, reason }
                     }));
                 }
             }
+        }
+    }
+}
+
+/// Why a batch's transaction failed, and whether it was an I/O error
+/// (a full volume, EIO) that the write failure noted.
+struct Failed {
+    reason: String,
+    io: bool,
+}
+
+impl Failed {
+    fn noted(failure: &super::WriteFailure, e: impl Into<redb::Error>) -> Self {
+        let e = failure.note(e);
+        Self {
+            io: matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for Failed {
+    fn from(e: StoreError) -> Self {
+        Self {
+            reason: e.to_string(),
+            io: false,
         }
     }
 }
@@ -263,14 +291,14 @@ fn commit(
     retained: u64,
     epoch: u64,
     failure: &super::WriteFailure,
-) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
-    let txn = db.begin_write().map_err(|e| failure.note(e).to_string())?;
+) -> Result<Vec<Result<EndpointChange, StoreError>>, Failed> {
+    let txn = db.begin_write().map_err(|e| Failed::noted(failure, e))?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    let version_set_at = version_set_at(&txn).map_err(|e| e.to_string())?;
+    let version_set_at = version_set_at(&txn)?;
     {
         // Opened once for the batch: opening and closing a table reads and
         // writes the database's table of tables.
-        let mut tables = Tables::open(&txn).map_err(|e| e.to_string())?;
+        let mut tables = Tables::open(&txn)?;
         for issuance in batch {
             // A token used for a caller that is gone would be lost to its
             // retry, which comes with the same token.
@@ -288,11 +316,10 @@ fn commit(
                 &issuance.issued,
                 &issuance.workload,
                 version_set_at,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             outcomes.push(outcome);
         }
-        prune_log(&mut tables.log, retained).map_err(|e| e.to_string())?;
+        prune_log(&mut tables.log, retained)?;
     }
     // New endpoints are a new snapshot version, in the same commit: one
     // bump for the batch, never a version without its content.
@@ -306,9 +333,9 @@ fn commit(
             set_snapshot_version(&mut meta, next, epoch)?;
             Ok::<_, StoreError>(())
         };
-        bump().map_err(|e| e.to_string())?;
+        bump()?;
     }
-    txn.commit().map_err(|e| failure.note(e).to_string())?;
+    txn.commit().map_err(|e| Failed::noted(failure, e))?;
     Ok(outcomes)
 }
 
