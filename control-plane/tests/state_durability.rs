@@ -12,6 +12,7 @@ use std::sync::Arc;
 use common::*;
 use tonic::Code;
 use trellis_proto::admin::v1::ListIssuedCertificatesRequest;
+use trellis_proto::identity::v1::{CertifyRequest, certify_request::Proof};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 
@@ -194,4 +195,170 @@ async fn a_full_volume_fails_the_write_as_unavailable_and_loses_nothing() {
     )
     .await
     .expect("the token of the failed Certify is unused");
+}
+
+/// SIGKILL while many Certify calls with join tokens are in flight: after a
+/// restart every certificate a client received is in the issued log, a
+/// token whose Certify was answered cannot be used again, and a token
+/// whose call got no answer was used if and only if its issuance is in the
+/// log (the token and the issuance commit together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_issuances_keeps_every_answered_one_and_each_token_used_once() {
+    const CALLS: usize = 80;
+    let cp = ControlPlane::start(&[]);
+    let mut tokens = Vec::new();
+    for n in 0..CALLS {
+        tokens.push(cp.token(&worker(n), 0).await);
+    }
+    let cp = Arc::new(cp);
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let mut calls = Vec::new();
+    // Connected first: the kill is to find calls in flight, not dials.
+    let mut clients = Vec::new();
+    for _ in 0..CALLS {
+        clients.push(cp.identity_client(None).await);
+    }
+    for ((n, token), mut client) in tokens.iter().cloned().enumerate().zip(clients) {
+        let answers = answers.clone();
+        calls.push(tokio::spawn(async move {
+            let answer = client
+                .certify(CertifyRequest {
+                    csr: csr_for(&p256(), &worker(n)),
+                    proof: Some(Proof::JoinToken(token)),
+                    ..CertifyRequest::default()
+                })
+                .await;
+            let _ = answers.send((n, answer.is_ok()));
+        }));
+    }
+    drop(answers);
+    // Killed once a few have been answered, with the rest in flight.
+    let mut ok = std::collections::BTreeSet::new();
+    while let Some((n, certified)) = answered.recv().await {
+        if certified {
+            ok.insert(n);
+        }
+        if ok.len() == 10 {
+            break;
+        }
+    }
+    cp.kill_hard();
+    for call in calls {
+        call.await.unwrap();
+    }
+    while let Some((n, certified)) = answered.recv().await {
+        if certified {
+            ok.insert(n);
+        }
+    }
+    assert!(ok.len() < CALLS, "the kill came after every call: {ok:?}");
+    let tmp = cp.tmp.clone();
+    drop(Arc::into_inner(cp).expect("every call is over"));
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let logged: std::collections::BTreeSet<String> = logged_ids(&cp).await.into_iter().collect();
+    for n in 0..CALLS {
+        let again = cp
+            .certify(csr_for(&p256(), &worker(n)), Some(&tokens[n]), None, "")
+            .await;
+        let in_log = logged.contains(&worker(n));
+        if ok.contains(&n) {
+            assert!(
+                in_log,
+                "worker-{n} was answered a certificate the log lacks"
+            );
+        }
+        match again {
+            Ok(_) => assert!(
+                !in_log,
+                "worker-{n}'s token certified again after its issuance was logged"
+            ),
+            Err(status) => {
+                assert_eq!(
+                    status.message(),
+                    "join token was already used",
+                    "{status:?}"
+                );
+                assert!(
+                    in_log,
+                    "worker-{n}'s token is used but its issuance is not logged"
+                );
+            }
+        }
+    }
+}
+
+/// SIGKILL while policy sets are being applied: after a restart each
+/// applied set (one ApplyPolicy of many documents) is there whole or not
+/// at all, and every set whose ApplyPolicy was answered is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_policy_applies_leaves_no_set_half_applied() {
+    use common::policy::{allow, apply};
+    const SETS: usize = 30;
+    const PER_SET: usize = 40;
+    let cp = Arc::new(ControlPlane::start(&[]));
+    let set = |s: usize| {
+        (0..PER_SET)
+            .map(|p| allow(&format!("set-{s}-{p}"), WEB, &worker(p), 8000 + p as u32))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let mut calls = Vec::new();
+    // Connected first: the kill is to find calls in flight, not dials.
+    let mut clients = Vec::new();
+    for _ in 0..SETS {
+        clients.push(cp.admin_client().await);
+    }
+    for (s, mut admin) in clients.into_iter().enumerate() {
+        let (answers, document) = (answers.clone(), set(s));
+        calls.push(tokio::spawn(async move {
+            let answer = apply(&mut admin, &document, false).await;
+            let _ = answers.send((s, answer.is_ok()));
+        }));
+    }
+    drop(answers);
+    let mut applied = std::collections::BTreeSet::new();
+    while let Some((s, ok)) = answered.recv().await {
+        if ok {
+            applied.insert(s);
+        }
+        if applied.len() == 3 {
+            break;
+        }
+    }
+    cp.kill_hard();
+    for call in calls {
+        call.await.unwrap();
+    }
+    while let Some((s, ok)) = answered.recv().await {
+        if ok {
+            applied.insert(s);
+        }
+    }
+    assert!(applied.len() < SETS, "the kill came after every apply");
+    let tmp = cp.tmp.clone();
+    drop(Arc::into_inner(cp).expect("every call is over"));
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let mut admin = cp.admin_client().await;
+    let stored = admin
+        .list_policies(trellis_proto::admin::v1::ListPoliciesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut per_set = vec![0usize; SETS];
+    for policy in &stored.policies {
+        let s: usize = policy.name.split('-').nth(1).unwrap().parse().unwrap();
+        per_set[s] += 1;
+    }
+    for (s, count) in per_set.iter().enumerate() {
+        assert!(
+            *count == 0 || *count == PER_SET,
+            "set {s} is half applied: {count} of {PER_SET} policies"
+        );
+        if applied.contains(&s) {
+            assert_eq!(*count, PER_SET, "set {s} was answered as applied");
+        }
+    }
 }

@@ -414,6 +414,16 @@ impl ControlPlane {
         })
     }
 
+    /// SIGKILL, as a power cut or the OOM killer ends it, from a shared
+    /// reference (calls in flight may hold the others).
+    pub fn kill_hard(&self) {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Waits for the control plane to exit by itself.
     pub fn exited(mut self) -> ExitStatus {
         eventually("the control plane to exit", || {
