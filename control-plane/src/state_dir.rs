@@ -33,6 +33,12 @@ pub enum StateDirError {
     OpenPermissions { path: PathBuf, mode: u32 },
     #[error("state dir {} exists and is not a directory", shown(.0))]
     NotADirectory(PathBuf),
+    #[error(
+        "{} holds a private key but is accessible by group or others (mode {mode:o}); run \
+         `chmod 600` on it (and consider whether it leaked)",
+        shown(path)
+    )]
+    OpenSecret { path: PathBuf, mode: u32 },
 }
 
 /// Whether a file holds a secret (0600) or public material (0644).
@@ -99,6 +105,30 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateDirError::Io { path, source }),
         }
+    }
+
+    /// [`read`](Self::read) for a file that holds a private key: one that
+    /// group or others may access is refused, never silently tightened,
+    /// as the directory is.
+    pub fn read_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StateDirError> {
+        let path = self.path(name);
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateDirError::Io { path, source }),
+        };
+        let io = |source| StateDirError::Io {
+            path: path.clone(),
+            source,
+        };
+        // The mode of the file read, not of whatever the name points to later.
+        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StateDirError::OpenSecret { path, mode });
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io)?;
+        Ok(Some(bytes))
     }
 
     /// Replaces `name` atomically with `contents`.
@@ -178,6 +208,28 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(dir.read("k").unwrap().unwrap(), b"secret");
         assert_eq!(dir.read("missing").unwrap(), None);
+    }
+
+    #[test]
+    fn refuses_a_secret_file_open_to_others_and_leaves_it_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        dir.write_atomic("k", b"secret", Secrecy::Secret).unwrap();
+        assert_eq!(dir.read_secret("k").unwrap().unwrap(), b"secret");
+        assert_eq!(dir.read_secret("missing").unwrap(), None);
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(mode)).unwrap();
+            let err = dir.read_secret("k").unwrap_err().to_string();
+            let says = format!(
+                "{} holds a private key but is accessible by group or others (mode {mode:o}); \
+                 run `chmod 600` on it",
+                dir.path("k").display()
+            );
+            assert!(err.starts_with(&says), "{err}");
+            assert!(!err.contains("secret"), "no key material in {err}");
+            let left = fs::metadata(dir.path("k")).unwrap().permissions().mode() & 0o777;
+            assert_eq!(left, mode, "the mode is the operator's to fix");
+        }
     }
 
     #[test]

@@ -592,6 +592,48 @@ fn a_corrupt_ca_key_is_reported_and_left_alone() {
     );
 }
 
+/// A CA key (or operator key) in the state dir that group or others can
+/// read, as a careless restore from a backup leaves it, stops the start:
+/// exit 1 naming the file, its mode and the fix, the key never in the
+/// message, and the file left as it was (its mode included).
+#[test]
+fn a_key_file_others_can_read_is_refused_and_left_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    for name in ["ca.key", "admin.key"] {
+        let key = state.join(name);
+        let pem = std::fs::read_to_string(&key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A start that serves instead of refusing ends at the timeout (124).
+        let out = Command::new("timeout")
+            .args(["60", CP])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env_remove("TRELLIS_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let why = format!(
+            "error: {} holds a private key but is accessible by group or others (mode 644); run \
+             `chmod 600` on it (and consider whether it leaked)",
+            key.display()
+        );
+        assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!stderr.contains(body), "key material in {stderr}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), pem);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{name}'s mode is the operator's to fix");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    assert!(ControlPlane::start_in(tmp, &[]).stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_ca_tokens_and_workloads() {
     let cp = ControlPlane::start(&[]);

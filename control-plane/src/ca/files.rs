@@ -87,7 +87,7 @@ pub fn open_ca(
             }
             load_ca(trust_domain, &read(cert)?, cert, &read(key)?, key)?
         }
-        None => match (dir.read(CA_CERT)?, dir.read(CA_KEY)?) {
+        None => match (dir.read(CA_CERT)?, dir.read_secret(CA_KEY)?) {
             (Some(cert), Some(key)) => load_ca(
                 trust_domain,
                 &cert,
@@ -360,7 +360,7 @@ pub fn ensure_admin_credential(
         cert: dir.path(ADMIN_CERT),
         key: dir.path(ADMIN_KEY),
     };
-    if let (Some(cert), Some(key)) = (dir.read(ADMIN_CERT)?, dir.read(ADMIN_KEY)?) {
+    if let (Some(cert), Some(key)) = (dir.read(ADMIN_CERT)?, dir.read_secret(ADMIN_KEY)?) {
         let chain = parse_certs(&cert, &cred.cert)?;
         let key = parse_key(&key, &cred.key)?;
         let (_, leaf) = parse_x509_certificate(&chain[0])
