@@ -592,6 +592,53 @@ fn a_corrupt_ca_key_is_reported_and_left_alone() {
     );
 }
 
+/// A damaged database (a page overwritten, the file cut short) stops the
+/// start with exit 1 and one last line naming the file, the damage and
+/// what to do, not a panic; the file is left byte for byte as it was.
+#[test]
+fn a_damaged_database_is_reported_with_what_to_do_and_left_alone() {
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    let database = state.join("trellis.redb");
+    let good = std::fs::read(&database).unwrap();
+    let mut overwritten = good.clone();
+    overwritten[8192..8192 + 32].fill(b'X');
+    let cut = good[..good.len() / 2].to_vec();
+    for (damage, bytes) in [("a page overwritten", overwritten), ("cut short", cut)] {
+        std::fs::write(&database, &bytes).unwrap();
+        // A start that serves instead of refusing ends at the timeout (124).
+        let out = Command::new("timeout")
+            .args(["60", CP])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env_remove("TRELLIS_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{damage}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        let names = format!("error: database {}: DB corrupted: ", database.display());
+        assert!(last.starts_with(&names), "{damage}: {last}");
+        assert!(
+            last.ends_with(
+                "; the file is left as it is: restore the state dir from a backup taken while \
+                 the control plane was stopped, or move the file aside to start with an empty \
+                 store"
+            ),
+            "{damage}: {last}"
+        );
+        assert!(
+            std::fs::read(&database).unwrap() == bytes,
+            "{damage}: the file changed"
+        );
+    }
+    std::fs::write(&database, &good).unwrap();
+    assert!(ControlPlane::start_in(tmp, &[]).stop().success());
+}
+
 /// A CA key (or operator key) in the state dir that group or others can
 /// read, as a careless restore from a backup leaves it, stops the start:
 /// exit 1 naming the file, its mode and the fix, the key never in the

@@ -187,16 +187,41 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// What to do about a database file that cannot be read as one.
+const CORRUPT_ADVICE: &str = "the file is left as it is: restore the state dir from a backup \
+    taken while the control plane was stopped, or move the file aside to start with an empty \
+    store";
+
 /// Why the database could not be opened, in words that say what to do
-/// where redb's do not: the lock it failed to take is another process's.
+/// where redb's do not: the lock it failed to take is another process's,
+/// and a file that is no database (or a damaged one) is the operator's to
+/// restore.
 fn open_error(e: redb::DatabaseError) -> String {
+    use std::io::ErrorKind;
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => "another process has it open: is a control \
             plane already running with this --state-dir? Stop it, or give this one a state dir \
             of its own"
             .to_owned(),
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => {
+            format!("{e}; {CORRUPT_ADVICE}")
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(ref io))
+            if matches!(io.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof) =>
+        {
+            format!("{e}; {CORRUPT_ADVICE}")
+        }
         e => e.to_string(),
     }
+}
+
+/// The words of a caught panic.
+fn panic_words(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic")
 }
 
 impl EmbeddedStore {
@@ -209,6 +234,24 @@ impl EmbeddedStore {
     /// [`EmbeddedStore::open`] with an issued-certificate log that keeps the
     /// newest `retained` issuances.
     pub(crate) fn open_retaining(path: &Path, retained: u64) -> Result<Self, StoreError> {
+        // redb panics on some damaged pages (a page type it does not know)
+        // where it returns an error on others: either is a damaged file,
+        // said as one, not a crash with a backtrace.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_unguarded(path, retained)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(StoreError::Database {
+                path: shown(path),
+                reason: format!(
+                    "DB corrupted: {}; {CORRUPT_ADVICE}",
+                    panic_words(panic.as_ref())
+                ),
+            })
+        })
+    }
+
+    fn open_unguarded(path: &Path, retained: u64) -> Result<Self, StoreError> {
         let database_error = |reason: String| StoreError::Database {
             path: shown(path),
             reason,
