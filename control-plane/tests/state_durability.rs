@@ -204,7 +204,8 @@ async fn a_full_volume_fails_the_write_as_unavailable_and_loses_nothing() {
 /// log (the token and the issuance commit together).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_issuances_keeps_every_answered_one_and_each_token_used_once() {
-    const CALLS: usize = 80;
+    const CALLS: usize = 200;
+    const CLIENTS: usize = 16;
     let cp = ControlPlane::start(&[]);
     let mut tokens = Vec::new();
     for n in 0..CALLS {
@@ -212,33 +213,33 @@ async fn a_kill_during_issuances_keeps_every_answered_one_and_each_token_used_on
     }
     let cp = Arc::new(cp);
     let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    // Clients each certifying their share in turn, connected first: the
+    // kill is to find calls in flight (and calls not yet made), not dials.
     let mut calls = Vec::new();
-    // Connected first: the kill is to find calls in flight, not dials.
-    let mut clients = Vec::new();
-    for _ in 0..CALLS {
-        clients.push(cp.identity_client(None).await);
-    }
-    for ((n, token), mut client) in tokens.iter().cloned().enumerate().zip(clients) {
-        let answers = answers.clone();
+    for client in 0..CLIENTS {
+        let mut identity = cp.identity_client(None).await;
+        let (answers, tokens) = (answers.clone(), tokens.clone());
         calls.push(tokio::spawn(async move {
-            let answer = client
-                .certify(CertifyRequest {
-                    csr: csr_for(&p256(), &worker(n)),
-                    proof: Some(Proof::JoinToken(token)),
-                    ..CertifyRequest::default()
-                })
-                .await;
-            let _ = answers.send((n, answer.is_ok()));
+            for n in (client..CALLS).step_by(CLIENTS) {
+                let answer = identity
+                    .certify(CertifyRequest {
+                        csr: csr_for(&p256(), &worker(n)),
+                        proof: Some(Proof::JoinToken(tokens[n].clone())),
+                        ..CertifyRequest::default()
+                    })
+                    .await;
+                let _ = answers.send((n, answer.is_ok()));
+            }
         }));
     }
     drop(answers);
-    // Killed once a few have been answered, with the rest in flight.
+    // Killed once some have been answered, with others in flight.
     let mut ok = std::collections::BTreeSet::new();
     while let Some((n, certified)) = answered.recv().await {
         if certified {
             ok.insert(n);
         }
-        if ok.len() == 10 {
+        if ok.len() == 30 {
             break;
         }
     }
@@ -294,8 +295,9 @@ async fn a_kill_during_issuances_keeps_every_answered_one_and_each_token_used_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_policy_applies_leaves_no_set_half_applied() {
     use common::policy::{allow, apply};
-    const SETS: usize = 30;
+    const SETS: usize = 60;
     const PER_SET: usize = 40;
+    const CLIENTS: usize = 6;
     let cp = Arc::new(ControlPlane::start(&[]));
     let set = |s: usize| {
         (0..PER_SET)
@@ -304,17 +306,21 @@ async fn a_kill_during_policy_applies_leaves_no_set_half_applied() {
             .join("---\n")
     };
     let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    // Clients each applying their share in turn, connected first: the kill
+    // is to find applies in flight (and applies not yet made), not dials.
     let mut calls = Vec::new();
-    // Connected first: the kill is to find calls in flight, not dials.
-    let mut clients = Vec::new();
-    for _ in 0..SETS {
-        clients.push(cp.admin_client().await);
-    }
-    for (s, mut admin) in clients.into_iter().enumerate() {
-        let (answers, document) = (answers.clone(), set(s));
+    for client in 0..CLIENTS {
+        let mut admin = cp.admin_client().await;
+        let answers = answers.clone();
+        let documents: Vec<_> = (client..SETS)
+            .step_by(CLIENTS)
+            .map(|s| (s, set(s)))
+            .collect();
         calls.push(tokio::spawn(async move {
-            let answer = apply(&mut admin, &document, false).await;
-            let _ = answers.send((s, answer.is_ok()));
+            for (s, document) in documents {
+                let answer = apply(&mut admin, &document, false).await;
+                let _ = answers.send((s, answer.is_ok()));
+            }
         }));
     }
     drop(answers);
@@ -323,7 +329,7 @@ async fn a_kill_during_policy_applies_leaves_no_set_half_applied() {
         if ok {
             applied.insert(s);
         }
-        if applied.len() == 3 {
+        if applied.len() == 5 {
             break;
         }
     }
