@@ -45,7 +45,7 @@ use crate::api::{AdminCalls, Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
-use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
+use crate::ca::files::{BUNDLE, CA_CERT, CA_KEY, ensure_admin_credential, open_ca};
 use crate::ca::secret::{NewRoot, open_ca_secret};
 use crate::config::{Config, IdentityProvider, StoreKind};
 use crate::discovery::Discovery;
@@ -294,6 +294,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             // plane off this state dir, and it must be held before the CA
             // files are read, generated or `bundle.pem` rewritten (two
             // starts on an empty dir would each write a root of their own).
+            refuse_an_emptied_database(&dir)?;
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
             let ca = open_ca(
@@ -611,6 +612,27 @@ async fn follow_store(
 /// For tests of background tasks: the task `start` makes from a shutdown
 /// receiver keeps running through `patience` of (paused) time, then ends
 /// within as long once the shutdown is sent.
+/// Refuses a database file of no bytes beside a CA. redb would make it a
+/// new, empty database, and the state it held (policies, join tokens,
+/// workloads, revocations) would be gone without a word. Such a file is
+/// not one a crash leaves: a first start makes the database, synced,
+/// before it generates the CA.
+fn refuse_an_emptied_database(dir: &StateDir) -> Result<(), crate::store::StoreError> {
+    let path = dir.path(DB_FILE);
+    let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    if empty && (dir.path(CA_CERT).exists() || dir.path(CA_KEY).exists()) {
+        return Err(crate::store::StoreError::Database {
+            path: crate::escape::shown(&path),
+            reason: "the file is empty, though the state dir holds a CA made after it: the \
+                     state it held is lost (a copy or restore cut short?); it is left as it is: \
+                     restore the state dir from a backup taken while the control plane was \
+                     stopped, or remove the empty file to start with an empty store"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) async fn assert_runs_until_shutdown<F>(
     patience: Duration,

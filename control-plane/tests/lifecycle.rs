@@ -639,6 +639,41 @@ fn a_damaged_database_is_reported_with_what_to_do_and_left_alone() {
     assert!(ControlPlane::start_in(tmp, &[]).stop().success());
 }
 
+/// An emptied database beside the CA (a copy or restore cut short) is not
+/// taken for a new one, which would drop every policy without a word: the
+/// start exits 1 saying so, the file stays empty; removed, it starts anew.
+#[test]
+fn an_emptied_database_beside_a_ca_is_refused() {
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    let database = state.join("trellis.redb");
+    std::fs::write(&database, b"").unwrap();
+    // A start that serves instead of refusing ends at the timeout (124).
+    let out = Command::new("timeout")
+        .args(["60", CP])
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let why = format!(
+        "error: database {}: the file is empty, though the state dir holds a CA made after it: \
+         the state it held is lost (a copy or restore cut short?); it is left as it is: restore \
+         the state dir from a backup taken while the control plane was stopped, or remove the \
+         empty file to start with an empty store",
+        database.display()
+    );
+    assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+    assert_eq!(std::fs::metadata(&database).unwrap().len(), 0);
+    std::fs::remove_file(&database).unwrap();
+    assert!(ControlPlane::start_in(tmp, &[]).stop().success());
+}
+
 /// A CA key (or operator key) in the state dir that group or others can
 /// read, as a careless restore from a backup leaves it, stops the start:
 /// exit 1 naming the file, its mode and the fix, the key never in the
