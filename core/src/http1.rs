@@ -1388,6 +1388,15 @@ mod tests {
     /// As [`served_on_a_socket_by`], `sent` written in parts 50 ms apart
     /// (a part the server closed before is not written).
     async fn served_on_a_socket_in(sent: &[&[u8]], heads: bool) -> (String, Option<HeadFault>) {
+        served_on_a_socket_apart(sent, heads, Duration::from_millis(50)).await
+    }
+
+    /// As [`served_on_a_socket_in`], the parts `gap` apart.
+    async fn served_on_a_socket_apart(
+        sent: &[&[u8]],
+        heads: bool,
+        gap: Duration,
+    ) -> (String, Option<HeadFault>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -1396,7 +1405,7 @@ mod tests {
         let serving = tokio::spawn(serve(server, heads));
         for (at, part) in sent.iter().enumerate() {
             if at > 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(gap).await;
             }
             if client.write_all(part).await.is_err() {
                 break;
@@ -1479,15 +1488,17 @@ mod tests {
     /// [`Heads`]: how many requests each answered `200` and `400`, and why
     /// the connection behind `Heads` is to be answered in words.
     async fn compared(sent: &[u8]) -> ((usize, usize), (usize, usize), Option<HeadFault>) {
-        let count = |read: &str| {
-            (
-                read.matches("HTTP/1.1 200 OK").count(),
-                read.matches("HTTP/1.1 400 Bad Request").count(),
-            )
-        };
         let (alone, _) = served_on_a_socket_by(sent, false).await;
         let (behind, refused) = served_on_a_socket_by(sent, true).await;
-        (count(&alone), count(&behind), refused)
+        (answered(&alone), answered(&behind), refused)
+    }
+
+    /// How many requests `read` answers `200` and `400`.
+    fn answered(read: &str) -> (usize, usize) {
+        (
+            read.matches("HTTP/1.1 200 OK").count(),
+            read.matches("HTTP/1.1 400 Bad Request").count(),
+        )
     }
 
     /// The chunked bodies hyper reads that the sidecar's forwarder does not
@@ -1746,5 +1757,238 @@ mod tests {
         // An empty prefix holds nothing from the start.
         let empty = Rewind::with_prefix(BytesMut::with_capacity(64 * 1024), caller);
         assert_eq!(empty.prefix.capacity(), 0, "an empty prefix is still held");
+    }
+
+    /// A small deterministic generator (xorshift64*), for the randomized
+    /// comparison with hyper.
+    struct Draw(u64);
+
+    impl Draw {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        /// A number below `n`.
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        /// Whether a one-in-`n` chance came.
+        fn one_in(&mut self, n: usize) -> bool {
+            self.below(n) == 0
+        }
+        fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+            from[self.below(from.len())]
+        }
+    }
+
+    /// The bytes a mutation puts in: each class a chunked body's framing
+    /// tells apart, and some it does not.
+    const ODD_BYTES: &[u8] = b"\r\n \t;\"=,:0fFgG\x00\x7f\x80\xff";
+
+    /// A size line: `size` in hex of either case, perhaps zero-padded
+    /// (sometimes past 16 digits), perhaps with whitespace and extensions
+    /// (quoted ones holding `;` and `"`, or long ones near hyper's bound
+    /// on a body's extensions).
+    fn size_line(draw: &mut Draw, size: u64, out: &mut Vec<u8>) {
+        match draw.below(6) {
+            0 => out.extend(std::iter::repeat_n(b'0', draw.below(3))),
+            1 if draw.one_in(3) => out.extend(std::iter::repeat_n(b'0', 14 + draw.below(30))),
+            _ => {}
+        }
+        let hex = if draw.one_in(2) {
+            format!("{size:x}")
+        } else {
+            format!("{size:X}")
+        };
+        out.extend_from_slice(hex.as_bytes());
+        if draw.one_in(4) {
+            for _ in 0..=draw.below(3) {
+                out.push(draw.pick(b" \t"));
+            }
+        }
+        for _ in 0..draw.pick(&[0, 0, 1, 1, 2]) {
+            out.push(b';');
+            match draw.below(12) {
+                // Near hyper's bound on a body's extensions, where it
+                // falls on one line.
+                0 => out.extend(std::iter::repeat_n(b'e', 16 * 1024 - 3 + draw.below(5))),
+                1..4 => out.extend_from_slice(b"q=\"a;b\\\"c\""),
+                4..6 => out.extend_from_slice(b" a = b "),
+                _ => out.extend_from_slice(b"name"),
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// A chunked body drawn from RFC 9112's grammar as hyper reads it,
+    /// near its bounds (data of 0 to 70 KiB a chunk, trailers near 100
+    /// fields or 16 KiB), then mutated at times: a byte of a class the
+    /// framing tells apart put in, dropped or changed, a chunk's data a
+    /// byte short or long, a size past 64 bits.
+    fn chunked_body(draw: &mut Draw) -> Vec<u8> {
+        let mut body = Vec::new();
+        for _ in 0..draw.below(4) {
+            let size = match draw.below(10) {
+                0 => 8 * 1024 + draw.below(64 * 1024),
+                _ => 1 + draw.below(40),
+            };
+            size_line(draw, size as u64, &mut body);
+            let data = size as i64 + [-1, 1][draw.below(2)] * i64::from(draw.one_in(20));
+            body.extend((0..data.max(0)).map(|i| b"GET / HTTP/1.1\r\n"[i as usize % 16]));
+            body.extend_from_slice(b"\r\n");
+        }
+        if draw.one_in(40) {
+            body.extend_from_slice(b"10000000000000000\r\n");
+        }
+        size_line(draw, 0, &mut body);
+        match draw.below(8) {
+            0 => {
+                let fields = 98 + draw.below(5);
+                body.extend_from_slice(b"x: y\r\n".repeat(fields).as_slice());
+            }
+            1 => {
+                // Trailers near 16 KiB, their CRLFs and last line counted.
+                let long = 16 * 1024 - 10 + draw.below(6);
+                body.extend_from_slice(b"x: ");
+                body.extend(std::iter::repeat_n(b'a', long));
+                body.extend_from_slice(b"\r\n");
+            }
+            2 => body.extend_from_slice(b"x-t: 1\r\nX-U:\r\n"),
+            3 => body.extend_from_slice(draw.pick(&[
+                &b"x : y\r\n"[..],
+                b"x: y\r\n folded\r\n",
+                b"x: y\nz: w\r\n",
+                b"x: \xc3\xa9\r\n",
+                b"\n\r\n",
+                b"x:y\r\r\n",
+            ])),
+            _ => {}
+        }
+        body.extend_from_slice(b"\r\n");
+        for _ in 0..draw.pick(&[0, 0, 0, 0, 0, 1, 1, 2]) {
+            let at = draw.below(body.len() + 1);
+            match draw.below(3) {
+                0 => body.insert(at, draw.pick(ODD_BYTES)),
+                1 if at < body.len() => drop(body.remove(at)),
+                _ if at < body.len() => body[at] = draw.pick(ODD_BYTES),
+                _ => {}
+            }
+        }
+        body
+    }
+
+    const CHUNKED_POST: &[u8] = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n";
+    const VALID_GET: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+    const NO_COLON: &[u8] = b"GET / HTTP/1.1\r\nno colon\r\n\r\n";
+
+    /// Whether hyper behind `Heads` answered as hyper alone: the same
+    /// requests served, and a head hyper alone refused with a status alone
+    /// refused in words instead, none other.
+    fn agree(alone: (usize, usize), behind: (usize, usize), refused: Option<HeadFault>) -> bool {
+        behind.0 == alone.0 && behind.1 == 0 && refused.is_some() == (alone.1 == 1)
+    }
+
+    /// Randomized chunked bodies (a fixed seed), each after a chunked
+    /// request and before a valid request and a malformed head, served on
+    /// a socket by hyper alone and behind `Heads`: wherever hyper ends the
+    /// body, or refuses it, behind `Heads` the same requests are answered,
+    /// and the malformed head, if hyper reads it, is refused in words.
+    #[tokio::test]
+    async fn random_chunked_bodies_split_where_hyper_splits_them() {
+        let mut draw = Draw(0x7e11_15c0_ffee_0042);
+        let cases: Vec<Vec<u8>> = (0..2000)
+            .map(|_| [CHUNKED_POST, &chunked_body(&mut draw), VALID_GET, NO_COLON].concat())
+            .collect();
+        let mut served = std::collections::HashMap::new();
+        for batch in cases.chunks(32) {
+            let mut set = tokio::task::JoinSet::new();
+            for sent in batch {
+                let sent = sent.clone();
+                set.spawn(async move {
+                    let got = compared(&sent).await;
+                    (sent, got)
+                });
+            }
+            while let Some(done) = set.join_next().await {
+                let (sent, (alone, behind, refused)) = done.unwrap();
+                assert!(
+                    agree(alone, behind, refused),
+                    "alone {alone:?}, behind {behind:?} {refused:?}: {:?}",
+                    String::from_utf8_lossy(&sent[..sent.len().min(400)])
+                );
+                *served.entry(alone).or_insert(0) += 1;
+            }
+        }
+        // The draw reaches bodies hyper reads (then the valid request is
+        // served and the malformed head read) and bodies it refuses.
+        assert!(served.get(&(2, 1)).is_some_and(|&n| n > 300), "{served:?}");
+        assert!(
+            served.keys().any(|&(ok, bad)| ok < 2 && bad == 0),
+            "{served:?}"
+        );
+    }
+
+    /// `sent` split in two at each of `at`, the parts 2 ms apart, served
+    /// behind `Heads` as hyper alone serves it whole.
+    async fn split_as_hyper_reads_it(sent: Vec<u8>, at: std::ops::Range<usize>) {
+        let (alone, _) = served_on_a_socket_by(&sent, false).await;
+        let alone = answered(&alone);
+        let sent = Arc::new(sent);
+        let mut set = tokio::task::JoinSet::new();
+        for at in at {
+            let sent = sent.clone();
+            set.spawn(async move {
+                let parts = [&sent[..at], &sent[at..]];
+                let gap = Duration::from_millis(2);
+                (at, served_on_a_socket_apart(&parts, true, gap).await)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            let (at, (behind, refused)) = done.unwrap();
+            let behind = answered(&behind);
+            assert!(
+                agree(alone, behind, refused),
+                "split at {at}: alone {alone:?}, behind {behind:?} {refused:?}: {:?}",
+                String::from_utf8_lossy(&sent[..sent.len().min(400)])
+            );
+        }
+    }
+
+    /// Bodies split across reads at every byte: drawn ones hyper reads and
+    /// refuses, and a large chunk (read straight into hyper's buffer)
+    /// whose end and CRLF fall at the split, or its next size line's.
+    #[tokio::test]
+    async fn chunked_bodies_split_anywhere_split_where_hyper_splits_them() {
+        let mut draw = Draw(0x5eed_0000_c0de_0007);
+        let (mut read, mut refused) = (0, 0);
+        while read + refused < 6 {
+            let body = chunked_body(&mut draw);
+            if body.len() > 160 {
+                continue;
+            }
+            let sent = [CHUNKED_POST, &body, VALID_GET, NO_COLON].concat();
+            let (alone, _) = served_on_a_socket_by(&sent, false).await;
+            let counter = if answered(&alone) == (2, 1) {
+                &mut read
+            } else {
+                &mut refused
+            };
+            if *counter < 3 {
+                *counter += 1;
+                let start = CHUNKED_POST.len();
+                split_as_hyper_reads_it(sent, start..start + body.len() + 1).await;
+            }
+        }
+        let chunk = "x".repeat(40 * 1024);
+        let body = format!(
+            "{:x}\r\n{chunk}\r\n1e ;a\r\n{}\r\n0\r\n\r\n",
+            chunk.len(),
+            &chunk[..30]
+        );
+        let sent = [CHUNKED_POST, body.as_bytes(), VALID_GET, NO_COLON].concat();
+        let end = CHUNKED_POST.len() + body.find("\r\n1e").unwrap();
+        split_as_hyper_reads_it(sent, end - 2..end + 10).await;
     }
 }
