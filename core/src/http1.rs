@@ -163,11 +163,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// after a chunked body hyper's decoder refuses (a bad size line, a bare
 /// LF in one, a size past 64 bits, extensions or trailers over hyper's
 /// bounds; hyper reads nothing more of the connection after it, nor after
-/// trailers it then fails to parse as fields), and after an upgrade or a
-/// `CONNECT`, whose bytes after the head are another protocol's (hyper
-/// serves it, or refuses the upgrade and closes). Later heads on such a
-/// connection get hyper's answer, logged and counted
-/// ([`HeadFault::from_hyper`]). The chunks are followed as hyper 1.x's
+/// trailers it then fails to parse as fields), and after an HTTP/1.1
+/// request with an `Upgrade` or a `CONNECT`, whose bytes after the head
+/// are another protocol's if hyper's answer switches (`101`, or `2xx` to
+/// a `CONNECT`); an answer that does not switch leaves the connection in
+/// HTTP/1.1, its later heads unchecked here, as the answer is not seen. An
+/// `Upgrade` in HTTP/1.0, which hyper never switches for, is read as any
+/// other field. Later heads on such a connection get hyper's answer,
+/// logged and counted ([`HeadFault::from_hyper`]). The chunks are followed as hyper 1.x's
 /// decoder reads them with its server's default bounds (100 trailer
 /// fields, trailers under 16 KiB), which no port changes: a port that set
 /// its own (`max_headers`), or another hyper whose decoder read a body
@@ -423,7 +426,9 @@ fn framing(head: &[u8]) -> (Reading, bool) {
     // Whether the last `Transfer-Encoding` ends with `chunked`, if any.
     let mut chunked = None;
     for field in request.headers.iter() {
-        if field.name.eq_ignore_ascii_case("upgrade") {
+        // hyper upgrades only an HTTP/1.1 request for its `Upgrade`: in
+        // HTTP/1.0 the field is as any other, and the next head hyper's.
+        if field.name.eq_ignore_ascii_case("upgrade") && request.version == Some(1) {
             return (Reading::Through, false);
         }
         if field.name.eq_ignore_ascii_case("connection") {
@@ -1729,6 +1734,39 @@ mod tests {
         assert!(last(
             "GET / HTTP/1.0\r\nconnection: keep-alive, close\r\n\r\n"
         ));
+        // hyper switches protocols only for an HTTP/1.1 request's
+        // `Upgrade`, for a `CONNECT` in either version.
+        let upgrade = "upgrade: websocket\r\nconnection: upgrade\r\ncontent-length: 3\r\n\r\n";
+        for (head, reading) in [
+            (format!("GET / HTTP/1.1\r\n{upgrade}"), Reading::Through),
+            (format!("GET / HTTP/1.0\r\n{upgrade}"), Reading::Body(3)),
+            ("CONNECT a:1 HTTP/1.0\r\n\r\n".to_string(), Reading::Through),
+        ] {
+            assert_eq!(super::framing(head.as_bytes()).0, reading, "{head:?}");
+        }
+    }
+
+    /// An HTTP/1.0 request with an `Upgrade` and `keep-alive`, which hyper
+    /// serves as any other and goes on reading after: the head after it,
+    /// and after its body, is checked, and refused in words.
+    #[tokio::test]
+    async fn the_head_after_an_http_1_0_upgrade_is_checked() {
+        for first in [
+            &b"GET / HTTP/1.0\r\nupgrade: x\r\nconnection: keep-alive, upgrade\r\n\r\n"[..],
+            b"POST / HTTP/1.0\r\nupgrade: x\r\nconnection: keep-alive\r\ncontent-length: 29\r\n\r\n\
+              GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        ] {
+            let what = String::from_utf8_lossy(first).into_owned();
+            let sent = [first, NO_COLON].concat();
+            let (alone, _) = served_on_a_socket_by(&sent, false).await;
+            assert!(alone.starts_with("HTTP/1.0 200 OK\r\n"), "{what:?}: {alone}");
+            assert_eq!(alone.matches("HTTP/1.0 400 Bad Request\r\n").count(), 1);
+            let (behind, refused) = served_on_a_socket_by(&sent, true).await;
+            assert!(behind.starts_with("HTTP/1.0 200 OK\r\n"), "{what:?}: {behind}");
+            assert!(!behind.contains(" 400 "), "{what:?}: {behind}");
+            let no_colon = HeadFault::bad(unparsable(httparse::Error::HeaderName, true));
+            assert_eq!(refused, Some(no_colon), "{what:?}: {behind}");
+        }
     }
 
     #[tokio::test]

@@ -60,9 +60,10 @@
 //! `invalid`. Some heads are still hyper's: after a chunked body hyper
 //! refuses (one that does not parse, or over hyper's bounds on chunk
 //! extensions or trailers: hyper reads nothing after it), after
-//! a request whose framing the check leaves to hyper, and after an upgrade or a `CONNECT`, whose bytes
-//! are another protocol's (an upgrade hyper declines goes on in HTTP/1.1
-//! unchecked). A malformed head there gets hyper's answer, 400, 414 or
+//! a request whose framing the check leaves to hyper, and after an HTTP/1.1 upgrade or a `CONNECT`,
+//! whose bytes are another protocol's (one hyper declines goes on in
+//! HTTP/1.1 unchecked; an `Upgrade` in HTTP/1.0, which hyper never
+//! switches for, is read as any other field). A malformed head there gets hyper's answer, 400, 414 or
 //! 431 with no body, and the error hyper ends the connection with is
 //! logged and counted as the forwarder's refusals are
 //! ([`HeadFault::from_hyper`]). HTTP/2 (gRPC among it) is not HTTP/1 and
@@ -3812,6 +3813,30 @@ mod tests {
             read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
             "{read}"
         );
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
+            "{read}"
+        );
+    }
+
+    /// An HTTP/1.0 request with an `Upgrade` goes to hyper, which never
+    /// switches protocols for it and, with `keep-alive`, reads on: a raw
+    /// `#` in the head after it is refused in words, before hyper reads it.
+    #[tokio::test]
+    async fn the_head_after_an_http_1_0_upgrade_is_checked() {
+        let app = hyper_app().await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "POST /x HTTP/1.0\r\nHost: api\r\nUpgrade: websocket\r\n\
+             Connection: keep-alive, upgrade\r\nContent-Length: 3\r\n\r\nabc\
+             GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
+        assert!(read.contains("POST /x abc"), "{read}");
+        assert!(read.contains("HTTP/1.1 400 Bad Request\r\n"), "{read}");
         assert!(
             read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
             "{read}"
