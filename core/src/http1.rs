@@ -167,7 +167,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// request with an `Upgrade` or a `CONNECT`, whose bytes after the head
 /// are another protocol's if hyper's answer switches (`101`, or `2xx` to
 /// a `CONNECT`); an answer that does not switch leaves the connection in
-/// HTTP/1.1, its later heads unchecked here, as the answer is not seen. An
+/// HTTP/1.1, its later heads unchecked here, as the answer is not seen
+/// (the sidecar's request stack marks such an answer to end it). An
 /// `Upgrade` in HTTP/1.0, which hyper never switches for, is read as any
 /// other field. Later heads on such a connection get hyper's answer,
 /// logged and counted ([`HeadFault::from_hyper`]). The chunks are followed as hyper 1.x's

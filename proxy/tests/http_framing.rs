@@ -1241,8 +1241,10 @@ async fn only_an_allowed_request_is_told_to_continue() {
 
 /// `CONNECT` would turn the connection into a tunnel whose requests no
 /// rule decides, so it is refused with 501 saying so, with or without L7
-/// rules and over HTTP/1.1 or HTTP/2, and the connection goes on; `OPTIONS *` is decided by the rules
-/// like any request (no rule's path matches `*`) and reaches the app.
+/// rules and over HTTP/1.1 or HTTP/2; an HTTP/1.1 connection ends after it
+/// (hyper would read on, after a `CONNECT`, heads no check reads), an
+/// HTTP/2 one goes on. `OPTIONS *` is decided by the rules like any
+/// request (no rule's path matches `*`) and reaches the app.
 #[tokio::test]
 async fn connect_is_refused_by_name_and_options_asterisk_is_decided() {
     // With L7 rules in force, then with none.
@@ -1262,9 +1264,17 @@ async fn connect_is_refused_by_name_and_options_asterisk_is_decided() {
             "{head}"
         );
         let expected = format!("trellis: {}\n", trellis_proxy::http::authz::CONNECT_REFUSED);
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
         let mut body = vec![0u8; expected.len()];
         tls.read_exact(&mut body).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&body), expected);
+        let after = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut body)).await;
+        assert!(
+            matches!(after, Ok(Ok(0) | Err(_))),
+            "the connection goes on after a CONNECT: {after:?}"
+        );
+        let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+        let mut tls = tls_connect(inbound, config).await.unwrap();
         tls.write_all(b"OPTIONS * HTTP/1.1\r\nhost: api\r\n\r\n")
             .await
             .unwrap();

@@ -61,9 +61,10 @@
 //! refuses (one that does not parse, or over hyper's bounds on chunk
 //! extensions or trailers: hyper reads nothing after it), after
 //! a request whose framing the check leaves to hyper, and after an HTTP/1.1 upgrade or a `CONNECT`,
-//! whose bytes are another protocol's (one hyper declines goes on in
-//! HTTP/1.1 unchecked; an `Upgrade` in HTTP/1.0, which hyper never
-//! switches for, is read as any other field). A malformed head there gets hyper's answer, 400, 414 or
+//! whose bytes are another protocol's (an answer that does not switch
+//! says `connection: close`, so the connection ends with it rather than
+//! go on unchecked; an `Upgrade` in HTTP/1.0, which hyper never switches
+//! for, is read as any other field). A malformed head there gets hyper's answer, 400, 414 or
 //! 431 with no body, and the error hyper ends the connection with is
 //! logged and counted as the forwarder's refusals are
 //! ([`HeadFault::from_hyper`]). HTTP/2 (gRPC among it) is not HTTP/1 and
@@ -3841,6 +3842,45 @@ mod tests {
             read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
             "{read}"
         );
+    }
+
+    /// hyper's server reads on after a `CONNECT` it does not take as a
+    /// tunnel and after an upgrade answered other than `101`, where the
+    /// heads are no longer checked: those answers (the `CONNECT` refused,
+    /// an upgrade the app declines, or one refused before it reaches the
+    /// app) end the connection, so no head after them, a raw `#` in its
+    /// target, say, reaches the app.
+    #[tokio::test]
+    async fn a_connection_ends_after_an_upgrade_or_connect_not_switched() {
+        let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
+        for first in [
+            "CONNECT api:80 HTTP/1.1\r\nHost: api:80\r\n\r\n",
+            "CONNECT api:80 HTTP/1.0\r\nHost: api:80\r\nConnection: keep-alive\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            // An `Upgrade` the sidecar does not pass on is hyper's all the same.
+            "GET /ws HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ] {
+            let mut caller = caller_of(app).await;
+            caller
+                .write_all(format!("{first}GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut read = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut read))
+                .await
+                .expect("closed")
+                .unwrap();
+            let read = String::from_utf8(read).unwrap();
+            let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+            assert_eq!(answers, 1, "{first:?}: {read}");
+            assert!(
+                read.contains("\r\nconnection: close\r\n"),
+                "{first:?}: {read}"
+            );
+        }
+        let lines: Vec<String> = seen.lines_and_hosts().into_iter().map(|(l, _)| l).collect();
+        assert_eq!(lines, ["GET /ws HTTP/1.1", "GET /ws HTTP/1.1"]);
     }
 
     /// A head of `Host: api` and `n` fields `x-field-i`, after the

@@ -511,21 +511,96 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = S::Future;
+    type Future = future::Either<S::Future, future::Map<S::Future, Answered>>;
 
-    fn call(&self, mut req: Request<Incoming>) -> S::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let unfinished = !hyper::body::Body::is_end_stream(req.body());
         self.conn
             .body_unfinished
             .store(unfinished, std::sync::atomic::Ordering::Relaxed);
         // As the forwarder passes a length on.
         headers::length_without_zeros(req.headers_mut());
+        // A request hyper's server may switch protocols for: `Heads`
+        // passes what follows it unchecked, so an answer that does not
+        // switch ends the connection rather than let hyper read on.
+        let http_1 = req.version() <= http::Version::HTTP_11;
+        let ends_unless_switched: Option<Answered> = if !http_1 {
+            None
+        } else if req.method() == http::Method::CONNECT {
+            if req.version() == http::Version::HTTP_10 {
+                Some(close_unless_tunnel_1_0)
+            } else {
+                Some(close_unless_tunnel)
+            }
+        } else if req.version() == http::Version::HTTP_11
+            && req.headers().contains_key(http::header::UPGRADE)
+        {
+            Some(close_unless_switched)
+        } else {
+            None
+        };
         let exchange = Exchange::start(&self.conn, req, self.protocol);
         let mut stack = self.stack.borrow_mut();
         let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
         debug_assert!(ready.is_ready(), "request layers never apply backpressure");
-        stack.call(exchange)
+        let answer = stack.call(exchange);
+        match ends_unless_switched {
+            Some(mark) => future::Either::Right(future::FutureExt::map(answer, mark)),
+            None => future::Either::Left(answer),
+        }
     }
+}
+
+/// Marks an answer to a request hyper may switch protocols for.
+type Answered = fn(Result<Response<Body>, Infallible>) -> Result<Response<Body>, Infallible>;
+
+/// The answer to an HTTP/1 `CONNECT`, which hyper's server takes as a
+/// tunnel when it is `2xx` (or `101`): any other ends the connection.
+fn close_unless_tunnel(
+    answer: Result<Response<Body>, Infallible>,
+) -> Result<Response<Body>, Infallible> {
+    answer.map(|mut answer| {
+        let status = answer.status();
+        if !status.is_success() && status != http::StatusCode::SWITCHING_PROTOCOLS {
+            close(&mut answer);
+        }
+        answer
+    })
+}
+
+/// [`close_unless_tunnel`] for an HTTP/1.0 `CONNECT`: the answer is in
+/// HTTP/1.0 too, which hyper's server does not mark `keep-alive`.
+fn close_unless_tunnel_1_0(
+    answer: Result<Response<Body>, Infallible>,
+) -> Result<Response<Body>, Infallible> {
+    close_unless_tunnel(answer).map(|mut answer| {
+        if answer.headers().contains_key(http::header::CONNECTION) {
+            *answer.version_mut() = http::Version::HTTP_10;
+        }
+        answer
+    })
+}
+
+/// The answer to an HTTP/1.1 request with an `Upgrade`, which hyper's
+/// server switches protocols for when it is `101`: any other ends the
+/// connection.
+fn close_unless_switched(
+    answer: Result<Response<Body>, Infallible>,
+) -> Result<Response<Body>, Infallible> {
+    answer.map(|mut answer| {
+        if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            close(&mut answer);
+        }
+        answer
+    })
+}
+
+/// Marks `answer` as the connection's last: hyper's server closes the
+/// connection once it is written.
+fn close(answer: &mut Response<Body>) {
+    answer
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// The policies in force for one connection's request stack, as each layer
