@@ -1151,3 +1151,143 @@ async fn a_refused_server_certificate_is_logged_with_what_it_claims() {
     assert_eq!(field(&line, "issuer"), None, "{line}");
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
+
+/// How a TCP connection ended, as the side reading it saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// An orderly end (FIN) after these bytes.
+    Fin(Vec<u8>),
+    /// A reset after these bytes.
+    Reset(Vec<u8>),
+}
+
+/// Reads `tcp` until it ends, within 5 s.
+async fn read_end(tcp: &mut TcpStream) -> End {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the connection neither ended nor was reset within 5 s");
+        match read {
+            Ok(0) => return End::Fin(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return End::Reset(got),
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+}
+
+/// A route to a server sidecar in front of an app that hands the test each
+/// connection it accepts.
+struct Through {
+    client: Arc<Shared>,
+    inbound: TestInbound,
+    local: std::net::SocketAddr,
+    accepted: tokio::sync::mpsc::Receiver<TcpStream>,
+    _shutdown: drain::Shutdown,
+}
+
+impl Through {
+    async fn start() -> Through {
+        let ca = Ca::new();
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, accepted) = tokio::sync::mpsc::channel(4);
+        let app_addr = app.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = app.accept().await {
+                let _ = tx.send(tcp).await;
+            }
+        });
+        let server = id("/ns/b/sa/server");
+        let inbound = inbound_as(&ca, &server, app_addr).await;
+        let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+        let (local, shutdown) = route(client.clone(), server, inbound.addr).await;
+        Through {
+            client,
+            inbound,
+            local,
+            accepted,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// A connection from the app through both sidecars, and the server
+    /// app's end of it, once a first line crossed.
+    async fn connect(&mut self) -> (TcpStream, TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut app = TcpStream::connect(self.local).await.unwrap();
+        // A whole line: a text protocol paused mid-line is taken for HTTP.
+        app.write_all(b"hello\n").await.unwrap();
+        let mut server =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.accepted.recv())
+                .await
+                .expect("the server app was not called")
+                .unwrap();
+        let mut hello = [0u8; 6];
+        server.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello\n");
+        (app, server)
+    }
+
+    /// Both sidecars have no connection open any more.
+    async fn closed(&self) {
+        for metrics in [&self.client.metrics, &self.inbound.metrics] {
+            eventually("no connection left open", || {
+                let text = metrics.encode();
+                ["inbound", "outbound"].iter().all(|direction| {
+                    !text.lines().any(|line| {
+                        line.starts_with(&format!(
+                            "trellis_connections_open{{direction=\"{direction}\"}}"
+                        )) && !line.ends_with(" 0")
+                    })
+                })
+            })
+            .await;
+        }
+    }
+}
+
+/// Each side of a TCP connection through the mesh ends on its own: the
+/// server app's FIN reaches the client after its last byte while the
+/// client still sends, and the client's FIN reaches the server after the
+/// client's last byte; nothing stays open.
+#[tokio::test]
+async fn half_closes_cross_the_mesh_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let mut through = Through::start().await;
+    let (mut app, mut server) = through.connect().await;
+    server.write_all(b"banner").await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut app).await, End::Fin(b"banner".to_vec()));
+    app.write_all(b"after").await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut server).await, End::Fin(b"after".to_vec()));
+    drop((app, server));
+    through.closed().await;
+}
+
+/// A connection the calling app resets is reset at the server app, not
+/// ended as if the caller had finished: a server reading an upload to its
+/// end must not take a cut one for whole.
+#[tokio::test]
+async fn a_connection_the_app_resets_is_reset_at_the_server_app() {
+    let mut through = Through::start().await;
+    let (app, mut server) = through.connect().await;
+    app.set_zero_linger().unwrap();
+    drop(app);
+    assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
+    through.closed().await;
+}
+
+/// A connection the server app resets is reset at the calling app.
+#[tokio::test]
+async fn a_connection_the_server_app_resets_is_reset_at_the_calling_app() {
+    let mut through = Through::start().await;
+    let (mut app, server) = through.connect().await;
+    server.set_zero_linger().unwrap();
+    drop(server);
+    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
+    through.closed().await;
+}

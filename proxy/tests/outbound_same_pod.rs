@@ -4,7 +4,8 @@
 //! redirects the app's connections to. The app's call to the service's
 //! virtual address reaches the sidecar, which finds the backend is this pod
 //! and dials it in plain TCP that never leaves the pod, under outbound `deny`
-//! too; a port there that refuses is answered `connect_failed`.
+//! too; a port there that refuses is answered `connect_failed`, and a call
+//! the app resets is reset at the backend.
 //!
 //! The sidecar, its fake control plane and the app run in a child process
 //! inside the namespace (this test executable again, as its
@@ -37,6 +38,8 @@ const POD_IP: &str = "198.51.100.5";
 const APP_VIP: &str = "10.96.0.10:80";
 /// A service whose one backend is a port of the pod's address that refuses.
 const GONE_VIP: &str = "10.96.0.11:80";
+/// A service whose one backend reports how its connection ended.
+const READER_VIP: &str = "10.96.0.12:80";
 /// The role of the child process that runs the sidecar and the app.
 const ROLE: &str = "same-pod";
 /// What the child prints once every check passed.
@@ -88,6 +91,7 @@ async fn same_pod_checks(pod: IpAddr) {
     let (app, served) = echo_on(pod).await;
     let gone = refusing_on(pod);
     let gone_addr = gone.local_addr().unwrap().as_socket().unwrap();
+    let (reader, ended) = reader_on(pod).await;
     // Where `init` redirects the app's connections, and the pod's address
     // as a pod's sidecar is told it.
     let advertised = SocketAddr::new(pod, 15006).to_string();
@@ -103,6 +107,7 @@ async fn same_pod_checks(pod: IpAddr) {
         services: vec![
             service(APP_VIP, "shop/web", app),
             service(GONE_VIP, "shop/gone", gone_addr),
+            service(READER_VIP, "shop/reader", reader),
         ],
         mesh: Some(pb::MeshConfig {
             outbound_policy: "deny".into(),
@@ -127,6 +132,40 @@ async fn same_pod_checks(pod: IpAddr) {
     eventually("the call counted same_pod", || outcome(&s, "same_pod") == 1).await;
     assert_eq!(outcome(&s, "passthrough"), 0);
     assert_eq!(outcome(&s, "no_mesh_backend"), 0);
+
+    // A call the app resets is reset at the backend too, not ended with
+    // a FIN that would pass for the end of its bytes.
+    let mut tcp = TcpStream::connect(READER_VIP).await.unwrap();
+    tcp.write_all(MESSAGE).await.unwrap();
+    let mut ended = ended;
+    tokio::time::timeout(Duration::from_secs(5), ended.wait_for(|e| e.is_some()))
+        .await
+        .expect("the backend took no connection")
+        .unwrap();
+    assert_eq!(
+        ended.borrow().as_deref(),
+        Some("read"),
+        "the first bytes arrive"
+    );
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        ended.wait_for(|e| e.as_deref() != Some("read")),
+    )
+    .await
+    .expect("the backend's connection neither ended nor was reset")
+    .unwrap()
+    .clone();
+    assert_eq!(
+        ended.as_deref(),
+        Some("reset"),
+        "the app's reset reached the backend"
+    );
+    eventually("the reset call counted as an error", || {
+        outcome(&s, "error") == 1
+    })
+    .await;
 
     // A port of the pod that refuses: answered, counted and logged
     // `connect_failed`, as a passthrough call is.
@@ -184,6 +223,34 @@ async fn echo_on(ip: IpAddr) -> (SocketAddr, watch::Receiver<usize>) {
         }
     });
     (addr, served)
+}
+
+/// An app on `ip` that reads its one connection to the end and says how
+/// it went: `read` once bytes came, then `fin` or `reset`.
+async fn reader_on(ip: IpAddr) -> (SocketAddr, watch::Receiver<Option<String>>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, ended) = watch::channel(None);
+    tokio::spawn(async move {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        loop {
+            let end = match tcp.read(&mut buf).await {
+                Ok(0) => "fin",
+                Ok(_) => {
+                    tx.send_replace(Some("read".to_string()));
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+                Err(e) => panic!("reading: {e}"),
+            };
+            tx.send_replace(Some(end.to_string()));
+            return;
+        }
+    });
+    (addr, ended)
 }
 
 /// A port on `ip` that refuses connections: bound, so nothing else takes

@@ -1117,6 +1117,13 @@ async fn copy_to_app(
     let prefix_len = prefix.len() as u64;
     drop(prefix);
     let copied = net::copy(&mut stream, &mut app).await;
+    if copied.error.is_some() {
+        // A reset (or a failure) on one side is a reset on the other,
+        // never a FIN that would pass for the end of the bytes: the
+        // caller's sidecar resets its app in turn.
+        net::reset_on_close(&app);
+        net::reset_on_close(stream.get_ref().0.get_ref());
+    }
     Ok(Forwarded::Tcp {
         from_peer: copied.there + prefix_len,
         to_peer: copied.back,

@@ -78,6 +78,11 @@
 //! a peer that a later revocation covers is closed when the policies that
 //! carry it arrive (`relay`).
 //!
+//! A connection ends as it would without the mesh: each side's FIN is
+//! passed on after its last byte, and a reset or a failure of one side
+//! resets the other (`net::reset_on_close`), the peer's sidecar resetting
+//! its app in turn, so no app takes a cut connection for a finished one.
+//!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
 //! opaque TCP); it never parses or changes the bytes themselves. A port
@@ -647,6 +652,11 @@ async fn relay<R: std::fmt::Display>(
             None => {
                 metrics.connection(OUTBOUND, Outcome::Error);
                 tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
+                // A reset (or a failure) on one side is a reset on the
+                // other, never a FIN that would pass for the end of the
+                // bytes: the peer's sidecar resets its app in turn.
+                net::reset_on_close(&local);
+                net::reset_on_close(upstream.get_ref().0.get_ref());
             }
         },
         Err(e) => {
@@ -1536,7 +1546,12 @@ async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcom
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match copied.error {
         None => metrics.connection(OUTBOUND, outcome),
-        Some(_) => metrics.connection(OUTBOUND, Outcome::Error),
+        Some(_) => {
+            metrics.connection(OUTBOUND, Outcome::Error);
+            // A reset on one side is a reset on the other (see `relay`).
+            net::reset_on_close(&local);
+            net::reset_on_close(&upstream);
+        }
     }
 }
 
