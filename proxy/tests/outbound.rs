@@ -1291,3 +1291,38 @@ async fn a_connection_the_server_app_resets_is_reset_at_the_calling_app() {
     assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     through.closed().await;
 }
+
+/// A TCP call whose server app is down (nothing listens where the server's
+/// sidecar dials it) is closed: the server's sidecar counts the app
+/// unreachable, the caller's that its peer closed the connection before
+/// any answer, and nothing stays open.
+#[tokio::test]
+async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new();
+    let server = id("/ns/b/sa/server");
+    let down = common::ports::free_addr();
+    let inbound = inbound_as(&ca, &server, down).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let mut app = TcpStream::connect(local).await.unwrap();
+    app.write_all(b"hello\n").await.unwrap();
+    assert_eq!(read_end(&mut app).await, End::Fin(Vec::new()));
+    eventually("both sides count the call", || {
+        inbound.metrics.encode().contains(
+            "trellis_connections_total{direction=\"inbound\",outcome=\"app_unreachable\"} 1",
+        ) && client.metrics.encode().contains(
+            "trellis_connections_total{direction=\"outbound\",outcome=\"closed_by_peer\"} 1",
+        )
+    })
+    .await;
+    let through = Through {
+        client,
+        inbound,
+        local,
+        accepted: tokio::sync::mpsc::channel(1).1,
+        _shutdown,
+    };
+    through.closed().await;
+}
