@@ -4,8 +4,9 @@
 //! redirects the app's connections to. The app's call to the service's
 //! virtual address reaches the sidecar, which finds the backend is this pod
 //! and dials it in plain TCP that never leaves the pod, under outbound `deny`
-//! too; a port there that refuses is answered `connect_failed`, and a call
-//! the app resets is reset at the backend.
+//! too; a port there that refuses is answered `connect_failed`, a call
+//! the app resets is reset at the backend, and a call before the sidecar's
+//! first snapshot is told it has none.
 //!
 //! The sidecar, its fake control plane and the app run in a child process
 //! inside the namespace (this test executable again, as its
@@ -102,6 +103,29 @@ async fn same_pod_checks(pod: IpAddr) {
         &advertised,
     ];
     let s = sidecar_as(&cp, id("/ns/shop/sa/web"), app, &flags).await;
+
+    // Before its first snapshot the sidecar knows nothing in the mesh: an
+    // HTTP call is told so, not that its destination is outside the mesh.
+    let answer = http_call(APP_VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 503 Service Unavailable",
+            Some("not_ready"),
+            format!(
+                "trellis: outbound call to {APP_VIP} refused: this sidecar has no snapshot yet, \
+                 so it knows no destination in the mesh (its log says why: the control plane \
+                 not reached, or a Watch it refused)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    let line = logs
+        .wait_for(&["outbound connection refused: this sidecar has no snapshot yet"])
+        .await;
+    assert!(line.contains(&format!("dst={APP_VIP}")), "{line}");
+    eventually("the call counted denied", || outcome(&s, "denied") == 1).await;
     let snapshot = pb::Snapshot {
         version: 1,
         services: vec![

@@ -50,11 +50,11 @@
 //! A call refused before anything of the app's left the pod (a loop, a
 //! service without a backend, a destination denied, a dial that failed) is
 //! answered, when the app speaks HTTP, with `403` (denied), `503` (no
-//! backend, no certificate yet) or `502` (anything else) and a text body
+//! backend, no certificate or no snapshot yet) or `502` (anything else) and a text body
 //! naming the address the app called and why (`answer_refused`): an app's
 //! log then says what the sidecar's does, where a closed connection said
 //! nothing. The answer carries `trellis-proxy-error` with a fixed token
-//! (`denied`, `no_backend`, `connect_failed`, `handshake_failed`, ...), as
+//! (`denied`, `not_ready`, `no_backend`, `connect_failed`, `handshake_failed`, ...), as
 //! the inbound side's own answers do, so the app tells it from a peer
 //! app's. HTTP/1 is answered at once; HTTP/2 on its first request, a
 //! gRPC call with `grpc-status` (`PERMISSION_DENIED` for a denial,
@@ -1276,6 +1276,11 @@ const NOT_REDIRECTED: &str = "this is the sidecar's transparent outbound port: i
     connections iptables redirected to it (`trellis-proxy init`), which name their destination, \
     and this one was not redirected; without interception, call the local address of a --route";
 
+/// Why a transparent connection is refused before the sidecar's first
+/// snapshot, which says what is in the mesh.
+const NO_SNAPSHOT: &str = "this sidecar has no snapshot yet, so it knows no destination in the \
+    mesh (its log says why: the control plane not reached, or a Watch it refused)";
+
 /// One redirected connection (see [`forward_transparent`]).
 async fn serve_transparent(
     shared: Arc<Shared>,
@@ -1314,14 +1319,18 @@ async fn serve_transparent(
 /// another ([`Retry`]); nothing else is ever tried twice.
 async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let metrics = &shared.metrics;
-    let Resolved {
-        service,
-        candidates,
-        opaque: dst_opaque,
-        mut target,
-    } = {
+    let (
+        Resolved {
+            service,
+            candidates,
+            opaque: dst_opaque,
+            mut target,
+        },
+        known,
+    ) = {
         let snapshot = shared.snapshot.borrow();
-        resolve(&shared.own_addrs, snapshot.as_deref(), dst)
+        let resolved = resolve(&shared.own_addrs, snapshot.as_deref(), dst);
+        (resolved, snapshot.is_some())
     };
     let call = service.as_deref().map(|name| ServiceCall {
         name,
@@ -1382,6 +1391,19 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 let refused = (SERVICE_UNAVAILABLE, token::NO_MESH_BACKEND);
                 answer_refused(&mut app, dst_opaque, refused, dst, why).await;
+                return;
+            }
+            // Before the first snapshot no destination is known to be in
+            // the mesh: refused, but not for being outside it, which may
+            // be false (a sidecar restarted beside a running app).
+            Target::Outside {
+                policy: OutboundPolicy::Deny,
+                ..
+            } if !known => {
+                tracing::info!(%client, %dst, "outbound connection refused: {NO_SNAPSHOT}");
+                metrics.connection(OUTBOUND, Outcome::Denied);
+                let refused = (SERVICE_UNAVAILABLE, token::NOT_READY);
+                answer_refused(&mut app, dst_opaque, refused, dst, NO_SNAPSHOT).await;
                 return;
             }
             Target::Outside {
