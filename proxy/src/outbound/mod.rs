@@ -267,7 +267,10 @@ const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
 
 /// A mesh peer dialled: the stream, and the time of the revocation of the
 /// peer's identity its certificate was checked against, if one named it.
-type Dialled = (PeerStream, Option<i64>);
+/// The stream is boxed once, as it is made: moved by value from the dial
+/// to the relay it would take a slot of its size (over 1 KiB) in each
+/// future it passes through, for the whole life of the connection.
+type Dialled = (Box<PeerStream>, Option<i64>);
 
 /// The TLS stream to a mesh peer.
 type PeerStream = TlsStream<net::ReadAhead<TcpStream>>;
@@ -329,7 +332,7 @@ where
             check_peer(&stream, expected, at).map_err(DialError::Revoked)?;
             send_first(&mut stream, first).await?;
         }
-        Ok((stream, revoked_at))
+        Ok((Box::new(stream), revoked_at))
     };
     let Some(reserved) = peer.tickets.reserve(name) else {
         return full().await;
@@ -395,7 +398,7 @@ where
                 Ok(()) => {
                     stream.get_mut().0.release();
                     send_first(&mut stream, first).await?;
-                    Ok((stream, revoked_at))
+                    Ok((Box::new(stream), revoked_at))
                 }
                 // The held Finished never leaves: the peer sees the
                 // handshake end unfinished.
@@ -975,7 +978,8 @@ impl RouteListener {
                                 detected: None,
                             };
                             let refused = (BAD_GATEWAY, reason);
-                            answer_refused(&mut app, false, refused, &route.remote, why).await;
+                            Box::pin(answer_refused(&mut app, false, refused, &route.remote, why))
+                                .await;
                         }
                     }
                 });
@@ -1093,7 +1097,16 @@ where
                 tcp: local,
                 detected: Some((protocol, first)),
             };
-            answer_dial_refused(&mut app, false, &e, &route.remote, &route.remote).await;
+            // Boxed, as a transparent connection's answers are: a refusal's
+            // state would otherwise size every connection's future.
+            Box::pin(answer_dial_refused(
+                &mut app,
+                false,
+                &e,
+                &route.remote,
+                &route.remote,
+            ))
+            .await;
         }
     }
 }
@@ -1365,13 +1378,22 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
         });
         // Every arm ends the connection but for a failed connect, after
         // which nothing of the app's has left and another backend of a
-        // service may be tried.
+        // service may be tried. A refusal's answer is boxed: its state,
+        // larger than a relay's, would otherwise size every connection's
+        // future for as long as it is open.
         let next = match &target {
             Target::Loop(addr) => {
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, Outcome::Loop);
                 let why = format!("{addr} is this sidecar (loop)");
-                answer_refused(&mut app, dst_opaque, (BAD_GATEWAY, token::LOOP), dst, why).await;
+                Box::pin(answer_refused(
+                    &mut app,
+                    dst_opaque,
+                    (BAD_GATEWAY, token::LOOP),
+                    dst,
+                    why,
+                ))
+                .await;
                 return;
             }
             Target::NoBackend => {
@@ -1379,7 +1401,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 metrics.connection(OUTBOUND, Outcome::NoBackend);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
                 let refused = (SERVICE_UNAVAILABLE, token::NO_BACKEND);
-                answer_refused(&mut app, dst_opaque, refused, dst, why).await;
+                Box::pin(answer_refused(&mut app, dst_opaque, refused, dst, why)).await;
                 return;
             }
             Target::NoMeshBackend { backends } => {
@@ -1390,7 +1412,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     name.unwrap_or("")
                 );
                 let refused = (SERVICE_UNAVAILABLE, token::NO_MESH_BACKEND);
-                answer_refused(&mut app, dst_opaque, refused, dst, why).await;
+                Box::pin(answer_refused(&mut app, dst_opaque, refused, dst, why)).await;
                 return;
             }
             // Before the first snapshot no destination is known to be in
@@ -1403,7 +1425,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 tracing::info!(%client, %dst, "outbound connection refused: {NO_SNAPSHOT}");
                 metrics.connection(OUTBOUND, Outcome::Denied);
                 let refused = (SERVICE_UNAVAILABLE, token::NOT_READY);
-                answer_refused(&mut app, dst_opaque, refused, dst, NO_SNAPSHOT).await;
+                Box::pin(answer_refused(
+                    &mut app,
+                    dst_opaque,
+                    refused,
+                    dst,
+                    NO_SNAPSHOT,
+                ))
+                .await;
                 return;
             }
             Target::Outside {
@@ -1423,7 +1452,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 metrics.connection(OUTBOUND, Outcome::Denied);
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
-                answer_refused(&mut app, dst_opaque, (FORBIDDEN, token::DENIED), dst, why).await;
+                Box::pin(answer_refused(
+                    &mut app,
+                    dst_opaque,
+                    (FORBIDDEN, token::DENIED),
+                    dst,
+                    why,
+                ))
+                .await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {
@@ -1479,7 +1515,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                             let tried = retry.as_ref().map(|r| &r.tried);
                             let e = DialError::Connect(e);
                             refused(metrics, &e, &to, tried);
-                            answer_dial_refused(&mut app, *opaque, &e, dst, *addr).await;
+                            Box::pin(answer_dial_refused(&mut app, *opaque, &e, dst, *addr)).await;
                             return;
                         }
                     },
@@ -1487,7 +1523,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     // peer that is not who the mesh says is a refusal.
                     Err(e) => {
                         refused(metrics, &e, &to, retry.as_ref().map(|r| &r.tried));
-                        answer_dial_refused(&mut app, *opaque, &e, dst, *addr).await;
+                        Box::pin(answer_dial_refused(&mut app, *opaque, &e, dst, *addr)).await;
                         return;
                     }
                 }
@@ -1535,7 +1571,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                             metrics.connection(OUTBOUND, Outcome::ConnectFailed);
                             let why = format!("connecting to {addr}: {e} ({CONNECT_FAILED})");
                             let refused = (BAD_GATEWAY, CONNECT_FAILED);
-                            answer_refused(&mut app, *opaque, refused, dst, why).await;
+                            Box::pin(answer_refused(&mut app, *opaque, refused, dst, why)).await;
                             return;
                         }
                     },

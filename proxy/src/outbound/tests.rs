@@ -1056,3 +1056,40 @@ async fn a_server_of_another_generated_root_of_the_trust_domain_is_an_unknown_is
     assert_eq!(counted(&shared, series), 1, "{series}");
     assert_eq!(*served.borrow(), 0);
 }
+
+/// The future of an outbound connection, held for as long as the
+/// connection is open, stays small: the handshake's state and a refusal's
+/// answer are boxed and freed once over, and the TLS stream to the peer is
+/// boxed once as it is made (moved by value it took a slot of its size in
+/// each future it passed through). What is left is the app's socket, the
+/// relay's copy and the connection's few facts: about 1.8 KiB for a
+/// transparent connection and 1.2 KiB for a route's, besides the stream's
+/// box; they were 5.3 KiB and 4.7 KiB with a stream and an answer inline.
+#[tokio::test]
+async fn an_outbound_connection_future_stays_small() {
+    let ca = Ca::new();
+    let shared = sidecar(&ca, "deny", &[], &[]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _app = TcpStream::connect(addr).await.unwrap();
+    let (tcp, client) = listener.accept().await.unwrap();
+    let transparent = forward_transparent(&shared, tcp, client, addr);
+    let transparent = std::mem::size_of_val(&transparent);
+    let _app = TcpStream::connect(addr).await.unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let route = Route {
+        local: addr,
+        spiffe_id: id("api"),
+        remote: addr.to_string(),
+    };
+    let route = serve_route(&route, &shared, tcp, addr);
+    let route = std::mem::size_of_val(&route);
+    assert!(
+        transparent <= 2048,
+        "a transparent connection's future is {transparent} bytes"
+    );
+    assert!(
+        route <= 1536,
+        "a route connection's future is {route} bytes"
+    );
+}
