@@ -221,7 +221,8 @@ pub mod token {
     pub const NOT_FOUND: &str = "not_found";
     /// A method the admin port does not serve (405).
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
-    /// `/ready` while the sidecar is not ready or drains (503).
+    /// `/ready` while the sidecar is not ready or drains, or a transparent
+    /// outbound call before its first policy snapshot (503).
     pub const NOT_READY: &str = "not_ready";
     /// An app probe the app failed (503).
     pub const PROBE_FAILED: &str = "probe_failed";
@@ -230,7 +231,8 @@ pub mod token {
     /// An outbound call under `deny` to a service with no ready backend in
     /// the mesh (503).
     pub const NO_MESH_BACKEND: &str = "no_mesh_backend";
-    /// An outbound call while this sidecar has no certificate yet (503).
+    /// An outbound call while this sidecar has no certificate yet, or the
+    /// one it had expired unrenewed (503).
     pub const NO_LOCAL_CERTIFICATE: &str = "no_local_certificate";
     /// An outbound call whose server's sidecar has no certificate yet (503).
     pub const PEER_NOT_READY: &str = "peer_not_ready";
