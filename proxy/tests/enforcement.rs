@@ -514,6 +514,9 @@ async fn a_certificate_that_expires_during_an_outage_refuses_then_recovers() {
     assert!(said.contains("ERROR"), "{said}");
     let times = logs.lines().iter().filter(|l| l.contains(expired)).count();
     assert_eq!(times, 1, "{:?}", logs.lines());
+    // The refusals say why there is no certificate: not a start-up's.
+    logs.wait_for(&["inbound connection refused: this sidecar's certificate expired, not renewed"])
+        .await;
 
     cp.come_back();
     // Renewal retries back off to a few seconds by now.

@@ -484,7 +484,12 @@ pub async fn serve(
     // whole life; a rotation only affects later connections.
     let tls = shared.tls.borrow().clone();
     let (Some(server), Some(http_server)) = (tls.server(), tls.http_server()) else {
-        let refused = "inbound connection refused: no certificate yet";
+        let refused = match tls.expired_at() {
+            Some(_) => {
+                "inbound connection refused: this sidecar's certificate expired, not renewed"
+            }
+            None => "inbound connection refused: no certificate yet",
+        };
         shared.refuse(client, HandshakeFailure::NoLocalCertificate, None, refused);
         // Told with an alert, not a reset: the caller's sidecar says this
         // one is not ready, where a reset reads as a crash.

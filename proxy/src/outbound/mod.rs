@@ -188,8 +188,9 @@ pub struct Shared {
 /// Why a mesh dial failed.
 #[derive(Debug, thiserror::Error)]
 enum DialError {
-    #[error("no certificate yet")]
-    NoCertificate,
+    /// With when the certificate it held expired, if it did.
+    #[error("{}", NoCertificate(*.0))]
+    NoCertificate(Option<u64>),
     #[error("connect: {0}")]
     Connect(io::Error),
     /// With what the server's certificate claims when this sidecar
@@ -213,7 +214,7 @@ impl DialError {
     /// The handshake failure it counts as, if it is one.
     fn failure(&self) -> Option<HandshakeFailure> {
         match self {
-            DialError::NoCertificate => Some(HandshakeFailure::NoLocalCertificate),
+            DialError::NoCertificate(_) => Some(HandshakeFailure::NoLocalCertificate),
             DialError::Handshake(e, _) => Some(tls::failure::of_io(e)),
             DialError::Timeout => Some(HandshakeFailure::Timeout),
             DialError::PeerNotReady => Some(HandshakeFailure::PeerNotReady),
@@ -240,7 +241,7 @@ impl DialError {
     /// log line and `trellis_handshake_failures_total` meet on it.
     fn answer_reason(&self) -> &'static str {
         match self {
-            DialError::NoCertificate => token::NO_LOCAL_CERTIFICATE,
+            DialError::NoCertificate(_) => token::NO_LOCAL_CERTIFICATE,
             DialError::Connect(_) => token::CONNECT_FAILED,
             DialError::Handshake(..) => token::HANDSHAKE_FAILED,
             DialError::Timeout => token::HANDSHAKE_TIMEOUT,
@@ -255,8 +256,26 @@ impl DialError {
     /// when the peer could not be reached or was not who the mesh says.
     fn status(&self) -> StatusCode {
         match self {
-            DialError::NoCertificate | DialError::PeerNotReady => SERVICE_UNAVAILABLE,
+            DialError::NoCertificate(_) | DialError::PeerNotReady => SERVICE_UNAVAILABLE,
             _ => BAD_GATEWAY,
+        }
+    }
+}
+
+/// Why this sidecar has no certificate: none yet, or the one it held
+/// expired at a time (Unix seconds) without a renewal, which the log's
+/// `certify failed` lines explain.
+struct NoCertificate(Option<u64>);
+
+impl std::fmt::Display for NoCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("no certificate yet"),
+            Some(at) => write!(
+                f,
+                "this sidecar's certificate expired at {}, not renewed (see its log)",
+                crate::identity::rfc3339(at as i64)
+            ),
         }
     }
 }
@@ -317,7 +336,9 @@ where
 {
     let (peer, revoked_at) = {
         let tls = shared.tls.borrow();
-        let peer = tls.client_for(expected).ok_or(DialError::NoCertificate)?;
+        let peer = tls
+            .client_for(expected)
+            .ok_or_else(|| DialError::NoCertificate(tls.expired_at()))?;
         (peer, tls.revocations().revoked_at(expected))
     };
     // A full handshake with the hybrid key exchange, `first` leaving with

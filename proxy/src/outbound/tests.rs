@@ -899,6 +899,35 @@ async fn a_sidecar_without_a_certificate_answers_no_local_certificate() {
     );
 }
 
+/// A sidecar whose certificate expired unrenewed says so to the app, with
+/// when, rather than `no certificate yet`: the operator reading the
+/// answer looks for why renewals failed, not for a start-up problem.
+#[tokio::test]
+async fn a_sidecar_whose_certificate_expired_says_when_in_its_503() {
+    let ca = Ca::new();
+    let (api, served) = backend(Some(ca.tls(&id("api"), &[]))).await;
+    let shared = changed(sidecar(&ca, "deny", &[api], &[api]), |s| {
+        let expired = TlsState::default().after_expiry(Some(1_700_000_000));
+        s.tls = watch::channel(Arc::new(expired)).1;
+    });
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 503 Service Unavailable",
+            Some("no_local_certificate"),
+            format!(
+                "trellis: outbound call to 10.96.0.10:80 refused: dialling {api}: this sidecar's \
+                 certificate expired at 2023-11-14T22:13:20Z, not renewed (see its log) \
+                 (no_local_certificate)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    assert_eq!(*served.borrow(), 0, "a peer was dialled");
+}
+
 /// A backend whose identity this sidecar holds as revoked, presenting a
 /// certificate issued before the revocation, is refused once its
 /// handshake is over: the app is told it is revoked, and nothing of the

@@ -45,6 +45,8 @@ pub use failure::{HandshakeFailure, INBOUND_REASONS, OUTBOUND_REASONS};
 #[cfg(test)]
 mod expired_roots;
 #[cfg(test)]
+mod expiry;
+#[cfg(test)]
 mod revoked_callers;
 #[cfg(test)]
 mod svid_shape;
@@ -145,6 +147,10 @@ pub struct TlsState {
     /// the state is given revocations or another state's key, and in a
     /// state made from it (`with_expected`): those may be in force.
     fresh: bool,
+    /// When the certificate this sidecar last held expired (Unix
+    /// seconds), when that is why this state has none: a refusal then
+    /// says so rather than `no certificate yet`.
+    expired_at: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -204,6 +210,7 @@ impl TlsState {
             revocations: Arc::default(),
             sealed_under: Arc::default(),
             fresh: true,
+            expired_at: None,
         })
     }
 
@@ -236,6 +243,7 @@ impl TlsState {
             sealed_under: self.sealed_under.clone(),
             // This state may be in force, its key sealing tickets.
             fresh: false,
+            expired_at: self.expired_at,
         })
     }
 
@@ -349,6 +357,19 @@ impl TlsState {
     /// carry it: [`server`](Self::server) settling `h2` or `http/1.1`.
     pub fn http_server(&self) -> Option<&Arc<ServerConfig>> {
         self.http_server.as_ref()
+    }
+
+    /// When the certificate this sidecar last held expired unrenewed
+    /// (Unix seconds), if that is why it has none now.
+    pub fn expired_at(&self) -> Option<u64> {
+        self.expired_at
+    }
+
+    /// This state, with no certificate because the one last held expired
+    /// at `expired_at` (Unix seconds).
+    pub fn after_expiry(mut self, expired_at: Option<u64>) -> Self {
+        self.expired_at = expired_at;
+        self
     }
 
     /// The client configs presenting our SVID that accept only a server
@@ -570,7 +591,13 @@ pub async fn run(
     let mut built: Option<(Option<Arc<Svid>>, TrustBundle, Arc<TlsState>)> = None;
     let mut expired_logged = None;
     loop {
-        let current_svid = in_force(svid.borrow_and_update().clone(), &mut expired_logged);
+        let latest = svid.borrow_and_update().clone();
+        let current_svid = in_force(latest.clone(), &mut expired_logged);
+        // Why there is no certificate, for the refusals to say.
+        let expired_at = match (&latest, &current_svid) {
+            (Some(expired), None) => Some(expired.expires_at_unix()),
+            _ => None,
+        };
         // When the certificate in force expires, the state is built again
         // without it.
         let expires = current_svid.as_ref().map(|s| s.not_after);
@@ -601,7 +628,8 @@ pub async fn run(
             .as_ref()
             .map(|s| s.policies.revocations.clone())
             .unwrap_or_default();
-        match result.and_then(|state| state.with_revocations(revocations)) {
+        let result = result.and_then(|state| state.with_revocations(revocations));
+        match result.map(|state| state.after_expiry(expired_at)) {
             Ok(state) => {
                 let state = Arc::new(state);
                 tx.send_replace(state.clone());
