@@ -14,6 +14,7 @@
 //! only exists inside a rustls `CertifiedKey`), and never builds the data
 //! path's TLS configs (that is `tls`).
 
+pub mod outage;
 pub mod schedule;
 
 use std::fmt;
@@ -640,7 +641,8 @@ fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
 /// Keeps this sidecar certified: the first Certify, then renewals at
 /// half-life with jitter; after a failure it retries with capped backoff
 /// and the current certificate stays published until it expires. A
-/// failure is warned of once for as long as it repeats unchanged. A
+/// failure is warned of once as it begins or changes, and again every
+/// five minutes while it repeats unchanged ([`outage`]). A
 /// certificate the control plane refused to renew because its identity was
 /// revoked is not offered again: every retry proves the token, read again
 /// from its file, so a new join token written there is taken at the next.
@@ -656,11 +658,12 @@ pub async fn run(
     let mut attempt = 0u32;
     // The serial of the current certificate when it no longer renews.
     let mut revoked: Option<String> = None;
-    // The failure last said as a warning: the same one again is said at
+    // The failures since the last success: the same one again is said at
     // debug, so a control plane away for minutes costs one warning per
-    // sidecar rather than one per retry; another failure, or the next
-    // after a success, is warned of again.
-    let mut said: Option<String> = None;
+    // sidecar rather than one per retry, and again every five minutes
+    // while it lasts; another failure, or the next after a success, is
+    // warned of again.
+    let mut outage = outage::Outage::default();
     loop {
         let current = svid_tx.borrow().clone();
         let bundle = bundle_tx.borrow().clone();
@@ -672,7 +675,7 @@ pub async fn run(
         let due = match certify(&params, &bundle, proof).await {
             Ok((svid, new_bundle)) => {
                 attempt = 0;
-                said = None;
+                outage.ended();
                 metrics.renewed();
                 metrics
                     .certificate_expiry
@@ -714,13 +717,25 @@ pub async fn run(
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
                 let error = e.to_string();
-                if said.as_deref() == Some(error.as_str()) {
-                    tracing::debug!(error = %error, retry_in = ?delay, attempt, "certify failed");
-                } else {
-                    tracing::warn!(error = %error, retry_in = ?delay, "certify failed");
-                }
                 failure_tx.send_replace(Some(Arc::from(error.as_str())));
-                said = Some(error);
+                match outage.failed(error, std::time::Instant::now()) {
+                    outage::Say::Warn => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "certify failed")
+                    }
+                    outage::Say::Remind {
+                        failing_for,
+                        attempts,
+                    } => tracing::warn!(
+                        error = %e,
+                        failing_for = %Words(Duration::from_secs(failing_for.as_secs())),
+                        attempts,
+                        retry_in = ?delay,
+                        "certify still failing"
+                    ),
+                    outage::Say::Debug => {
+                        tracing::debug!(error = %e, retry_in = ?delay, attempt, "certify failed")
+                    }
+                }
                 SystemTime::now() + delay
             }
         };

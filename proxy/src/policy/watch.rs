@@ -18,17 +18,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_core::SpiffeId;
+use trellis_core::duration::Words;
 use trellis_core::policy::RELAXED_POLICY_WARNING;
 use trellis_proto::discovery::v1::{
     Ack, Nack, Subscribe, WatchRequest, discovery_client::DiscoveryClient, watch_request::Kind,
 };
 
 use super::{Policies, Snapshot};
+use crate::identity::outage::{Outage, Say};
 use crate::identity::schedule::retry_delay;
 use crate::identity::{self, Svid, TrustBundle};
 use crate::metrics::Metrics;
@@ -135,11 +138,12 @@ pub struct Outputs {
 /// open, reconnecting with capped backoff.
 pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>>>, out: Outputs) {
     let mut attempt = 0u32;
-    // Why the last session ended, as said at warn: the same reason again,
-    // with no stream opened between, is said at debug, so a control plane
-    // away for minutes costs one warning for the stream lost and one for
-    // the reconnections failing, not one per retry.
-    let mut said: Option<String> = None;
+    // Why the sessions ended since a stream last opened: the same reason
+    // again is said at debug, so a control plane away for minutes costs
+    // one warning for the stream lost and one for the reconnections
+    // failing, not one per retry, and a reminder every five minutes while
+    // it lasts.
+    let mut outage = Outage::default();
     loop {
         let current = match svid.wait_for(Option::is_some).await {
             Ok(s) => s.clone().expect("waited for Some"),
@@ -154,15 +158,22 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         let e = session(&params, &current, &out, &mut opened).await;
         if opened && !e.refuses() {
             attempt = 0;
-            said = None;
+            outage.ended();
         }
         let delay = retry_delay(attempt);
         attempt = attempt.saturating_add(1);
-        let reason = e.to_string();
-        if said.as_deref() == Some(reason.as_str()) {
-            tracing::debug!(error = %reason, retry_in = ?delay, attempt, "discovery stream still lost; keeping the last good snapshot");
-        } else {
-            match e {
+        match outage.failed(e.to_string(), std::time::Instant::now()) {
+            Say::Debug => {
+                tracing::debug!(error = %e, retry_in = ?delay, attempt, "discovery stream still lost; keeping the last good snapshot")
+            }
+            Say::Remind {
+                failing_for,
+                attempts,
+            } => {
+                let failing_for = Words(Duration::from_secs(failing_for.as_secs()));
+                tracing::warn!(error = %e, %failing_for, attempts, retry_in = ?delay, "discovery stream still lost; keeping the last good snapshot")
+            }
+            Say::Warn => match e {
                 // No retry reads it either, unless the control plane comes to
                 // send less: an operator must know.
                 WatchError::TooLarge { size, limit } => tracing::error!(
@@ -174,9 +185,8 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
                 e => {
                     tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot")
                 }
-            }
+            },
         }
-        said = Some(reason);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             // A new certificate may be what the control plane was
