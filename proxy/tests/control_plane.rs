@@ -19,7 +19,7 @@ use trellis_proto::identity::v1::RefusedInboundAddress;
 use trellis_proxy::identity::{self, CertifyParams};
 use trellis_proxy::metrics::Metrics;
 use trellis_proxy::policy::Snapshot;
-use trellis_proxy::policy::watch::{MAX_SNAPSHOT_BYTES, Outputs, WatchParams};
+use trellis_proxy::policy::watch::{MAX_SNAPSHOT_BYTES, Outputs, SETTLED, WatchParams};
 
 /// The join token the fake accepts, from a file that is not there (it
 /// was removed once read at start-up).
@@ -705,5 +705,78 @@ async fn a_snapshot_past_the_limit_is_retried_with_growing_backoff() {
     assert!(
         third >= Duration::from_millis(1900),
         "the third retry came {third:?} after the second"
+    );
+}
+
+/// A control plane that ends every stream with `UNAVAILABLE` as soon as
+/// it opens (crashing under its streams, again and again) is retried with
+/// growing backoff, as one that cannot be reached: 0.5 to 1 s, 1 to 2 s,
+/// then 2 to 4 s apart. Only a stream that stayed open a while starts the
+/// backoff again from its first step, so a fleet does not come back to a
+/// crash-looping control plane every second.
+#[tokio::test]
+async fn streams_ended_as_they_open_are_retried_with_growing_backoff() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let _snapshot = start_watch(&cp, &id("/ns/a/sa/web"));
+    let answer = cp.push_and_wait(mesh_of(1, 10, 2)).await;
+    assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
+    cp.end_streams_at_once(true);
+    cp.drop_streams();
+    // When each Subscribe after the first arrived.
+    let mut arrived = Vec::new();
+    let mut seen = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrived.len() < 3 {
+        let subscribes = cp.seen.lock().unwrap().subscribes.len();
+        if subscribes > seen {
+            seen = subscribes;
+            arrived.push(std::time::Instant::now());
+        }
+        assert!(std::time::Instant::now() < deadline, "{arrived:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = arrived[2] - arrived[1];
+    assert!(
+        third >= Duration::from_millis(1900),
+        "the third retry after a stream ended at once came {third:?} after the second"
+    );
+}
+
+/// A stream that stayed open a while and then ended, as a control plane
+/// replica ends its streams when it shuts down in a rolling upgrade,
+/// starts the backoff again: the sidecar reconnects within a second, even
+/// after the backoff had grown.
+#[tokio::test]
+async fn a_stream_ended_after_a_while_reconnects_within_a_second() {
+    let cp = FakeControlPlane::start(Duration::from_secs(120)).await;
+    let _snapshot = start_watch(&cp, &id("/ns/a/sa/web"));
+    let answer = cp.push_and_wait(mesh_of(1, 10, 2)).await;
+    assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
+    let subscribes = || cp.seen.lock().unwrap().subscribes.len();
+    let after = |n: usize, within: Duration| async move {
+        let deadline = std::time::Instant::now() + within;
+        while subscribes() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no Subscribe {n} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // The backoff grows to 4 to 8 s.
+    cp.end_streams_at_once(true);
+    cp.drop_streams();
+    after(4, Duration::from_secs(10)).await;
+    cp.end_streams_at_once(false);
+    after(5, Duration::from_secs(10)).await;
+
+    tokio::time::sleep(SETTLED + Duration::from_secs(1)).await;
+    cp.drop_streams();
+    let ended = std::time::Instant::now();
+    after(6, Duration::from_secs(10)).await;
+    assert!(
+        ended.elapsed() < Duration::from_millis(1500),
+        "reconnected {:?} after a settled stream ended",
+        ended.elapsed()
     );
 }

@@ -349,60 +349,6 @@ async fn decisions_are_counted_by_action_and_policy() {
     }
 }
 
-/// A control plane sends nothing to a sidecar that reconnects holding the
-/// snapshot it serves, so in a quiet mesh a stream that opened is all a
-/// healthy reconnection shows. It resets the backoff: after several breaks
-/// in a row the sidecar still retries within the first step (at most 1 s),
-/// not 2, 4 and 8 s later, when a policy applied meanwhile would wait for
-/// it.
-#[tokio::test]
-async fn a_stream_that_opened_resets_the_reconnect_backoff() {
-    let (logs, _guard) = Logs::capture(false);
-    let (cp, _app, _s) = protected_echo(&[]).await;
-    acked(&cp, snapshot(1, "deny", vec![])).await;
-    cp.hold();
-    for breaks in 1..=4 {
-        let subscribes = cp.seen.lock().unwrap().subscribes.len();
-        cp.drop_streams();
-        eventually(&format!("reconnection {breaks}"), || {
-            cp.seen.lock().unwrap().subscribes.len() > subscribes
-        })
-        .await;
-    }
-    let versions: Vec<u64> = cp
-        .seen
-        .lock()
-        .unwrap()
-        .subscribes
-        .iter()
-        .map(|s| s.0)
-        .collect();
-    assert_eq!(versions, [0, 1, 1, 1, 1]);
-    let delays: Vec<Duration> = logs
-        .lines()
-        .iter()
-        .filter(|line| line.contains("discovery stream lost"))
-        .map(|line| {
-            let value = line.split("retry_in=").nth(1).unwrap();
-            let value = value.split_whitespace().next().unwrap();
-            let (number, unit) =
-                value.split_at(value.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
-            let number: f64 = number.parse().unwrap();
-            match unit {
-                "s" => Duration::from_secs_f64(number),
-                "ms" => Duration::from_secs_f64(number / 1e3),
-                "µs" => Duration::from_secs_f64(number / 1e6),
-                other => panic!("unit {other} in {line}"),
-            }
-        })
-        .collect();
-    assert_eq!(delays.len(), 4, "{:?}", logs.lines());
-    assert!(
-        delays.iter().all(|d| *d <= Duration::from_secs(1)),
-        "{delays:?}"
-    );
-}
-
 /// A version names its content only with the epoch the control plane set
 /// it in (one whose database was restored from an older copy sets the
 /// same versions again, in another epoch): a reconnecting sidecar names

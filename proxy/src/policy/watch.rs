@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,6 +52,12 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// short unless a field is huge; the control plane keeps only its first
 /// 512 characters and reads a Watch request of at most 64 KiB.
 pub const MAX_NACK_REASON_BYTES: usize = 4096;
+
+/// How long a stream must have been open for its end to start the
+/// reconnection backoff again from its first step: the longest retry
+/// delay, so a control plane that ends its streams sooner than that is
+/// retried no more often than one that cannot be reached.
+pub const SETTLED: Duration = crate::identity::schedule::BACKOFF_MAX;
 
 /// Why a Watch session ended.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +144,7 @@ pub struct Outputs {
 /// open, reconnecting with capped backoff.
 pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>>>, out: Outputs) {
     let mut attempt = 0u32;
-    // Why the sessions ended since a stream last opened: the same reason
+    // Why the sessions ended since a stream last stayed open: the same reason
     // again is said at debug, so a control plane away for minutes costs
     // one warning for the stream lost and one for the reconnections
     // failing, not one per retry, and a reminder every five minutes while
@@ -149,14 +155,20 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
             Ok(s) => s.clone().expect("waited for Some"),
             Err(_) => return,
         };
-        // A stream the control plane opened resets the backoff, whether or
-        // not it sent anything: it sends nothing to a sidecar that already
-        // holds the version it serves, which in a quiet mesh is every
-        // reconnection after the first. Unless it ended refusing what a
-        // retry would meet again.
-        let mut opened = false;
+        // A stream the control plane kept open for a while resets the
+        // backoff, whether or not it sent anything: it sends nothing to a
+        // sidecar that already holds the version it serves, which in a
+        // quiet mesh is every reconnection after the first. So a sidecar
+        // whose stream a control plane ends as it shuts down (a rolling
+        // upgrade) reconnects within a second to another replica. Not one
+        // ended soon after it opened, by a control plane that crashes
+        // under its streams, or one that ended refusing what a retry
+        // would meet again: every sidecar of the mesh would come back
+        // every second.
+        let mut opened = None;
         let e = session(&params, &current, &out, &mut opened).await;
-        if opened && !e.refuses() {
+        let settled = opened.is_some_and(|at: Instant| at.elapsed() >= SETTLED);
+        if settled && !e.refuses() {
             attempt = 0;
             outage.ended();
         }
@@ -202,7 +214,7 @@ async fn session(
     params: &WatchParams,
     svid: &Svid,
     out: &Outputs,
-    opened: &mut bool,
+    opened: &mut Option<Instant>,
 ) -> WatchError {
     match session_inner(params, svid, out, opened).await {
         Ok(()) => WatchError::Ended,
@@ -214,7 +226,7 @@ async fn session_inner(
     params: &WatchParams,
     svid: &Svid,
     out: &Outputs,
-    opened: &mut bool,
+    opened: &mut Option<Instant>,
 ) -> Result<(), WatchError> {
     let bundle = out.bundle.borrow().clone();
     let tls = identity::control_plane_tls(&params.identity, &bundle, Some(svid))?;
@@ -262,7 +274,7 @@ async fn session_inner(
         .watch(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    *opened = true;
+    *opened = Some(Instant::now());
     // The epoch in hex, as `/config` and `trellisctl workloads` show it.
     tracing::info!(
         control_plane = %params.control_plane,

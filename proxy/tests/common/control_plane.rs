@@ -72,6 +72,9 @@ pub struct FakeControlPlane {
     /// Whether a renewal must prove a ServiceAccount token too (see
     /// [`Self::renewals_need_token`]).
     renewals_need_token: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether every Watch stream ends as its Subscribe is read (see
+    /// [`Self::end_streams_at_once`]).
+    end_at_once: Arc<std::sync::atomic::AtomicBool>,
     /// Whether every new connection is closed as it is accepted (see
     /// [`Self::go_down`]).
     down: Arc<std::sync::atomic::AtomicBool>,
@@ -87,6 +90,7 @@ struct Service {
     generation: watch::Receiver<u64>,
     hold: Arc<std::sync::atomic::AtomicBool>,
     renewals_need_token: Arc<std::sync::atomic::AtomicBool>,
+    end_at_once: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -180,6 +184,7 @@ impl Discovery for Service {
         let mut generation = self.generation.clone();
         generation.mark_unchanged();
         let hold = self.hold.clone();
+        let end_at_once = self.end_at_once.clone();
         tokio::spawn(async move {
             let Ok(Some(first)) = requests.message().await else {
                 return;
@@ -188,7 +193,14 @@ impl Discovery for Service {
                 panic!("the first request must subscribe");
             };
             let held = (subscribe.last_version, subscribe.last_version_epoch);
+            // Read before the Subscribe is seen: a test that turns it off
+            // once it sees one turns it off for the next.
+            let end = end_at_once.load(std::sync::atomic::Ordering::Relaxed);
             seen.lock().unwrap().subscribes.push(held);
+            if end {
+                let _ = tx.send(Err(Status::unavailable("shutting down"))).await;
+                return;
+            }
             let holds = |s: &Option<pb::Snapshot>| {
                 s.as_ref()
                     .is_some_and(|s| (s.version, s.version_epoch) == held && s.version != 0)
@@ -285,6 +297,7 @@ impl FakeControlPlane {
         let (generation, generation_rx) = watch::channel(0);
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewals_need_token = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let end_at_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = Service {
             ca: ca.clone(),
             root: root.clone(),
@@ -294,6 +307,7 @@ impl FakeControlPlane {
             generation: generation_rx,
             hold: hold.clone(),
             renewals_need_token: renewals_need_token.clone(),
+            end_at_once: end_at_once.clone(),
         };
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -310,6 +324,7 @@ impl FakeControlPlane {
             generation,
             hold,
             renewals_need_token,
+            end_at_once,
             down,
         }
     }
@@ -335,6 +350,14 @@ impl FakeControlPlane {
     pub fn renewals_need_token(&self) {
         self.renewals_need_token
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// From now on (`true`), every Watch stream ends with `UNAVAILABLE` as
+    /// soon as its Subscribe is read, as with a control plane that crashes
+    /// under its streams, again and again; `false` keeps them open again.
+    pub fn end_streams_at_once(&self, end: bool) {
+        self.end_at_once
+            .store(end, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// From now on, a Watch from a sidecar that already holds the pushed
