@@ -209,6 +209,14 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
 
+    /// With the embedded store: let the control plane generate a new root
+    /// when `ca.crt` and `ca.key` are missing from --state-dir although its
+    /// database shows a mesh lived on it (a lost CA, which is refused
+    /// without it). Its sidecars trust the old root only: re-enroll them or
+    /// make them trust the new root, and remove the flag.
+    #[arg(long, env = "TRELLIS_NEW_ROOT")]
+    pub new_root: bool,
+
     /// Roots (PEM CA certificates) to trust and publish in the trust bundle
     /// beside the signing CA's own: a new root before it signs, an old one
     /// until every certificate it signed has been renewed.
@@ -479,6 +487,15 @@ impl Config {
                         ));
                     }
                 }
+                if self.new_root && self.ca_cert.is_some() {
+                    return Err(format!(
+                        "{} is not used with {}/{}: it lets a generated CA lost from the \
+                         state dir be replaced, and the CA is the operator's files",
+                        n("new-root"),
+                        n("ca-cert"),
+                        n("ca-key")
+                    ));
+                }
             }
         }
         self.renewal_proof = match (self.identity_provider, self.renewal_proof) {
@@ -522,6 +539,15 @@ impl Config {
                 "{} kubernetes needs {} NAME (the Secret of the mesh CA)",
                 n("store"),
                 n("ca-secret")
+            ));
+        }
+        if self.new_root {
+            return Err(format!(
+                "{} is only used with {} embedded: with {} kubernetes, use {}",
+                n("new-root"),
+                n("store"),
+                n("store"),
+                n("ca-secret-new-root")
             ));
         }
         if self.ca_cert.is_some() {

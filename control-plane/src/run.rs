@@ -58,7 +58,7 @@ use crate::server::{
 };
 use crate::state_dir::{Secrecy, StateDir};
 use crate::store::Store;
-use crate::store::embedded::{DB_FILE, EmbeddedStore};
+use crate::store::embedded::{DB_FILE, EmbeddedStore, MeshHistory, read_history};
 use crate::store::kubernetes::{self, KubeStoreError, KubernetesStore, SYNC_TIMEOUT};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
@@ -127,6 +127,24 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// The generated CA's files are missing from a state dir whose
+    /// database shows a mesh lived on it: a new root would split the mesh.
+    #[error(
+        "the state dir {dir} holds no {cert} nor {key}, but its database {database} shows a mesh \
+         lived on it ({history}), and running sidecars trust that mesh's root only; refusing to \
+         generate a new one, and nothing was written. Restore ca.crt and ca.key from the backup \
+         they were taken with (the one trellis.redb came from); or, to start a new root on \
+         purpose, start the control plane with --new-root (TRELLIS_NEW_ROOT=true) once: every \
+         sidecar must then trust the new root first or be re-enrolled (README, \"Rotating the \
+         root\")"
+    )]
+    LostRoot {
+        dir: String,
+        cert: String,
+        key: String,
+        database: String,
+        history: MeshHistory,
+    },
     /// A write to the embedded database met an I/O error; the database
     /// refuses writes until reopened, which the next start does.
     #[error(
@@ -295,14 +313,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             // files are read, generated or `bundle.pem` rewritten (two
             // starts on an empty dir would each write a root of their own).
             refuse_an_emptied_database(&dir)?;
-            let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
+            // Read-only, before the open writes to the database.
+            let replacing = match operator_ca {
+                Some(_) => None,
+                None => refuse_a_lost_root(&dir, config.new_root)?,
+            };
+            let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             let ca = open_ca(
                 &dir,
                 &config.trust_domain,
                 operator_ca,
                 &config.trust_anchor_roots,
             )?;
+            if let Some(history) = replacing {
+                tracing::warn!(
+                    cert = %crate::escape::shown(&dir.path(CA_CERT)),
+                    history = %history,
+                    "generated a new root CA on --new-root, replacing the one missing from the \
+                     state dir: sidecars started before trust the old root only; re-enroll every \
+                     sidecar or give it the new bundle.pem, and remove the flag"
+                );
+            }
             write_failure = Some(store.write_failure());
             (ca, store as Arc<dyn Store>, None, None)
         }
@@ -631,6 +663,44 @@ fn refuse_an_emptied_database(dir: &StateDir) -> Result<(), crate::store::StoreE
         });
     }
     Ok(())
+}
+
+/// Refuses to let a root be generated over a mesh that lived: `ca.crt`
+/// and `ca.key` both missing (one alone is refused by `open_ca`) beside a
+/// database holding issued certificates, workloads or join tokens (a
+/// restore without the CA files, a careless clean-up). Reads the database
+/// without writing to it. With `new_root` the operator starts a new root
+/// on purpose: returns what the database holds, for the warning once the
+/// root is generated. A fresh state dir (no database, or one holding
+/// nothing) generates as on a first start.
+fn refuse_a_lost_root(dir: &StateDir, new_root: bool) -> Result<Option<MeshHistory>, RunError> {
+    let (cert, key) = (dir.path(CA_CERT), dir.path(CA_KEY));
+    let present = |path: &std::path::Path| std::fs::symlink_metadata(path).is_ok();
+    if present(&cert) || present(&key) {
+        if new_root {
+            tracing::warn!(
+                cert = %crate::escape::shown(&cert),
+                "--new-root has no effect: the state dir holds a CA; remove the flag, which \
+                 would let lost CA files become a new root"
+            );
+        }
+        return Ok(None);
+    }
+    let database = dir.path(DB_FILE);
+    let history = read_history(&database)?.unwrap_or_default();
+    if new_root {
+        return Ok(Some(history));
+    }
+    if history.is_empty() {
+        return Ok(None);
+    }
+    Err(RunError::LostRoot {
+        dir: crate::escape::shown(dir.root()),
+        cert: CA_CERT.to_owned(),
+        key: CA_KEY.to_owned(),
+        database: crate::escape::shown(&database),
+        history,
+    })
 }
 
 #[cfg(test)]

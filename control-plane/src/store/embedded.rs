@@ -465,6 +465,135 @@ fn move_log_by_serial(
     Ok(records.len() as u64)
 }
 
+/// What a database shows of a mesh that has lived on it: certificates
+/// issued, workloads, join tokens. Read by [`read_history`] without
+/// writing, before the CA files are generated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshHistory {
+    /// Issuances in the log (it keeps the newest [`ISSUED_LOG_RETAINED`]).
+    pub issued: u64,
+    /// The newest of them.
+    pub newest: Option<IssuedCertRecord>,
+    pub workloads: u64,
+    pub join_tokens: u64,
+}
+
+impl MeshHistory {
+    /// Whether nothing shows that the mesh has lived.
+    pub fn is_empty(&self) -> bool {
+        self.issued == 0 && self.workloads == 0 && self.join_tokens == 0
+    }
+}
+
+impl std::fmt::Display for MeshHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let mut parts = Vec::new();
+        if self.issued > 0 {
+            let mut issued = plural(self.issued, "certificate issued", "certificates issued");
+            if let Some(newest) = &self.newest {
+                issued.push_str(&format!(
+                    ", the newest at {} (serial {}, to {})",
+                    crate::api::rfc3339(newest.issued_at_unix),
+                    crate::escape::escape_controls(&newest.serial_hex),
+                    crate::escape::escape_controls(&newest.spiffe_id),
+                ));
+            }
+            parts.push(issued);
+        }
+        if self.workloads > 0 {
+            parts.push(plural(self.workloads, "workload", "workloads"));
+        }
+        if self.join_tokens > 0 {
+            parts.push(plural(self.join_tokens, "join token", "join tokens"));
+        }
+        if parts.is_empty() {
+            return f.write_str("nothing");
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Reads what the database at `path` shows of the mesh that lived on it,
+/// writing nothing: not the file, not its header. A database another
+/// process has open is an error saying so; one a crash or a live copy left
+/// needing repair is repaired in memory, the file untouched. `None` when
+/// there is no database, or one that cannot be read: its open says why.
+pub fn read_history(path: &Path) -> Result<Option<MeshHistory>, StoreError> {
+    if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+        return Ok(None);
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_history_unguarded(path)
+    }))
+    .unwrap_or(Ok(None))
+}
+
+fn read_history_unguarded(path: &Path) -> Result<Option<MeshHistory>, StoreError> {
+    let history = |db: &dyn ReadableDatabase| {
+        let txn = db.begin_read().map_err(redb::Error::from)?;
+        history_in(&txn)
+            .map(Some)
+            .map_err(|e| StoreError::Database {
+                path: shown(path),
+                reason: format!("cannot be read to see whether a mesh lived on it: {e}"),
+            })
+    };
+    match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => history(&db),
+        Err(e @ redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Database {
+            path: shown(path),
+            reason: open_error(e),
+        }),
+        // Not closed cleanly (a crash, a copy of a running database):
+        // repaired as the open would, but on a copy in memory.
+        Err(redb::DatabaseError::RepairAborted) => {
+            use redb::StorageBackend;
+            let Ok(bytes) = std::fs::read(path) else {
+                return Ok(None);
+            };
+            let memory = redb::backends::InMemoryBackend::new();
+            if memory.set_len(bytes.len() as u64).is_err() || memory.write(0, &bytes).is_err() {
+                return Ok(None);
+            }
+            drop(bytes);
+            match redb::Builder::new().create_with_backend(memory) {
+                Ok(db) => history(&db),
+                Err(_) => Ok(None),
+            }
+        }
+        // Damaged or not a database: the open says so.
+        Err(_) => Ok(None),
+    }
+}
+
+/// Counts what `txn` holds of a mesh; a table not there holds nothing.
+fn history_in(txn: &redb::ReadTransaction) -> Result<MeshHistory, StoreError> {
+    fn count<K: redb::Key + 'static, V: redb::Value + 'static>(
+        txn: &redb::ReadTransaction,
+        table: TableDefinition<'_, K, V>,
+    ) -> Result<u64, StoreError> {
+        match txn.open_table(table) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+    let mut history = MeshHistory {
+        issued: count(txn, ISSUED_LOG)? + count(txn, ISSUED_BY_SERIAL)?,
+        workloads: count(txn, WORKLOADS)?,
+        join_tokens: count(txn, JOIN_TOKENS)?,
+        newest: None,
+    };
+    if let Ok(log) = txn.open_table(ISSUED_LOG)
+        && let Some((_, value)) = log.last()?
+    {
+        history.newest = decode(value.value(), ISSUED_LOG.name()).ok();
+    }
+    Ok(history)
+}
+
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
         StoreError::Database {
