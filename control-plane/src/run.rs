@@ -143,7 +143,8 @@ pub enum RunError {
         cert: String,
         key: String,
         database: String,
-        history: MeshHistory,
+        /// What the database records, in words ([`MeshHistory`]).
+        history: String,
     },
     /// A write to the embedded database met an I/O error; the database
     /// refuses writes until reopened, which the next start does.
@@ -699,7 +700,7 @@ fn refuse_a_lost_root(dir: &StateDir, new_root: bool) -> Result<Option<MeshHisto
         cert: CA_CERT.to_owned(),
         key: CA_KEY.to_owned(),
         database: crate::escape::shown(&database),
-        history,
+        history: history.to_string(),
     })
 }
 
