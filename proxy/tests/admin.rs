@@ -603,3 +603,41 @@ async fn config_says_the_certificate_s_times_in_rfc3339_and_ends_with_a_newline(
         "{issued}"
     );
 }
+
+/// The admin port switches protocols for nothing, and after a request
+/// hyper's server may switch for (an HTTP/1.1 `Upgrade`, a `CONNECT`) no
+/// later head would be checked: its answer says `connection: close` and
+/// the connection ends with it, so a second request on it is never
+/// served.
+#[tokio::test]
+async fn an_admin_connection_ends_after_an_upgrade_or_connect_it_does_not_switch() {
+    let (_cp, _app, s) = app_behind_sidecar().await;
+    for first in [
+        "GET /live HTTP/1.1\r\nHost: admin\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        "GET /live HTTP/1.1\r\nHost: admin\r\nUpgrade: websocket\r\n\r\n",
+        "CONNECT admin:15020 HTTP/1.1\r\nHost: admin:15020\r\n\r\n",
+        "CONNECT admin:15020 HTTP/1.0\r\nHost: admin:15020\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let mut tcp = TcpStream::connect(s.admin).await.unwrap();
+        tcp.write_all(format!("{first}GET /live HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let read = closed_within(&mut tcp, Duration::from_secs(10)).await;
+        let read = String::from_utf8(read).unwrap();
+        let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+        assert_eq!(answers, 1, "{first:?}: {read}");
+        assert!(
+            read.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{first:?}: {read}"
+        );
+    }
+    // The same request without an `Upgrade` keeps the connection open.
+    let mut tcp = TcpStream::connect(s.admin).await.unwrap();
+    tcp.write_all(b"GET /live HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = next_answer(&mut tcp).await;
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body, "live\n");
+}

@@ -35,6 +35,9 @@
 //! warning ([`MALFORMED`]) naming the client and the fault (never a
 //! header's value: the hook token travels in one), at most once per kind
 //! per [`REFUSAL_LOG_PAUSE`], hyper's marked `answered="status only"`.
+//! The port switches protocols for nothing: its answer to a `CONNECT` or
+//! an HTTP/1.1 request with an `Upgrade`, after which no head is checked,
+//! says `connection: close` and ends the connection.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -193,6 +196,8 @@ impl Admin {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
                         async move {
+                            let ends = head::may_switch(&req);
+                            let version = req.version();
                             let allowed = access::check(
                                 req.uri().path(),
                                 client.ip(),
@@ -200,13 +205,16 @@ impl Admin {
                                 req.headers().get(access::HOOK_TOKEN_HEADER),
                                 state.config.hook_token.as_ref(),
                             );
-                            let response = if let Err(refused) = allowed {
+                            let mut response = if let Err(refused) = allowed {
                                 forbidden(&refused)
                             } else if req.uri().path().starts_with(probes::PATH_PREFIX) {
                                 app_health(&state, &req, app).await
                             } else {
                                 route(&state, &req)
                             };
+                            if ends {
+                                head::end(&mut response, version);
+                            }
                             Ok::<_, Infallible>(response)
                         }
                     });
