@@ -244,6 +244,66 @@ pub fn reset_on_close(tcp: &TcpStream) {
     let _ = tcp.set_zero_linger();
 }
 
+/// A relayed stream that is reset when dropped (see [`reset_on_close`])
+/// unless its copy ended cleanly ([`ResetIfCut::ended`]): a connection the
+/// sidecar cuts, its task dropped mid-copy (closed by policy), or whose
+/// other side was reset or failed, is reset, never ended with a FIN that
+/// would pass for the end of its bytes.
+pub struct ResetIfCut<S> {
+    io: S,
+    /// The TCP socket under `io`.
+    tcp: fn(&S) -> &TcpStream,
+    ended: bool,
+}
+
+impl<S> ResetIfCut<S> {
+    /// `io`, with `tcp` reaching the socket under it.
+    pub fn new(io: S, tcp: fn(&S) -> &TcpStream) -> Self {
+        ResetIfCut {
+            io,
+            tcp,
+            ended: false,
+        }
+    }
+
+    /// The copy ended cleanly: dropping the stream closes it as usual.
+    pub fn ended(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl ResetIfCut<TcpStream> {
+    /// A plain TCP stream, reset unless its copy ended cleanly.
+    pub fn tcp(tcp: TcpStream) -> Self {
+        fn itself(tcp: &TcpStream) -> &TcpStream {
+            tcp
+        }
+        ResetIfCut::new(tcp, itself)
+    }
+}
+
+impl<S> std::ops::Deref for ResetIfCut<S> {
+    type Target = S;
+
+    fn deref(&self) -> &S {
+        &self.io
+    }
+}
+
+impl<S> std::ops::DerefMut for ResetIfCut<S> {
+    fn deref_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
+
+impl<S> Drop for ResetIfCut<S> {
+    fn drop(&mut self) {
+        if !self.ended {
+            reset_on_close((self.tcp)(&self.io));
+        }
+    }
+}
+
 /// What a [`copy`] moved, and how it ended.
 #[derive(Debug)]
 pub struct Copied {

@@ -1183,6 +1183,9 @@ async fn read_end(tcp: &mut TcpStream) -> End {
 /// connection it accepts.
 struct Through {
     client: Arc<Shared>,
+    /// The policies of the client's sidecar (none at first).
+    client_policies: watch::Sender<Option<Arc<trellis_proxy::policy::Policies>>>,
+    server: SpiffeId,
     inbound: TestInbound,
     local: std::net::SocketAddr,
     accepted: tokio::sync::mpsc::Receiver<TcpStream>,
@@ -1202,10 +1205,20 @@ impl Through {
         });
         let server = id("/ns/b/sa/server");
         let inbound = inbound_as(&ca, &server, app_addr).await;
-        let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
-        let (local, shutdown) = route(client.clone(), server, inbound.addr).await;
+        let tls = ca.tls_state(
+            &ca.svid(&id("/ns/a/sa/client")),
+            std::slice::from_ref(&server),
+        );
+        let (client_policies, policies) = watch::channel(None);
+        let client = Arc::new(Shared {
+            policies,
+            ..holding(tls)
+        });
+        let (local, shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
         Through {
             client,
+            client_policies,
+            server,
             inbound,
             local,
             accepted,
@@ -1304,7 +1317,7 @@ async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides
     let down = common::ports::free_addr();
     let inbound = inbound_as(&ca, &server, down).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
-    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+    let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
 
     let mut app = TcpStream::connect(local).await.unwrap();
     app.write_all(b"hello\n").await.unwrap();
@@ -1319,10 +1332,51 @@ async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides
     .await;
     let through = Through {
         client,
+        client_policies: watch::channel(None).0,
+        server,
         inbound,
         local,
         accepted: tokio::sync::mpsc::channel(1).1,
         _shutdown,
     };
+    through.closed().await;
+}
+
+/// A connection the client's sidecar closes because the server's identity
+/// was revoked is reset at both apps, not ended as if all its bytes had
+/// come.
+#[tokio::test]
+async fn a_connection_closed_for_a_revoked_server_is_reset_at_both_apps() {
+    let mut through = Through::start().await;
+    let (mut app, mut server) = through.connect().await;
+    let policies = policies_revoking(&through.server, &through.server, &through.client.metrics);
+    through
+        .client_policies
+        .send_replace(Some(Arc::new(policies)));
+    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
+    through.closed().await;
+}
+
+/// A connection the server's sidecar closes because new policies deny it
+/// is reset at both apps, not ended as if all its bytes had come.
+#[tokio::test]
+async fn a_connection_closed_by_new_policies_is_reset_at_both_apps() {
+    let mut through = Through::start().await;
+    let (mut app, mut server) = through.connect().await;
+    let denying = trellis_proxy::policy::Policies::compile(
+        2,
+        &through.server,
+        "deny".into(),
+        Vec::new(),
+        &through.inbound.metrics,
+    )
+    .unwrap();
+    through
+        .inbound
+        .policies
+        .send_replace(Some(Arc::new(denying)));
+    assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     through.closed().await;
 }

@@ -691,8 +691,9 @@ pub async fn serve(
     );
     let result = tokio::select! {
         result = Box::pin(forward(&shared, stream, (&peer, client, target), per_request, bytes_stream, &is_http, &tracker)) => result,
-        // Returning drops both sockets: the peer and the app both see the
-        // connection close.
+        // Returning drops the copy, whose sockets are reset
+        // (`net::ResetIfCut`): the peer and the app both see the connection
+        // cut, not ended.
         closed = closed_later => match closed {
         Closed::Revoked(e) => {
             tracing::warn!(%peer, port, app = %target, reason = %trellis_core::grpc::REFUSAL_REVOKED, error = %e, "open inbound connection closed: the caller's identity is revoked");
@@ -1106,34 +1107,43 @@ async fn after_silence(
 /// dialled already, then copies bytes between the TLS stream and the app
 /// until both are done.
 async fn copy_to_app(
-    mut stream: PeerStream,
+    stream: PeerStream,
     prefix: BytesMut,
     target: SocketAddr,
     app: Option<TcpStream>,
 ) -> Result<Forwarded, ForwardError> {
-    let mut app = match app {
+    // A reset (or a failure) on one side is a reset on the other, never a
+    // FIN that would pass for the end of the bytes, and so is a connection
+    // this copy is dropped from (closed by policy): the caller's sidecar
+    // resets its app in turn. An app that cannot be reached is no such
+    // cut: the caller's connection is closed as before.
+    let app = match app {
         Some(app) => app,
         None => net::connect(target)
             .await
             .map_err(ForwardError::AppUnreachable)?,
     };
+    let mut stream = net::ResetIfCut::new(stream, peer_tcp);
+    let mut app = net::ResetIfCut::tcp(app);
     app.write_all(&prefix).await?;
     // Not held for the life of the connection.
     let prefix_len = prefix.len() as u64;
     drop(prefix);
-    let copied = net::copy(&mut stream, &mut app).await;
-    if copied.error.is_some() {
-        // A reset (or a failure) on one side is a reset on the other,
-        // never a FIN that would pass for the end of the bytes: the
-        // caller's sidecar resets its app in turn.
-        net::reset_on_close(&app);
-        net::reset_on_close(stream.get_ref().0.get_ref());
+    let copied = net::copy(&mut *stream, &mut *app).await;
+    if copied.error.is_none() {
+        stream.ended();
+        app.ended();
     }
     Ok(Forwarded::Tcp {
         from_peer: copied.there + prefix_len,
         to_peer: copied.back,
         error: copied.error,
     })
+}
+
+/// The TCP socket of a caller's connection.
+fn peer_tcp(stream: &PeerStream) -> &TcpStream {
+    stream.get_ref().0.get_ref()
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the

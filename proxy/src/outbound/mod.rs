@@ -695,8 +695,10 @@ async fn relay<R: std::fmt::Display>(
             );
             metrics.handshake_failure(OUTBOUND, HandshakeFailure::Revoked);
             metrics.connection(OUTBOUND, Outcome::ClosedByPolicy);
-            // Returning drops both sockets: the app and the peer both see
-            // the connection close.
+            // Cut, not ended: the app and the peer both see a reset,
+            // never a FIN that would pass for the end of the bytes.
+            net::reset_on_close(&local);
+            net::reset_on_close(upstream.get_ref().0.get_ref());
         }
     }
 }
