@@ -471,6 +471,17 @@ impl Config {
         match self.store {
             StoreKind::Kubernetes => self.resolve_kubernetes_store(names)?,
             StoreKind::Embedded => {
+                // A flag combination: refused before the CA files are read,
+                // so that it is the error whatever the files hold.
+                if self.new_root && self.ca_cert.is_some() {
+                    return Err(format!(
+                        "{} is not used with {}/{}: it lets a generated CA lost from the \
+                         state dir be replaced, and the CA is the operator's files",
+                        n("new-root"),
+                        n("ca-cert"),
+                        n("ca-key")
+                    ));
+                }
                 if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
                     crate::ca::files::check_operator_ca(&self.trust_domain, cert, key, names)?;
                 }
@@ -486,15 +497,6 @@ impl Config {
                             n("store")
                         ));
                     }
-                }
-                if self.new_root && self.ca_cert.is_some() {
-                    return Err(format!(
-                        "{} is not used with {}/{}: it lets a generated CA lost from the \
-                         state dir be replaced, and the CA is the operator's files",
-                        n("new-root"),
-                        n("ca-cert"),
-                        n("ca-key")
-                    ));
                 }
             }
         }

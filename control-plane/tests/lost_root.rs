@@ -168,9 +168,9 @@ fn a_state_dir_whose_database_holds_nothing_generates_a_root() {
     assert!(cp.stop().success());
 }
 
-/// The flag is refused as configuration (exit 64, nothing made) where it
-/// cannot apply: with an operator's CA, and with the Kubernetes store,
-/// which has `--ca-secret-new-root`.
+/// The flag is refused as configuration (exit 64, nothing made) with the
+/// Kubernetes store, which has `--ca-secret-new-root`; with an operator's
+/// CA, see the test below.
 #[test]
 fn new_root_is_refused_where_it_cannot_apply() {
     let tmp = tempfile::tempdir().unwrap();
@@ -194,4 +194,27 @@ fn new_root_is_refused_where_it_cannot_apply() {
         "--new-root is only used with --store embedded",
     );
     assert!(stderr.contains("--ca-secret-new-root"), "{stderr}");
+}
+
+/// With an operator's CA the flag is refused as a usage error (exit 64,
+/// nothing made), and before the CA files are read: a pair that is fine and
+/// a pair that is missing get the same refusal, naming the flags.
+#[test]
+fn new_root_is_refused_with_an_operator_ca_before_its_files_are_read() {
+    let shared = common::replica::SharedCa::generate();
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    let absent = ["--ca-cert", missing, "--ca-key", missing];
+    for ca in [shared.flags(), absent] {
+        let state = tmp.path().join("state");
+        let stderr = assert_refused_touching_nothing(
+            &state,
+            &[&ca[..], &["--new-root"]].concat(),
+            64,
+            "error: --new-root is not used with --ca-cert/--ca-key: it lets a generated CA \
+             lost from the state dir be replaced, and the CA is the operator's files",
+        );
+        assert!(!stderr.contains("cannot read"), "{stderr}");
+    }
 }
