@@ -1307,10 +1307,21 @@ fn a_pod_injected_under_other_settings_is_held_to_its_own_sidecar() {
     assert_eq!(reply["response"]["allowed"], true, "{reply}");
 
     // One added running as the pod's sidecar's UID, or on its inbound
-    // port, is refused naming them.
+    // port, is refused naming them. Moving the sidecar with
+    // injection.proxy.uid cannot help a pod that carries one, as the UID
+    // of the settings here shows: the refusal says what does.
     let init = json!({"name": "vault-agent-init", "image": "hashicorp/vault:1.17"});
     let mut as_proxy = init.clone();
     as_proxy["securityContext"] = json!({"runAsUser": 1337});
+    let (_, reply) = with("initContainers", as_proxy.clone());
+    assert_eq!(
+        denial(&reply),
+        "trellis: cannot inject: container \"vault-agent-init\" runs as UID 1337 (its \
+         securityContext.runAsUser), the sidecar's UID, whose traffic is never intercepted: \
+         under the outbound policy deny it would reach destinations the mesh refuses; run it \
+         as another UID: the pod carries its sidecar already, which runs as 1337 whatever \
+         injection.proxy.uid says now"
+    );
     let mut on_inbound = init.clone();
     on_inbound["ports"] = json!([{"containerPort": 15006, "protocol": "TCP"}]);
     for (added, says) in [

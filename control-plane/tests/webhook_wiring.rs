@@ -434,6 +434,29 @@ fn the_outbound_policy_decides_a_pod_running_as_the_sidecars_uid() {
         ),
         "{message}"
     );
+    assert!(message.ends_with("(injection.proxy.uid)"), "{message}");
+    // Reinvoked on a pod that carries its sidecar, moving the sidecar with
+    // injection.proxy.uid would not help: the refusal says what does.
+    let mut injected: Value =
+        serde_json::from_slice(&std::fs::read(fixture_path("pod-already-injected.json")).unwrap())
+            .unwrap();
+    injected["request"]["object"]["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    let injected_pod = certs.dir.path().join("injected-as-proxy-uid.json");
+    std::fs::write(&injected_pod, serde_json::to_vec(&injected).unwrap()).unwrap();
+    let (status, body) = certs.post(&webhook_addr(&cp), "/inject", &injected_pod);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], false, "{body}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with(
+            "(the pod's securityContext.runAsUser), the sidecar's UID, whose traffic is never \
+             intercepted: under the outbound policy deny it would reach destinations the mesh \
+             refuses; run it as another UID: the pod carries its sidecar already, which runs \
+             as 1337 whatever injection.proxy.uid says now"
+        ),
+        "{message}"
+    );
     drop(cp);
 
     let mut flags = certs.flags();

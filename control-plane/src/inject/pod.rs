@@ -83,13 +83,17 @@ pub enum InjectError {
     #[error(
         "container {container:?} runs as UID {uid} ({set_by}), the sidecar's UID, whose traffic \
          is never intercepted: under the outbound policy deny it would reach destinations the \
-         mesh refuses; run it as another UID, or move the sidecar to one no image uses \
-         (injection.proxy.uid)"
+         mesh refuses; {remedy}",
+        remedy = ProxyUidRemedy { uid: *.uid, injected: *.injected }
     )]
     ProxyUid {
         container: String,
         uid: u32,
         set_by: &'static str,
+        /// The pod carries its sidecar already (a reinvocation, or a
+        /// manifest copied from an injected pod): that sidecar's UID is
+        /// its `trellis-init`'s, which the settings no longer change.
+        injected: bool,
     },
     #[error(
         "the pod has the container {INIT_CONTAINER} but not {PROXY_CONTAINER}: its traffic would \
@@ -103,6 +107,33 @@ pub enum InjectError {
          {PROXY_CONTAINER} to have both injected"
     )]
     ProxyWithoutInit,
+}
+
+/// What helps a pod refused with [`InjectError::ProxyUid`]: before
+/// injection, the container or the sidecar may move; a pod that carries its
+/// sidecar keeps that sidecar's UID whatever `injection.proxy.uid` says, so
+/// only the container can.
+struct ProxyUidRemedy {
+    uid: u32,
+    injected: bool,
+}
+
+impl std::fmt::Display for ProxyUidRemedy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.injected {
+            write!(
+                f,
+                "run it as another UID: the pod carries its sidecar already, which runs as {} \
+                 whatever injection.proxy.uid says now",
+                self.uid
+            )
+        } else {
+            f.write_str(
+                "run it as another UID, or move the sidecar to one no image uses \
+                 (injection.proxy.uid)",
+            )
+        }
+    }
 }
 
 /// Why a pod was left as it is.
@@ -204,7 +235,7 @@ pub fn inject_pod(
     let h2_limits = H2Limits::read(&annotations, config)?;
     let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
     check_port_clashes(all_containers(spec), config)?;
-    check_proxy_uid(proxy_uid_containers(spec, config.proxy_uid), config)?;
+    check_proxy_uid(proxy_uid_containers(spec, config.proxy_uid), config, false)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -356,6 +387,7 @@ fn rewrite_added(
     check_proxy_uid(
         proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| !is_ours(c)),
         config,
+        true,
     )?;
 
     let (field, at, proxy) = ["initContainers", "containers"]
@@ -972,6 +1004,7 @@ fn check_port_clashes<'a>(
 fn check_proxy_uid<'a>(
     mut found: impl Iterator<Item = (&'a Value, &'static str)>,
     config: &InjectConfig,
+    injected: bool,
 ) -> Result<(), InjectError> {
     if config.outbound_policy != OutboundPolicy::Deny {
         return Ok(());
@@ -981,6 +1014,7 @@ fn check_proxy_uid<'a>(
             container: container_name(container),
             uid: config.proxy_uid,
             set_by,
+            injected,
         }),
         None => Ok(()),
     }
