@@ -249,15 +249,29 @@ pub fn assert_refused_touching_nothing(
     stderr
 }
 
-/// A temp dir holding an empty state dir, private as the control plane
-/// makes it, for a test to fill before [`ControlPlane::start_in`]: the temp
-/// dir, and the state dir in it.
+/// A temp dir holding a state dir with a generated CA and no database,
+/// private as the control plane makes it, for a test to fill the database
+/// of before [`ControlPlane::start_in`]: the temp dir, and the state dir in
+/// it. The CA is there because a database that shows a mesh lived beside no
+/// CA is refused at start (a lost root).
 pub fn empty_state_dir() -> (Arc<tempfile::TempDir>, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use trellis_control_plane::ca::CertificateAuthority;
+    use trellis_control_plane::ca::files::{CA_CERT, CA_KEY};
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let state = tmp.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
+    let (_, cert_pem, key_pem) = CertificateAuthority::generate(&td).unwrap();
+    std::fs::write(state.join(CA_CERT), cert_pem).unwrap();
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(state.join(CA_KEY))
+        .unwrap();
+    std::io::Write::write_all(&mut key, key_pem.as_bytes()).unwrap();
     (tmp, state)
 }
 
