@@ -1170,7 +1170,12 @@ async fn what_the_control_plane_sends_is_printed_escaped() {
         ),
         (
             &["policy", "get", "default/q\x1b[31m"],
-            "policy default/q\\u{1b}[31m not found",
+            "name: invalid name \"q\\u{1b}[31m\": must be a DNS-1123 label",
+        ),
+        // Stored under a name no write takes, it can still be read.
+        (
+            &["policy", "get", "default/p\x1b[31m"],
+            "name: \"p\\u001b[31m\"",
         ),
     ] {
         let text = printed(args);

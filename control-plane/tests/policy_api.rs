@@ -975,3 +975,66 @@ async fn explain_names_the_deciding_rule() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("source:"), "{err:?}");
 }
+
+/// GetPolicy and DeletePolicy of a namespace or name no document could have
+/// (not a DNS label, empty, longer than 63 bytes) answer INVALID_ARGUMENT
+/// naming the field and the rule ApplyPolicy holds names to, not NOT_FOUND:
+/// the mistake is the request's. A value too long is named by its length.
+/// Of either kind, and the stored policy beside them is untouched.
+#[tokio::test]
+async fn get_and_delete_of_a_name_no_policy_could_have_are_invalid_arguments() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("web-to-api", API, WEB, 8080), false)
+        .await
+        .unwrap();
+    const RULE: &str = "must be a DNS-1123 label: at most 63 characters of a-z, 0-9 and '-', \
+                        starting and ending with a letter or digit";
+    let long = "a".repeat(64);
+    let huge = "a".repeat(100_000);
+    for (namespace, name, says) in [
+        (
+            "Default!",
+            "web-to-api",
+            format!("namespace: invalid namespace \"Default!\": {RULE}"),
+        ),
+        (
+            "default",
+            "web-to-api-",
+            format!("name: invalid name \"web-to-api-\": {RULE}"),
+        ),
+        ("default", "", "name: must be set".to_owned()),
+        ("", "web-to-api", "namespace: must be set".to_owned()),
+        (
+            "default",
+            &long,
+            format!("name: invalid name (64 bytes long): {RULE}"),
+        ),
+        (
+            &huge,
+            "web-to-api",
+            format!("namespace: invalid namespace (100000 bytes long): {RULE}"),
+        ),
+    ] {
+        for kind in ["", "AuthorizationPolicy", "RateLimitPolicy"] {
+            let err = admin
+                .get_policy(get(namespace, name, kind))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{says}: {err:?}");
+            assert_eq!(err.message(), says);
+            let err = admin
+                .delete_policy(delete(namespace, name, kind))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{says}: {err:?}");
+            assert_eq!(err.message(), says);
+        }
+    }
+    let got = admin
+        .get_policy(get("default", "web-to-api", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.policy.unwrap().name, "web-to-api");
+}

@@ -1999,3 +1999,33 @@ fn files_without_documents_are_named() {
         format!("{start}: {}, <stdin>, {} and 2 more\n", paths[0], paths[1])
     );
 }
+
+/// `trellisctl policy get` and `delete` of a namespace or name no policy
+/// could have print the control plane's refusal naming the field and the
+/// rule, as a refused request (exit 1), not as a policy not found; a name
+/// too long is named by its length, not printed back.
+#[test]
+fn get_and_delete_of_a_name_no_policy_could_have_say_why() {
+    let cp = ControlPlane::start(&[]);
+    const RULE: &str = "must be a DNS-1123 label: at most 63 characters of a-z, 0-9 and '-', \
+                        starting and ending with a letter or digit";
+    let long = format!("default/{}", "a".repeat(300));
+    for (policy, says) in [
+        (
+            "Default!/web-to-api",
+            format!("namespace: invalid namespace \"Default!\": {RULE}"),
+        ),
+        (
+            long.as_str(),
+            format!("name: invalid name (300 bytes long): {RULE}"),
+        ),
+    ] {
+        for verb in ["get", "delete"] {
+            let out = cp.ctl(&["policy", verb, policy]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{verb} {policy}: {stderr}");
+            assert_eq!(stderr, format!("error: invalid argument: {says}\n"));
+            assert!(out.stdout.is_empty());
+        }
+    }
+}

@@ -23,6 +23,7 @@
 
 use prost::Message;
 use tonic::{Code, Status};
+use trellis_core::policy::pattern::{DNS_LABEL_RULE, is_dns_label};
 use trellis_core::policy::{
     AuthorizationPolicy, Diagnostic, Document, ExplainedHttp, HttpRequest, OpaquePorts,
     RateLimitPolicy, ValidationContext, WorkloadSelector, document_from_proto, explain,
@@ -432,7 +433,29 @@ fn require_name(namespace: &str, name: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn not_found(kind: Kind, namespace: &str, name: &str) -> Status {
+/// The longest DNS label, in bytes.
+const MAX_LABEL_BYTES: usize = 63;
+
+/// The answer to a read or delete that found nothing: a namespace or name
+/// that no document could have, as a write checks them (each a DNS label,
+/// [`is_dns_label`]), is the request's mistake, refused naming the field
+/// and the rule (a value too long to be one by its length, not quoted
+/// back); any other is not found. The store is asked first all the same,
+/// so that a document stored under such a name (a database written by
+/// other means) can still be read and deleted.
+fn not_found_or_invalid(kind: Kind, namespace: &str, name: &str) -> Status {
+    for (field, value) in [("namespace", namespace), ("name", name)] {
+        if !is_dns_label(value) {
+            return Status::invalid_argument(if value.len() > MAX_LABEL_BYTES {
+                format!(
+                    "{field}: invalid {field} ({} bytes long): {DNS_LABEL_RULE}",
+                    value.len()
+                )
+            } else {
+                format!("{field}: invalid {field} {value:?}: {DNS_LABEL_RULE}")
+            });
+        }
+    }
     let what = match kind {
         Kind::Authorization => "policy",
         Kind::RateLimit => "rate limit",
@@ -474,7 +497,7 @@ pub async fn get(mesh: &Mesh, req: GetPolicyRequest) -> Result<GetPolicyResponse
     let kind = Kind::parse(&req.kind)?;
     let store = mesh.store.clone();
     let (namespace, name) = (req.namespace.clone(), req.name.clone());
-    let missing = || not_found(kind, &req.namespace, &req.name);
+    let missing = || not_found_or_invalid(kind, &req.namespace, &req.name);
     if kind == Kind::RateLimit {
         let record = blocking(move || store.rate_limit(&namespace, &name))
             .await?
@@ -621,7 +644,8 @@ pub async fn delete(
         Ok(deleted)
     })
     .await?;
-    let generation = deleted.ok_or_else(|| not_found(kind, &req.namespace, &req.name))?;
+    let generation =
+        deleted.ok_or_else(|| not_found_or_invalid(kind, &req.namespace, &req.name))?;
     tracing::info!(
         kind = kind.name(),
         policy = %policy_key(&req.namespace, &req.name),

@@ -97,7 +97,8 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes.last().is_some_and(edge)
 }
 
-pub(crate) const DNS_LABEL_RULE: &str = "must be a DNS-1123 label: at most 63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
+/// What [`is_dns_label`] requires, as errors say it.
+pub const DNS_LABEL_RULE: &str = "must be a DNS-1123 label: at most 63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
 
 #[cfg(test)]
 mod tests {
