@@ -62,7 +62,7 @@ pub fn escape_given(mut e: clap::Error) -> clap::Error {
 ///
 /// Use it for the refusals clap makes while taking the flags; a program's
 /// own checks, run on the values clap took, name each flag with
-/// [`Given::name`](crate::flags::Given::name) instead (the rule of
+/// [`FlagNames::name`](crate::flags::FlagNames::name) instead (the rule of
 /// [`flags`](crate::flags)).
 pub fn environment_refusal(
     e: &clap::Error,

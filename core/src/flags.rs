@@ -6,7 +6,7 @@
 //! it). clap's own refusals are said by
 //! [`environment_refusal`](crate::escape::environment_refusal); those of a
 //! program's own checks, after clap took the flags, by [`Given`]: each
-//! check names every flag it speaks of with [`Given::name`] (or through
+//! check names every flag it speaks of with [`FlagNames::name`] (or through
 //! [`FlagNames`]) as it writes its words, never by rewriting them after.
 //! Every binary (`trellis-proxy`, `trellis-control-plane`, `trellisctl`)
 //! says them so.

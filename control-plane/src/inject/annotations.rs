@@ -35,11 +35,11 @@ use super::{
 /// The prefix of the names the mesh owns in a pod's annotations and labels.
 pub const PREFIX: &str = "trellis.io/";
 
-/// Every pod annotation under [`PREFIX`] the injector reads (the pod's
+/// Every pod annotation under `trellis.io/` the injector reads (the pod's
 /// author writes them) or writes itself (the last three). The only list:
-/// the readers below take a [`Key`], which names one of these or fails
+/// the readers below take a `Key`, which names one of these or fails
 /// the build, and any other name under the prefix is warned of
-/// ([`unknown_names`]).
+/// (`unknown_names`).
 pub const POD_ANNOTATIONS: [&str; 12] = [
     INJECT_KEY,
     ACCESS_LOG_ANNOTATION,
@@ -55,10 +55,10 @@ pub const POD_ANNOTATIONS: [&str; 12] = [
     TRUST_BUNDLE_ANNOTATION,
 ];
 
-/// Every pod label under [`PREFIX`] the injector reads.
+/// Every pod label under `trellis.io/` the injector reads.
 pub const POD_LABELS: [&str; 1] = [INJECT_KEY];
 
-/// The most names under [`PREFIX`] that are not the mesh's one pod is
+/// The most names under `trellis.io/` that are not the mesh's one pod is
 /// warned of one by one; the rest are counted in one warning more, so a
 /// pod with a thousand of them costs a few lines, not a thousand.
 pub const MAX_UNKNOWN_NAME_WARNINGS: usize = 5;
@@ -404,7 +404,7 @@ pub(crate) fn join<T: Display>(items: impl IntoIterator<Item = T>) -> String {
     joined
 }
 
-/// Where [`unknown_names`] found a name under [`PREFIX`] that is not the
+/// Where [`unknown_names`] found a name under `trellis.io/` that is not the
 /// mesh's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UnknownName {
@@ -430,7 +430,7 @@ impl UnknownName {
     }
 }
 
-/// The names under [`PREFIX`] of `pod`'s annotations and labels that are
+/// The names under `trellis.io/` of `pod`'s annotations and labels that are
 /// not the mesh's (not in [`POD_ANNOTATIONS`], [`POD_LABELS`]): where
 /// each kind was found, and the warnings for them, one a name, naming it
 /// and the known name it is close to if one is ([`suggestion`]), for the
