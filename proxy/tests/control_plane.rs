@@ -670,6 +670,27 @@ async fn a_certificate_peers_would_refuse_is_not_taken() {
     assert_eq!(serial().await, held, "the refused certificate was taken");
 }
 
+/// When each of the three Subscribes after the first reached `cp`, watched
+/// every 20 ms; the test fails if they have not all come within 20 s.
+async fn resubscribed(cp: &FakeControlPlane) -> Vec<std::time::Instant> {
+    let mut arrived = Vec::new();
+    let mut seen = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrived.len() < 3 {
+        let subscribes = cp.seen.lock().unwrap().subscribes.len();
+        if subscribes > seen {
+            seen = subscribes;
+            arrived.push(std::time::Instant::now());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not three Subscribes after the first within 20 s, only at {arrived:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    arrived
+}
+
 /// A stream that opened and then brought a snapshot too large to read
 /// does not reset the reconnection backoff, as a stream that opened and
 /// later broke does: every retry would meet the same snapshot, so they
@@ -688,19 +709,7 @@ async fn a_snapshot_past_the_limit_is_retried_with_growing_backoff() {
         }],
         ..Default::default()
     });
-    // When each Subscribe after the first arrived.
-    let mut arrived = Vec::new();
-    let mut seen = 1;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while arrived.len() < 3 {
-        let subscribes = cp.seen.lock().unwrap().subscribes.len();
-        if subscribes > seen {
-            seen = subscribes;
-            arrived.push(std::time::Instant::now());
-        }
-        assert!(std::time::Instant::now() < deadline, "{arrived:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let arrived = resubscribed(&cp).await;
     let third = arrived[2] - arrived[1];
     assert!(
         third >= Duration::from_millis(1900),
@@ -722,19 +731,7 @@ async fn streams_ended_as_they_open_are_retried_with_growing_backoff() {
     assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
     cp.end_streams_at_once(true);
     cp.drop_streams();
-    // When each Subscribe after the first arrived.
-    let mut arrived = Vec::new();
-    let mut seen = 1;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while arrived.len() < 3 {
-        let subscribes = cp.seen.lock().unwrap().subscribes.len();
-        if subscribes > seen {
-            seen = subscribes;
-            arrived.push(std::time::Instant::now());
-        }
-        assert!(std::time::Instant::now() < deadline, "{arrived:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let arrived = resubscribed(&cp).await;
     let third = arrived[2] - arrived[1];
     assert!(
         third >= Duration::from_millis(1900),

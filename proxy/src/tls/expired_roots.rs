@@ -2,7 +2,7 @@
 //! trust bundle, on real certificates: a root stops anchoring chains the
 //! moment it expires, whichever side verifies, and the refusal names it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
@@ -17,19 +17,9 @@ use trellis_core::tls::{
 };
 use trellis_core::{SpiffeId, TrustDomain};
 
+use super::testing::{API, at, now_secs};
+
 const DAY: u64 = 86_400;
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn at(secs: u64) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
-}
 
 /// A CA's key and certificate fields: named `name`, valid from a day ago
 /// until `not_after`.

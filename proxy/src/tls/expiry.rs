@@ -3,7 +3,7 @@
 //! the second it expires, never a renewed one, and says when it expired.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -11,20 +11,8 @@ use tokio::sync::watch;
 use trellis_core::{SpiffeId, TrustDomain};
 
 use super::TlsState;
+use super::testing::{API, at, now_secs};
 use crate::identity::Svid;
-
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn at(secs: u64) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
-}
 
 /// An SVID for `API` signed by `issuer`, valid from a minute ago until
 /// `not_after` (Unix seconds).

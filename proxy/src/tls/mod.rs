@@ -50,6 +50,8 @@ mod expiry;
 mod revoked_callers;
 #[cfg(test)]
 mod svid_shape;
+#[cfg(test)]
+mod testing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
