@@ -1600,13 +1600,40 @@ fn a_replacement_probing_a_port_it_does_not_declare_is_warned_as_at_injection() 
         ])
     );
 
-    let pod = with_shipper(&first, &shipper);
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    assert_eq!(reply["response"]["allowed"], true, "{reply}");
-    assert_eq!(
-        reply["response"]["warnings"],
-        direct["response"]["warnings"]
+    let again = shipper_replaced(
+        &review,
+        &first,
+        &shipper,
+        Some(&direct["response"]["warnings"]),
+        &app_probes(&injected_as(&direct, &review, &shipper)),
     );
+
+    let third = settled(&review, again.clone());
+    assert!(third["response"].get("warnings").is_none(), "{third}");
+    valid_as_stored(again, "web-6b7f9c5d8-x2x7k");
+}
+
+/// Reviews `first` (an injected pod) with `shipper` in the place of its
+/// `log-shipper`, as a reinvocation sends it, and checks the answer: allowed,
+/// with `warnings` (none at all when `None`), and a patch that adds the
+/// annotations and replaces `TRELLIS_APP_PROBES` only. Applied, the pod holds
+/// `shipper` as it came, and its app probes are `first`'s without the
+/// liveness check of the container replaced, equal to `direct_probes` (those
+/// of the first injection of a pod with `shipper`). The pod patched.
+fn shipper_replaced(
+    review: &Value,
+    first: &Value,
+    shipper: &Value,
+    warnings: Option<&Value>,
+    direct_probes: &Value,
+) -> Value {
+    let pod = with_shipper(first, shipper);
+    let reply = answer_for(&with_object(review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    match warnings {
+        Some(warnings) => assert_eq!(&reply["response"]["warnings"], warnings),
+        None => assert!(reply["response"].get("warnings").is_none(), "{reply}"),
+    }
     let patch = patch_of(&reply).expect("a patch");
     assert_eq!(
         ops(&patch),
@@ -1614,24 +1641,18 @@ fn a_replacement_probing_a_port_it_does_not_declare_is_warned_as_at_injection() 
             "add /metadata/annotations".to_owned(),
             format!(
                 "replace /spec/initContainers/1/env/{}",
-                env_index(&first, "TRELLIS_APP_PROBES")
+                env_index(first, "TRELLIS_APP_PROBES")
             ),
         ]
     );
     let again = apply(&pod, &patch);
-    assert_eq!(container(&again, "containers", "log-shipper"), &shipper);
-    let mut probes = app_probes(&first);
+    assert_eq!(container(&again, "containers", "log-shipper"), shipper);
+    let mut probes = app_probes(first);
     let probes = probes.as_object_mut().unwrap();
     assert!(probes.remove("/app-health/log-shipper/liveness").is_some());
     assert_eq!(app_probes(&again), Value::Object(probes.clone()));
-    assert_eq!(
-        app_probes(&again),
-        app_probes(&injected_as(&direct, &review, &shipper))
-    );
-
-    let third = settled(&review, again.clone());
-    assert!(third["response"].get("warnings").is_none(), "{third}");
-    valid_as_stored(again, "web-6b7f9c5d8-x2x7k");
+    assert_eq!(&app_probes(&again), direct_probes);
+    again
 }
 
 /// The review's pod with `shipper` in the place of `log-shipper`, injected
@@ -1663,35 +1684,13 @@ fn a_replacement_with_only_exec_checks_leaves_none_of_its_namesakes_behind() {
     }}));
     let first = injected(&review);
     let legacy = fixture("pod-already-injected.json")["request"]["object"].clone();
+    // The checks the first injection gives a pod with that container.
+    let direct_probes = app_probes(&injected(&with_object(
+        &review,
+        with_shipper(&review["request"]["object"], &shipper),
+    )));
     for first in [first, legacy] {
-        let pod = with_shipper(&first, &shipper);
-        let reply = answer_for(&with_object(&review, pod.clone()));
-        assert_eq!(reply["response"]["allowed"], true, "{reply}");
-        assert!(reply["response"].get("warnings").is_none(), "{reply}");
-        let patch = patch_of(&reply).expect("a patch");
-        assert_eq!(
-            ops(&patch),
-            [
-                "add /metadata/annotations".to_owned(),
-                format!(
-                    "replace /spec/initContainers/1/env/{}",
-                    env_index(&first, "TRELLIS_APP_PROBES")
-                ),
-            ]
-        );
-        let again = apply(&pod, &patch);
-        assert_eq!(container(&again, "containers", "log-shipper"), &shipper);
-        let mut probes = app_probes(&first);
-        let probes = probes.as_object_mut().unwrap();
-        assert!(probes.remove("/app-health/log-shipper/liveness").is_some());
-        assert_eq!(app_probes(&again), Value::Object(probes.clone()));
-        assert_eq!(
-            app_probes(&again),
-            app_probes(&injected(&with_object(
-                &review,
-                with_shipper(&review["request"]["object"], &shipper)
-            )))
-        );
+        let again = shipper_replaced(&review, &first, &shipper, None, &direct_probes);
         assert_eq!(
             again["metadata"]["annotations"]["trellis.io/injected-containers"],
             "web,log-shipper,wait-for-db"

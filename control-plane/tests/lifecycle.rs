@@ -608,17 +608,8 @@ fn a_damaged_database_is_reported_with_what_to_do_and_left_alone() {
     let cut = good[..good.len() / 2].to_vec();
     for (damage, bytes) in [("a page overwritten", overwritten), ("cut short", cut)] {
         std::fs::write(&database, &bytes).unwrap();
-        // A start that serves instead of refusing ends at the timeout (124).
-        let out = Command::new("timeout")
-            .args(["60", CP])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .env_remove("TRELLIS_LOG")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{damage}: {stderr}");
+        let (code, stderr) = refused_start(&state);
+        assert_eq!(code, Some(1), "{damage}: {stderr}");
         let last = stderr.lines().last().unwrap_or_default();
         let names = format!("error: database {}: DB corrupted: ", database.display());
         assert!(last.starts_with(&names), "{damage}: {last}");
@@ -650,17 +641,8 @@ fn an_emptied_database_beside_a_ca_is_refused() {
     let state = tmp.path().join("state");
     let database = state.join("trellis.redb");
     std::fs::write(&database, b"").unwrap();
-    // A start that serves instead of refusing ends at the timeout (124).
-    let out = Command::new("timeout")
-        .args(["60", CP])
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env_remove("TRELLIS_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = refused_start(&state);
+    assert_eq!(code, Some(1), "{stderr}");
     let why = format!(
         "error: database {}: the file is empty, though the state dir holds a CA made after it: \
          the state it held is lost (a copy or restore cut short?); it is left as it is: restore \
@@ -689,17 +671,8 @@ fn a_key_file_others_can_read_is_refused_and_left_alone() {
         let key = state.join(name);
         let pem = std::fs::read_to_string(&key).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        // A start that serves instead of refusing ends at the timeout (124).
-        let out = Command::new("timeout")
-            .args(["60", CP])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .env_remove("TRELLIS_LOG")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let (code, stderr) = refused_start(&state);
+        assert_eq!(code, Some(1), "{stderr}");
         let why = format!(
             "error: {} holds a private key but is accessible by group or others (mode 644); run \
              `chmod 600` on it (and consider whether it leaked)",

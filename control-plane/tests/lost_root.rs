@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
@@ -45,28 +44,9 @@ async fn lived_in() -> (Arc<tempfile::TempDir>, PathBuf, PathBuf) {
     (tmp, state, aside)
 }
 
-/// Starts on `state` with `env` and no flag but the ports; a start that
-/// serves instead of refusing ends at the timeout (124). Its exit code and
-/// stderr.
-fn start_refused(state: &Path) -> (Option<i32>, String) {
-    let out = Command::new("timeout")
-        .args(["60", CP])
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env_remove("TRELLIS_LOG")
-        .env_remove("TRELLIS_NEW_ROOT")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn assert_refused_naming_the_loss(state: &Path) {
     let before = files(state);
-    let (code, stderr) = start_refused(state);
+    let (code, stderr) = refused_start(state);
     assert_eq!(code, Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     let database = state.join("trellis.redb");

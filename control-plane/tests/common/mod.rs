@@ -249,6 +249,27 @@ pub fn assert_refused_touching_nothing(
     stderr
 }
 
+/// Starts the control plane on `state` (a state dir it made) on free ports,
+/// with no other flag and neither `TRELLIS_LOG` nor `TRELLIS_NEW_ROOT` from
+/// the environment, for a test expecting it to refuse. A start that serves
+/// instead of refusing ends at the timeout (exit 124). Its exit code and
+/// stderr.
+pub fn refused_start(state: &Path) -> (Option<i32>, String) {
+    let out = Command::new("timeout")
+        .args(["60", CP])
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .env_remove("TRELLIS_NEW_ROOT")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A temp dir holding a state dir with a generated CA and no database,
 /// private as the control plane makes it, for a test to fill the database
 /// of before [`ControlPlane::start_in`]: the temp dir, and the state dir in
