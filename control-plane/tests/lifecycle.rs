@@ -610,6 +610,7 @@ fn a_damaged_database_is_reported_with_what_to_do_and_left_alone() {
         std::fs::write(&database, &bytes).unwrap();
         let (code, stderr) = refused_start(&state);
         assert_eq!(code, Some(1), "{damage}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{damage}: {stderr}");
         let last = stderr.lines().last().unwrap_or_default();
         let names = format!("error: database {}: DB corrupted: ", database.display());
         assert!(last.starts_with(&names), "{damage}: {last}");

@@ -237,10 +237,7 @@ impl EmbeddedStore {
         // redb panics on some damaged pages (a page type it does not know)
         // where it returns an error on others: either is a damaged file,
         // said as one, not a crash with a backtrace.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::open_unguarded(path, retained)
-        }))
-        .unwrap_or_else(|panic| {
+        caught_quietly(|| Self::open_unguarded(path, retained)).unwrap_or_else(|panic| {
             Err(StoreError::Database {
                 path: shown(path),
                 reason: format!(
@@ -524,10 +521,33 @@ pub fn read_history(path: &Path) -> Result<Option<MeshHistory>, StoreError> {
     if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
         return Ok(None);
     }
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_history_unguarded(path)
-    }))
-    .unwrap_or(Ok(None))
+    caught_quietly(|| read_history_unguarded(path)).unwrap_or(Ok(None))
+}
+
+thread_local! {
+    /// Whether a panic on this thread is caught by `caught_quietly`.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic of redb's on a damaged file without the
+/// default hook printing it (its message and, with `RUST_BACKTRACE`, a
+/// backtrace above the error that says what to do). Only panics on this
+/// thread while `f` runs are kept quiet; every other goes to the hook
+/// installed before.
+fn caught_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|quiet| quiet.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|quiet| quiet.set(was));
+    result
 }
 
 fn read_history_unguarded(path: &Path) -> Result<Option<MeshHistory>, StoreError> {
