@@ -404,7 +404,7 @@ pub(crate) fn join<T: Display>(items: impl IntoIterator<Item = T>) -> String {
     joined
 }
 
-/// Where [`unknown_names`] found a name under `trellis.io/` that is not the
+/// Where `unknown_names` found a name under `trellis.io/` that is not the
 /// mesh's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UnknownName {
