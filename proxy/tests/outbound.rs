@@ -1152,33 +1152,6 @@ async fn a_refused_server_certificate_is_logged_with_what_it_claims() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
-/// How a TCP connection ended, as the side reading it saw it.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// An orderly end (FIN) after these bytes.
-    Fin(Vec<u8>),
-    /// A reset after these bytes.
-    Reset(Vec<u8>),
-}
-
-/// Reads `tcp` until it ends, within 5 s.
-async fn read_end(tcp: &mut TcpStream) -> End {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let read = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
-            .await
-            .expect("the connection neither ended nor was reset within 5 s");
-        match read {
-            Ok(0) => return End::Fin(got),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return End::Reset(got),
-            Err(e) => panic!("reading: {e}"),
-        }
-    }
-}
-
 /// A route to a server sidecar in front of an app that hands the test each
 /// connection it accepts.
 struct Through {

@@ -493,3 +493,29 @@ pub async fn past(unix_secs: i64) {
         tokio::time::sleep(wait + Duration::from_millis(50)).await;
     }
 }
+
+/// How a TCP connection ended, as the side reading it saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// An orderly end (FIN) after these bytes.
+    Fin(Vec<u8>),
+    /// A reset after these bytes.
+    Reset(Vec<u8>),
+}
+
+/// Reads `tcp` until it ends, within 5 s.
+pub async fn read_end(tcp: &mut TcpStream) -> End {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the connection neither ended nor was reset within 5 s");
+        match read {
+            Ok(0) => return End::Fin(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return End::Reset(got),
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+}
