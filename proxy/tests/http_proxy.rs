@@ -226,6 +226,130 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
     }
 }
 
+/// An app that answers each request with 101 and `early`, the first bytes
+/// of the new protocol in the same write, then hands the test its end of
+/// the connection.
+async fn switching_app(
+    early: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, accepted) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                read_head(&mut tcp).await;
+                let mut answer =
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
+                        .to_vec();
+                answer.extend_from_slice(early);
+                tcp.write_all(&answer).await.unwrap();
+                let _ = tx.send(tcp).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads an HTTP/1 head up to its empty line, a byte at a time so that
+/// nothing after it is taken.
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("the connection ended in a head"));
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A connection from a calling app through the sidecar pair of `route`,
+/// switched by the app of `accepted`: the calling app's end and the server
+/// app's.
+async fn switched(
+    route: std::net::SocketAddr,
+    accepted: &mut tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
+) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let mut caller = tokio::net::TcpStream::connect(route).await.unwrap();
+    caller
+        .write_all(b"GET /ws HTTP/1.1\r\nhost: api\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .expect("the app was not called")
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut caller))
+        .await
+        .expect("no answer within 10 s");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    (caller, server)
+}
+
+/// An upgraded connection (a WebSocket, say) through a sidecar pair that
+/// the server app resets is reset at the calling app, not ended as if the
+/// app had finished.
+#[tokio::test]
+async fn an_upgraded_connection_the_app_resets_is_reset_at_the_caller() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, mut accepted) = switching_app(b"").await;
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let (mut caller, server) = switched(p.route, &mut accepted).await;
+    server.set_zero_linger().unwrap();
+    drop(server);
+    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+}
+
+/// An upgraded connection the calling app resets is reset at the server
+/// app: one reading an upload to its end must not take a cut one for
+/// whole.
+#[tokio::test]
+async fn an_upgraded_connection_the_caller_resets_is_reset_at_the_app() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, mut accepted) = switching_app(b"").await;
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let (mut caller, mut server) = switched(p.route, &mut accepted).await;
+    caller.write_all(b"part of an upload").await.unwrap();
+    let mut part = [0u8; 17];
+    server.read_exact(&mut part).await.unwrap();
+    caller.set_zero_linger().unwrap();
+    drop(caller);
+    assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
+}
+
+/// Each side of an upgraded connection ends on its own, either first: its
+/// FIN reaches the other app after its last byte (the app's first bytes
+/// too, sent with its 101) while the other still sends.
+#[tokio::test]
+async fn an_upgraded_connection_half_closes_both_ways() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, mut accepted) = switching_app(b"banner").await;
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+
+    let (mut caller, mut server) = switched(p.route, &mut accepted).await;
+    server.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut caller).await, End::Fin(b"banner".to_vec()));
+    caller.write_all(b"after").await.unwrap();
+    caller.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut server).await, End::Fin(b"after".to_vec()));
+
+    let (mut caller, mut server) = switched(p.route, &mut accepted).await;
+    caller.write_all(b"up").await.unwrap();
+    caller.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut server).await, End::Fin(b"up".to_vec()));
+    server.write_all(b" down").await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(
+        read_end(&mut caller).await,
+        End::Fin(b"banner down".to_vec())
+    );
+}
+
 #[tokio::test]
 async fn an_upgrade_to_h2c_is_not_passed_to_the_app() {
     let (cp, _app, s) = app_behind_sidecar().await;

@@ -16,6 +16,7 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
 use trellis_core::duration::Words;
@@ -26,6 +27,7 @@ use super::h1::BODY_STALL;
 use super::upstream::SendError;
 use super::{Body, Connection, Protocol, RequestBody, headers};
 use crate::metrics::{INBOUND, Metrics};
+use crate::net;
 
 /// The body of a response before it is counted: the app's or the sidecar's.
 pub type LocalBody = Either<Incoming, Full<Bytes>>;
@@ -369,21 +371,73 @@ pub fn finish(entry: Entry, response: Response<LocalBody>) -> Response<Body> {
 }
 
 /// Copies bytes between the two upgraded connections until both are done,
-/// counting them in `trellis_bytes_total`.
+/// counting them in `trellis_bytes_total`. A connection ends as a TCP
+/// connection through the mesh does: each side's end (FIN, or the caller's
+/// `close_notify`) is passed on after its last byte as a half-close, and a
+/// reset or a failure of one side is a reset of the other. The app's
+/// socket is reset unless the copy ended cleanly (`net::ResetIfCut`, so
+/// also when new policies drop the copy); the caller's connection is then
+/// dropped without `close_notify`, which the caller's sidecar takes for a
+/// reset and passes on to its app as one.
 async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
-    let (client, app) = match tokio::try_join!(client, app) {
-        Ok(both) => both,
+    let app = match app.await {
+        Ok(app) => app,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
-    let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-    let copied = crate::net::copy(&mut client, &mut app).await;
-    metrics.bytes(INBOUND, copied.there + copied.back);
+    // Every HTTP/1 app connection is one `upstream::dial` made: its own
+    // socket, reset when the copy is cut (and when the caller's side of
+    // the switch fails, below). What hyper read past the 101 is the app's
+    // first bytes of the new protocol.
+    let app = app
+        .downcast::<TokioIo<TcpStream>>()
+        .map(|parts| (net::ResetIfCut::tcp(parts.io.into_inner()), parts.read_buf));
+    let mut client = match client.await {
+        Ok(client) => TokioIo::new(client),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (copied, early) = match app {
+        Ok((mut app, early)) => {
+            let copied = match write_early(&mut client, &early).await {
+                Ok(()) => net::copy(&mut client, &mut *app).await,
+                Err(e) => net::Copied {
+                    there: 0,
+                    back: 0,
+                    error: Some(e),
+                },
+            };
+            if copied.error.is_none() {
+                app.ended();
+            }
+            (copied, early.len() as u64)
+        }
+        // Not a connection `upstream::dial` made: copied as hyper hands it
+        // over.
+        Err(app) => (net::copy(&mut client, &mut TokioIo::new(app)).await, 0),
+    };
+    metrics.bytes(INBOUND, early + copied.there + copied.back);
     if let Some(e) = copied.error {
+        // `client` is dropped without `close_notify`: a cut, not an end.
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
+}
+
+/// Writes `early`, the app's bytes read with its 101, to the caller.
+async fn write_early<W>(client: &mut W, early: &[u8]) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    if early.is_empty() {
+        return Ok(());
+    }
+    client.write_all(early).await?;
+    client.flush().await
 }
 
 /// The header on every answer the sidecar makes itself instead of the app,
