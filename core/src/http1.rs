@@ -630,6 +630,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Heads<S> {
     }
 }
 
+/// Whether hyper's server may switch protocols after `req`: an HTTP/1.1
+/// request with an `Upgrade`, or a `CONNECT` in HTTP/1.x. [`Heads`] checks
+/// no head after one (what follows may be another protocol's), so a port
+/// whose answer to it does not switch ends the connection, lest hyper read
+/// on unchecked.
+pub fn may_switch<B>(req: &http::Request<B>) -> bool {
+    let version = req.version();
+    if req.method() == Method::CONNECT {
+        version <= http::Version::HTTP_11
+    } else {
+        version == http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE)
+    }
+}
+
 /// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
 /// a request line (RFC 9112 section 2.2).
 pub fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {

@@ -15,14 +15,14 @@
 //! answer to a request hyper's server may switch for (an HTTP/1.1 request
 //! with an `Upgrade`, or a `CONNECT`), after which [`Heads`] checks no
 //! head, says `connection: close` and ends the connection
-//! ([`may_switch`]): hyper would read on, unchecked, otherwise.
+//! ([`may_switch`](trellis_core::http1::may_switch)): hyper would read on, unchecked, otherwise.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Method, Request, Response, Version, header};
+use http::{HeaderValue, Response, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
@@ -112,22 +112,10 @@ pub async fn serve<F, S>(
     refuse(tcp, read, client, &fault, metrics, refusals).await;
 }
 
-/// Whether hyper's server may switch protocols after `req` (an HTTP/1.1
-/// request with an `Upgrade`, or a `CONNECT` in HTTP/1.x), after which
-/// [`Heads`] checks no head: the port never answers `101` (nor `2xx` to a
-/// `CONNECT`), and hyper, which would read on after such an answer, would
-/// take heads no check read (a raw `#` in a target among them). Its answer
-/// ends the connection ([`end`]).
-pub(super) fn may_switch<B>(req: &Request<B>) -> bool {
-    let version = req.version();
-    if req.method() == Method::CONNECT {
-        version <= Version::HTTP_11
-    } else {
-        version == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
-    }
-}
-
-/// Marks `answer`, to a request in `version` that [`may_switch`], as the
+/// Marks `answer`, to a request in `version` that [`may_switch`](trellis_core::http1::may_switch) (the port
+/// never answers `101`, nor `2xx` to a `CONNECT`, and hyper, which would
+/// read on after such an answer, would take heads no check read: a raw `#`
+/// in a target among them), as the
 /// connection's last: `connection: close`, and in HTTP/1.0 for an HTTP/1.0
 /// request, which hyper's server does not mark `keep-alive` then.
 pub(super) fn end(answer: &mut Response<Full<Bytes>>, version: Version) {

@@ -196,7 +196,7 @@ impl Admin {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
                         async move {
-                            let ends = head::may_switch(&req);
+                            let ends = trellis_core::http1::may_switch(&req);
                             let version = req.version();
                             let allowed = access::check(
                                 req.uri().path(),

@@ -523,21 +523,14 @@ where
         // A request hyper's server may switch protocols for: `Heads`
         // passes what follows it unchecked, so an answer that does not
         // switch ends the connection rather than let hyper read on.
-        let http_1 = req.version() <= http::Version::HTTP_11;
-        let ends_unless_switched: Option<Answered> = if !http_1 {
+        let ends_unless_switched: Option<Answered> = if !trellis_core::http1::may_switch(&req) {
             None
-        } else if req.method() == http::Method::CONNECT {
-            if req.version() == http::Version::HTTP_10 {
-                Some(close_unless_tunnel_1_0)
-            } else {
-                Some(close_unless_tunnel)
-            }
-        } else if req.version() == http::Version::HTTP_11
-            && req.headers().contains_key(http::header::UPGRADE)
-        {
+        } else if req.method() != http::Method::CONNECT {
             Some(close_unless_switched)
+        } else if req.version() == http::Version::HTTP_10 {
+            Some(close_unless_tunnel_1_0)
         } else {
-            None
+            Some(close_unless_tunnel)
         };
         let exchange = Exchange::start(&self.conn, req, self.protocol);
         let mut stack = self.stack.borrow_mut();
