@@ -1707,6 +1707,80 @@ fn a_replacement_with_only_exec_checks_leaves_none_of_its_namesakes_behind() {
     }
 }
 
+/// A container a later webhook takes out of the pod altogether leaves no
+/// checks in `TRELLIS_APP_PROBES`: that one entry is replaced without them,
+/// the other containers' staying, and nothing else changes (the annotation
+/// naming it names nothing). Taken out as another is added, the added one's
+/// checks take their place. Without the annotation (a pod injected by an
+/// older version) the same. Reviewed again, the pod gets no patch. Real
+/// AdmissionReview documents (fixtures/k8s), the patch applied with
+/// `json-patch`; no Kubernetes API server can run here.
+#[test]
+fn a_container_taken_out_leaves_none_of_its_checks_behind() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let legacy = fixture("pod-already-injected.json")["request"]["object"].clone();
+    for first in [injected(&review), legacy] {
+        let shipper_checks = |pod: &Value| {
+            app_probes(pod)
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|path| path.starts_with("/app-health/log-shipper/"))
+                .count()
+        };
+        assert!(shipper_checks(&first) > 0, "{first}");
+        let mut pod = first.clone();
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|c| c["name"] != "log-shipper");
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        assert!(reply["response"].get("warnings").is_none(), "{reply}");
+        let patch = patch_of(&reply).expect("a patch");
+        let probes_at = env_index(&first, "TRELLIS_APP_PROBES");
+        assert_eq!(
+            ops(&patch),
+            [format!("replace /spec/initContainers/1/env/{probes_at}")]
+        );
+        let again = apply(&pod, &patch);
+        let mut expected = app_probes(&first);
+        expected
+            .as_object_mut()
+            .unwrap()
+            .retain(|path, _| !path.starts_with("/app-health/log-shipper/"));
+        assert_eq!(app_probes(&again), expected);
+        assert_eq!(shipper_checks(&again), 0);
+        settled(&review, again);
+
+        // Taken out as another is added: the added one's checks join the
+        // others', the one taken out leaves none.
+        let mut pod = pod.clone();
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(vault_agent());
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+        let checks = app_probes(&again);
+        let checks = checks.as_object().unwrap();
+        assert!(
+            checks.contains_key("/app-health/vault-agent/readiness"),
+            "{checks:?}"
+        );
+        for path in expected.as_object().unwrap().keys() {
+            assert!(checks.contains_key(path), "{path}: {checks:?}");
+        }
+        assert_eq!(shipper_checks(&again), 0);
+        assert_eq!(
+            again["metadata"]["annotations"]["trellis.io/injected-containers"],
+            "web,vault-agent,wait-for-db"
+        );
+        settled(&review, again);
+    }
+}
+
 /// The marker annotation `trellis.io/injected` without the sidecar (copied
 /// into a manifest by hand, or the containers taken out by a later webhook,
 /// which re-invokes this one) is no sidecar: the pod is injected as any

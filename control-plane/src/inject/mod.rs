@@ -154,7 +154,12 @@
 //! the sidecar runs a check that none of its probes and hooks calls: its
 //! checks are now only ones injection leaves (`exec`, or a probe on a port
 //! it does not declare, warned of as at injection), and its namesake's
-//! checks leave `TRELLIS_APP_PROBES`, the other containers' staying. One
+//! checks leave `TRELLIS_APP_PROBES`, the other containers' staying. So
+//! do the checks of a container the pod no longer has (a later webhook
+//! took it out), by the same rule: none of the pod's probes and hooks
+//! calls them. Nothing else new, the patch is the `replace` of that one
+//! entry, the annotation left as it is (a name of a container the pod no
+//! longer has names nothing). One
 //! replaced by a container with nothing to rewrite, its namesake having
 //! left no check in the sidecar, cannot be told from it and is taken as
 //! seen (only a warning of a port it does not declare is not given).

@@ -360,9 +360,11 @@ fn is_ours(container: &Value) -> bool {
 /// hooks still call, which stay without a warning. Nor is one of which the
 /// sidecar runs a check it no longer calls: its namesake's checks leave
 /// `TRELLIS_APP_PROBES`, and any probe of it the injection leaves as it
-/// is is warned of as at injection.
+/// is is warned of as at injection. The checks of a container the pod no
+/// longer has leave `TRELLIS_APP_PROBES` by the same rule.
 /// Everything seen is left as it is, and its warnings are not repeated.
-/// Nothing unseen: [`Skip::AlreadyInjected`], no patch. The port and UID
+/// Nothing unseen and no check of a container gone:
+/// [`Skip::AlreadyInjected`], no patch. The port and UID
 /// checks ([`check_port_clashes`], [`check_proxy_uid`]) are applied to
 /// every container of the pod, seen or new, first; they and the rewritten
 /// probes are of the UID and ports of the sidecar the pod carries
@@ -464,11 +466,29 @@ fn rewrite_added(
             && !has_stale_checks(container)
     };
     let is_new = |container: &Value| !is_ours(container) && !seen(container);
-    if !all_containers(spec).any(is_new) {
+    // The checks of a container the pod no longer has (a later webhook
+    // took it out) leave the sidecar by the rule that takes a replaced
+    // container's: no probe or hook of the pod calls them any more.
+    let gone = |path: &str| {
+        probes::container_of(path).is_some_and(|name| {
+            !all_containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+        })
+    };
+    let any_new = all_containers(spec).any(is_new);
+    let drops_gone = served.as_ref().is_ok_and(|served| {
+        served.keys().any(|path| {
+            gone(path)
+                && !all_containers(spec)
+                    .any(|c| probes::sidecar_paths(c, config.admin_port).any(|p| p == path))
+        })
+    });
+    if !any_new && !drops_gone {
         return Ok(Injection::Skipped(Skip::AlreadyInjected));
     }
     let token_at = entry(TRELLIS_HOOK_TOKEN);
     let hook_token = match token_at {
+        // Nothing is rewritten: no hook takes a token.
+        _ if !any_new => String::new(),
         Some(at) => env_value(at, TRELLIS_HOOK_TOKEN)?.to_owned(),
         None => new_hook_token(),
     };
@@ -509,10 +529,16 @@ fn rewrite_added(
         INJECTED_CONTAINERS_ANNOTATION.into(),
         json!(own_container_names(spec)),
     );
-    let mut patch = vec![PatchOp::add(
-        "/metadata/annotations",
-        Value::Object(new_annotations),
-    )];
+    // Only the checks of containers gone: that one entry of the sidecar's
+    // environment changes, and the annotation stays (a name of a container
+    // the pod no longer has names nothing).
+    let mut patch = Vec::new();
+    if any_new {
+        patch.push(PatchOp::add(
+            "/metadata/annotations",
+            Value::Object(new_annotations),
+        ));
+    }
     for (name, after, before) in [
         ("containers", &containers, &before.0),
         ("initContainers", &init_containers, &before.1),
@@ -541,7 +567,8 @@ fn rewrite_added(
         .flat_map(|c| probes::sidecar_paths(c, config.admin_port))
         .collect();
     let is_stale = |path: &str| {
-        !called.contains(path) && replaced.iter().any(|prefix| path.starts_with(prefix))
+        !called.contains(path)
+            && (replaced.iter().any(|prefix| path.starts_with(prefix)) || gone(path))
     };
     let drops = served
         .as_ref()

@@ -69,6 +69,13 @@ pub fn app_health_path(container: &str, kind: &str) -> String {
     format!("{PATH_PREFIX}{container}/{kind}")
 }
 
+/// The container an admin path under `/app-health/` is of
+/// (`/app-health/<container>/<kind>`); `None` for a path not of that shape.
+pub fn container_of(path: &str) -> Option<&str> {
+    let (container, _kind) = path.strip_prefix(PATH_PREFIX)?.split_once('/')?;
+    Some(container)
+}
+
 /// What rewriting the probes of a pod's containers gave.
 #[derive(Debug, Default)]
 pub struct Rewritten {
