@@ -10,7 +10,7 @@ mod admission;
 #[path = "common/connections.rs"]
 mod connections;
 
-use admission::{app_probes, ops, patch_of};
+use admission::{app_probes, apply, ops, patch_of};
 use trellis_control_plane::inject;
 
 use std::sync::Arc;
@@ -175,7 +175,9 @@ async fn inject_answers_with_a_patch_over_https() {
 /// A pod `/inject` injects with a mistyped `trellis.io/` annotation gets,
 /// over HTTPS, the warning kubectl prints, naming it and the annotation
 /// meant; the server counts the pod once, by where the name was, and a
-/// pod without such a name is not counted.
+/// pod without such a name is not counted. Reviewed again with its
+/// sidecar (reinvoked), the pod is warned in the same words, which the API
+/// server prints once, and not counted again.
 #[tokio::test]
 async fn an_unknown_trellis_annotation_is_warned_of_and_counted_over_https() {
     let webhook = start().await;
@@ -197,6 +199,17 @@ async fn an_unknown_trellis_annotation_is_warned_of_and_counted_over_https() {
              and is ignored; did you mean trellis.io/opaque-ports?",
         ]),
         "{reply}"
+    );
+    let mut reinvoked = typoed.clone();
+    reinvoked["request"]["object"] = apply(
+        &typoed["request"]["object"],
+        &patch_of(&reply).expect("a patch"),
+    );
+    let again = inject(&webhook, &reinvoked).await;
+    assert!(patch_of(&again).is_none(), "{again}");
+    assert_eq!(
+        again["response"]["warnings"], reply["response"]["warnings"],
+        "{again}"
     );
     let rendered = webhook.metrics.render();
     for counted in [

@@ -2515,9 +2515,10 @@ fn with_names(review: &Value, annotations: &[(&str, &str)], labels: &[(&str, &st
 /// is close to (a letter missing, a singular for a plural); a name close
 /// to none, and a pod label under `trellis.io/` other than
 /// `trellis.io/inject`, are warned of without a suggestion. Told at
-/// injection: the pod reviewed again, injected, and a pod that opted out
-/// are told nothing. Real AdmissionReview (fixtures/k8s); no API server
-/// here.
+/// injection, and in the same words when the pod is reviewed again with
+/// its sidecar (the API server prints a text once a request); a pod that
+/// opted out is told nothing. Real AdmissionReview (fixtures/k8s); no API
+/// server here.
 #[test]
 fn an_unknown_trellis_annotation_is_warned_of_with_the_name_it_is_close_to() {
     let review = fixture("pod-deployment-http-probes.json");
@@ -2557,11 +2558,73 @@ fn an_unknown_trellis_annotation_is_warned_of_with_the_name_it_is_close_to() {
         &config(),
     );
     assert!(patch_of(&again).is_none(), "{again}");
-    assert!(again["response"].get("warnings").is_none(), "{again}");
+    assert_eq!(
+        again["response"]["warnings"], reply["response"]["warnings"],
+        "{again}"
+    );
     let opted_out = with_names(&typoed, &[("trellis.io/inject", "disabled")], &[]);
     let skipped = answer(&opted_out, NamespaceScope::SelectedByWebhook, &config());
     assert!(patch_of(&skipped).is_none(), "{skipped}");
     assert!(skipped["response"].get("warnings").is_none(), "{skipped}");
+}
+
+/// A name under `trellis.io/` that a webhook called after Trellis's puts
+/// on the pod (the API server then reinvokes `/inject`) is warned of on
+/// that review, as at injection: with nothing else new (no patch), and
+/// with a container added beside it (its warnings after). The names of the
+/// first injection are told again in its words, so the API server, which
+/// prints a warning text once a request, prints each once. Real
+/// AdmissionReview (fixtures/k8s), the patch applied with `json-patch`; no
+/// API server here.
+#[test]
+fn an_unknown_trellis_name_a_later_webhook_adds_is_warned_of_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let typoed = with_names(&review, &[("trellis.io/acces-log", "false")], &[]);
+    let at_injection = answer_for(&typoed);
+    let first = apply(
+        &typoed["request"]["object"],
+        &patch_of(&at_injection).expect("a patch"),
+    );
+    let acces_log = "trellis: metadata.annotations[trellis.io/acces-log] is not a Trellis \
+                     annotation and is ignored; did you mean trellis.io/access-log?";
+    assert_eq!(at_injection["response"]["warnings"], json!([acces_log]));
+
+    // A later webhook adds a label and an annotation Trellis does not know.
+    let later = with_names(
+        &with_object(&review, first),
+        &[("trellis.io/opaque-port", "3306")],
+        &[("trellis.io/tier", "web")],
+    );
+    let added = [
+        acces_log,
+        "trellis: metadata.annotations[trellis.io/opaque-port] is not a Trellis annotation and \
+         is ignored; did you mean trellis.io/opaque-ports?",
+        "trellis: metadata.labels[trellis.io/tier] is not a Trellis label and is ignored",
+    ];
+    let reply = answer_for(&later);
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    assert_eq!(reply["response"]["warnings"], json!(added), "{reply}");
+
+    // With a container added beside them: its warning follows theirs.
+    let mut pod = later["request"]["object"].clone();
+    let mut agent = vault_agent();
+    agent["livenessProbe"] = json!({"httpGet": {"path": "/", "port": "metrics"}});
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(agent);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    let mut expected = json!(added);
+    expected.as_array_mut().unwrap().push(json!(
+        "container \"vault-agent\" livenessProbe is not rewritten for the sidecar (the \
+         container declares no port named \"metrics\"); it will fail under strict mTLS"
+    ));
+    assert_eq!(reply["response"]["warnings"], expected, "{reply}");
+    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+    let settled = settled(&review, again);
+    assert_eq!(settled["response"]["warnings"], json!(added), "{settled}");
 }
 
 /// A pod with a thousand names under `trellis.io/` that are not the

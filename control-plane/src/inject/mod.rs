@@ -130,9 +130,15 @@
 //! annotation must not block pods on an older control plane, but a
 //! warning naming it, and the known name it is close to if one is
 //! ([`UnknownName`]; at most [`MAX_UNKNOWN_NAME_WARNINGS`], then one that
-//! counts the rest), which the server counts. It is given where the
-//! injector reads the pod's settings, when it injects the pod: not when
-//! it leaves the pod alone, nor when it reviews one injected before.
+//! counts the rest), which the server counts. It is given when the
+//! injector injects the pod, and again, in the same words, whenever it
+//! reviews the pod with its sidecar (reinvoked after a later webhook,
+//! which may have added such a name, changed the pod; or created from a
+//! copied manifest): which names the first review saw is not known, but
+//! the API server gives a client each warning text of one request once,
+//! so a name warned of at injection is not printed twice (only the count
+//! of the names past the first few may then differ). Such a review is not
+//! counted again. A pod it leaves alone is told nothing.
 //!
 //! Idempotent: a pod with both containers `trellis-proxy` and
 //! `trellis-init` is left as it is, so injecting twice equals injecting
@@ -537,8 +543,10 @@ pub struct PodReview {
     /// The unknown values of `trellis.io/inject` the answer denies or
     /// warns about.
     pub unknown: Vec<UnknownInjectValue>,
-    /// Where the pod injected has names under `trellis.io/` that are not
-    /// the mesh's, which the answer warns of ([`UnknownName`]).
+    /// Where the pod injected by this answer has names under `trellis.io/`
+    /// that are not the mesh's, which the answer warns of ([`UnknownName`]).
+    /// A pod reviewed with its sidecar already is warned of them too, but
+    /// not reported here: it was counted when injected.
     pub unknown_names: Vec<UnknownName>,
     /// The pod is created with the sidecar: injected by this answer, or
     /// before it ([`Skip::AlreadyInjected`]: the `trellis-proxy` and
@@ -606,21 +614,36 @@ pub fn respond_pod_reporting(
         }
         // Injected before, with containers the injection had not seen:
         // their probes and hooks rewritten, and the warnings about them.
-        Ok(Injection::Rewritten { patch, warnings }) => PodReview {
+        // Names the injector does not know are told of again (see
+        // `told_again`).
+        Ok(Injection::Rewritten {
+            patch,
+            warnings: rewrite_warnings,
+        }) => {
+            let mut warnings = told_again(pod);
+            warnings.extend(rewrite_warnings);
+            PodReview {
+                meshed: true,
+                ..answer(
+                    AdmissionResponse {
+                        patch,
+                        warnings,
+                        ..allow
+                    },
+                    Vec::new(),
+                )
+            }
+        }
+        // Both our containers: one without the other is refused.
+        Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
             meshed: true,
             ..answer(
                 AdmissionResponse {
-                    patch,
-                    warnings,
+                    warnings: told_again(pod),
                     ..allow
                 },
                 Vec::new(),
             )
-        },
-        // Both our containers: one without the other is refused.
-        Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
-            meshed: true,
-            ..answer(allow, Vec::new())
         },
         Ok(Injection::Skipped(skip)) => {
             let (found, mut warnings) = unknown(false);
@@ -646,6 +669,19 @@ pub fn respond_pod_reporting(
             }
         }
     }
+}
+
+/// The warnings of the names under `trellis.io/` that the injector does not
+/// know, for a pod that carries its sidecar already: reinvoked after a
+/// later webhook changed it, which may have added such a name, or created
+/// from a copied manifest. Which of them the first review saw is not
+/// known, so each is told of again in the same words: the API server
+/// gives a client each text of one request's admission once, so a name
+/// the injection warned of is not printed twice. The pod is not counted
+/// again in the metrics ([`PodReview::unknown_names`] stays empty): it was
+/// counted when injected, if it had such a name then.
+fn told_again(pod: &serde_json::Value) -> Vec<String> {
+    unknown_names(pod).1
 }
 
 /// The pod a review is about: `None` when the request is not a CREATE
