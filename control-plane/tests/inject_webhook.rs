@@ -1707,6 +1707,68 @@ fn a_replacement_with_only_exec_checks_leaves_none_of_its_namesakes_behind() {
     }
 }
 
+/// A container put in the place of a seen one that left nothing in the
+/// sidecar, with nothing to rewrite itself (`exec` checks, a probe of
+/// another host), cannot be told from it and is taken as seen: no patch.
+/// That is the pod a first injection gives with it: the container as it
+/// came, the sidecar's checks the same. The checks that refuse a pod run
+/// on it all the same: on a port of the sidecar's, or as the sidecar's UID
+/// under the outbound policy deny, it is refused naming it. Real
+/// AdmissionReview documents (fixtures/k8s), the patch applied with
+/// `json-patch`; no API server here.
+#[test]
+fn a_replacement_with_nothing_to_rewrite_for_one_that_left_nothing_is_right_as_seen() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let exec_only = shipper_with(json!({"livenessProbe": {
+        "exec": {"command": ["/fluent-bit/bin/healthcheck"]},
+        "timeoutSeconds": 1, "periodSeconds": 20, "successThreshold": 1, "failureThreshold": 3,
+    }}));
+    let first = injected(&with_object(
+        &review,
+        with_shipper(&review["request"]["object"], &exec_only),
+    ));
+    let replacement = shipper_with(json!({
+        "image": "fluent/fluent-bit:3.2",
+        "readinessProbe": {"exec": {"command": ["true"]}},
+        "livenessProbe": {"httpGet": {"host": "10.0.0.9", "path": "/", "port": 2020}},
+    }));
+    let pod = with_shipper(&first, &replacement);
+    let reply = settled(&review, pod.clone());
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    // What a first injection of the pod with the replacement gives.
+    let direct = injected(&with_object(
+        &review,
+        with_shipper(&review["request"]["object"], &replacement),
+    ));
+    assert_eq!(
+        container(&direct, "containers", "log-shipper"),
+        container(&pod, "containers", "log-shipper")
+    );
+    assert_eq!(app_probes(&direct), app_probes(&pod));
+
+    for (change, says) in [
+        (
+            json!({"ports": [{"containerPort": 15020, "protocol": "TCP"}]}),
+            "container \"log-shipper\" declares TCP port 15020, the sidecar's admin port",
+        ),
+        (
+            json!({"securityContext": {"runAsUser": 1337}}),
+            "container \"log-shipper\" runs as UID 1337 (its securityContext.runAsUser), the \
+             sidecar's UID",
+        ),
+    ] {
+        let mut refused = replacement.clone();
+        refused
+            .as_object_mut()
+            .unwrap()
+            .extend(change.as_object().unwrap().clone());
+        let reply = answer_for(&with_object(&review, with_shipper(&first, &refused)));
+        assert_eq!(reply["response"]["allowed"], false, "{reply}");
+        assert!(denial(&reply).contains(says), "{reply}");
+    }
+}
+
 /// A container a later webhook takes out of the pod altogether leaves no
 /// checks in `TRELLIS_APP_PROBES`: that one entry is replaced without them,
 /// the other containers' staying, and nothing else changes (the annotation

@@ -168,7 +168,18 @@
 //! longer has names nothing). One
 //! replaced by a container with nothing to rewrite, its namesake having
 //! left no check in the sidecar, cannot be told from it and is taken as
-//! seen (only a warning of a port it does not declare is not given).
+//! seen, and nothing goes wrong in the pod: taken as new, nothing of it
+//! would be rewritten (its probes and hooks are `exec` ones, of another
+//! host, on a port it does not declare, or already call the sidecar) and
+//! nothing added to or taken from `TRELLIS_APP_PROBES`, and the checks that
+//! refuse a pod (ports, UID, below) run on it as on every container. What
+//! it does not get are the warnings the first injection gives of such a
+//! container: of a probe or hook on a port it does not declare (the kubelet
+//! fails it with or without the sidecar), of one that calls an
+//! `/app-health/` path the sidecar does not run (copied from another pod:
+//! it fails either way, and such a hook keeps its token header rather than
+//! take the pod's), and, under the outbound policy passthrough, of its
+//! running as the sidecar's UID.
 //! The first injection's checks (ports, UID) are checks of the pod as it
 //! will run, not rewrites: each call applies them to every container of
 //! the pod, seen or new, since one that passed them at injection passes
