@@ -2689,6 +2689,93 @@ fn an_unknown_trellis_name_a_later_webhook_adds_is_warned_of_on_reinvocation() {
     assert_eq!(settled["response"]["warnings"], json!(added), "{settled}");
 }
 
+/// The names under `trellis.io/` the chart puts on pods (the control
+/// plane's own Deployment) and selects pods by (its webhooks' object
+/// selectors, its Deployment's, PodDisruptionBudget's, PodMonitors' and
+/// NetworkPolicy's selectors) are the injector's own: no pod the mesh
+/// labels or selects is warned of them. Every such name of the chart
+/// rendered with its optional objects on, walking every selector and pod
+/// template, is checked against `POD_LABELS` and `POD_ANNOTATIONS`.
+#[test]
+fn the_charts_names_on_pods_are_the_injectors_own() {
+    let Some(helm) = chart::tool("helm") else {
+        chart::machine::skip("skipped: helm not installed (run scripts/install-helm.sh)");
+        return;
+    };
+    let rendered = chart::template(
+        &helm,
+        &[
+            "networkPolicy.enabled=true",
+            "metrics.podMonitor.enabled=true",
+            "metrics.sidecarPodMonitor.enabled=true",
+        ],
+    )
+    .unwrap();
+    // (where, name) of each `trellis.io/` name a pod carries or is
+    // selected by.
+    fn walk(value: &Value, found: &mut Vec<(&'static str, String)>) {
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    let names = |v: &Value| {
+                        v.as_object()
+                            .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                            .unwrap_or_default()
+                    };
+                    match key.as_str() {
+                        "matchLabels" => {
+                            found.extend(names(inner).into_iter().map(|n| ("label", n)));
+                        }
+                        "matchExpressions" => found.extend(
+                            inner
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|e| e["key"].as_str())
+                                .map(|n| ("label", n.to_owned())),
+                        ),
+                        "template" => {
+                            let metadata = &inner["metadata"];
+                            found.extend(
+                                names(&metadata["labels"]).into_iter().map(|n| ("label", n)),
+                            );
+                            found.extend(
+                                names(&metadata["annotations"])
+                                    .into_iter()
+                                    .map(|n| ("annotation", n)),
+                            );
+                        }
+                        _ => {}
+                    }
+                    walk(inner, found);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for doc in chart::documents(&rendered) {
+        walk(&doc, &mut found);
+    }
+    let ours: Vec<_> = found
+        .iter()
+        .filter(|(_, name)| name.starts_with("trellis.io/"))
+        .collect();
+    assert!(
+        ours.contains(&&("label", "trellis.io/inject".to_owned())),
+        "{found:?}"
+    );
+    for (kind, name) in ours {
+        let known = if *kind == "label" {
+            POD_LABELS.contains(&name.as_str())
+        } else {
+            POD_ANNOTATIONS.contains(&name.as_str())
+        };
+        assert!(known, "the chart's pod {kind} {name} is not the injector's");
+    }
+}
+
 /// A pod with a thousand names under `trellis.io/` that are not the
 /// mesh's is warned of the first few by name and the rest in one count,
 /// and injected all the same. Real AdmissionReview; no API server here.

@@ -63,6 +63,11 @@ pub const POD_LABELS: [&str; 1] = [INJECT_KEY];
 /// pod with a thousand of them costs a few lines, not a thousand.
 pub const MAX_UNKNOWN_NAME_WARNINGS: usize = 5;
 
+/// The longest name under `trellis.io/` a warning says back, in bytes as
+/// it is shown (quoted when it holds a byte no name may); a longer one is
+/// told of by its length.
+const MAX_NAME_SHOWN: usize = 128;
+
 /// A pod annotation the injector reads: one of [`POD_ANNOTATIONS`].
 #[derive(Debug, Clone, Copy)]
 struct Key(&'static str);
@@ -460,17 +465,26 @@ pub(super) fn unknown_names(pod: &Value) -> (Vec<UnknownName>, Vec<String>) {
             // A long name is not said back: the pod's author has it, and
             // Kubernetes refuses it anyway (63 bytes after the prefix). One
             // with a byte no name may hold is quoted, so that a newline in
-            // it cannot start a line of the log.
+            // it cannot start a line of the log; quoted, a control byte
+            // takes up to 6, so the bound is of the name as shown. The API
+            // server keeps 4 KiB of a request's warnings: the few of these
+            // leave room for the injection's own after them.
             let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_./".contains(&b);
-            let what = if name.len() > 128 {
-                format!(
+            let shown = (name.len() <= MAX_NAME_SHOWN)
+                .then(|| {
+                    if name.bytes().all(plain) {
+                        name.clone()
+                    } else {
+                        format!("{name:?}")
+                    }
+                })
+                .filter(|shown| shown.len() <= MAX_NAME_SHOWN);
+            let what = match shown {
+                Some(shown) => format!("metadata.{field}[{shown}]"),
+                None => format!(
                     "a name of {} bytes under metadata.{field}[{PREFIX}]",
                     name.len()
-                )
-            } else if name.bytes().all(plain) {
-                format!("metadata.{field}[{name}]")
-            } else {
-                format!("metadata.{field}[{name:?}]")
+                ),
             };
             let mut warning = format!("trellis: {what} is not a Trellis {noun} and is ignored");
             if let Some(close) = suggestion(name, known) {
@@ -819,6 +833,26 @@ mod tests {
             [
                 "trellis: metadata.annotations[\"trellis.io/acces-log\\nINFO forged\"] is not a \
               Trellis annotation and is ignored"
+            ]
+        );
+        // Control bytes are shown escaped, and a name whose escaped form
+        // would be long is told of by its length: 100 bytes, 6 shown each.
+        let controls = format!("{PREFIX}{}", "\u{1}".repeat(89));
+        let pod = serde_json::json!({"metadata": {"annotations": {controls: "1"}}});
+        assert_eq!(
+            unknown_names(&pod).1,
+            [
+                "trellis: a name of 100 bytes under metadata.annotations[trellis.io/] is not a \
+                 Trellis annotation and is ignored"
+            ]
+        );
+        let tab = format!("{PREFIX}a\tb");
+        let pod = serde_json::json!({"metadata": {"annotations": {tab: "1"}}});
+        assert_eq!(
+            unknown_names(&pod).1,
+            [
+                "trellis: metadata.annotations[\"trellis.io/a\\tb\"] is not a Trellis annotation \
+              and is ignored"
             ]
         );
         let long = format!("{PREFIX}{}", "x".repeat(200));
