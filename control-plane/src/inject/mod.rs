@@ -234,11 +234,12 @@
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
 //! `/spec/volumes`, `/spec/imagePullSecrets`); `add` replaces a member
 //! that exists, so the patch applies whether or not the pod had them. A
-//! reinvocation's patch `add`s `/metadata/annotations`, `replace`s each
-//! new container it rewrote (`/spec/containers/2`) and the sidecar's
-//! `TRELLIS_APP_PROBES` entry, and appends what the sidecar's environment
-//! lacked (`/spec/initContainers/1/env/-`), or `add`s the environment
-//! whole to a sidecar that has none.
+//! reinvocation's patch `add`s `/metadata/annotations` (when a container
+//! is new), `replace`s each new container it rewrote
+//! (`/spec/containers/2`) and the sidecar's `TRELLIS_APP_PROBES` entry, and
+//! appends what the sidecar's environment lacked
+//! (`/spec/initContainers/1/env/-`), or `add`s the environment whole to a
+//! sidecar that has none.
 
 mod annotations;
 mod pod;
