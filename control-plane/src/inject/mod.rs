@@ -136,8 +136,9 @@
 //! which may have added such a name, changed the pod; or created from a
 //! copied manifest): which names the first review saw is not known, but
 //! the API server gives a client each warning text of one request once,
-//! so a name warned of at injection is not printed twice (only the count
-//! of the names past the first few may then differ). Such a review is not
+//! so a name warned of at injection is not printed twice (only the line
+//! counting the names past the first few may show twice, with two numbers,
+//! when a later webhook added some). Such a review is not
 //! counted again. A pod it leaves alone is told nothing.
 //!
 //! Idempotent: a pod with both containers `trellis-proxy` and
