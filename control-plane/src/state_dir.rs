@@ -1,15 +1,20 @@
 //! The state directory on disk: created 0700, files written atomically.
 //!
-//! An existing directory readable or writable by group or others is refused
-//! with an error (never silently tightened: the operator should learn that
-//! the CA key sat in an open directory). Files are written to a temporary
-//! name in the same directory, synced, then renamed into place, so a crash
-//! never leaves a half-written file; secret files are created 0600 from the
-//! first byte. This module never decides what goes into the files.
+//! An existing directory readable or writable by others, or by a group the
+//! process does not run with, is refused with an error (never silently
+//! tightened: the operator should learn that the CA key sat in an open
+//! directory). Access by a group the process runs with is accepted: that
+//! is what Kubernetes' `fsGroup` gives every file of a volume at each mount,
+//! and its members are the pod's own processes. A directory owned by
+//! another user is refused by a process that is not root, naming both
+//! users. Files are written to a temporary name in the same directory,
+//! synced, then renamed into place, so a crash never leaves a half-written
+//! file; secret files are created 0600 from the first byte. This module never
+//! decides what goes into the files.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::escape::shown;
@@ -34,6 +39,14 @@ pub enum StateDirError {
     #[error("state dir {} exists and is not a directory", shown(.0))]
     NotADirectory(PathBuf),
     #[error(
+        "state dir {} is owned by uid {owner}, but the control plane runs as uid {uid}, which \
+         cannot keep its files there to itself; run `chown -R {uid} {}` on it, or run the \
+         control plane as uid {owner}",
+        shown(path),
+        shown(path)
+    )]
+    NotOwner { path: PathBuf, owner: u32, uid: u32 },
+    #[error(
         "{} holds a private key but is accessible by group or others (mode {mode:o}); run \
          `chmod 600` on it (and consider whether it leaked)",
         shown(path)
@@ -55,7 +68,8 @@ pub struct StateDir {
 
 impl StateDir {
     /// Creates the directory 0700 if missing; refuses an existing one that
-    /// group or others can access.
+    /// others, or a group this process does not run with, can access, or
+    /// (unless this process is root) that another user owns.
     pub fn open(root: &Path) -> Result<Self, StateDirError> {
         let io = |source| StateDirError::Io {
             path: root.to_path_buf(),
@@ -65,15 +79,7 @@ impl StateDir {
             Ok(meta) if !meta.is_dir() => {
                 return Err(StateDirError::NotADirectory(root.to_path_buf()));
             }
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(StateDirError::OpenPermissions {
-                        path: root.to_path_buf(),
-                        mode,
-                    });
-                }
-            }
+            Ok(meta) => check_dir(root, &meta, ProcessIds::of_this_process().as_ref())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 fs::DirBuilder::new()
                     .recursive(true)
@@ -108,8 +114,8 @@ impl StateDir {
     }
 
     /// [`read`](Self::read) for a file that holds a private key: one that
-    /// group or others may access is refused, never silently tightened,
-    /// as the directory is.
+    /// others, or a group this process does not run with, may access is
+    /// refused, never silently tightened, as the directory is.
     pub fn read_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StateDirError> {
         let path = self.path(name);
         let file = match fs::File::open(&path) {
@@ -122,8 +128,9 @@ impl StateDir {
             source,
         };
         // The mode of the file read, not of whatever the name points to later.
-        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let meta = file.metadata().map_err(io)?;
+        if !private_to_this_process(&meta, ProcessIds::of_this_process().as_ref()) {
+            let mode = meta.permissions().mode() & 0o777;
             return Err(StateDirError::OpenSecret { path, mode });
         }
         let mut bytes = Vec::new();
@@ -153,6 +160,75 @@ impl StateDir {
         }
         self.write_atomic(name, contents, secrecy)
     }
+}
+
+/// The ids this process acts with on files, from `/proc/self/status`.
+#[derive(Debug)]
+struct ProcessIds {
+    uid: u32,
+    /// The effective group and the supplementary groups.
+    groups: Vec<u32>,
+}
+
+impl ProcessIds {
+    /// `None` where `/proc` cannot tell: group access is then refused.
+    fn of_this_process() -> Option<Self> {
+        Self::parse(&fs::read_to_string("/proc/self/status").ok()?)
+    }
+
+    fn parse(status: &str) -> Option<Self> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(|rest| rest.split_whitespace().map(str::parse::<u32>))
+        };
+        // Real, effective, saved, filesystem: the effective one decides.
+        let uid = field("Uid")?.nth(1)?.ok()?;
+        let gid = field("Gid")?.nth(1)?.ok()?;
+        let mut groups = vec![gid];
+        for group in field("Groups")? {
+            groups.push(group.ok()?);
+        }
+        Some(Self { uid, groups })
+    }
+}
+
+/// Refuses an existing state dir owned by another user (unless this
+/// process is root, which can use it anyway) or open to others.
+fn check_dir(
+    root: &Path,
+    meta: &fs::Metadata,
+    ids: Option<&ProcessIds>,
+) -> Result<(), StateDirError> {
+    if let Some(ids) = ids
+        && ids.uid != 0
+        && meta.uid() != ids.uid
+    {
+        return Err(StateDirError::NotOwner {
+            path: root.to_path_buf(),
+            owner: meta.uid(),
+            uid: ids.uid,
+        });
+    }
+    if !private_to_this_process(meta, ids) {
+        return Err(StateDirError::OpenPermissions {
+            path: root.to_path_buf(),
+            mode: meta.permissions().mode() & 0o777,
+        });
+    }
+    Ok(())
+}
+
+/// Whether only this process's user, and groups it runs with, may access
+/// the file or directory: nothing for others, and group access only when
+/// the group is one of this process's own (Kubernetes' `fsGroup`).
+fn private_to_this_process(meta: &fs::Metadata, ids: Option<&ProcessIds>) -> bool {
+    let mode = meta.permissions().mode();
+    if mode & 0o007 != 0 {
+        return false;
+    }
+    mode & 0o070 == 0 || ids.is_some_and(|ids| ids.groups.contains(&meta.gid()))
 }
 
 /// Writes `path` through a temporary file in the same directory and a rename.
@@ -210,6 +286,25 @@ mod tests {
         assert_eq!(dir.read("missing").unwrap(), None);
     }
 
+    /// A group no process of the tests runs with.
+    fn foreign_group() -> u32 {
+        let ids = ProcessIds::of_this_process().unwrap();
+        (60_000..).find(|gid| !ids.groups.contains(gid)).unwrap()
+    }
+
+    /// Gives `path` to `gid`; `false` (the test skipped, failed under CI)
+    /// where this process may not (it is not root).
+    fn chgrp(path: &Path, gid: u32) -> bool {
+        match std::os::unix::fs::chown(path, None, Some(gid)) {
+            Ok(()) => true,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipped: giving a file another group needs root: {e}");
+                false
+            }
+            Err(e) => panic!("giving a file another group needs root: {e}"),
+        }
+    }
+
     #[test]
     fn refuses_a_secret_file_open_to_others_and_leaves_it_alone() {
         let tmp = tempfile::tempdir().unwrap();
@@ -217,6 +312,9 @@ mod tests {
         dir.write_atomic("k", b"secret", Secrecy::Secret).unwrap();
         assert_eq!(dir.read_secret("k").unwrap().unwrap(), b"secret");
         assert_eq!(dir.read_secret("missing").unwrap(), None);
+        if !chgrp(&dir.path("k"), foreign_group()) {
+            return;
+        }
         for mode in [0o644, 0o640, 0o604, 0o660] {
             fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(mode)).unwrap();
             let err = dir.read_secret("k").unwrap_err().to_string();
@@ -230,6 +328,82 @@ mod tests {
             let left = fs::metadata(dir.path("k")).unwrap().permissions().mode() & 0o777;
             assert_eq!(left, mode, "the mode is the operator's to fix");
         }
+    }
+
+    /// What the kubelet makes of a volume with `fsGroup` at each mount: the
+    /// directory 2770 and every file 0660, all of the pod's group, which the
+    /// control plane runs with. Accepted; others' access still is not.
+    #[test]
+    fn accepts_access_by_a_group_of_this_process_as_fs_group_gives_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        let dir = StateDir::open(&root).unwrap();
+        dir.write_atomic("k", b"secret", Secrecy::Secret).unwrap();
+        let own = fs::metadata(&root).unwrap().gid();
+        let ids = ProcessIds::of_this_process().unwrap();
+        assert!(ids.groups.contains(&own), "{ids:?} {own}");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2770)).unwrap();
+        fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o660)).unwrap();
+        let dir = StateDir::open(&root).unwrap();
+        assert_eq!(dir.read_secret("k").unwrap().unwrap(), b"secret");
+        fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o664)).unwrap();
+        let err = dir.read_secret("k").unwrap_err().to_string();
+        assert!(err.contains("(mode 664); run `chmod 600`"), "{err}");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2775)).unwrap();
+        let err = StateDir::open(&root).unwrap_err().to_string();
+        assert!(err.contains("(mode 775); run `chmod 700`"), "{err}");
+        // The same modes with a group the process does not run with.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2770)).unwrap();
+        if !chgrp(&root, foreign_group()) {
+            return;
+        }
+        let err = StateDir::open(&root).unwrap_err().to_string();
+        assert!(err.contains("(mode 770); run `chmod 700`"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_dir_another_user_owns_unless_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        let meta = fs::metadata(dir.root()).unwrap();
+        let owner = meta.uid();
+        let other = ProcessIds {
+            uid: owner + 1,
+            groups: vec![meta.gid()],
+        };
+        let err = check_dir(dir.root(), &meta, Some(&other)).unwrap_err();
+        let shown = dir.root().display();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state dir {shown} is owned by uid {owner}, but the control plane runs as uid {}, \
+                 which cannot keep its files there to itself; run `chown -R {} {shown}` on it, or \
+                 run the control plane as uid {owner}",
+                owner + 1,
+                owner + 1
+            )
+        );
+        let root = ProcessIds {
+            uid: 0,
+            groups: vec![0],
+        };
+        check_dir(dir.root(), &meta, Some(&root)).unwrap();
+        let same = ProcessIds {
+            uid: owner,
+            groups: vec![meta.gid()],
+        };
+        check_dir(dir.root(), &meta, Some(&same)).unwrap();
+    }
+
+    #[test]
+    fn reads_the_effective_ids_of_proc_status() {
+        let status = "Name:\tx\nUid:\t1000\t65532\t65532\t65532\nGid:\t1000\t65533\t0\t0\n\
+                      Groups:\t4 24 \nVmPeak:\t1 kB\n";
+        let ids = ProcessIds::parse(status).unwrap();
+        assert_eq!(ids.uid, 65532);
+        assert_eq!(ids.groups, [65533, 4, 24]);
+        let none = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
+        assert_eq!(ProcessIds::parse(none).unwrap().groups, [0]);
     }
 
     #[test]

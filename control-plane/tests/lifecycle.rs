@@ -657,6 +657,45 @@ fn an_emptied_database_beside_a_ca_is_refused() {
     assert!(ControlPlane::start_in(tmp, &[]).stop().success());
 }
 
+/// A state dir another user owns (0700, so this one cannot even look in)
+/// is refused at once, naming both users and what to do, not with the
+/// database's "permission denied". The control plane runs as `nobody`
+/// (65534) on a state dir root made; needs root to do so.
+#[test]
+fn a_state_dir_another_user_owns_is_refused_naming_both() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !common::machine::is_root() {
+        common::machine::skip("skipped: needs root (runs the control plane as another user)");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    // The state dir's parent must let nobody find it.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = tmp.path().join("state");
+    let out = Command::new("timeout")
+        .args(["60", CP])
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let why = format!(
+        "error: state dir {0} is owned by uid 0, but the control plane runs as uid 65534, which \
+         cannot keep its files there to itself; run `chown -R 65534 {0}` on it, or run the \
+         control plane as uid 0",
+        state.display()
+    );
+    assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+}
+
 /// A CA key (or operator key) in the state dir that group or others can
 /// read, as a careless restore from a backup leaves it, stops the start:
 /// exit 1 naming the file, its mode and the fix, the key never in the
