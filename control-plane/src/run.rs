@@ -45,7 +45,9 @@ use crate::api::{AdminCalls, Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
-use crate::ca::files::{BUNDLE, CA_CERT, CA_KEY, ensure_admin_credential, open_ca};
+use crate::ca::files::{
+    ADMIN_CERT, ADMIN_KEY, BUNDLE, CA_CERT, CA_KEY, ensure_admin_credential, open_ca,
+};
 use crate::ca::secret::{NewRoot, open_ca_secret};
 use crate::config::{Config, IdentityProvider, StoreKind};
 use crate::discovery::Discovery;
@@ -321,6 +323,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 None => refuse_a_lost_root(&dir, config.new_root)?,
             };
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
+            // Under the database's lock: no other process writes here now.
+            remove_stale_temp_files(&dir)?;
             let ca = open_ca(
                 &dir,
                 &config.trust_domain,
@@ -702,6 +706,20 @@ fn refuse_a_lost_root(dir: &StateDir, new_root: bool) -> Result<Option<MeshHisto
         database: crate::escape::shown(&database),
         history: history.to_string(),
     })
+}
+
+/// Removes the temporary files of the state dir's writes that a process
+/// killed mid-write left (one per write cut short, never reused by a
+/// restart's new pid), saying which. Only while the database's lock is held.
+fn remove_stale_temp_files(dir: &StateDir) -> Result<(), crate::state_dir::StateDirError> {
+    let names = [CA_CERT, CA_KEY, BUNDLE, ADMIN_CERT, ADMIN_KEY];
+    for name in dir.remove_stale_temp_files(&names)? {
+        tracing::info!(
+            file = %crate::escape::shown(&dir.path(&name)),
+            "removed a temporary file a write cut short by a crash left in the state dir"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! another user is refused by a process that is not root, naming both
 //! users. Files are written to a temporary name in the same directory,
 //! synced, then renamed into place, so a crash never leaves a half-written
-//! file; secret files are created 0600 from the first byte. This module never
+//! file (a start removes what a crash left: [`StateDir::remove_stale_temp_files`]);
+//! secret files are created 0600 from the first byte. This module never
 //! decides what goes into the files.
 
 use std::fs::{self, OpenOptions};
@@ -136,6 +137,56 @@ impl StateDir {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io)?;
         Ok(Some(bytes))
+    }
+
+    /// Removes the temporary files that writes of an earlier process left
+    /// here when it was killed between creating one and renaming it into
+    /// place: each is named `.NAME.tmp-PID` after the file it was to
+    /// replace, so a restart (a new pid) never reuses the name. Only names
+    /// of that exact pattern, for one of `names`, regular files, are
+    /// removed, and only names of other pids than this one. Call it only
+    /// while holding what keeps other processes off this directory (the
+    /// database's lock): a live one's temporary file would go too.
+    /// Returns the names removed.
+    pub fn remove_stale_temp_files(&self, names: &[&str]) -> Result<Vec<String>, StateDirError> {
+        let io = |source| StateDirError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        let own = std::process::id().to_string();
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            let Some(pid) = names.iter().find_map(|name| {
+                file_name
+                    .strip_prefix('.')?
+                    .strip_prefix(name)?
+                    .strip_prefix(".tmp-")
+            }) else {
+                continue;
+            };
+            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+                continue;
+            }
+            if !entry.file_type().map_err(io)?.is_file() {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed.push(file_name.to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StateDirError::Io {
+                        path: entry.path(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Replaces `name` atomically with `contents`.
@@ -404,6 +455,42 @@ mod tests {
         assert_eq!(ids.groups, [65533, 4, 24]);
         let none = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
         assert_eq!(ProcessIds::parse(none).unwrap().groups, [0]);
+    }
+
+    /// A start removes what writes killed before their rename left (named
+    /// after the file and the pid of the process that died), and nothing
+    /// else: not this process's own, not a name of another pattern.
+    #[test]
+    fn removes_stale_temp_files_of_its_own_pattern_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        let own = format!(".ca.key.tmp-{}", std::process::id());
+        let stale = [".ca.key.tmp-1", ".bundle.pem.tmp-4194304"];
+        let kept = [
+            own.as_str(),
+            ".ca.key.tmp-",
+            ".ca.key.tmp-12x",
+            ".other.tmp-7",
+            "ca.key.tmp-7",
+            "ca.key",
+            ".ca.key.tmp-7.keep",
+        ];
+        for name in stale.iter().chain(&kept) {
+            fs::write(dir.path(name), b"x").unwrap();
+        }
+        fs::create_dir(dir.path(".admin.key.tmp-9")).unwrap();
+        let mut removed = dir
+            .remove_stale_temp_files(&["ca.key", "bundle.pem", "admin.key"])
+            .unwrap();
+        removed.sort();
+        assert_eq!(removed, [".bundle.pem.tmp-4194304", ".ca.key.tmp-1"]);
+        for name in stale {
+            assert!(!dir.path(name).exists(), "{name}");
+        }
+        for name in kept {
+            assert!(dir.path(name).exists(), "{name}");
+        }
+        assert!(dir.path(".admin.key.tmp-9").is_dir());
     }
 
     #[test]

@@ -657,6 +657,36 @@ fn an_emptied_database_beside_a_ca_is_refused() {
     assert!(ControlPlane::start_in(tmp, &[]).stop().success());
 }
 
+/// A write killed between making its temporary file and renaming it into
+/// place leaves `.NAME.tmp-PID`; the next start has another pid, so it
+/// removes those of its own pattern (and logs each), and nothing else.
+#[test]
+fn a_start_removes_temporary_files_crashed_writes_left() {
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    let stale = [
+        ".ca.key.tmp-4194303",
+        ".bundle.pem.tmp-1",
+        ".admin.crt.tmp-77",
+    ];
+    let kept = [".notes.tmp-5", "ca.key.bak"];
+    for name in stale.iter().chain(&kept) {
+        std::fs::write(state.join(name), b"half").unwrap();
+    }
+    let cp = ControlPlane::start_in(tmp, &[]);
+    for name in stale {
+        assert!(!state.join(name).exists(), "{name} left");
+        let said = format!("{}", state.join(name).display());
+        assert!(cp.log().contains(&said), "{said} not in {}", cp.log());
+    }
+    for name in kept {
+        assert!(state.join(name).exists(), "{name} removed");
+    }
+    assert!(cp.stop().success());
+}
+
 /// A state dir another user owns (0700, so this one cannot even look in)
 /// is refused at once, naming both users and what to do, not with the
 /// database's "permission denied". The control plane runs as `nobody`
