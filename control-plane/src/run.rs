@@ -646,28 +646,39 @@ async fn follow_store(
     }
 }
 
-/// For tests of background tasks: the task `start` makes from a shutdown
-/// receiver keeps running through `patience` of (paused) time, then ends
-/// within as long once the shutdown is sent.
-/// Refuses a database file of no bytes beside a CA. redb would make it a
-/// new, empty database, and the state it held (policies, join tokens,
-/// workloads, revocations) would be gone without a word. Such a file is
-/// not one a crash leaves: a first start makes the database, synced,
-/// before it generates the CA.
+/// Refuses a database file of no bytes beside a CA and the operator
+/// credential. redb would make it a new, empty database, and the state it
+/// held (policies, join tokens, workloads, revocations) would be gone
+/// without a word. Such a file is not one a crash leaves: every release
+/// writes `admin.crt`/`admin.key` only once the database is made. Without
+/// them, the CA beside an empty database is that of a first start that
+/// ended while making the database (releases before this one generated the
+/// CA first), which held nothing: redb makes it a new database.
 fn refuse_an_emptied_database(dir: &StateDir) -> Result<(), crate::store::StoreError> {
     let path = dir.path(DB_FILE);
+    let present = |name: &str| std::fs::symlink_metadata(dir.path(name)).is_ok();
     let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
-    if empty && (dir.path(CA_CERT).exists() || dir.path(CA_KEY).exists()) {
-        return Err(crate::store::StoreError::Database {
-            path: crate::escape::shown(&path),
-            reason: "the file is empty, though the state dir holds a CA made after it: the \
-                     state it held is lost (a copy or restore cut short?); it is left as it is: \
-                     restore the state dir from a backup taken while the control plane was \
-                     stopped, or remove the empty file to start with an empty store"
-                .to_owned(),
-        });
+    if !empty || !(present(CA_CERT) || present(CA_KEY)) {
+        return Ok(());
     }
-    Ok(())
+    if !(present(ADMIN_CERT) || present(ADMIN_KEY)) {
+        tracing::info!(
+            database = %crate::escape::shown(&path),
+            "the database is empty beside a CA but no operator credential: a first start ended \
+             while making it, before it held anything; making it anew"
+        );
+        return Ok(());
+    }
+    Err(crate::store::StoreError::Database {
+        path: crate::escape::shown(&path),
+        reason: format!(
+            "the file is empty, though the state dir holds a CA and the operator credential \
+             ({ADMIN_CERT}), which are written only once the database is made: the state it \
+             held is lost (a copy or restore cut short?); it is left as it is: restore the \
+             state dir from a backup taken while the control plane was stopped, or remove the \
+             empty file to start with an empty store"
+        ),
+    })
 }
 
 /// Refuses to let a root be generated over a mesh that lived: `ca.crt`
@@ -722,6 +733,9 @@ fn remove_stale_temp_files(dir: &StateDir) -> Result<(), crate::state_dir::State
     Ok(())
 }
 
+/// For tests of background tasks: the task `start` makes from a shutdown
+/// receiver keeps running through `patience` of (paused) time, then ends
+/// within as long once the shutdown is sent.
 #[cfg(test)]
 pub(crate) async fn assert_runs_until_shutdown<F>(
     patience: Duration,

@@ -645,16 +645,40 @@ fn an_emptied_database_beside_a_ca_is_refused() {
     let (code, stderr) = refused_start(&state);
     assert_eq!(code, Some(1), "{stderr}");
     let why = format!(
-        "error: database {}: the file is empty, though the state dir holds a CA made after it: \
-         the state it held is lost (a copy or restore cut short?); it is left as it is: restore \
-         the state dir from a backup taken while the control plane was stopped, or remove the \
-         empty file to start with an empty store",
+        "error: database {}: the file is empty, though the state dir holds a CA and the \
+         operator credential (admin.crt), which are written only once the database is made: the \
+         state it held is lost (a copy or restore cut short?); it is left as it is: restore the \
+         state dir from a backup taken while the control plane was stopped, or remove the empty \
+         file to start with an empty store",
         database.display()
     );
     assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
     assert_eq!(std::fs::metadata(&database).unwrap().len(), 0);
     std::fs::remove_file(&database).unwrap();
     assert!(ControlPlane::start_in(tmp, &[]).stop().success());
+}
+
+/// Releases before the database was made first generated the CA, then the
+/// database, then the operator credential: one killed on its first start
+/// while redb made the file left it empty beside the CA and no credential.
+/// That database held nothing, so the next start (of this release) makes
+/// it anew, keeping the CA.
+#[test]
+fn an_empty_database_beside_a_first_starts_ca_starts() {
+    let (tmp, state) = empty_state_dir();
+    let database = state.join("trellis.redb");
+    std::fs::write(&database, b"").unwrap();
+    let ca = std::fs::read(state.join("ca.crt")).unwrap();
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
+    assert!(
+        cp.log().contains("a first start ended while making it"),
+        "{}",
+        cp.log()
+    );
+    assert!(cp.stop().success());
+    assert!(std::fs::metadata(&database).unwrap().len() > 0);
+    assert_eq!(std::fs::read(state.join("ca.crt")).unwrap(), ca);
+    assert!(state.join("admin.crt").exists());
 }
 
 /// A write killed between making its temporary file and renaming it into
