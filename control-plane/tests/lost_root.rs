@@ -148,6 +148,53 @@ fn a_state_dir_whose_database_holds_nothing_generates_a_root() {
     assert!(cp.stop().success());
 }
 
+/// A database holding policies and revocations but no certificate issued,
+/// no workload and no token (an operator applied policies, revoked an
+/// identity, and no sidecar ever joined) lost nothing signed by the root:
+/// the start generates one without the flag, as a fresh state dir does,
+/// and keeps the policies and the revocation, which name identities, not
+/// the old root's certificates.
+#[test]
+fn policies_and_revocations_alone_do_not_keep_a_root_from_being_generated() {
+    let ok = |cp: &ControlPlane, args: &[&str]| {
+        let out = cp.ctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "trellisctl {args:?}: {stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    let policy = tmp.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{WEB}\"]}}
+  action: ALLOW
+  rules: [{{to: [{{ports: [8080]}}]}}]
+"
+        ),
+    )
+    .unwrap();
+    ok(&cp, &["policy", "apply", "-f", policy.to_str().unwrap()]);
+    ok(&cp, &["identity", "revoke", WEB, "--reason", "test"]);
+    let state = cp.state_dir.clone();
+    let old_root = std::fs::read(state.join("ca.crt")).unwrap();
+    assert!(cp.stop().success());
+    for name in ["ca.crt", "ca.key"] {
+        std::fs::remove_file(state.join(name)).unwrap();
+    }
+    let cp = ControlPlane::start_in(tmp, &[]);
+    assert_ne!(std::fs::read(state.join("ca.crt")).unwrap(), old_root);
+    assert!(!cp.log().contains("--new-root"), "{}", cp.log());
+    assert!(ok(&cp, &["policy", "list"]).contains("web"));
+    assert!(ok(&cp, &["identity", "revocations"]).contains(WEB));
+    assert!(cp.stop().success());
+}
+
 /// The flag is refused as configuration (exit 64, nothing made) with the
 /// Kubernetes store, which has `--ca-secret-new-root`; with an operator's
 /// CA, see the test below.

@@ -464,7 +464,10 @@ fn move_log_by_serial(
 
 /// What a database shows of a mesh that has lived on it: certificates
 /// issued, workloads, join tokens. Read by [`read_history`] without
-/// writing, before the CA files are generated.
+/// writing, before the CA files are generated. Policies, rate limits and
+/// revocations are not counted: they may be applied before any sidecar
+/// joins, they name identities rather than anything the root signed, and
+/// they stay in force under a new root.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshHistory {
     /// Issuances in the log (it keeps the newest [`ISSUED_LOG_RETAINED`]).
