@@ -47,6 +47,9 @@ enum Phase {
 #[derive(Default)]
 struct Open {
     now: AtomicUsize,
+    /// How many of `now` came in on the listeners that stop when the
+    /// drain starts (inbound), so what a drain cuts can be told by side.
+    inbound: AtomicUsize,
     /// How many have ever opened, so a drain waiting for quiet sees one
     /// that opened and closed while it waited.
     opened: AtomicU64,
@@ -88,6 +91,8 @@ pub struct Drain {
 pub struct Tracker {
     /// `None` for a connection the drain does not wait for.
     open: Option<Arc<Open>>,
+    /// Whether it came in on a listener that stops when the drain starts.
+    inbound: bool,
     phase: watch::Receiver<Phase>,
 }
 
@@ -103,10 +108,14 @@ impl Tracker {
 impl Clone for Tracker {
     fn clone(&self) -> Self {
         if let Some(open) = &self.open {
+            if self.inbound {
+                open.inbound.fetch_add(1, Ordering::AcqRel);
+            }
             open.now.fetch_add(1, Ordering::AcqRel);
         }
         Tracker {
             open: self.open.clone(),
+            inbound: self.inbound,
             phase: self.phase.clone(),
         }
     }
@@ -114,9 +123,11 @@ impl Clone for Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if let Some(open) = &self.open
-            && open.now.fetch_sub(1, Ordering::SeqCst) == 1
-        {
+        let Some(open) = &self.open else { return };
+        if self.inbound {
+            open.inbound.fetch_sub(1, Ordering::AcqRel);
+        }
+        if open.now.fetch_sub(1, Ordering::SeqCst) == 1 {
             open.changed();
         }
     }
@@ -139,7 +150,36 @@ pub struct Draining {
     pub open: usize,
 }
 
+/// The connections the drain waits for, by the side of the pod they
+/// came in on: what a drain that ends at its deadline or at a second
+/// signal cuts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenConnections {
+    /// Accepted on an inbound listener: callers from other pods.
+    pub inbound: usize,
+    /// Accepted on an outbound listener or a route: the app's own calls.
+    pub outbound: usize,
+}
+
+impl Open {
+    fn by_side(&self) -> OpenConnections {
+        // Read apart, so a connection opening or closing between the two
+        // reads may be miscounted by one; the numbers are for the log.
+        let inbound = self.inbound.load(Ordering::Acquire);
+        let now = self.now.load(Ordering::Acquire);
+        OpenConnections {
+            inbound: inbound.min(now),
+            outbound: now.saturating_sub(inbound),
+        }
+    }
+}
+
 impl Status {
+    /// The connections the drain waits for that are open now, by side.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.by_side()
+    }
+
     /// The drain under way, or `None` before it starts.
     pub fn draining(&self) -> Option<Draining> {
         let (since, started) = *self.open.started.get()?;
@@ -221,14 +261,20 @@ impl Drain {
         if !self.counted {
             return Tracker {
                 open: None,
+                inbound: false,
                 phase: self.phase.clone(),
             };
         }
+        let inbound = self.stops_at == Phase::Draining;
         self.open.opened.fetch_add(1, Ordering::AcqRel);
+        if inbound {
+            self.open.inbound.fetch_add(1, Ordering::AcqRel);
+        }
         self.open.now.fetch_add(1, Ordering::SeqCst);
         self.open.changed();
         Tracker {
             open: Some(self.open.clone()),
+            inbound,
             phase: self.phase.clone(),
         }
     }
@@ -367,6 +413,11 @@ impl Shutdown {
         self.open.now.load(Ordering::Acquire)
     }
 
+    /// The connections open, by side.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.by_side()
+    }
+
     /// Ends the drain: every listener still accepting closes.
     pub fn exit(self) {
         self.phase.send_replace(Phase::Exiting);
@@ -491,5 +542,35 @@ mod tests {
         shutdown.exit();
         admin_listener.await.unwrap();
         drop(probes.await.unwrap());
+    }
+
+    /// What a drain cuts is told by side: connections accepted inbound
+    /// (and their clones) apart from the app's outbound ones; the admin
+    /// port's are neither.
+    #[test]
+    fn open_connections_are_told_apart_by_side() {
+        let (shutdown, inbound) = channel();
+        let outbound = inbound.until_exit();
+        let admin = inbound.until_exit_uncounted();
+        let caller = inbound.tracker();
+        let caller_clone = caller.clone();
+        let app = outbound.tracker();
+        let _probe = admin.tracker();
+        let second_app = outbound.tracker();
+        let both = |inbound, outbound| OpenConnections { inbound, outbound };
+        // A clone counts as the original does, as the drain counts it.
+        assert_eq!(shutdown.open_connections(), both(2, 2));
+        drop(caller);
+        assert_eq!(
+            shutdown.open_connections(),
+            both(1, 2),
+            "a clone still open"
+        );
+        drop(caller_clone);
+        assert_eq!(shutdown.open_connections(), both(0, 2));
+        drop(app);
+        assert_eq!(inbound.status().open_connections(), both(0, 1));
+        drop(second_app);
+        assert_eq!(shutdown.open_connections(), both(0, 0));
     }
 }

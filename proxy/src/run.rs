@@ -69,6 +69,7 @@ where
 pub async fn run(config: Config) -> Result<(), Bind> {
     raise_open_files();
     let sidecar = Sidecar::bind(config).await?;
+    let drain = sidecar.drain.status();
     // Both watched before anything is served, so neither signal
     // is missed.
     let mut first = StopSignals::watch(true);
@@ -82,10 +83,15 @@ pub async fn run(config: Config) -> Result<(), Bind> {
         // The second signal's watch sees the first before the
         // drain says it started.
         biased;
-        signal = second => tracing::warn!(
-            signal,
-            "second signal: exiting without waiting for the drain; closing the remaining connections"
-        ),
+        signal = second => {
+            let open = drain.open_connections();
+            tracing::warn!(
+                signal,
+                inbound = open.inbound,
+                outbound = open.outbound,
+                "second signal: exiting without waiting for the drain; closing the remaining connections"
+            )
+        }
         () = serving => {}
     }
     Ok(())
@@ -413,8 +419,13 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
     {
         tracing::info!(drain_idle = ?config.drain_idle, "drained: no connection open for drain_idle; exiting");
     } else {
+        // Said by side: inbound ones are callers cut mid-request or
+        // mid-stream, outbound ones the app's own calls.
+        let open = shutdown.open_connections();
         tracing::warn!(
-            open = shutdown.open(),
+            drain_timeout = ?config.drain_timeout,
+            inbound = open.inbound,
+            outbound = open.outbound,
             "drain timeout reached; closing the remaining connections"
         );
     }

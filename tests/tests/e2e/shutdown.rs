@@ -201,3 +201,38 @@ async fn a_second_sigterm_ends_the_drain_at_once() -> anyhow::Result<()> {
     drop(pooled);
     Ok(())
 }
+
+/// A drain that reaches `--drain-timeout` says so and what it cuts, by
+/// side: here the app's pooled connection through web's route, outbound,
+/// and nothing inbound. The sidecar still exits 0: the drain ran its
+/// course.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_timeout_the_log_says_what_is_cut() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let api = HttpApp::start("api").await?;
+    let server = mesh.sidecar("api").app(api.addr()).start().await?;
+    let mut client = mesh
+        .sidecar("web")
+        .route_to(&server)
+        .arg("--drain-timeout")
+        .arg("1s")
+        .start()
+        .await?;
+    let route = client.route_addr(server.identity());
+    let mut pooled = HttpConnection::open(route).await?;
+    pooled.get("/before").await?.success()?;
+
+    client.process().signal(Signal::TERM)?;
+    let log = exited(&mut client).await?;
+    let cut = log
+        .lines()
+        .find(|l| l.contains("drain timeout reached"))
+        .ok_or_else(|| anyhow::anyhow!("no drain timeout line in:\n{log}"))?;
+    assert!(
+        cut.contains("inbound=0") && cut.contains("outbound=1"),
+        "the line does not say what is cut: {cut}"
+    );
+    assert!(!log.contains("drained: no connection open"), "{log}");
+    drop(pooled);
+    Ok(())
+}
