@@ -491,3 +491,68 @@ fn an_unusable_kube_token_file_exits_64_naming_the_flag_and_touches_nothing() {
         }
     }
 }
+
+/// A Certify in flight when SIGTERM comes is answered before the control
+/// plane exits: a sidecar starting during a rollout gets its certificate
+/// instead of a broken connection. No Kubernetes API server can run here;
+/// the stand-in holds the review for a second, and the signal is sent
+/// while it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certify_in_flight_at_sigterm_is_answered_before_the_exit() {
+    use std::sync::{Arc, Mutex};
+
+    let (reviewing_tx, mut reviewing) = tokio::sync::mpsc::unbounded_channel();
+    let record = Arc::new(Mutex::new(Vec::new()));
+    let server = common::serving::ApiServer::start(
+        &format!("{BEARER}\n"),
+        common::serving::Answering::Yes,
+        move |req: http::Request<hyper::body::Incoming>| {
+            let (record, reviewing) = (record.clone(), reviewing_tx.clone());
+            async move {
+                let _ = reviewing.send(());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                serve(req, by_token, &record, &IssuerKeys::default()).await
+            }
+        },
+    )
+    .await;
+    let (url, ca, token) = (
+        server.url(),
+        server.ca().display().to_string(),
+        server.token_file().display().to_string(),
+    );
+    let cp = ControlPlane::start(&[
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        &url,
+        "--kube-ca",
+        &ca,
+        "--kube-token-file",
+        &token,
+    ]);
+    let mut client = cp.identity_client(None).await;
+    let certify = tokio::spawn(async move {
+        client
+            .certify(CertifyRequest {
+                csr: csr_for(&p256(), WEB),
+                proof: Some(Proof::ServiceAccountToken(WEB_TOKEN.into())),
+                inbound_address: "127.0.0.1:15006".into(),
+                inbound_addresses: Vec::new(),
+            })
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), reviewing.recv())
+        .await
+        .expect("the review reached the API server")
+        .expect("the API server is running");
+    let stopping = tokio::spawn(cp.stop_async());
+
+    let issued = certify
+        .await
+        .unwrap()
+        .expect("the Certify in flight at SIGTERM was answered")
+        .into_inner();
+    assert_eq!(issued.spiffe_id, WEB);
+    assert!(stopping.await.unwrap().success(), "SIGTERM exits 0");
+}

@@ -606,7 +606,19 @@ fn control_plane_deployment_is_hardened() {
         container["lifecycle"]["preStop"],
         json!({"exec": {"command": ["sleep", "5"]}})
     );
-    assert!(spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) >= 30);
+    // SIGTERM then ends the Watch streams and drains the calls in flight,
+    // each up to its deadline: the whole stop fits in the grace period.
+    use trellis_control_plane::run::{DRAIN_DEADLINE, STREAMS_DEADLINE};
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    let pre_stop: u64 = container["lifecycle"]["preStop"]["exec"]["command"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("the preStop hook sleeps a number of seconds");
+    let stop = std::time::Duration::from_secs(pre_stop) + STREAMS_DEADLINE + DRAIN_DEADLINE;
+    assert!(
+        std::time::Duration::from_secs(grace) >= stop,
+        "a grace period of {grace}s is shorter than a stop of up to {stop:?}"
+    );
     assert!(container["resources"]["requests"]["cpu"].is_string());
     assert!(container["resources"]["limits"]["memory"].is_string());
     assert!(
