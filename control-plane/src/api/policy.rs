@@ -23,7 +23,7 @@
 
 use prost::Message;
 use tonic::{Code, Status};
-use trellis_core::policy::pattern::{DNS_LABEL_RULE, is_dns_label};
+use trellis_core::policy::pattern::{DNS_LABEL_RULE, MAX_DNS_LABEL_BYTES, is_dns_label};
 use trellis_core::policy::{
     AuthorizationPolicy, Diagnostic, Document, ExplainedHttp, HttpRequest, OpaquePorts,
     RateLimitPolicy, ValidationContext, WorkloadSelector, document_from_proto, explain,
@@ -433,9 +433,6 @@ fn require_name(namespace: &str, name: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The longest DNS label, in bytes.
-const MAX_LABEL_BYTES: usize = 63;
-
 /// The answer to a read or delete that found nothing: a namespace or name
 /// that no document could have, as a write checks them (each a DNS label,
 /// [`is_dns_label`]), is the request's mistake, refused naming the field
@@ -446,7 +443,7 @@ const MAX_LABEL_BYTES: usize = 63;
 fn not_found_or_invalid(kind: Kind, namespace: &str, name: &str) -> Status {
     for (field, value) in [("namespace", namespace), ("name", name)] {
         if !is_dns_label(value) {
-            return Status::invalid_argument(if value.len() > MAX_LABEL_BYTES {
+            return Status::invalid_argument(if value.len() > MAX_DNS_LABEL_BYTES {
                 format!(
                     "{field}: invalid {field} ({} bytes long): {DNS_LABEL_RULE}",
                     value.len()

@@ -86,12 +86,17 @@ impl fmt::Display for IdPattern {
     }
 }
 
+/// The longest DNS-1123 label, in bytes (RFC 1123 section 2.1): the most a
+/// Kubernetes namespace, or a name [`is_dns_label`] accepts, may be. All its
+/// characters are ASCII, so bytes and characters count alike.
+pub const MAX_DNS_LABEL_BYTES: usize = 63;
+
 /// Whether `name` is a DNS-1123 label, as Kubernetes names and namespaces are.
 pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     !bytes.is_empty()
-        && bytes.len() <= 63
+        && bytes.len() <= MAX_DNS_LABEL_BYTES
         && bytes.iter().all(|b| edge(b) || *b == b'-')
         && bytes.first().is_some_and(edge)
         && bytes.last().is_some_and(edge)
@@ -175,5 +180,10 @@ mod tests {
         for bad in ["", "Web", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
             assert!(!is_dns_label(bad), "{bad}");
         }
+        assert!(is_dns_label(&"a".repeat(MAX_DNS_LABEL_BYTES)));
+        assert!(!is_dns_label(&"a".repeat(MAX_DNS_LABEL_BYTES + 1)));
+        // The rule in words names the same bound.
+        let bound = format!("at most {MAX_DNS_LABEL_BYTES} characters");
+        assert!(DNS_LABEL_RULE.contains(&bound), "{DNS_LABEL_RULE}");
     }
 }
