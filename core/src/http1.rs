@@ -644,6 +644,22 @@ pub fn may_switch<B>(req: &http::Request<B>) -> bool {
     }
 }
 
+/// Marks `answer`, to a request in `version`, as the connection's last:
+/// it says `connection: close`, so hyper's server ends the connection once
+/// it is written. To an HTTP/1.0 request the answer is in HTTP/1.0 too,
+/// which hyper's server does not mark `keep-alive`. A port calls it on
+/// its answer to a request that [`may_switch`] when that answer does not
+/// switch, lest hyper read on, unchecked by [`Heads`].
+pub fn end_connection<B>(answer: &mut http::Response<B>, version: http::Version) {
+    answer.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    if version == http::Version::HTTP_10 {
+        *answer.version_mut() = http::Version::HTTP_10;
+    }
+}
+
 /// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
 /// a request line (RFC 9112 section 2.2).
 pub fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {

@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Response, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
@@ -110,21 +109,6 @@ pub async fn serve<F, S>(
         FirstHead::Closed => return,
     };
     refuse(tcp, read, client, &fault, metrics, refusals).await;
-}
-
-/// Marks `answer`, to a request in `version` that [`may_switch`](trellis_core::http1::may_switch) (the port
-/// never answers `101`, nor `2xx` to a `CONNECT`, and hyper, which would
-/// read on after such an answer, would take heads no check read: a raw `#`
-/// in a target among them), as the
-/// connection's last: `connection: close`, and in HTTP/1.0 for an HTTP/1.0
-/// request, which hyper's server does not mark `keep-alive` then.
-pub(super) fn end(answer: &mut Response<Full<Bytes>>, version: Version) {
-    answer
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    if version == Version::HTTP_10 {
-        *answer.version_mut() = Version::HTTP_10;
-    }
 }
 
 /// Answers a refused head in words, logs and counts it, and closes the

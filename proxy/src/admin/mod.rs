@@ -212,8 +212,12 @@ impl Admin {
                             } else {
                                 route(&state, &req)
                             };
+                            // The port never answers `101`, nor `2xx` to a
+                            // `CONNECT`: hyper would read on after such an
+                            // answer, taking heads no check read (a raw `#`
+                            // in a target among them).
                             if ends {
-                                head::end(&mut response, version);
+                                trellis_core::http1::end_connection(&mut response, version);
                             }
                             Ok::<_, Infallible>(response)
                         }

@@ -54,7 +54,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
-use trellis_core::http1::{HeadFault, Heads};
+use trellis_core::http1::{HeadFault, Heads, end_connection};
 use trellis_core::logging::keyed::Keyed;
 
 pub use access::ACCESS_TARGET;
@@ -547,28 +547,32 @@ where
 /// Marks an answer to a request hyper may switch protocols for.
 type Answered = fn(Result<Response<Body>, Infallible>) -> Result<Response<Body>, Infallible>;
 
-/// The answer to an HTTP/1 `CONNECT`, which hyper's server takes as a
+/// The answer to an HTTP/1.1 `CONNECT`, which hyper's server takes as a
 /// tunnel when it is `2xx` (or `101`): any other ends the connection.
 fn close_unless_tunnel(
     answer: Result<Response<Body>, Infallible>,
 ) -> Result<Response<Body>, Infallible> {
-    answer.map(|mut answer| {
-        let status = answer.status();
-        if !status.is_success() && status != http::StatusCode::SWITCHING_PROTOCOLS {
-            close(&mut answer);
-        }
-        answer
-    })
+    end_unless_tunnel(answer, http::Version::HTTP_11)
 }
 
-/// [`close_unless_tunnel`] for an HTTP/1.0 `CONNECT`: the answer is in
-/// HTTP/1.0 too, which hyper's server does not mark `keep-alive`.
+/// [`close_unless_tunnel`] for an HTTP/1.0 `CONNECT`: the answer that ends
+/// the connection is in HTTP/1.0 too ([`end_connection`]).
 fn close_unless_tunnel_1_0(
     answer: Result<Response<Body>, Infallible>,
 ) -> Result<Response<Body>, Infallible> {
-    close_unless_tunnel(answer).map(|mut answer| {
-        if answer.headers().contains_key(http::header::CONNECTION) {
-            *answer.version_mut() = http::Version::HTTP_10;
+    end_unless_tunnel(answer, http::Version::HTTP_10)
+}
+
+/// The answer to a `CONNECT` in `version`, ending the connection unless it
+/// is a tunnel.
+fn end_unless_tunnel(
+    answer: Result<Response<Body>, Infallible>,
+    version: http::Version,
+) -> Result<Response<Body>, Infallible> {
+    answer.map(|mut answer| {
+        let status = answer.status();
+        if !status.is_success() && status != http::StatusCode::SWITCHING_PROTOCOLS {
+            end_connection(&mut answer, version);
         }
         answer
     })
@@ -582,18 +586,10 @@ fn close_unless_switched(
 ) -> Result<Response<Body>, Infallible> {
     answer.map(|mut answer| {
         if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            close(&mut answer);
+            end_connection(&mut answer, http::Version::HTTP_11);
         }
         answer
     })
-}
-
-/// Marks `answer` as the connection's last: hyper's server closes the
-/// connection once it is written.
-fn close(answer: &mut Response<Body>) {
-    answer
-        .headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// The policies in force for one connection's request stack, as each layer
