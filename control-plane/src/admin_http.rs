@@ -17,7 +17,8 @@
 //! port's `Refusals`: a kubelet probe refused here restarts the pod or
 //! takes it out of its Service, which must not go unseen at the default
 //! log level. A malformed request head is answered in words, counted and
-//! logged as [`crate::request_head`] says.
+//! logged as [`crate::request_head`] says; the answer to a `CONNECT` or an
+//! HTTP/1.1 request with an `Upgrade` ends the connection, as it says too.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

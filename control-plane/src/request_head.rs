@@ -19,6 +19,12 @@
 //! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE). Never a
 //! header's value: the webhook's requests carry AdmissionReviews, the
 //! admin port's may carry tokens.
+//!
+//! The ports switch protocols for nothing: the answer to a request hyper's
+//! server may switch for ([`http1::may_switch`]: an HTTP/1.1 request with
+//! an `Upgrade`, or a `CONNECT`), after which `Heads` checks no head, says
+//! `connection: close` and ends the connection ([`SwitchesNothing`]), as
+//! the sidecar's ports do; hyper would read on, unchecked, otherwise.
 
 use std::fmt;
 use std::future::Future;
@@ -27,8 +33,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{Either, Map};
+use http::{Request, Response, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
 use trellis_core::connections::serve_http1_for;
 use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Heads};
@@ -55,6 +65,8 @@ const _: () = assert!(
 /// refused, first or later on a kept-alive connection, is answered in
 /// words, counted and logged by `refusals` as `message`; one begun and not
 /// whole within `timeout` is answered 408 ([`HEAD_TIMED_OUT`]) likewise.
+/// The answer to a request hyper may switch protocols for ends the
+/// connection ([`SwitchesNothing`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve<S, F, Svc>(
     io: S,
@@ -68,9 +80,10 @@ pub(crate) async fn serve<S, F, Svc>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Future<Output = ()>,
-    Svc: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    Svc: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let service = SwitchesNothing(service);
     let first = http1::first_head(
         io,
         http1::check_head,
@@ -109,6 +122,61 @@ pub(crate) async fn serve<S, F, Svc>(
     // it has its answer finds it counted.
     refused(client, &fault, true, refusals, message);
     http1::refuse(io, read, &fault, timeout).await;
+}
+
+/// A port's service, for a port that switches protocols for nothing: its
+/// answer to a request hyper's server may switch for
+/// ([`http1::may_switch`]) is marked as the connection's last
+/// ([`http1::end_connection`]). `Heads` checks no head after such a
+/// request (what follows would be another protocol's, were it switched),
+/// and hyper, which switches only for a `101` (or a `2xx` to a `CONNECT`),
+/// would read on after any other answer, serving heads no check read (a
+/// raw `#` in a target among them).
+struct SwitchesNothing<S>(S);
+
+/// Marks an answer to a request hyper may switch protocols for.
+type Ends<E> = fn(Result<Response<Full<Bytes>>, E>) -> Result<Response<Full<Bytes>>, E>;
+
+impl<S> Service<Request<Incoming>> for SwitchesNothing<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Map<S::Future, Ends<S::Error>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if !http1::may_switch(&req) {
+            return Either::Left(self.0.call(req));
+        }
+        let ends: Ends<S::Error> = if req.version() == Version::HTTP_10 {
+            ends_in_http_1_0
+        } else {
+            ends_in_http_1_1
+        };
+        Either::Right(self.0.call(req).map(ends))
+    }
+}
+
+/// The answer to an HTTP/1.1 request, marked as the connection's last.
+fn ends_in_http_1_1<E>(
+    answer: Result<Response<Full<Bytes>>, E>,
+) -> Result<Response<Full<Bytes>>, E> {
+    answer.map(|mut answer| {
+        http1::end_connection(&mut answer, Version::HTTP_11);
+        answer
+    })
+}
+
+/// The answer to an HTTP/1.0 `CONNECT`, marked as the connection's last
+/// (in HTTP/1.0).
+fn ends_in_http_1_0<E>(
+    answer: Result<Response<Full<Bytes>>, E>,
+) -> Result<Response<Full<Bytes>>, E> {
+    answer.map(|mut answer| {
+        http1::end_connection(&mut answer, Version::HTTP_10);
+        answer
+    })
 }
 
 /// Counts and logs a head hyper refused on a connection it served (its

@@ -1616,3 +1616,74 @@ fn the_admin_http_port_s_405_says_what_is_allowed() {
         "{answer}"
     );
 }
+
+/// The admin port switches protocols for nothing, and after a request
+/// hyper's server may switch for (an HTTP/1.1 `Upgrade`, a `CONNECT`) no
+/// later head on the connection would be checked: its answer says
+/// `connection: close` (in HTTP/1.0 to an HTTP/1.0 `CONNECT`) and the
+/// connection ends with it, so a second request on it is never served.
+/// The same request without an `Upgrade` leaves the connection open.
+#[tokio::test]
+async fn the_admin_http_port_ends_a_connection_after_an_upgrade_or_connect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.parse().unwrap();
+    for (from, first, status) in [
+        (
+            20,
+            "GET /live HTTP/1.1\r\nhost: admin\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "HTTP/1.1 200 ",
+        ),
+        (
+            21,
+            "GET /live HTTP/1.1\r\nhost: admin\r\nupgrade: websocket\r\n\r\n",
+            "HTTP/1.1 200 ",
+        ),
+        (
+            22,
+            "CONNECT admin:15014 HTTP/1.1\r\nhost: admin:15014\r\n\r\n",
+            "HTTP/1.1 405 ",
+        ),
+        (
+            23,
+            "CONNECT admin:15014 HTTP/1.0\r\nhost: admin:15014\r\nconnection: keep-alive\r\n\r\n",
+            "HTTP/1.0 405 ",
+        ),
+    ] {
+        let mut tcp = connect_from(loopback(from), admin).await;
+        // The second request asks to close, so that a connection that
+        // goes on after the first answer ends after the second.
+        let second = "GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n";
+        tcp.write_all(format!("{first}{second}").as_bytes())
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut read))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with(status), "{first:?}: {read}");
+        let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+        assert_eq!(answers, 1, "{first:?}: {read}");
+        assert!(
+            read.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{first:?}: {read}"
+        );
+    }
+    // Without an `Upgrade` the connection goes on after the answer.
+    let mut tcp = connect_from(loopback(24), admin).await;
+    tcp.write_all(
+        b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n\
+          GET /live HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut read = String::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_string(&mut read))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert_eq!(read.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{read}");
+}

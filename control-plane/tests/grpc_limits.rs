@@ -805,3 +805,37 @@ async fn an_idle_connection_is_closed_and_one_holding_a_watch_is_not() {
         .unwrap();
     assert!(next.is_data(), "{next:?}");
 }
+
+/// The gRPC port speaks HTTP/2 alone: an HTTP/1.1 `CONNECT` or request
+/// with an `Upgrade`, and a request after it, get no HTTP/1 answer (the
+/// admin and webhook ports end such a connection after their answer;
+/// here there is none) and the connection is closed.
+#[tokio::test]
+async fn the_grpc_port_answers_no_http_1_request_after_a_connect_or_upgrade() {
+    let cp = ControlPlane::start(&[]);
+    for first in [
+        "CONNECT cp:15012 HTTP/1.1\r\nhost: cp:15012\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: cp\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+    ] {
+        let mut tls = tls_connection(&cp, None).await;
+        tls.write_all(format!("{first}GET / HTTP/1.1\r\nhost: cp\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(PATIENCE, async {
+            // Until the end of the stream, or a TLS error once it is closed.
+            while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                read.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("closed");
+        assert!(
+            !read.windows(7).any(|w| w == b"HTTP/1."),
+            "{first:?}: {}",
+            String::from_utf8_lossy(&read)
+        );
+    }
+}

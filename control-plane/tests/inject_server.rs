@@ -1030,3 +1030,58 @@ async fn a_list_annotation_past_the_limit_is_denied_over_https() {
     let excluded = format!("\"--exclude-outbound-cidrs\",\"{}\"", distinct.join(","));
     assert!(patch.contains(&excluded), "{excluded} not in {patch}");
 }
+
+/// The webhook port switches protocols for nothing, and after a request
+/// hyper's server may switch for (an HTTP/1.1 `Upgrade`, a `CONNECT`) no
+/// later head on the connection would be checked: its answer says
+/// `connection: close` and the connection ends with it, so a second
+/// request on it is never served.
+#[tokio::test]
+async fn the_webhook_port_ends_a_connection_after_an_upgrade_or_connect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let webhook = start().await;
+    for (first, status) in [
+        (
+            "POST /validate HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n\
+             connection: upgrade\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+        (
+            "GET /inject HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n\r\n",
+            "HTTP/1.1 405 ",
+        ),
+        (
+            "CONNECT localhost:15017 HTTP/1.1\r\nhost: localhost:15017\r\n\r\n",
+            "HTTP/1.1 404 ",
+        ),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+        let mut tls = connect_tls(&webhook, tcp).await.unwrap();
+        // The second request asks to close, so that a connection that
+        // goes on after the first answer ends after the second.
+        let second = "GET /inject HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+        tls.write_all(format!("{first}{second}").as_bytes())
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        let mut read = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            // Until the end of the stream, or a TLS error once it is closed.
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                read.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("answered and closed");
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with(status), "{first:?}: {read}");
+        let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+        assert_eq!(answers, 1, "{first:?}: {read}");
+        assert!(
+            read.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{first:?}: {read}"
+        );
+    }
+}

@@ -168,8 +168,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// are another protocol's if hyper's answer switches (`101`, or `2xx` to
 /// a `CONNECT`); an answer that does not switch leaves the connection in
 /// HTTP/1.1, its later heads unchecked here, as the answer is not seen
-/// (the sidecar's request stack, and its admin port, mark such an answer
-/// `connection: close` to end the connection with it). An
+/// (the sidecar's request stack and admin port, and the control plane's
+/// HTTP/1.1 ports, mark such an answer `connection: close` to end the
+/// connection with it, [`end_connection`]). An
 /// `Upgrade` in HTTP/1.0, which hyper never switches for, is read as any
 /// other field. Later heads on such a connection get hyper's answer,
 /// logged and counted ([`HeadFault::from_hyper`]). The chunks are followed as hyper 1.x's
