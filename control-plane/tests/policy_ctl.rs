@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use common::policy::{API, WEB};
 use common::*;
 use trellis_control_plane::api::admin::MAX_ADMIN_REQUEST_BYTES;
+use trellis_control_plane::ctl::policy::STDIN;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/policies")
@@ -1969,6 +1970,48 @@ fn lint_reads_standard_input_for_a_dash() {
     let help = lint(&["--help".as_ref()]);
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(help.contains("| trellisctl policy lint -"), "{help}");
+}
+
+/// A file whose path is `<stdin>`, the name standard input goes by, is
+/// named `./<stdin>` in diagnostics, found here or by the control plane,
+/// with `-` beside it or not, so that none reads as standard input's.
+#[test]
+fn a_file_named_as_standard_input_is_told_apart_from_it() {
+    let cp = ControlPlane::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = fixtures().join("lint/bad/unknown-field.yaml");
+    let unknown = std::fs::read_to_string(&unknown).unwrap();
+    let port = fixtures().join("lint/bad/port-out-of-range.yaml");
+    std::fs::write(dir.path().join(STDIN), std::fs::read(port).unwrap()).unwrap();
+    let named = |args: &[&str], input: &str| {
+        let mut command = std::process::Command::new(CTL);
+        command
+            .current_dir(dir.path())
+            .args(["policy", "lint"])
+            .args(args);
+        let out = with_stdin(command, input.as_bytes());
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        (String::from_utf8(out.stdout).unwrap().lines())
+            .map(|l| l.split(':').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named(&[STDIN, "-"], &unknown), ["./<stdin>", "<stdin>"]);
+    assert_eq!(named(&["-", STDIN], &unknown), ["<stdin>", "./<stdin>"]);
+    assert_eq!(named(&[STDIN], ""), ["./<stdin>"]);
+
+    // The control plane's finding names it so too; nothing is applied.
+    let outside = policy_text("a", 80).replace("ns/default/sa/web", "ns/other/sa/web");
+    std::fs::write(dir.path().join(STDIN), outside).unwrap();
+    let mut command = cp.ctl_command(&["policy", "apply", "-f", STDIN, "-f", "-"]);
+    command.current_dir(dir.path());
+    let out = with_stdin(command, policy_text("b", 80).as_bytes());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("./<stdin>:5:26: spec.selector.spiffeIds[0]: "),
+        "{stderr}"
+    );
+    assert_eq!(listed_keys(&cp), Vec::<String>::new());
 }
 
 /// Files that hold no document are refused naming them, a few and then

@@ -8,7 +8,8 @@
 //! that holds none is a usage error naming it. The files are read in sorted
 //! order; `-` reads standard input ([`policy_files`]), once, in its place:
 //! after the files of the paths given before it, before those of the paths
-//! after it, its diagnostics named `<stdin>`. All are validated here
+//! after it, its diagnostics named `<stdin>` (a file whose path is
+//! `<stdin>` is named `./<stdin>`). All are validated here
 //! first, by the same library function the control plane runs
 //! (`trellis_core::policy::load_given_in`), so a mistake is reported at `file:line:column: field.path: message` before anything is
 //! sent; if any document is invalid nothing is applied. The valid documents
@@ -217,6 +218,8 @@ impl PolicyInput {
 /// applied in one request).
 pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyInput, CtlError> {
     let walk = recursive.walk();
+    let paths: Vec<PathBuf> = paths.iter().map(|p| told_from_stdin(p)).collect();
+    let paths = &paths[..];
     let dashes: Vec<usize> = (paths.iter().enumerate())
         .filter(|(_, p)| p.as_os_str() == "-")
         .map(|(i, _)| i)
@@ -255,6 +258,17 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyIn
         None => None,
     };
     Ok(PolicyInput { found, stdin })
+}
+
+/// `path`, or `./<stdin>` for a file whose path is [`STDIN`], the name
+/// standard input goes by: a file's diagnostics and errors never read as
+/// standard input's, whether `-` is given too or not.
+fn told_from_stdin(path: &Path) -> PathBuf {
+    if path.as_os_str() == STDIN {
+        Path::new(".").join(STDIN)
+    } else {
+        path.to_owned()
+    }
 }
 
 /// All of `input` (standard input) as text: at most
