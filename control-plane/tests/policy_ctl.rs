@@ -2014,6 +2014,70 @@ fn a_file_named_as_standard_input_is_told_apart_from_it() {
     assert_eq!(listed_keys(&cp), Vec::<String>::new());
 }
 
+/// Standard input that `-` cannot read as documents is refused naming
+/// `<stdin>` and why, by `apply` and `lint` alike, before anything is sent,
+/// so that nothing is applied, not even the valid file given beside it: a
+/// directory (reading it fails) and bytes that are not UTF-8 text; and a
+/// closed standard input (the process is given /dev/null in its place),
+/// or /dev/null itself, which `-` cannot have been meant to read, as a
+/// usage error.
+#[test]
+fn unreadable_standard_input_is_refused_naming_it() {
+    use std::process::{Command, Stdio};
+    let cp = ControlPlane::start(&[]);
+    let file = cp.tmp.path().join("a.yaml");
+    std::fs::write(&file, policy_text("a", 80)).unwrap();
+    let file = file.to_str().unwrap();
+    // `policy apply -f FILE -f -`, then `policy lint FILE -`.
+    let commands = || {
+        let mut lint = Command::new(CTL);
+        lint.args(["policy", "lint", file, "-"]);
+        [
+            cp.ctl_command(&["policy", "apply", "-f", file, "-f", "-"]),
+            lint,
+        ]
+    };
+    let closed = |command: &Command| {
+        let mut shell = Command::new("sh");
+        shell
+            .args(["-c", r#"exec "$0" "$@" <&-"#])
+            .arg(command.get_program())
+            .args(command.get_args());
+        shell.output().unwrap()
+    };
+    let refused = |out: std::process::Output, code: i32, said: &str| {
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), said);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    };
+    const CLOSED: &str = "error: <stdin>: standard input is closed (or /dev/null), so - has \
+                          nothing to read: pipe the documents in, or leave - out\n";
+    for mut command in commands() {
+        command.stdin(std::fs::File::open(cp.tmp.path()).unwrap());
+        let out = command.output().unwrap();
+        refused(out, 1, "error: <stdin>: cannot read: is a directory\n");
+    }
+    for command in commands() {
+        // A valid document, but for a comment's bytes.
+        let mut input = policy_text("b", 80).into_bytes();
+        input.extend_from_slice(b"# \xff\xfe\n");
+        let out = with_stdin(command, &input);
+        refused(out, 1, "error: <stdin>: cannot read: not UTF-8 text\n");
+    }
+    for command in commands() {
+        refused(closed(&command), 64, CLOSED);
+    }
+    for mut command in commands() {
+        let out = command.stdin(Stdio::null()).output().unwrap();
+        refused(out, 64, CLOSED);
+    }
+    assert_eq!(listed_keys(&cp), Vec::<String>::new());
+    // The file alone is applied: what stopped it was standard input.
+    let out = cp.ctl(&["policy", "apply", "-f", file]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(listed_keys(&cp), ["default/a"]);
+}
+
 /// Files that hold no document are refused naming them, a few and then
 /// how many more, standard input among them.
 #[test]

@@ -27,6 +27,8 @@
 //! warnings).
 
 use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -213,9 +215,10 @@ impl PolicyInput {
 /// standard input: the files of the paths given before it are read before
 /// it, those of the paths after it after it (each set in sorted order). A
 /// directory that holds none is a usage error naming it, and `-` given
-/// twice one too, before anything else is read; standard input is read to
-/// its end, at most [`MAX_ADMIN_REQUEST_BYTES`] (more could not be
-/// applied in one request).
+/// twice one too, before anything else is read, and `-` with standard
+/// input closed or `/dev/null` (what a closed one is given) too; standard input
+/// is read to its end, at most [`MAX_ADMIN_REQUEST_BYTES`] (more could not
+/// be applied in one request), and must be UTF-8 text.
 pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyInput, CtlError> {
     let walk = recursive.walk();
     let paths: Vec<PathBuf> = paths.iter().map(|p| told_from_stdin(p)).collect();
@@ -251,10 +254,19 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyIn
         )));
     }
     let stdin = match after {
-        Some(after) => Some(Stdin {
-            after,
-            text: read_stdin(&mut std::io::stdin().lock())?,
-        }),
+        Some(after) => {
+            let input = std::io::stdin();
+            if is_dev_null(&input) {
+                return Err(CtlError::Usage(format!(
+                    "{STDIN}: standard input is closed (or /dev/null), so - has nothing to \
+                     read: pipe the documents in, or leave - out"
+                )));
+            }
+            Some(Stdin {
+                after,
+                text: read_stdin(&mut input.lock())?,
+            })
+        }
         None => None,
     };
     Ok(PolicyInput { found, stdin })
@@ -268,6 +280,23 @@ fn told_from_stdin(path: &Path) -> PathBuf {
         Path::new(".").join(STDIN)
     } else {
         path.to_owned()
+    }
+}
+
+/// Whether `input` is `/dev/null`: what a process started with its
+/// standard input closed is given in its place (by Rust's runtime, before
+/// `main`), and what a caller gets that runs trellisctl from a script or a
+/// service without one. `-` cannot have been meant to read it.
+fn is_dev_null(input: &impl AsFd) -> bool {
+    let Ok(fd) = input.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match (
+        std::fs::File::from(fd).metadata(),
+        std::fs::metadata("/dev/null"),
+    ) {
+        (Ok(given), Ok(null)) => given.file_type().is_char_device() && given.rdev() == null.rdev(),
+        _ => false,
     }
 }
 
