@@ -23,7 +23,7 @@
 //! The ports switch protocols for nothing: the answer to a request hyper's
 //! server may switch for ([`http1::may_switch`]: an HTTP/1.1 request with
 //! an `Upgrade`, or a `CONNECT`), after which `Heads` checks no head, says
-//! `connection: close` and ends the connection ([`SwitchesNothing`]), as
+//! `connection: close` and ends the connection (`SwitchesNothing`), as
 //! the sidecar's ports do; hyper would read on, unchecked, otherwise.
 
 use std::fmt;
