@@ -318,7 +318,8 @@ pub struct Copied {
 
 /// Copies both ways until both sides are done; an EOF on one side is passed
 /// on as a half-close (shutdown of the write side) of the other. The first
-/// error ends both ways.
+/// error ends both ways; the bytes a side sent before it failed (was
+/// reset) are written on first, as far as they were read.
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -376,6 +377,9 @@ struct Direction {
     eof: bool,
     /// The writer was shut down after the end: this way is finished.
     done: bool,
+    /// The reader failed (was reset) after `buf[pos..cap]` was read: the
+    /// error is passed on once those bytes are written.
+    failed: Option<io::Error>,
     moved: u64,
 }
 
@@ -423,6 +427,12 @@ impl Direction {
                             }
                             self.cap += n;
                         }
+                        // What came before a reset goes on ahead of it,
+                        // as the kernel hands it out before the reset.
+                        Poll::Ready(Err(e)) if self.cap > 0 => {
+                            self.failed = Some(e);
+                            break;
+                        }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending if self.cap > 0 => break,
                         Poll::Pending => {
@@ -444,6 +454,12 @@ impl Direction {
                     self.pos += n;
                     self.moved += n as u64;
                     self.unflushed = true;
+                }
+            }
+            if self.failed.is_some() {
+                ready!(writer.as_mut().poll_flush(cx))?;
+                if let Some(e) = self.failed.take() {
+                    return Poll::Ready(Err(e));
                 }
             }
             if self.eof {

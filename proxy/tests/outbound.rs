@@ -1278,6 +1278,29 @@ async fn a_connection_the_server_app_resets_is_reset_at_the_calling_app() {
     through.closed().await;
 }
 
+/// The bytes an app sent just before it reset its connection reach the
+/// other app ahead of the reset, as they do without the mesh (the kernel
+/// hands out what came before a reset): each sidecar writes on what it
+/// read before it passes the reset on, both ways.
+#[tokio::test]
+async fn the_last_bytes_before_a_reset_reach_the_other_app_first() {
+    use tokio::io::AsyncWriteExt;
+    let mut through = Through::start().await;
+    let (mut app, mut server) = through.connect().await;
+    server.write_all(b"last words").await.unwrap();
+    server.set_zero_linger().unwrap();
+    drop(server);
+    assert_eq!(read_end(&mut app).await, End::Reset(b"last words".to_vec()));
+    through.closed().await;
+
+    let (mut app, mut server) = through.connect().await;
+    app.write_all(b"last words").await.unwrap();
+    app.set_zero_linger().unwrap();
+    drop(app);
+    assert_eq!(read_end(&mut server).await, End::Reset(b"last words".to_vec()));
+    through.closed().await;
+}
+
 /// A TCP call whose server app is down (nothing listens where the server's
 /// sidecar dials it) is closed: the server's sidecar counts the app
 /// unreachable, the caller's that its peer closed the connection before
