@@ -250,17 +250,21 @@ pub fn reset_on_close(tcp: &TcpStream) {
 /// other side was reset or failed, is reset, never ended with a FIN that
 /// would pass for the end of its bytes.
 pub struct ResetIfCut<S> {
-    io: S,
+    /// Taken only by [`ResetIfCut::into_inner`], which consumes the rest.
+    io: Option<S>,
     /// The TCP socket under `io`.
     tcp: fn(&S) -> &TcpStream,
     ended: bool,
 }
 
+/// Why a [`ResetIfCut`] always holds its stream.
+const HELD: &str = "a ResetIfCut holds its stream until into_inner consumes it";
+
 impl<S> ResetIfCut<S> {
     /// `io`, with `tcp` reaching the socket under it.
     pub fn new(io: S, tcp: fn(&S) -> &TcpStream) -> Self {
         ResetIfCut {
-            io,
+            io: Some(io),
             tcp,
             ended: false,
         }
@@ -269,6 +273,13 @@ impl<S> ResetIfCut<S> {
     /// The copy ended cleanly: dropping the stream closes it as usual.
     pub fn ended(&mut self) {
         self.ended = true;
+    }
+
+    /// The stream, no longer reset when dropped: its copy is over, and
+    /// how the connection ends is the caller's to say (an answer written
+    /// to it first, say).
+    pub fn into_inner(mut self) -> S {
+        self.io.take().expect(HELD)
     }
 }
 
@@ -286,20 +297,22 @@ impl<S> std::ops::Deref for ResetIfCut<S> {
     type Target = S;
 
     fn deref(&self) -> &S {
-        &self.io
+        self.io.as_ref().expect(HELD)
     }
 }
 
 impl<S> std::ops::DerefMut for ResetIfCut<S> {
     fn deref_mut(&mut self) -> &mut S {
-        &mut self.io
+        self.io.as_mut().expect(HELD)
     }
 }
 
 impl<S> Drop for ResetIfCut<S> {
     fn drop(&mut self) {
-        if !self.ended {
-            reset_on_close((self.tcp)(&self.io));
+        if let Some(io) = &self.io
+            && !self.ended
+        {
+            reset_on_close((self.tcp)(io));
         }
     }
 }

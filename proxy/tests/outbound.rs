@@ -1297,7 +1297,10 @@ async fn the_last_bytes_before_a_reset_reach_the_other_app_first() {
     app.write_all(b"last words").await.unwrap();
     app.set_zero_linger().unwrap();
     drop(app);
-    assert_eq!(read_end(&mut server).await, End::Reset(b"last words".to_vec()));
+    assert_eq!(
+        read_end(&mut server).await,
+        End::Reset(b"last words".to_vec())
+    );
     through.closed().await;
 }
 

@@ -594,7 +594,7 @@ async fn detect<R: std::fmt::Display>(
 /// new revocation of its identity has its certificate read, once.
 async fn relay<R: std::fmt::Display>(
     shared: &Shared,
-    mut local: TcpStream,
+    local: TcpStream,
     (mut upstream, mut checked): Dialled,
     (sent, mut first): (u64, Option<BytesMut>),
     protocol: Protocol,
@@ -622,6 +622,11 @@ async fn relay<R: std::fmt::Display>(
     // The dial read the revocations of the TLS state, which follows the
     // policies: the policies in force now are read once too.
     policies.mark_changed();
+    // Reset unless the copy ends cleanly, also when the relay is dropped
+    // mid-copy (the drain timeout): the app must not take a cut connection
+    // for a finished one. The peer's sidecar, its connection dropped
+    // without `close_notify`, resets its app in turn.
+    let mut local = net::ResetIfCut::tcp(local);
     let mut copying = net::Copying::default();
     // How the connection ends: its copying done, with the error that ended
     // it if one did, or a new revocation covering the peer's certificate.
@@ -633,7 +638,7 @@ async fn relay<R: std::fmt::Display>(
             });
             let mut named = std::pin::pin!(named);
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(copied) = copying.poll(cx, &mut local, &mut upstream) {
+                if let Poll::Ready(copied) = copying.poll(cx, &mut *local, &mut upstream) {
                     return Poll::Ready(Err(copied.err()));
                 }
                 // Answered: the peer's sidecar let the connection through.
@@ -656,13 +661,17 @@ async fn relay<R: std::fmt::Display>(
     let copied = copying.copied(None);
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match ended {
-        Ok(None) => metrics.connection(OUTBOUND, Outcome::Forwarded),
+        Ok(None) => {
+            local.ended();
+            metrics.connection(OUTBOUND, Outcome::Forwarded);
+        }
         Ok(Some(e)) => match PeerRefusal::of(&e).filter(|_| copied.back == 0) {
             Some(refusal) => {
                 refusal.report(shared, to, tried);
                 drop(upstream);
+                // Answered, not cut: the answer must not be lost to a reset.
                 let mut app = App {
-                    tcp: local,
+                    tcp: local.into_inner(),
                     detected: first.map(|first| (protocol, first)),
                 };
                 if app.detected.is_some() {
@@ -677,9 +686,9 @@ async fn relay<R: std::fmt::Display>(
                 metrics.connection(OUTBOUND, Outcome::Error);
                 tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
                 // A reset (or a failure) on one side is a reset on the
-                // other, never a FIN that would pass for the end of the
-                // bytes: the peer's sidecar resets its app in turn.
-                net::reset_on_close(&local);
+                // other (`local`, not ended), never a FIN that would pass
+                // for the end of the bytes: the peer's sidecar resets its
+                // app in turn.
                 net::reset_on_close(upstream.get_ref().0.get_ref());
             }
         },
@@ -695,9 +704,9 @@ async fn relay<R: std::fmt::Display>(
             );
             metrics.handshake_failure(OUTBOUND, HandshakeFailure::Revoked);
             metrics.connection(OUTBOUND, Outcome::ClosedByPolicy);
-            // Cut, not ended: the app and the peer both see a reset,
-            // never a FIN that would pass for the end of the bytes.
-            net::reset_on_close(&local);
+            // Cut, not ended: the app (`local`, not ended) and the peer
+            // both see a reset, never a FIN that would pass for the end of
+            // the bytes.
             net::reset_on_close(upstream.get_ref().0.get_ref());
         }
     }
@@ -1608,11 +1617,15 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
 /// Copies a plain connection both ways until both sides close, after the
 /// bytes detection read from the app, if it ran; counted as `outcome`
 /// when it ends well.
-async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcome: Outcome) {
+async fn copy_plain(metrics: &Metrics, app: App, upstream: TcpStream, outcome: Outcome) {
     let App {
-        tcp: mut local,
+        tcp: local,
         detected,
     } = app;
+    // A reset on one side is a reset on the other, and so is a copy
+    // dropped mid-way (see `relay`): both are reset unless it ends cleanly.
+    let mut local = net::ResetIfCut::tcp(local);
+    let mut upstream = net::ResetIfCut::tcp(upstream);
     let mut sent = 0;
     if let Some((_, first)) = detected
         && !first.is_empty()
@@ -1623,16 +1636,15 @@ async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcom
         }
         sent = first.len() as u64;
     }
-    let copied = net::copy(&mut local, &mut upstream).await;
+    let copied = net::copy(&mut *local, &mut *upstream).await;
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match copied.error {
-        None => metrics.connection(OUTBOUND, outcome),
-        Some(_) => {
-            metrics.connection(OUTBOUND, Outcome::Error);
-            // A reset on one side is a reset on the other (see `relay`).
-            net::reset_on_close(&local);
-            net::reset_on_close(&upstream);
+        None => {
+            local.ended();
+            upstream.ended();
+            metrics.connection(OUTBOUND, outcome);
         }
+        Some(_) => metrics.connection(OUTBOUND, Outcome::Error),
     }
 }
 

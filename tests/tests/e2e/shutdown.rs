@@ -4,7 +4,10 @@
 //! no connection has been open for `--drain-idle`, and the admin port keeps
 //! answering probes and scrapes until then, `/ready` saying it drains.
 
+use anyhow::Context;
 use rustix::process::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use trellis_tests::http::{self, HttpConnection};
 use trellis_tests::{HttpApp, Mesh, Sidecar, eventually};
 
@@ -37,12 +40,12 @@ async fn pair() -> anyhow::Result<Pair> {
 /// Waits for `sidecar` to exit and returns its log.
 async fn exited(sidecar: &mut Sidecar) -> anyhow::Result<String> {
     let process = sidecar.process();
-    let status = eventually("web to exit", SOON, || {
+    let status = eventually("the sidecar to exit", SOON, || {
         let status = process.try_exit_status();
         async move { status.ok_or("still running") }
     })
     .await?;
-    anyhow::ensure!(status.success(), "web exited with {status}");
+    anyhow::ensure!(status.success(), "the sidecar exited with {status}");
     Ok(sidecar.log())
 }
 
@@ -234,5 +237,108 @@ async fn at_the_drain_timeout_the_log_says_what_is_cut() -> anyhow::Result<()> {
     );
     assert!(!log.contains("drained: no connection open"), "{log}");
     drop(pooled);
+    Ok(())
+}
+
+/// A TCP connection through `web`'s route to a raw app behind `api`,
+/// `stopping` (`web` or `api`) given a short `--drain-timeout`: the calling
+/// app's end and the server app's, once a first line crossed.
+async fn tcp_through(mesh: &Mesh, stopping: &str) -> anyhow::Result<TcpThrough> {
+    let app = TcpListener::bind("127.0.0.1:0").await?;
+    let short = |name: &str| if name == stopping { "1s" } else { NEVER };
+    let server = mesh
+        .sidecar("api")
+        .app(app.local_addr()?)
+        .arg("--drain-timeout")
+        .arg(short("api"))
+        .start()
+        .await?;
+    let client = mesh
+        .sidecar("web")
+        .route_to(&server)
+        .arg("--drain-timeout")
+        .arg(short("web"))
+        .start()
+        .await?;
+    let mut caller = TcpStream::connect(client.route_addr(server.identity())).await?;
+    // A whole line: a text protocol paused mid-line is taken for HTTP.
+    caller.write_all(b"hello\n").await?;
+    let (mut served, _) = tokio::time::timeout(SOON, app.accept())
+        .await
+        .context("the server app was not called")??;
+    let mut hello = [0u8; 6];
+    served.read_exact(&mut hello).await?;
+    anyhow::ensure!(&hello == b"hello\n", "the server app read {hello:?}");
+    Ok(TcpThrough {
+        client,
+        server,
+        caller,
+        served,
+    })
+}
+
+struct TcpThrough {
+    client: Sidecar,
+    server: Sidecar,
+    caller: TcpStream,
+    served: TcpStream,
+}
+
+/// How a TCP connection ended, read to its end.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// An orderly end (FIN) after these bytes.
+    Fin(Vec<u8>),
+    /// A reset after these bytes.
+    Reset(Vec<u8>),
+}
+
+async fn read_end(tcp: &mut TcpStream) -> anyhow::Result<End> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(SOON, tcp.read(&mut buf))
+            .await
+            .context("the connection neither ended nor was reset")?;
+        match read {
+            Ok(0) => return Ok(End::Fin(got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(End::Reset(got));
+            }
+            Err(e) => return Err(e).context("reading"),
+        }
+    }
+}
+
+/// A TCP connection into a stopping sidecar that is still open at its
+/// `--drain-timeout` is cut, not ended: the app behind it and the calling
+/// app (through its own sidecar) both see a reset, never a FIN that would
+/// pass for the end of the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_tcp_connection_open_at_the_drain_timeout_is_reset_at_both_apps()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut through = tcp_through(&mesh, "api").await?;
+    through.server.process().signal(Signal::TERM)?;
+    assert_eq!(read_end(&mut through.served).await?, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut through.caller).await?, End::Reset(Vec::new()));
+    let log = exited(&mut through.server).await?;
+    assert!(log.contains("drain timeout reached"), "{log}");
+    Ok(())
+}
+
+/// So is an outbound one, the calling app's, open when its own sidecar
+/// stops and reaches its `--drain-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_tcp_connection_open_at_the_drain_timeout_is_reset_at_both_apps()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut through = tcp_through(&mesh, "web").await?;
+    through.client.process().signal(Signal::TERM)?;
+    assert_eq!(read_end(&mut through.caller).await?, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut through.served).await?, End::Reset(Vec::new()));
+    let log = exited(&mut through.client).await?;
+    assert!(log.contains("drain timeout reached"), "{log}");
     Ok(())
 }
