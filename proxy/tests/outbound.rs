@@ -1379,3 +1379,100 @@ async fn a_connection_closed_by_new_policies_is_reset_at_both_apps() {
     assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     through.closed().await;
 }
+
+/// An HTTP connection the server's sidecar closes because new policies
+/// deny it is cut for the calling app as a TCP one is (a reset, from its
+/// own sidecar), while the app's HTTP connection, the sidecar's own, kept
+/// for the caller's identity, ends with a FIN: HTTP frames each request,
+/// so the app takes the request cut mid-body (short of its
+/// `content-length`) for a cut one without a reset, and a reset would
+/// only throw away what the app was still to read.
+#[tokio::test]
+async fn an_http_connection_closed_by_new_policies_is_reset_for_the_caller_only() {
+    use tokio::io::AsyncWriteExt;
+    let mut through = Through::start().await;
+    let mut app = TcpStream::connect(through.local).await.unwrap();
+    app.write_all(b"GET /first HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut server =
+        tokio::time::timeout(std::time::Duration::from_secs(5), through.accepted.recv())
+            .await
+            .expect("the server app was not called")
+            .unwrap();
+    let head = read_until(&mut server, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"GET /first HTTP/1.1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    server
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    let answer = read_until(&mut app, b"\r\n\r\nok").await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // An upload under way on the same connection when the policies change.
+    app.write_all(b"POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\npart")
+        .await
+        .unwrap();
+    let upload = read_until(&mut server, b"part").await;
+    assert!(
+        upload.starts_with(b"POST /upload HTTP/1.1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&upload)
+    );
+    let denying = trellis_proxy::policy::Policies::compile(
+        2,
+        &through.server,
+        "deny".into(),
+        Vec::new(),
+        &through.inbound.metrics,
+    )
+    .unwrap();
+    through
+        .inbound
+        .policies
+        .send_replace(Some(Arc::new(denying)));
+    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut server).await, End::Fin(Vec::new()));
+    // Nor is the FIN followed by a reset.
+    through.closed().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        server.take_error().unwrap().is_none(),
+        "the app's connection was reset after its FIN"
+    );
+}
+
+/// Reads `tcp` until what was read ends with `end`, within 5 s.
+async fn read_until(tcp: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    while !got.ends_with(end) {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no {:?} within 5 s after {:?}",
+                    String::from_utf8_lossy(end),
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "ended before {:?}: {:?}",
+            String::from_utf8_lossy(end),
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
