@@ -321,6 +321,22 @@ async fn an_upgraded_connection_the_caller_resets_is_reset_at_the_app() {
     assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
 }
 
+/// An upgraded connection the server's sidecar closes because new
+/// policies deny the caller is cut, as a TCP connection is: reset at the
+/// server app (its socket taken back from hyper) and, through the mTLS
+/// connection dropped without `close_notify`, at the calling app.
+#[tokio::test]
+async fn an_upgraded_connection_closed_by_new_policies_is_reset_at_both_apps() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, mut accepted) = switching_app(b"").await;
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let (mut caller, mut server) = switched(p.route, &mut accepted).await;
+    push_to(&cp, snapshot(2, "deny", vec![]), 2).await;
+    assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
+    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+}
+
 /// Each side of an upgraded connection ends on its own, either first: its
 /// FIN reaches the other app after its last byte (the app's first bytes
 /// too, sent with its 101) while the other still sends.

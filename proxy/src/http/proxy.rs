@@ -422,7 +422,11 @@ async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
     };
     metrics.bytes(INBOUND, early + copied.there + copied.back);
     if let Some(e) = copied.error {
-        // `client` is dropped without `close_notify`: a cut, not an end.
+        // `client` is dropped without `close_notify`: a cut, not an end,
+        // which the caller's sidecar passes on to its app as a reset. Its
+        // socket is not reset here (hyper's upgraded stream hides it): a
+        // TLS end without `close_notify` says the cut alone, and still
+        // delivers the bytes written before it, which a reset could lose.
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
