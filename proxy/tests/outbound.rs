@@ -1235,10 +1235,10 @@ impl Through {
     }
 }
 
-/// Each side of a TCP connection through the mesh ends on its own: the
-/// server app's FIN reaches the client after its last byte while the
-/// client still sends, and the client's FIN reaches the server after the
-/// client's last byte; nothing stays open.
+/// Each side of a TCP connection through the mesh ends on its own, either
+/// first: one app's FIN reaches the other after its last byte while the
+/// other still sends, then the other's FIN after its own last byte;
+/// nothing stays open, and neither end is turned into a reset.
 #[tokio::test]
 async fn half_closes_cross_the_mesh_both_ways() {
     use tokio::io::AsyncWriteExt;
@@ -1250,6 +1250,17 @@ async fn half_closes_cross_the_mesh_both_ways() {
     app.write_all(b"after").await.unwrap();
     app.shutdown().await.unwrap();
     assert_eq!(read_end(&mut server).await, End::Fin(b"after".to_vec()));
+    drop((app, server));
+    through.closed().await;
+
+    // The other order: the client's FIN first, the server still sending.
+    let (mut app, mut server) = through.connect().await;
+    app.write_all(b"upload").await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut server).await, End::Fin(b"upload".to_vec()));
+    server.write_all(b"stored").await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut app).await, End::Fin(b"stored".to_vec()));
     drop((app, server));
     through.closed().await;
 }
