@@ -2849,3 +2849,237 @@ fn the_meshs_own_names_bring_no_warning() {
     assert!(patch_of(&reply).is_some(), "{reply}");
     assert!(reply["response"].get("warnings").is_none(), "{reply}");
 }
+
+/// `review`'s pod with `annotations` set (an empty value: taken out).
+fn annotated(pod: &Value, annotations: &[(&str, &str)]) -> Value {
+    let mut pod = pod.clone();
+    let map = pod["metadata"]["annotations"].as_object_mut().unwrap();
+    for (key, value) in annotations {
+        if value.is_empty() {
+            map.remove(*key);
+        } else {
+            map.insert((*key).to_owned(), json!(value));
+        }
+    }
+    pod
+}
+
+/// `pod`'s `trellis-init`, and its `trellis-proxy` without its hook token
+/// (random for each injection) and with its environment as a map (an
+/// entry a reinvocation adds comes last).
+fn ours(pod: &Value) -> (Value, Value) {
+    let mut proxy = container(pod, "initContainers", "trellis-proxy").clone();
+    let mut env = env(&proxy);
+    env.remove("TRELLIS_HOOK_TOKEN");
+    proxy["env"] = json!(env);
+    (
+        container(pod, "initContainers", "trellis-init").clone(),
+        proxy,
+    )
+}
+
+/// A settings annotation a mutating webhook called after ours adds or
+/// changes (or takes out) is applied when the API server calls `/inject`
+/// again: the sidecar's environment and `trellis-init`'s arguments become
+/// what an injection of the pod as it now is writes, by a patch of only
+/// what differs (each entry of the environment in its place, the init's
+/// arguments), and the pod reviewed once more gets no patch. A value a
+/// later webhook sets that an injection refuses is refused, naming it.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends
+/// them, the patches applied as it applies them (`json-patch`); no
+/// Kubernetes API server can run here.
+#[test]
+fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let later = [
+        ("trellis.io/access-log", "false"),
+        ("trellis.io/tcp-user-timeout", "10m"),
+        ("trellis.io/max-h2-connections-per-peer", "64"),
+        ("trellis.io/max-h2-connections", "2048"),
+        ("trellis.io/exclude-inbound-ports", "9100,9200"),
+        ("trellis.io/exclude-outbound-ports", "5432"),
+        ("trellis.io/exclude-outbound-cidrs", ""),
+        ("trellis.io/opaque-ports", "metrics,3306"),
+    ];
+    let pod = annotated(&first, &later);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(
+        ops(&patch),
+        [
+            "replace /spec/initContainers/0/args",
+            "add /spec/initContainers/1/env/-",
+            "add /spec/initContainers/1/env/-",
+            "add /spec/initContainers/1/env/-",
+            "add /spec/initContainers/1/env/-",
+            "add /spec/initContainers/1/env/-",
+        ]
+    );
+    let again = apply(&pod, &patch);
+    // As injected with those annotations from the start.
+    let direct = injected(&with_object(
+        &review,
+        annotated(&review["request"]["object"], &later),
+    ));
+    assert_eq!(ours(&again), ours(&direct));
+    assert_eq!(
+        container(&again, "initContainers", "trellis-init")["args"],
+        json!([
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--inbound-port",
+            "15006",
+            "--outbound-port",
+            "15001",
+            "--exclude-ports",
+            "15020,9100,9200",
+            "--exclude-outbound-ports",
+            "5432",
+            "--exclude-outbound-dns",
+            "--outbound-policy",
+            "deny"
+        ])
+    );
+    let proxy = env(container(&again, "initContainers", "trellis-proxy"));
+    for (name, value) in [
+        ("TRELLIS_ACCESS_LOG", "false"),
+        ("TRELLIS_TCP_USER_TIMEOUT", "10m"),
+        ("TRELLIS_MAX_H2_CONNECTIONS_PER_PEER", "64"),
+        ("TRELLIS_MAX_H2_CONNECTIONS", "2048"),
+        ("TRELLIS_OPAQUE_PORTS", "9100,3306"),
+    ] {
+        assert_eq!(proxy[name], value, "{name}");
+    }
+    // The rest of the pod is the first injection's.
+    let rest = |pod: &Value| {
+        let mut pod = pod.clone();
+        pod["metadata"]["annotations"] = json!(null);
+        pod["spec"]["initContainers"][0]["args"] = json!(null);
+        pod["spec"]["initContainers"][1]["env"] = json!(null);
+        pod
+    };
+    assert_eq!(rest(&again), rest(&first));
+    let settled_once = settled(&review, again.clone());
+    assert!(settled_once["response"].get("warnings").is_none());
+
+    // Changed again (values replaced in place), and taken out (entries
+    // and flags removed), by a webhook of a later reinvocation.
+    let changed = [
+        ("trellis.io/access-log", ""),
+        ("trellis.io/tcp-user-timeout", "0"),
+        ("trellis.io/max-h2-connections-per-peer", ""),
+        ("trellis.io/exclude-outbound-ports", ""),
+        ("trellis.io/exclude-outbound-cidrs", "10.0.0.0/8"),
+    ];
+    let pod = annotated(&again, &changed);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    let patch = patch_of(&reply).expect("a patch");
+    let ops = ops(&patch);
+    assert_eq!(ops[0], "replace /spec/initContainers/0/args", "{ops:?}");
+    assert!(
+        ops[1..]
+            .iter()
+            .all(|op| op.starts_with("replace /spec/initContainers/1/env/")
+                || op.starts_with("remove /spec/initContainers/1/env/")),
+        "{ops:?}"
+    );
+    let third = apply(&pod, &patch);
+    let mut all = later.to_vec();
+    all.extend(changed);
+    let direct = injected(&with_object(
+        &review,
+        annotated(&review["request"]["object"], &all),
+    ));
+    assert_eq!(ours(&third), ours(&direct));
+    assert_eq!(
+        env(container(&third, "initContainers", "trellis-proxy"))["TRELLIS_TCP_USER_TIMEOUT"],
+        "0s"
+    );
+    settled(&review, third);
+
+    // A value an injection refuses is refused on reinvocation, naming it.
+    let bad = annotated(&first, &[("trellis.io/access-log", "False")]);
+    let reply = answer_for(&with_object(&review, bad));
+    assert_eq!(
+        denial(&reply),
+        "trellis: cannot inject: metadata.annotations[trellis.io/access-log]: expected \"true\" \
+         or \"false\", got \"False\""
+    );
+}
+
+/// A name of `trellis.io/opaque-ports` stands for the numbers the pod's
+/// containers give it as they are when reviewed: a container a later
+/// webhook adds (or puts in place of one) that declares the name brings
+/// its number to the sidecar's `TRELLIS_OPAQUE_PORTS` on reinvocation,
+/// a replacement without it takes its number away, and a name no
+/// container declares any more is refused as at injection. Real
+/// AdmissionReview documents (fixtures/k8s), patched as the API server
+/// patches; no Kubernetes API server can run here.
+#[test]
+fn opaque_port_names_are_resolved_against_containers_a_later_webhook_adds() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let opaque = [("trellis.io/opaque-ports", "metrics,agent")];
+    let mut pod = annotated(&review["request"]["object"], &opaque);
+    // The name `agent` is declared by an init container at first.
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "agent-init", "image": "hashicorp/vault:1.17", "restartPolicy": "Always",
+            "ports": [{"name": "agent", "containerPort": 8100, "protocol": "TCP"}],
+        }));
+    let first = injected(&with_object(&review, pod));
+    let opaque_env = |pod: &Value| {
+        env(container(pod, "initContainers", "trellis-proxy"))["TRELLIS_OPAQUE_PORTS"].clone()
+    };
+    assert_eq!(opaque_env(&first), "9100,8100");
+
+    // A later webhook adds a container declaring `agent` on 8200.
+    let mut pod = first.clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+    assert_eq!(opaque_env(&again), "9100,8200,8100");
+    settled(&review, again.clone());
+
+    // And one takes the native sidecar declaring it on 8100 out.
+    let mut pod = again.clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "agent-init");
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    let patch = patch_of(&reply).expect("a patch");
+    let at = env_index(&pod, "TRELLIS_OPAQUE_PORTS");
+    assert_eq!(
+        ops(&patch),
+        [format!("replace /spec/initContainers/1/env/{at}")]
+    );
+    let third = apply(&pod, &patch);
+    assert_eq!(opaque_env(&third), "9100,8200");
+    settled(&review, third.clone());
+
+    // With no container declaring `agent`, the pod is refused as an
+    // injection of it would be.
+    let mut pod = third;
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "vault-agent");
+    let reply = answer_for(&with_object(&review, pod));
+    assert!(
+        denial(&reply).starts_with(
+            "trellis: cannot inject: metadata.annotations[trellis.io/opaque-ports]: \"agent\" is \
+             neither a port (1-65535) nor the name of a TCP port a container of the pod declares"
+        ),
+        "{reply}"
+    );
+}

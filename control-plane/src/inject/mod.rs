@@ -181,6 +181,26 @@
 //! it fails either way, and such a hook keeps its token header rather than
 //! take the pod's), and, under the outbound policy passthrough, of its
 //! running as the sidecar's UID.
+//! The settings the pod's annotations decide (`trellis.io/access-log`,
+//! `trellis.io/tcp-user-timeout`, the two `trellis.io/max-h2-connections*`,
+//! `trellis.io/opaque-ports` in the sidecar's environment; the three
+//! `trellis.io/exclude-*` in `trellis-init`'s arguments) are derived again
+//! on each such review, as an injection of the pod as it now is would
+//! write them (the settings' own where it has no annotation), and what
+//! differs is patched: each entry of the sidecar's environment in its
+//! place (replaced, removed, or appended), and `trellis-init`'s `args`. So
+//! an annotation a later webhook adds, changes or takes out is applied, not
+//! silently dropped, and an opaque port's name is resolved against the
+//! containers the pod has now (one a later webhook added or replaced
+//! declaring it brings its number; one taken out takes it away). The pod
+//! does not exist yet, so neither container has run: rewriting their
+//! settings is as safe as the first injection writing them. An invalid
+//! value (or a port name no container declares any more) is refused as at
+//! injection. Nothing differing, nothing is patched, so a third review has
+//! no patch. A manifest copied or restored from a pod injected under other
+//! settings gets the current settings' values for these where it has no
+//! annotation (the settings' `excludeInboundPorts`, `tcpUserTimeout`, ...),
+//! as a new pod would; its UID and ports stay its sidecar's (below).
 //! The first injection's checks (ports, UID) are checks of the pod as it
 //! will run, not rewrites: each call applies them to every container of
 //! the pod, seen or new, since one that passed them at injection passes
@@ -193,7 +213,7 @@
 //! passthrough is given for new containers alone, not to repeat it. A value of the annotation that is no
 //! list of container names is an [`InjectError::InvalidAnnotation`], denied
 //! whatever the failure policy. Without anything new
-//! there is no patch. The annotation `trellis.io/injected` alone is not
+//! and no setting differing there is no patch. The annotation `trellis.io/injected` alone is not
 //! enough: a pod that carries it without our containers (the annotation
 //! copied by hand, or from a pod a later webhook took them out of, which
 //! reinvokes this one) has no sidecar and is injected as any other, the

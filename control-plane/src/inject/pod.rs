@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
@@ -190,7 +189,8 @@ pub enum Injection {
     /// injection has not seen (added by a later webhook, the API server
     /// reinvoking this one; or to a manifest copied from an injected pod):
     /// their probes and hooks rewritten as the first injection rewrites
-    /// them, and the sidecar told of their checks.
+    /// them, and the sidecar told of their checks; or with settings
+    /// annotations its sidecar and init do not reflect, which are patched.
     Rewritten {
         patch: Vec<PatchOp>,
         warnings: Vec<String>,
@@ -229,11 +229,7 @@ pub fn inject_pod(
             config.token_expiration_seconds,
         ));
     }
-    let exclusions = Exclusions::read(&annotations, config)?;
-    let access_log = access_log(&annotations)?;
-    let user_timeout = tcp_user_timeout(&annotations, config)?;
-    let h2_limits = H2Limits::read(&annotations, config)?;
-    let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
+    let annotated = Annotated::read(&annotations, spec, config)?;
     check_port_clashes(all_containers(spec), config)?;
     check_proxy_uid(proxy_uid_containers(spec, config.proxy_uid), config, false)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
@@ -269,15 +265,12 @@ pub fn inject_pod(
     ));
 
     let mut init_containers = vec![
-        init_container(config, &exclusions),
+        init_container(config, &annotated.init_flags),
         proxy_container(
             config,
             &rewritten.probes,
             (rewritten.hooks > 0).then_some(hook_token.as_str()),
-            access_log,
-            user_timeout,
-            h2_limits,
-            &opaque_ports,
+            &annotated.env,
         ),
     ];
     init_containers.extend(own_init_containers);
@@ -363,7 +356,11 @@ fn is_ours(container: &Value) -> bool {
 /// is is warned of as at injection. The checks of a container the pod no
 /// longer has leave `TRELLIS_APP_PROBES` by the same rule.
 /// Everything seen is left as it is, and its warnings are not repeated.
-/// Nothing unseen and no check of a container gone:
+/// The settings the annotations decide ([`Annotated`]) are read again, and
+/// the sidecar's environment entries and `trellis-init`'s arguments that
+/// differ from them patched (a later webhook changed an annotation, or the
+/// containers an opaque port's name resolves against). Nothing unseen, no
+/// check of a container gone and no setting differing:
 /// [`Skip::AlreadyInjected`], no patch. The port and UID
 /// checks ([`check_port_clashes`], [`check_proxy_uid`]) are applied to
 /// every container of the pod, seen or new, first; they and the rewritten
@@ -392,21 +389,35 @@ fn rewrite_added(
         true,
     )?;
 
-    let (field, at, proxy) = ["initContainers", "containers"]
-        .into_iter()
-        .find_map(|field| {
-            slice(spec.get(field))
-                .iter()
-                .enumerate()
-                .find(|(_, c)| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
-                .map(|(at, proxy)| (field, at, proxy))
-        })
-        .ok_or(InjectError::ProxyWithoutInit)?;
+    // What the annotations ask of the sidecar and its init now, as an
+    // injection would write it: a later webhook may have added or changed
+    // an annotation, or added or replaced a container declaring a port an
+    // opaque-ports name names. The pod does not exist yet, so neither
+    // has run: what differs is patched, and an invalid value refused.
+    let annotated = Annotated::read(annotations, spec, config)?;
+    let (field, at, proxy) = located(spec, PROXY_CONTAINER).ok_or(InjectError::ProxyWithoutInit)?;
+    let (init_field, init_at, init) =
+        located(spec, INIT_CONTAINER).ok_or(InjectError::InitWithoutProxy)?;
+    let init_args = slice(init.get("args"));
+    let new_init_args =
+        Some(with_flags(init_args, &annotated.init_flags)).filter(|args| args != init_args);
     let env = slice(proxy.get("env"));
     let entry = |name: &str| {
         env.iter()
             .position(|e| e.get("name").and_then(Value::as_str) == Some(name))
     };
+    // Each entry whose value is not the one wanted: where it is, if it is.
+    let env_changes: Vec<(Option<usize>, Option<Value>)> = annotated
+        .env
+        .iter()
+        .filter_map(|(name, wanted)| {
+            let at = entry(name);
+            let wanted = wanted
+                .as_ref()
+                .map(|value| json!({"name": name, "value": value}));
+            (at.map(|at| &env[at]) != wanted.as_ref()).then_some((at, wanted))
+        })
+        .collect();
     let env_value = |at: usize, name: &'static str| {
         env[at]
             .get("value")
@@ -482,7 +493,7 @@ fn rewrite_added(
                     .any(|c| probes::sidecar_paths(c, config.admin_port).any(|p| p == path))
         })
     });
-    if !any_new && !drops_gone {
+    if !any_new && !drops_gone && new_init_args.is_none() && env_changes.is_empty() {
         return Ok(Injection::Skipped(Skip::AlreadyInjected));
     }
     let token_at = entry(TRELLIS_HOOK_TOKEN);
@@ -550,10 +561,31 @@ fn rewrite_added(
         }
     }
 
+    if let Some(args) = new_init_args {
+        let path = format!("/spec/{init_field}/{init_at}/args");
+        patch.push(match init.get("args") {
+            Some(_) => PatchOp::replace(path, Value::Array(args)),
+            None => PatchOp::add(path, Value::Array(args)),
+        });
+    }
+
     // The sidecar's environment: the new checks join the ones it has, and
-    // a pod's first rewritten hook brings it the token.
+    // a pod's first rewritten hook brings it the token. Entries are
+    // replaced where they are, then the ones to go taken out from the last
+    // (so no index moves before it is used), then new ones appended.
     let env_path = format!("/spec/{field}/{at}/env");
     let mut added = Vec::new();
+    let mut removed = Vec::new();
+    for (at, wanted) in env_changes {
+        match (at, wanted) {
+            (Some(at), Some(value)) => {
+                patch.push(PatchOp::replace(format!("{env_path}/{at}"), value));
+            }
+            (Some(at), None) => removed.push(at),
+            (None, Some(value)) => added.push(value),
+            (None, None) => {}
+        }
+    }
     // A container replaced under a seen name leaves no checks of the one
     // it replaced behind; those a container still calls (a seen one given
     // a probe more) stay.
@@ -589,6 +621,10 @@ fn rewrite_added(
     if rewritten.hooks > 0 && token_at.is_none() {
         added.push(json!({"name": TRELLIS_HOOK_TOKEN, "value": hook_token}));
     }
+    removed.sort_unstable_by(|a, b| b.cmp(a));
+    for at in removed {
+        patch.push(PatchOp::remove(format!("{env_path}/{at}")));
+    }
     if proxy.get("env").is_none() && !added.is_empty() {
         patch.push(PatchOp::add(env_path, Value::Array(added)));
     } else {
@@ -597,6 +633,23 @@ fn rewrite_added(
         }
     }
     Ok(Injection::Rewritten { patch, warnings })
+}
+
+/// The container (or init container) `name` of the pod: the field it is
+/// in, its index there, and it.
+fn located<'a>(
+    spec: &'a Map<String, Value>,
+    name: &str,
+) -> Option<(&'static str, usize, &'a Value)> {
+    ["initContainers", "containers"]
+        .into_iter()
+        .find_map(|field| {
+            slice(spec.get(field))
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.get("name").and_then(Value::as_str) == Some(name))
+                .map(|(at, container)| (field, at, container))
+        })
 }
 
 /// `config` with the ports and UID of the sidecar the pod was injected
@@ -1055,7 +1108,124 @@ fn container_name(container: &Value) -> String {
         .to_owned()
 }
 
-fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
+/// What the pod's annotations decide of its sidecar's environment and its
+/// `trellis-init`'s arguments (each the settings' where the pod has none),
+/// as an injection writes them: each entry or flag with its value, `None`
+/// where none is written. Read at injection, and again on every review of
+/// a pod with its sidecar ([`rewrite_added`]), which patches what differs.
+struct Annotated {
+    env: [(&'static str, Option<String>); 5],
+    init_flags: [(&'static str, Option<String>); 3],
+}
+
+impl Annotated {
+    /// Every value checked, in this order: the exclusions, the access log,
+    /// the TCP user timeout, the HTTP/2 limits, the opaque ports.
+    fn read(
+        annotations: &BTreeMap<String, String>,
+        spec: &Map<String, Value>,
+        config: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        let exclusions = Exclusions::read(annotations, config)?;
+        let access_log = access_log(annotations)?;
+        let user_timeout = tcp_user_timeout(annotations, config)?;
+        let h2_limits = H2Limits::read(annotations, config)?;
+        // Port names resolved against the pod's own containers as they
+        // are now: on a review of a pod with its sidecar, those a later
+        // webhook added or replaced too (never ours, whose port names a
+        // pod's port may not have).
+        let opaque_ports = opaque_ports(
+            annotations,
+            serving_containers(spec).filter(|c| !is_ours(c)),
+        )?;
+        let listed = |items: &[u16]| (!items.is_empty()).then(|| join(items));
+        Ok(Self {
+            env: [
+                // The sidecar logs requests unless told not to: only the
+                // opt-out is set.
+                ("TRELLIS_ACCESS_LOG", (!access_log).then(|| "false".into())),
+                // Likewise the user timeout, when it is not the sidecar's
+                // default.
+                (
+                    "TRELLIS_TCP_USER_TIMEOUT",
+                    (user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT)).then(|| {
+                        trellis_core::duration::flag_value(user_timeout.unwrap_or_default())
+                    }),
+                ),
+                // And the HTTP/2 connection limits, each when not the
+                // sidecar's default.
+                (
+                    "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
+                    (h2_limits.per_peer != trellis_core::h2_limits::DEFAULT_PER_PEER)
+                        .then(|| h2_limits.per_peer.to_string()),
+                ),
+                (
+                    "TRELLIS_MAX_H2_CONNECTIONS",
+                    (h2_limits.total != trellis_core::h2_limits::DEFAULT_TOTAL)
+                        .then(|| h2_limits.total.to_string()),
+                ),
+                ("TRELLIS_OPAQUE_PORTS", listed(&opaque_ports)),
+            ],
+            init_flags: [
+                // Always: it replaces init's default, and lists the admin port.
+                ("--exclude-ports", Some(join(&exclusions.inbound_ports))),
+                (
+                    "--exclude-outbound-ports",
+                    listed(&exclusions.outbound_ports),
+                ),
+                (
+                    "--exclude-outbound-cidrs",
+                    (!exclusions.outbound_cidrs.is_empty())
+                        .then(|| join(&exclusions.outbound_cidrs)),
+                ),
+            ],
+        })
+    }
+}
+
+/// `args` with each flag of `flags` as its value says: the value set
+/// (`--flag VALUE`, or `--flag=VALUE` where the arguments have that form),
+/// the flag and value put after the flag before it in `flags` (else at the
+/// end) when missing, taken out when `None`. The injector's own arguments
+/// come out as an injection writes them.
+fn with_flags(args: &[Value], flags: &[(&'static str, Option<String>)]) -> Vec<Value> {
+    let mut args = args.to_vec();
+    let mut after = None;
+    for (flag, wanted) in flags {
+        let joined = format!("{flag}=");
+        let separate = |arg: &Value| arg.as_str() == Some(flag);
+        let at = args
+            .iter()
+            .position(|a| separate(a) || a.as_str().is_some_and(|a| a.starts_with(&joined)));
+        match (at, wanted) {
+            (Some(at), Some(value)) if separate(&args[at]) => {
+                match args.get_mut(at + 1) {
+                    Some(arg) => *arg = json!(value),
+                    None => args.push(json!(value)),
+                }
+                after = Some(at + 2);
+            }
+            (Some(at), Some(value)) => {
+                args[at] = json!(format!("{joined}{value}"));
+                after = Some(at + 1);
+            }
+            (Some(at), None) => {
+                let end = if separate(&args[at]) { at + 2 } else { at + 1 };
+                args.drain(at..end.min(args.len()));
+                after = Some(at);
+            }
+            (None, Some(value)) => {
+                let at = after.unwrap_or(args.len());
+                args.splice(at..at, [json!(flag), json!(value)]);
+                after = Some(at + 2);
+            }
+            (None, None) => {}
+        }
+    }
+    args
+}
+
+fn init_container(config: &InjectConfig, flags: &[(&'static str, Option<String>)]) -> Value {
     let mut args = vec![
         "init".to_owned(),
         "--proxy-uid".to_owned(),
@@ -1064,16 +1234,12 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
         config.inbound_port.to_string(),
         "--outbound-port".to_owned(),
         config.outbound_port.to_string(),
-        "--exclude-ports".to_owned(),
-        join(&exclusions.inbound_ports),
     ];
-    if !exclusions.outbound_ports.is_empty() {
-        args.push("--exclude-outbound-ports".into());
-        args.push(join(&exclusions.outbound_ports));
-    }
-    if !exclusions.outbound_cidrs.is_empty() {
-        args.push("--exclude-outbound-cidrs".into());
-        args.push(join(&exclusions.outbound_cidrs));
+    for (flag, value) in flags {
+        if let Some(value) = value {
+            args.push((*flag).to_owned());
+            args.push(value.clone());
+        }
     }
     if config.exclude_outbound_dns {
         args.push("--exclude-outbound-dns".into());
@@ -1123,10 +1289,7 @@ fn proxy_container(
     config: &InjectConfig,
     app_probes: &BTreeMap<String, Value>,
     hook_token: Option<&str>,
-    access_log: bool,
-    user_timeout: Option<Duration>,
-    h2_limits: H2Limits,
-    opaque_ports: &[u16],
+    annotated: &[(&'static str, Option<String>)],
 ) -> Value {
     let td = config.trust_domain.as_str();
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
@@ -1158,26 +1321,11 @@ fn proxy_container(
         ),
         value("TRELLIS_LOG_FORMAT", log_format(config.log_format)),
     ];
-    // The sidecar logs requests unless told not to: only the opt-out is set.
-    if !access_log {
-        env.push(value("TRELLIS_ACCESS_LOG", "false".to_string()));
-    }
-    // Likewise the user timeout, when it is not the sidecar's default.
-    if user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT) {
-        let timeout = trellis_core::duration::flag_value(user_timeout.unwrap_or_default());
-        env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout));
-    }
-    // And the HTTP/2 connection limits, each when not the sidecar's default.
-    if h2_limits.per_peer != trellis_core::h2_limits::DEFAULT_PER_PEER {
-        let limit = h2_limits.per_peer.to_string();
-        env.push(value("TRELLIS_MAX_H2_CONNECTIONS_PER_PEER", limit));
-    }
-    if h2_limits.total != trellis_core::h2_limits::DEFAULT_TOTAL {
-        let limit = h2_limits.total.to_string();
-        env.push(value("TRELLIS_MAX_H2_CONNECTIONS", limit));
-    }
-    if !opaque_ports.is_empty() {
-        env.push(value("TRELLIS_OPAQUE_PORTS", join(opaque_ports)));
+    // What the pod's annotations decide ([`Annotated`]).
+    for (name, set) in annotated {
+        if let Some(set) = set {
+            env.push(value(name, set.clone()));
+        }
     }
     // On the default ports the sidecar's own defaults apply: both IP
     // families, the IPv6 half left out where the pod has no IPv6. Other

@@ -132,8 +132,9 @@ impl AdmissionRequest {
 
 /// One JSONPatch (RFC 6902) operation: `add`, which creates an object's
 /// member or replaces an existing one (and inserts into an array, or
-/// appends at `-`), or `replace`, which replaces an array's element in
-/// place.
+/// appends at `-`), `replace`, which replaces an array's element in
+/// place, or `remove`, which takes an array's element out (its `value`
+/// is not sent).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchOp {
     pub op: PatchKind,
@@ -148,6 +149,7 @@ pub struct PatchOp {
 pub enum PatchKind {
     Add,
     Replace,
+    Remove,
 }
 
 impl PatchKind {
@@ -155,6 +157,7 @@ impl PatchKind {
         match self {
             Self::Add => "add",
             Self::Replace => "replace",
+            Self::Remove => "remove",
         }
     }
 }
@@ -173,6 +176,14 @@ impl PatchOp {
             op: PatchKind::Replace,
             path: path.into(),
             value,
+        }
+    }
+
+    pub fn remove(path: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            op: PatchKind::Remove,
+            path: path.into(),
+            value: Value::Null,
         }
     }
 }
@@ -219,7 +230,10 @@ impl AdmissionResponse {
         Value::Array(
             self.patch
                 .iter()
-                .map(|op| json!({"op": op.op.as_str(), "path": op.path, "value": op.value}))
+                .map(|op| match op.op {
+                    PatchKind::Remove => json!({"op": op.op.as_str(), "path": op.path}),
+                    _ => json!({"op": op.op.as_str(), "path": op.path, "value": op.value}),
+                })
                 .collect(),
         )
     }
