@@ -1499,3 +1499,50 @@ fn log_format(format: trellis_core::logging::Format) -> String {
         .map(|value| value.get_name().to_owned())
         .expect("every log format has a value")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags are set in the form the arguments have them, a missing one
+    /// goes after the flag before it (or at the end), and one set to
+    /// nothing leaves with its value.
+    #[test]
+    fn with_flags_sets_adds_and_takes_out_in_place() {
+        let args = json!([
+            "init",
+            "--exclude-ports=15020",
+            "--exclude-outbound-cidrs",
+            "10.0.0.0/8",
+            "--outbound-policy",
+            "deny"
+        ]);
+        let flags = [
+            ("--exclude-ports", Some("15020,22".to_owned())),
+            ("--exclude-outbound-ports", Some("5432".to_owned())),
+            ("--exclude-outbound-cidrs", None),
+        ];
+        assert_eq!(
+            with_flags(args.as_array().unwrap(), &flags),
+            json!([
+                "init",
+                "--exclude-ports=15020,22",
+                "--exclude-outbound-ports",
+                "5432",
+                "--outbound-policy",
+                "deny"
+            ])
+            .as_array()
+            .unwrap()
+            .clone()
+        );
+        let bare = json!(["init"]);
+        assert_eq!(
+            with_flags(bare.as_array().unwrap(), &flags[..1]),
+            json!(["init", "--exclude-ports", "15020,22"])
+                .as_array()
+                .unwrap()
+                .clone()
+        );
+    }
+}
