@@ -411,7 +411,9 @@ impl Direction {
             return Poll::Ready(Ok(self.moved));
         }
         loop {
-            if self.pos == self.cap && !self.eof {
+            // A reader that failed is not read again, even while the bytes
+            // it gave before failing are still being flushed.
+            if self.pos == self.cap && !self.eof && self.failed.is_none() {
                 (self.pos, self.cap) = (0, 0);
                 // Take what the reader has ready, up to a full buffer, so
                 // bulk data (one TLS record per read from a TLS reader)
@@ -967,6 +969,90 @@ mod tests {
         let moved = proxy.await.unwrap();
         assert!(moved.error.is_some(), "{moved:?}");
         assert_eq!((moved.there, moved.back), (5, 0));
+    }
+
+    /// A reader that hands out `last` and then fails with a reset, and
+    /// counts the reads asked of it after that.
+    struct ResetAfter {
+        last: &'static [u8],
+        given: bool,
+        reads_after_reset: usize,
+    }
+
+    impl AsyncRead for ResetAfter {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            dst: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.given {
+                this.reads_after_reset += 1;
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            this.given = true;
+            dst.put_slice(this.last);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer that takes every byte and whose first flush waits.
+    #[derive(Default)]
+    struct SlowFlush {
+        written: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl AsyncWrite for SlowFlush {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.flushes += 1;
+            if this.flushes == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The bytes read before a reset are written and flushed, then the
+    /// reset ends the way; a flush that waits does not make the copy read
+    /// the reset reader again.
+    #[tokio::test]
+    async fn bytes_before_a_reset_are_flushed_and_the_reader_is_not_read_again() {
+        let mut reader = ResetAfter {
+            last: b"last words",
+            given: false,
+            reads_after_reset: 0,
+        };
+        let mut writer = SlowFlush::default();
+        let mut way = Direction::default();
+        let ended = poll_fn(|cx| way.poll(cx, Pin::new(&mut reader), Pin::new(&mut writer))).await;
+        let error = ended.expect_err("a reset ends the way");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(writer.written, b"last words");
+        assert_eq!(
+            writer.flushes, 2,
+            "the bytes were not flushed before the reset"
+        );
+        assert_eq!(way.moved, 10);
+        assert_eq!(
+            reader.reads_after_reset, 1,
+            "the reset reader was read again while the flush waited"
+        );
     }
 
     /// A socket that records each write call as one entry, takes at most
