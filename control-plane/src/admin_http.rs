@@ -40,6 +40,7 @@ use crate::metrics::{
 };
 use crate::readiness::{Check, Readiness};
 use crate::request_head;
+use crate::run::Connections;
 use crate::server::Refusals;
 
 /// How long a client of the admin port has to send a request's head, and
@@ -90,8 +91,11 @@ impl AdminHttp {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` turns true. `readiness` is the Kubernetes
-    /// store's (none with the embedded store). Connections refused by the
+    /// Serves until `shutdown` turns true, then stops accepting and returns
+    /// the connections still open, for the caller to wait for
+    /// ([`Connections::drain`]): each closes once the answer in progress is
+    /// written, an idle one at once. `readiness` is the Kubernetes store's
+    /// (none with the embedded store). Connections refused by the
     /// connection limits are counted in `metrics`.
     pub async fn run(
         self,
@@ -100,7 +104,8 @@ impl AdminHttp {
         discovery: Arc<Discovery>,
         readiness: Option<Arc<Readiness>>,
         mut shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Connections {
+        let mut connections = Connections::default();
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         let over_limits = Refusals::new(metrics.clone(), Metrics::admin_connection_refused);
         let malformed = Arc::new(Refusals::new(
@@ -117,7 +122,8 @@ impl AdminHttp {
                         continue;
                     }
                 },
-                _ = crate::run::stopping(&mut shutdown) => return,
+                () = connections.closed() => continue,
+                () = crate::run::stopping(&mut shutdown) => return connections,
             };
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
@@ -131,9 +137,17 @@ impl AdminHttp {
             let discovery = discovery.clone();
             let readiness = readiness.clone();
             let malformed = malformed.clone();
-            tokio::spawn(async move {
+            let mut closing = shutdown.clone();
+            connections.serve(async move {
                 let admitted = admitted;
-                let evicted = std::pin::pin!(admitted.evicted());
+                // Told to make way for a client holding fewer, or the port
+                // stops.
+                let stop = async {
+                    tokio::select! {
+                        () = admitted.evicted() => {}
+                        () = crate::run::stopping(&mut closing) => {}
+                    }
+                };
                 let service = hyper::service::service_fn(move |req| {
                     let response =
                         respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
@@ -146,7 +160,7 @@ impl AdminHttp {
                     CONNECTION_LIFETIME,
                     &malformed,
                     MALFORMED,
-                    evicted,
+                    std::pin::pin!(stop),
                     service,
                 )
                 .await;
@@ -316,5 +330,50 @@ mod tests {
 
         logs.assert_limit_refusals(OVER_LIMITS, MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS);
         drop(held);
+    }
+
+    /// At shutdown the port stops accepting and hands over its open
+    /// connections: one kept alive after its answer closes at once, not at
+    /// its head timeout, so the drain does not wait for it.
+    #[tokio::test]
+    async fn an_idle_connection_closes_at_shutdown_and_the_drain_waits_for_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+        let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = admin.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(true));
+        let metrics = Arc::new(Metrics::default());
+        let serving = tokio::spawn(admin.run(ready, metrics, discovery, None, stop));
+
+        let mut kept = connect(1, addr).await;
+        kept.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = b"HTTP/1.1 200 OK\r\n";
+        let mut read = vec![0u8; answer.len()];
+        kept.read_exact(&mut read).await.unwrap();
+        assert_eq!(read, answer);
+
+        stop_tx.send(true).unwrap();
+        let open = serving.await.unwrap();
+        let patience = Duration::from_secs(2);
+        let closed = tokio::time::timeout(patience, async {
+            let mut rest = Vec::new();
+            let _ = kept.read_to_end(&mut rest).await;
+        });
+        assert!(
+            closed.await.is_ok(),
+            "a kept-alive connection was still open {patience:?} after the shutdown"
+        );
+        let deadline = tokio::time::Instant::now() + patience;
+        assert_eq!(open.drain(deadline).await, 0, "none cut");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port stopped accepting"
+        );
     }
 }

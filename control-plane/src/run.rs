@@ -7,7 +7,8 @@
 //! discovery, the TokenReview client and the webhook's certificate and
 //! settings, then the ports served;
 //! SIGTERM/SIGINT ends the Watch streams first, then stops accepting
-//! everywhere and drains in-flight RPCs up to a deadline.
+//! everywhere and drains in-flight RPCs, and the requests in flight on the
+//! webhook and admin ports ([`Connections`]), up to one deadline.
 //!
 //! Log lines worth asserting on: `trust bundle loaded` (fields `roots`, the
 //! count, and `bundle`, each root's subject and expiry date) once the CA is
@@ -240,6 +241,52 @@ async fn stop_in_order(
     let left = discovery.streams_open();
     let _ = listeners.send(true);
     left
+}
+
+/// The connections of an HTTP port (the admin port, the webhook port),
+/// each served by a task of its own. A port hands them over once it stops
+/// accepting, each told to close once the answer in progress is written
+/// (an idle one at once), for the stop to wait for ([`Self::drain`]).
+#[derive(Debug, Default)]
+pub struct Connections(tokio::task::JoinSet<()>);
+
+impl Connections {
+    /// Serves a connection: `serve` runs until it has closed.
+    pub(crate) fn serve(&mut self, serve: impl Future<Output = ()> + Send + 'static) {
+        self.0.spawn(serve);
+    }
+
+    /// Resolves once a connection has closed, and forgets it (a port
+    /// serving for months keeps none of those it served); never while none
+    /// is open.
+    pub(crate) async fn closed(&mut self) {
+        if self.0.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The connections still open (or closed and not yet forgotten).
+    pub fn open(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Waits until every connection has closed, or until `deadline`: those
+    /// still open then are closed without their answer. Returns how many
+    /// were.
+    pub async fn drain(mut self, deadline: tokio::time::Instant) -> usize {
+        let all_closed = async { while self.0.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline, all_closed).await.is_ok() {
+            return 0;
+        }
+        self.0.abort_all();
+        let mut cut = 0;
+        while let Some(ended) = self.0.join_next().await {
+            if ended.is_err_and(|e| e.is_cancelled()) {
+                cut += 1;
+            }
+        }
+        cut
+    }
 }
 
 /// Binds `addr`, the address of `flag`, or says which flag could not be.
@@ -529,7 +576,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         },
     );
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some((server, inject)) = webhook {
+    // Each HTTP port hands over its open connections once it stops
+    // accepting, for the drain to wait for.
+    let webhook = webhook.map(|(server, inject)| {
         // The sender lives as long as the webhook. The bundle is fixed for
         // the life of the process: a change of the signing CA or of the
         // trust anchors takes a restart.
@@ -537,15 +586,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let mut stop = shutdown_rx.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            server
+            let open = server
                 .run(inject_rx, metrics, uninjected, async move {
                     stopping(&mut stop).await
                 })
                 .await;
             drop(inject_tx);
-        });
-    }
-    tokio::spawn(admin.run(
+            open
+        })
+    });
+    let admin = tokio::spawn(admin.run(
         ready.clone(),
         metrics,
         discovery.clone(),
@@ -605,19 +655,52 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             "Watch streams still open at their deadline; they close with their connections"
         );
     }
-    tracing::info!("no new connections, draining in-flight calls");
-    match tokio::time::timeout(DRAIN_DEADLINE, &mut serve).await {
-        Ok(()) => {}
-        Err(_) => tracing::warn!(
-            deadline = ?DRAIN_DEADLINE,
-            "calls still open at the drain deadline; closing them"
-        ),
-    }
+    tracing::info!(
+        deadline = ?DRAIN_DEADLINE,
+        "no new connections, draining in-flight calls"
+    );
+    // One deadline for the gRPC calls and the HTTP ports' requests alike.
+    let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+    let grpc = async {
+        if tokio::time::timeout_at(deadline, &mut serve).await.is_err() {
+            tracing::warn!(
+                deadline = ?DRAIN_DEADLINE,
+                "calls still open at the drain deadline; closing them"
+            );
+        }
+    };
+    tokio::join!(
+        grpc,
+        drain_port("webhook", webhook, deadline),
+        drain_port("admin", Some(admin), deadline),
+    );
     if let Some(failed) = failed {
         return Err(failed);
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Waits for the connections of the HTTP port `port` (its task, once it
+/// stops accepting, hands them over) until `deadline`, and says how many
+/// were cut then.
+async fn drain_port(
+    port: &'static str,
+    task: Option<tokio::task::JoinHandle<Connections>>,
+    deadline: tokio::time::Instant,
+) {
+    let Some(Ok(open)) = futures::future::OptionFuture::from(task).await else {
+        return;
+    };
+    let cut = open.drain(deadline).await;
+    if cut > 0 {
+        tracing::warn!(
+            port,
+            connections = cut,
+            deadline = ?DRAIN_DEADLINE,
+            "{port} connections still open at the drain deadline; cut, their answers unwritten"
+        );
+    }
 }
 
 /// Announces what the Kubernetes store's watches changed: discovery reloads
@@ -833,6 +916,36 @@ mod tests {
         );
         assert_eq!(stopped.await, Ok(0), "stopped without waiting");
         assert!(*listeners.borrow());
+    }
+
+    /// The connections of an HTTP port still open at the drain deadline
+    /// are closed then, and a warning names the port and how many; those
+    /// that closed in time are not counted.
+    #[tokio::test]
+    async fn connections_open_at_the_drain_deadline_are_cut_and_counted() {
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let mut open = Connections::default();
+        let (answered_tx, answered) = tokio::sync::oneshot::channel::<()>();
+        open.serve(async move {
+            let _ = answered.await;
+        });
+        open.serve(std::future::pending());
+        open.serve(std::future::pending());
+        let port = tokio::spawn(async move { open });
+        answered_tx.send(()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        drain_port("webhook", Some(port), deadline).await;
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("webhook connections still open at the drain deadline"))
+            .unwrap_or_else(|| panic!("no line of the cut: {text}"));
+        assert!(
+            line.contains("WARN")
+                && line.contains("port=\"webhook\"")
+                && line.contains("connections=2"),
+            "{line}"
+        );
     }
 
     /// Following the store's changes ends when the control plane shuts

@@ -813,3 +813,160 @@ fn the_webhook_port_answers_a_malformed_head_in_words() {
     );
     assert!(!cp.log().contains("review-secret-91c2"), "{}", cp.log());
 }
+
+/// A TLS connection to the webhook at `addr`, trusting the CA of `certs`
+/// as the API server does.
+async fn connect_tls(
+    certs: &WebhookCerts,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(certs.path("ca.crt")).unwrap();
+    roots.add(ca).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the TLS handshake with the webhook")
+}
+
+/// The answer read from `io`: its status, its head, and its body of the
+/// `content-length` the head gives (the connection may stay open after
+/// it); `None` when the connection ended before the answer was whole.
+async fn read_answer<S>(io: &mut S) -> Option<(u16, String, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => read.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("the answer gives its content-length");
+    while read.len() < end + length {
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => read.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some((status, head, read[end..end + length].to_vec()))
+}
+
+/// A review in flight when SIGTERM comes is answered in full before the
+/// control plane exits 0: during a rollout, a pod's creation under
+/// `failurePolicy: Fail` is not refused because the replica it reached
+/// stopped. The review is held by its client, as a slow API server would
+/// hold it: its head and half its body are sent before the signal, the
+/// rest a second after the port stopped accepting (well within the 5 s a
+/// body has). Connections idle at the signal do not hold the exit: one
+/// kept alive after a first review, and one that sent nothing, are closed
+/// at once, not at their 5 s head timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_hold_the_exit() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
+    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        review.len()
+    );
+
+    let mut idle = connect_tls(&certs, addr).await;
+    idle.write_all(head.as_bytes()).await.unwrap();
+    idle.write_all(&review).await.unwrap();
+    let (status, answer_head, _) = read_answer(&mut idle).await.expect("a first answer");
+    assert_eq!(status, 200, "{answer_head}");
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut held = connect_tls(&certs, addr).await;
+    let (first, rest) = review.split_at(review.len() / 2);
+    held.write_all(head.as_bytes()).await.unwrap();
+    held.write_all(first).await.unwrap();
+    held.flush().await.unwrap();
+
+    let log = cp.log.clone();
+    let stopping = tokio::spawn(cp.stop_async());
+    common::eventually_async("the ports to stop accepting", || {
+        let stopped = log.lock().unwrap().contains("no new connections");
+        async move { stopped.then_some(()) }
+    })
+    .await;
+    let patience = Duration::from_secs(2);
+    assert!(
+        common::connections::closed_within(&mut silent, patience)
+            .await
+            .is_some(),
+        "a connection that sent nothing was still open {patience:?} after the port stopped"
+    );
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(patience, idle.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => panic!("the idle connection got {n} bytes unasked"),
+        Err(_) => panic!(
+            "an idle kept-alive connection was still open {patience:?} after the port stopped"
+        ),
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held.write_all(rest)
+        .await
+        .expect("the connection of the review in flight is still open after SIGTERM");
+    held.flush().await.unwrap();
+    let (status, answer_head, body) =
+        tokio::time::timeout(Duration::from_secs(10), read_answer(&mut held))
+            .await
+            .expect("the review in flight was answered in time")
+            .expect("the review in flight at SIGTERM was answered in full");
+    let answered = Instant::now();
+    assert_eq!(status, 200, "{answer_head}");
+    assert!(
+        answer_head
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "the answer says the connection closes: {answer_head}"
+    );
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        answer["response"]["uid"],
+        "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11"
+    );
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+
+    let status = stopping.await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    assert!(
+        answered.elapsed() < patience,
+        "the exit came {:?} after the last answer: it waited for something else",
+        answered.elapsed()
+    );
+    let log = log.lock().unwrap().clone();
+    assert!(!log.contains("still open at the drain deadline"), "{log}");
+}

@@ -64,6 +64,7 @@ use crate::api::quoted;
 use crate::handshake::HandshakeFailure;
 use crate::metrics::Metrics;
 use crate::request_head;
+use crate::run::Connections;
 use crate::server::Refusals;
 
 /// The mutating webhook that injects pods.
@@ -381,19 +382,27 @@ impl WebhookServer {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes. `config` carries the injection
-    /// settings and the current trust bundle; a CA rotation sends a new one.
-    /// Failed handshakes, and connections refused by the connection limits,
-    /// are counted in `metrics`; pods the warning-only webhooks admit
-    /// without a sidecar are recorded in `uninjected`.
+    /// Serves until `shutdown` completes, then stops accepting and returns
+    /// the connections still open, for the caller to wait for
+    /// ([`Connections::drain`]): each is told to close once the answer in
+    /// progress is written, so that a review in flight (its body still
+    /// arriving, or waiting for its turn) is answered, and one idle between
+    /// reviews, or not past its handshake or first request head, closes at
+    /// once. `config` carries the injection settings and the current trust
+    /// bundle; a CA rotation sends a new one. Failed handshakes, and
+    /// connections refused by the connection limits, are counted in
+    /// `metrics`; pods the warning-only webhooks admit without a sidecar are
+    /// recorded in `uninjected`.
     pub async fn run(
         self,
         config: watch::Receiver<Arc<InjectConfig>>,
         metrics: Arc<Metrics>,
         uninjected: Arc<UninjectedPods>,
         shutdown: impl Future<Output = ()>,
-    ) {
+    ) -> Connections {
         tokio::pin!(shutdown);
+        let (closing_tx, closing) = watch::channel(false);
+        let mut connections = Connections::default();
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         let over_limits = Refusals::new(metrics.clone(), Metrics::webhook_connection_refused);
         let failures = Arc::new(Refusals::new(
@@ -415,7 +424,8 @@ impl WebhookServer {
                         continue;
                     }
                 },
-                () = &mut shutdown => return,
+                () = connections.closed() => continue,
+                () = &mut shutdown => break,
             };
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
@@ -432,13 +442,21 @@ impl WebhookServer {
             let turns = turns.clone();
             let bodies = self.bodies.clone();
             let malformed = malformed.clone();
-            tokio::spawn(async move {
+            let mut closing = closing.clone();
+            connections.serve(async move {
                 let admitted = admitted;
-                let mut evicted = std::pin::pin!(admitted.evicted());
+                // Told to make way for a client holding fewer, or the port
+                // stops.
+                let stop = async {
+                    tokio::select! {
+                        () = admitted.evicted() => {}
+                        () = crate::run::stopping(&mut closing) => {}
+                    }
+                };
+                let mut stop = std::pin::pin!(stop);
                 let tls = tokio::select! {
                     tls = handshake(&acceptor, tcp, client, &failures) => tls,
-                    // Told to make way for a client holding fewer.
-                    () = evicted.as_mut() => return,
+                    () = stop.as_mut() => return,
                 };
                 let Some(tls) = tls else {
                     return;
@@ -460,12 +478,14 @@ impl WebhookServer {
                     CONNECTION_LIFETIME,
                     &malformed,
                     MALFORMED,
-                    evicted,
+                    stop,
                     service,
                 )
                 .await;
             });
         }
+        let _ = closing_tx.send(true);
+        connections
     }
 }
 
@@ -1187,7 +1207,9 @@ mod tests {
     struct Budgeted {
         addr: SocketAddr,
         connector: tokio_rustls::TlsConnector,
-        _stop: tokio::sync::oneshot::Sender<()>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        /// Ends once the port stops accepting, with its open connections.
+        serving: tokio::task::JoinHandle<Connections>,
         _dir: tempfile::TempDir,
     }
 
@@ -1216,13 +1238,13 @@ mod tests {
             let (config_tx, config) = watch::channel(Arc::new(InjectConfig::default()));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let metrics = Arc::new(Metrics::default());
-            tokio::spawn(async move {
+            let serving = tokio::spawn(async move {
                 let _keep = config_tx;
                 server
                     .run(config, metrics, Default::default(), async {
                         let _ = stopped.await;
                     })
-                    .await;
+                    .await
             });
             let mut roots = rustls::RootCertStore::empty();
             roots.add(generated.cert.der().clone()).unwrap();
@@ -1234,7 +1256,8 @@ mod tests {
             Self {
                 addr,
                 connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-                _stop: stop,
+                stop,
+                serving,
                 _dir: dir,
             }
         }
@@ -1248,9 +1271,15 @@ mod tests {
         /// A connection whose request announced a body of [`SIZE`] and
         /// was told to send it (so its room is taken), and sent half.
         async fn holding_room(&self) -> ClientTls {
+            self.holding(SIZE).await
+        }
+
+        /// A connection whose request announced a body of `size` and was
+        /// told to send it, and sent half: a review in flight.
+        async fn holding(&self, size: usize) -> ClientTls {
             let mut tls = self.connect().await;
             let head = request_head(&format!(
-                "Content-Length: {SIZE}\r\nExpect: 100-continue\r\n"
+                "Content-Length: {size}\r\nExpect: 100-continue\r\n"
             ));
             tls.write_all(head.as_bytes()).await.unwrap();
             let mut continued = Vec::new();
@@ -1260,7 +1289,7 @@ mod tests {
                 continued.push(byte[0]);
             }
             assert!(continued.starts_with(b"HTTP/1.1 100 "), "{continued:?}");
-            tls.write_all(&review(SIZE)[..SIZE / 2]).await.unwrap();
+            tls.write_all(&review(size)[..size / 2]).await.unwrap();
             tls.flush().await.unwrap();
             tls
         }
@@ -1341,6 +1370,45 @@ mod tests {
         first.flush().await.unwrap();
         let served = answer(first).await;
         assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+    }
+
+    /// At shutdown the port stops accepting and hands over its open
+    /// connections: a review whose body is still arriving is answered once
+    /// it has, and the drain waits for it; one not answered by the drain's
+    /// deadline is closed then, unanswered, and counted as cut.
+    #[tokio::test]
+    async fn the_drain_waits_for_reviews_in_flight_and_cuts_those_past_its_deadline() {
+        const SMALL: usize = 4096;
+        let webhook = Budgeted::start().await;
+        let mut finishing = webhook.holding(SMALL).await;
+        let stuck = webhook.holding(SMALL).await;
+        let Budgeted {
+            addr,
+            stop,
+            serving,
+            ..
+        } = webhook;
+        stop.send(()).unwrap();
+        let open = serving.await.unwrap();
+        assert_eq!(open.open(), 2, "both reviews in flight handed over");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port stopped accepting"
+        );
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let draining = tokio::spawn(open.drain(deadline));
+        finishing
+            .write_all(&review(SMALL)[SMALL / 2..])
+            .await
+            .unwrap();
+        finishing.flush().await.unwrap();
+        let served = answer(finishing).await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+        assert!(!draining.is_finished(), "the drain waits for the other");
+        assert_eq!(draining.await.unwrap(), 1, "one cut at the deadline");
+        let cut = answer(stuck).await;
+        assert!(cut.is_empty(), "a review cut got no answer: {cut}");
     }
 
     /// With the body budget taken by a body being read, a request whose
