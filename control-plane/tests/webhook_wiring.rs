@@ -879,9 +879,9 @@ where
 /// control plane exits 0: during a rollout, a pod's creation under
 /// `failurePolicy: Fail` is not refused because the replica it reached
 /// stopped. The review is held by its client, as a slow API server would
-/// hold it: its head and half its body are sent before the signal, the
-/// rest a second after the port stopped accepting (well within the 5 s a
-/// body has). Connections idle at the signal do not hold the exit: one
+/// hold it: its head (read by the port: it is told to continue) and half
+/// its body are sent before the signal, the rest a second after the port
+/// stopped accepting (well within the 5 s a body has). Connections idle at the signal do not hold the exit: one
 /// kept alive after a first review, and one that sent nothing, are closed
 /// at once, not at their 5 s head timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -905,9 +905,19 @@ async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_h
     let (status, answer_head, _) = read_answer(&mut idle).await.expect("a first answer");
     assert_eq!(status, 200, "{answer_head}");
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Its head asks to continue, so that the port has read it when the
+    // signal comes.
     let mut held = connect_tls(&certs, addr).await;
     let (first, rest) = review.split_at(review.len() / 2);
-    held.write_all(head.as_bytes()).await.unwrap();
+    let asking = head.replace("\r\n\r\n", "\r\nexpect: 100-continue\r\n\r\n");
+    held.write_all(asking.as_bytes()).await.unwrap();
+    let mut continued = Vec::new();
+    while !continued.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(held.read(&mut byte).await.unwrap(), 1, "{continued:?}");
+        continued.push(byte[0]);
+    }
+    assert!(continued.starts_with(b"HTTP/1.1 100 "), "{continued:?}");
     held.write_all(first).await.unwrap();
     held.flush().await.unwrap();
 
