@@ -2853,6 +2853,9 @@ fn the_meshs_own_names_bring_no_warning() {
 /// `review`'s pod with `annotations` set (an empty value: taken out).
 fn annotated(pod: &Value, annotations: &[(&str, &str)]) -> Value {
     let mut pod = pod.clone();
+    if pod["metadata"].get("annotations").is_none() {
+        pod["metadata"]["annotations"] = json!({});
+    }
     let map = pod["metadata"]["annotations"].as_object_mut().unwrap();
     for (key, value) in annotations {
         if value.is_empty() {
@@ -3007,7 +3010,8 @@ fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
     assert_eq!(
         denial(&reply),
         "trellis: cannot inject: metadata.annotations[trellis.io/access-log]: expected \"true\" \
-         or \"false\", got \"False\""
+         or \"false\", got \"False\" (the pod carries its sidecar already: it was changed \
+         since injection, by a mutating webhook called after Trellis's or in a copied manifest)"
     );
 }
 
@@ -3079,6 +3083,193 @@ fn opaque_port_names_are_resolved_against_containers_a_later_webhook_adds() {
         denial(&reply).starts_with(
             "trellis: cannot inject: metadata.annotations[trellis.io/opaque-ports]: \"agent\" is \
              neither a port (1-65535) nor the name of a TCP port a container of the pod declares"
+        ),
+        "{reply}"
+    );
+}
+
+/// The sidecar's `trellis-proxy` environment as the kubelet reads it: of
+/// several entries of one name the last counts.
+fn env_in_force(pod: &Value) -> std::collections::BTreeMap<String, Value> {
+    env(container(pod, "initContainers", "trellis-proxy"))
+}
+
+/// The `TRELLIS_*` entries the settings annotations decide are the
+/// injector's: one a mutating webhook called after ours writes on the
+/// sidecar directly (a second `TRELLIS_ACCESS_LOG` after the injector's,
+/// which the kubelet would use; one the annotations do not ask for) is
+/// made what the annotations say on reinvocation, whatever the entries'
+/// order. In the same patch as entries taken out and added, a container's
+/// checks joining `TRELLIS_APP_PROBES` and `trellis-init`'s arguments
+/// rewritten, each operation's index is right for the pod as the earlier
+/// ones left it (RFC 6902 applies them in order): applied with
+/// `json-patch`, the sidecar and its init are a fresh injection's. Real
+/// AdmissionReview documents (fixtures/k8s); no Kubernetes API server here.
+#[test]
+fn trellis_entries_a_later_webhook_writes_on_the_sidecar_are_the_annotations() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let opted_out = [("trellis.io/access-log", "false")];
+    let first = injected(&with_object(
+        &review,
+        annotated(&review["request"]["object"], &opted_out),
+    ));
+    let with_entries = |pod: &Value, entries: &[Value]| {
+        let mut pod = pod.clone();
+        let proxy = pod["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|c| c["name"] == "trellis-proxy")
+            .unwrap();
+        proxy["env"]
+            .as_array_mut()
+            .unwrap()
+            .extend_from_slice(entries);
+        pod
+    };
+
+    // A second entry after the injector's, which the kubelet would use.
+    let on = json!({"name": "TRELLIS_ACCESS_LOG", "value": "true"});
+    let pod = with_entries(&first, std::slice::from_ref(&on));
+    assert_eq!(env_in_force(&pod)["TRELLIS_ACCESS_LOG"], "true");
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    let last = pod["spec"]["initContainers"][1]["env"]
+        .as_array()
+        .unwrap()
+        .len()
+        - 1;
+    assert_eq!(
+        ops(&patch),
+        [format!("remove /spec/initContainers/1/env/{last}")]
+    );
+    let again = apply(&pod, &patch);
+    assert_eq!(ours(&again), ours(&first));
+    settled(&review, again);
+
+    // Entries the annotations do not ask for, several taken out in one
+    // patch beside an annotation taken out, one added, a container with
+    // checks and a hook added, and the init's arguments changed.
+    let mut pod = with_entries(
+        &first,
+        &[
+            json!({"name": "TRELLIS_MAX_H2_CONNECTIONS", "value": "5"}),
+            json!({"name": "TRELLIS_ACCESS_LOG", "value": "false"}),
+        ],
+    );
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let changed = [
+        ("trellis.io/access-log", ""),
+        ("trellis.io/tcp-user-timeout", "10m"),
+        ("trellis.io/exclude-outbound-ports", "5432"),
+    ];
+    let pod = annotated(&pod, &changed);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    let removes = ops(&patch)
+        .into_iter()
+        .filter(|op| op.starts_with("remove "))
+        .count();
+    assert_eq!(removes, 3, "{:?}", ops(&patch));
+    let again = apply(&pod, &patch);
+    let mut direct = annotated(&review["request"]["object"], &changed);
+    direct["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let direct = injected(&with_object(&review, direct));
+    assert_eq!(ours(&again), ours(&direct));
+    let names: Vec<&str> = again["spec"]["initContainers"][1]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    let mut unique = names.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(names.len(), unique.len(), "{names:?}");
+    settled(&review, again);
+}
+
+/// A `trellis-init` without arguments (a manifest written by hand) would
+/// run the sidecar's command with none but the exclusions, as a proxy
+/// that never exits: on reinvocation it gets all the arguments an
+/// injection writes. Real AdmissionReview documents; no API server here.
+#[test]
+fn an_init_without_arguments_gets_an_injections_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let mut pod = first.clone();
+    pod["spec"]["initContainers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("args");
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    let patch = patch_of(&reply).expect("a patch");
+    assert_eq!(ops(&patch), ["add /spec/initContainers/0/args"]);
+    let again = apply(&pod, &patch);
+    assert_eq!(
+        again["spec"]["initContainers"][0]["args"],
+        first["spec"]["initContainers"][0]["args"]
+    );
+    assert_eq!(again, first);
+    settled(&review, again);
+}
+
+/// A settings annotation refused on reinvocation says that the pod was
+/// changed since injection (its author submitted one that was admitted),
+/// and names the containers the injection saw that are gone: a mutating
+/// webhook called after ours that took out the container declaring a
+/// port `trellis.io/opaque-ports` names is refused as an injection of the
+/// pod as it now is would be, rather than its sidecar left treating
+/// another port's traffic as opaque than the annotation says. Real
+/// AdmissionReview documents; no API server here.
+#[test]
+fn a_setting_refused_on_reinvocation_says_what_changed_since_injection() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = annotated(
+        &review["request"]["object"],
+        &[("trellis.io/opaque-ports", "agent")],
+    );
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(vault_agent());
+    let first = injected(&with_object(&review, pod));
+    let mut pod = first.clone();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "vault-agent");
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        denial(&reply),
+        "trellis: cannot inject: metadata.annotations[trellis.io/opaque-ports]: \"agent\" is \
+         neither a port (1-65535) nor the name of a TCP port a container of the pod declares \
+         (the pod carries its sidecar already: it was changed since injection, by a mutating \
+         webhook called after Trellis's or in a copied manifest; containers it had then and has \
+         no more: vault-agent)"
+    );
+
+    let bad = annotated(&first, &[("trellis.io/max-h2-connections", "lots")]);
+    let reply = answer_for(&with_object(&review, bad));
+    assert!(
+        denial(&reply).starts_with(
+            "trellis: cannot inject: metadata.annotations[trellis.io/max-h2-connections]: "
+        ),
+        "{reply}"
+    );
+    assert!(
+        denial(&reply).ends_with(
+            " (the pod carries its sidecar already: it was changed since injection, by a \
+             mutating webhook called after Trellis's or in a copied manifest)"
         ),
         "{reply}"
     );

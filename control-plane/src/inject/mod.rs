@@ -196,8 +196,14 @@
 //! does not exist yet, so neither container has run: rewriting their
 //! settings is as safe as the first injection writing them. An invalid
 //! value (or a port name no container declares any more) is refused as at
-//! injection. Nothing differing, nothing is patched, so a third review has
-//! no patch. A manifest copied or restored from a pod injected under other
+//! injection, the message saying that the pod changed since injection and
+//! naming the containers seen then that it has no more: refused rather
+//! than admitted with a sidecar that runs otherwise than its annotations
+//! say. Those entries are the injector's: one a later webhook writes on the
+//! sidecar itself is made what the annotations say, and of several entries
+//! of one name (the kubelet uses the last) all but the first go. A
+//! `trellis-init` without arguments gets all of an injection's. Nothing
+//! differing, nothing is patched, so a third review has no patch. A manifest copied or restored from a pod injected under other
 //! settings gets the current settings' values for these where it has no
 //! annotation (the settings' `excludeInboundPorts`, `tcpUserTimeout`, ...),
 //! as a new pod would; its UID and ports stay its sidecar's (below).

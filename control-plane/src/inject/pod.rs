@@ -4,7 +4,7 @@
 //! The pod is handled as a `serde_json::Value`, never a typed struct, so
 //! fields this version does not know survive untouched.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Map, Value, json};
@@ -394,30 +394,55 @@ fn rewrite_added(
     // an annotation, or added or replaced a container declaring a port an
     // opaque-ports name names. The pod does not exist yet, so neither
     // has run: what differs is patched, and an invalid value refused.
-    let annotated = Annotated::read(annotations, spec, config)?;
+    let annotated = Annotated::read(annotations, spec, config)
+        .map_err(|e| changed_since_injection(e, recorded.as_ref(), spec))?;
     let (field, at, proxy) = located(spec, PROXY_CONTAINER).ok_or(InjectError::ProxyWithoutInit)?;
     let (init_field, init_at, init) =
         located(spec, INIT_CONTAINER).ok_or(InjectError::InitWithoutProxy)?;
     let init_args = slice(init.get("args"));
-    let new_init_args =
-        Some(with_flags(init_args, &annotated.init_flags)).filter(|args| args != init_args);
+    // An init without arguments (written by hand) would run the sidecar's
+    // default command, not `init`: it gets all of an injection's, which
+    // are what the checks above took it to run with.
+    let new_init_args = match init_args {
+        [] => init_container(config, &annotated.init_flags)
+            .get("args")
+            .map(|args| slice(Some(args)).to_vec()),
+        _ => Some(with_flags(init_args, &annotated.init_flags)),
+    }
+    .filter(|args| args != init_args);
     let env = slice(proxy.get("env"));
     let entry = |name: &str| {
         env.iter()
             .position(|e| e.get("name").and_then(Value::as_str) == Some(name))
     };
-    // Each entry whose value is not the one wanted: where it is, if it is.
-    let env_changes: Vec<(Option<usize>, Option<Value>)> = annotated
-        .env
-        .iter()
-        .filter_map(|(name, wanted)| {
-            let at = entry(name);
-            let wanted = wanted
-                .as_ref()
-                .map(|value| json!({"name": name, "value": value}));
-            (at.map(|at| &env[at]) != wanted.as_ref()).then_some((at, wanted))
-        })
-        .collect();
+    // The entries the annotations decide are the injector's: one set by
+    // other means (a later webhook writing `TRELLIS_ACCESS_LOG` on the
+    // sidecar) is made what the annotations say. Of several entries of one
+    // name the kubelet uses the last: the first is kept (replaced if its
+    // value is not the one wanted), the others taken out, so the value in
+    // force is the annotations' whatever the entries' order.
+    let mut env_replaced: Vec<(usize, Value)> = Vec::new();
+    let mut removed: Vec<usize> = Vec::new();
+    let mut added: Vec<Value> = Vec::new();
+    for (name, wanted) in &annotated.env {
+        let wanted = wanted
+            .as_ref()
+            .map(|value| json!({"name": name, "value": value}));
+        let mut ats = env
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.get("name").and_then(Value::as_str) == Some(name))
+            .map(|(at, _)| at);
+        match (ats.next(), wanted) {
+            (Some(at), Some(wanted)) if env[at] != wanted => env_replaced.push((at, wanted)),
+            (Some(_), Some(_)) => {}
+            (Some(at), None) => removed.push(at),
+            (None, Some(wanted)) => added.push(wanted),
+            (None, None) => {}
+        }
+        removed.extend(ats);
+    }
+    let settings_differ = !(env_replaced.is_empty() && removed.is_empty() && added.is_empty());
     let env_value = |at: usize, name: &'static str| {
         env[at]
             .get("value")
@@ -493,7 +518,7 @@ fn rewrite_added(
                     .any(|c| probes::sidecar_paths(c, config.admin_port).any(|p| p == path))
         })
     });
-    if !any_new && !drops_gone && new_init_args.is_none() && env_changes.is_empty() {
+    if !any_new && !drops_gone && new_init_args.is_none() && !settings_differ {
         return Ok(Injection::Skipped(Skip::AlreadyInjected));
     }
     let token_at = entry(TRELLIS_HOOK_TOKEN);
@@ -574,17 +599,8 @@ fn rewrite_added(
     // replaced where they are, then the ones to go taken out from the last
     // (so no index moves before it is used), then new ones appended.
     let env_path = format!("/spec/{field}/{at}/env");
-    let mut added = Vec::new();
-    let mut removed = Vec::new();
-    for (at, wanted) in env_changes {
-        match (at, wanted) {
-            (Some(at), Some(value)) => {
-                patch.push(PatchOp::replace(format!("{env_path}/{at}"), value));
-            }
-            (Some(at), None) => removed.push(at),
-            (None, Some(value)) => added.push(value),
-            (None, None) => {}
-        }
+    for (at, value) in env_replaced {
+        patch.push(PatchOp::replace(format!("{env_path}/{at}"), value));
     }
     // A container replaced under a seen name leaves no checks of the one
     // it replaced behind; those a container still calls (a seen one given
@@ -633,6 +649,42 @@ fn rewrite_added(
         }
     }
     Ok(Injection::Rewritten { patch, warnings })
+}
+
+/// `e`, an annotation refused on a review of a pod that carries its
+/// sidecar, saying so: its author submitted a pod the injector admitted,
+/// and what was refused is what changed since (an annotation a mutating
+/// webhook called after Trellis's set, or a container it took out that
+/// declared a port `trellis.io/opaque-ports` names; or a copied
+/// manifest), so the message names the containers the injection saw
+/// that the pod no longer has.
+fn changed_since_injection(
+    e: InjectError,
+    recorded: Option<&HashSet<&str>>,
+    spec: &Map<String, Value>,
+) -> InjectError {
+    let InjectError::InvalidAnnotation { key, mut message } = e else {
+        return e;
+    };
+    message.push_str(
+        " (the pod carries its sidecar already: it was changed since injection, by a mutating \
+         webhook called after Trellis's or in a copied manifest",
+    );
+    let mut gone: Vec<&str> = recorded
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|name| {
+            !all_containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+        })
+        .collect();
+    gone.sort_unstable();
+    if !gone.is_empty() {
+        message.push_str("; containers it had then and has no more: ");
+        message.push_str(&gone.join(", "));
+    }
+    message.push(')');
+    InjectError::InvalidAnnotation { key, message }
 }
 
 /// The container (or init container) `name` of the pod: the field it is
