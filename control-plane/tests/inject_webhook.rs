@@ -3274,3 +3274,111 @@ fn a_setting_refused_on_reinvocation_says_what_changed_since_injection() {
         "{reply}"
     );
 }
+
+/// An injection's own output, reviewed again as the API server reinvokes
+/// the webhook, gets no patch, however many times: for each fixture pod,
+/// under the default and other `injection.*` settings, with each
+/// combination of settings annotations an injection reads (none, each
+/// alone, all at once; an opaque port by number and by a container's port
+/// name). A difference between what an injection writes and what a review
+/// derives (an entry's form, a flag's place, the order of a list) would
+/// show as a patch here. Real AdmissionReview documents; no API server.
+#[test]
+fn an_injections_output_reviewed_again_gets_no_patch_whatever_its_annotations() {
+    let settings = [
+        config(),
+        InjectConfig {
+            exclude_inbound_ports: vec![9090, 15021],
+            exclude_outbound_ports: vec![25],
+            exclude_outbound_cidrs: vec!["10.0.0.0/8".into()],
+            tcp_user_timeout: Some(std::time::Duration::from_secs(90)),
+            max_h2_connections_per_peer: 8,
+            max_h2_connections: 100,
+            ..config()
+        },
+    ];
+    let each: &[&[(&str, &str)]] = &[
+        &[],
+        &[("trellis.io/access-log", "false")],
+        &[("trellis.io/access-log", "true")],
+        &[("trellis.io/tcp-user-timeout", "10m")],
+        &[("trellis.io/tcp-user-timeout", "0")],
+        &[("trellis.io/max-h2-connections-per-peer", "64")],
+        &[("trellis.io/max-h2-connections", "2048")],
+        &[("trellis.io/exclude-inbound-ports", "9200, 9100,9200")],
+        &[("trellis.io/exclude-inbound-ports", "")],
+        &[("trellis.io/exclude-outbound-ports", "5432,3306")],
+        &[("trellis.io/exclude-outbound-cidrs", "")],
+        &[(
+            "trellis.io/exclude-outbound-cidrs",
+            "192.168.0.0/16,fd00::/8",
+        )],
+        &[("trellis.io/opaque-ports", "3306")],
+        &[("trellis.io/opaque-ports", "NAMED,3306")],
+        &[
+            ("trellis.io/access-log", "false"),
+            ("trellis.io/tcp-user-timeout", "2m"),
+            ("trellis.io/max-h2-connections-per-peer", "3"),
+            ("trellis.io/max-h2-connections", "30"),
+            ("trellis.io/exclude-inbound-ports", "9200"),
+            ("trellis.io/exclude-outbound-ports", "5432"),
+            ("trellis.io/exclude-outbound-cidrs", "10.1.0.0/16"),
+            ("trellis.io/opaque-ports", "NAMED"),
+        ],
+    ];
+    let mut tried = 0;
+    for name in [
+        "pod-deployment-http-probes.json",
+        "pod-native-sidecar-probes.json",
+    ] {
+        let review = fixture(name);
+        let object = &review["request"]["object"];
+        // A TCP port name a container of the fixture declares.
+        let named = ["containers", "initContainers"]
+            .iter()
+            .filter_map(|field| object["spec"][field].as_array())
+            .flatten()
+            .filter_map(|c| c["ports"].as_array())
+            .flatten()
+            .find_map(|p| p["name"].as_str())
+            .expect("a named port")
+            .to_owned();
+        for settings in &settings {
+            for annotations in each {
+                let annotations: Vec<(&str, String)> = annotations
+                    .iter()
+                    .map(|(key, value)| (*key, value.replace("NAMED", &named)))
+                    .collect();
+                let annotations: Vec<(&str, &str)> = annotations
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str()))
+                    .collect();
+                let pod = annotated(object, &annotations);
+                let reply = answer(
+                    &with_object(&review, pod.clone()),
+                    NamespaceScope::SelectedByWebhook,
+                    settings,
+                );
+                assert_eq!(
+                    reply["response"]["allowed"], true,
+                    "{name} {annotations:?}: {reply}"
+                );
+                let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+                for reinvocation in 1..=3 {
+                    let again = answer(
+                        &with_object(&review, pod.clone()),
+                        NamespaceScope::SelectedByWebhook,
+                        settings,
+                    );
+                    assert_eq!(again["response"]["allowed"], true, "{again}");
+                    assert!(
+                        patch_of(&again).is_none(),
+                        "{name} {annotations:?}, review {reinvocation} after injection: {again}"
+                    );
+                }
+                tried += 1;
+            }
+        }
+    }
+    assert_eq!(tried, 2 * 2 * each.len());
+}
