@@ -1,11 +1,13 @@
 //! The state directory on disk: created 0700, files written atomically.
 //!
-//! An existing directory readable or writable by others, or by a group the
-//! process does not run with, is refused with an error (never silently
-//! tightened: the operator should learn that the CA key sat in an open
-//! directory). Access by a group the process runs with is accepted: that
-//! is what Kubernetes' `fsGroup` gives every file of a volume at each mount,
-//! and its members are the pod's own processes. A directory owned by
+//! An existing directory readable or writable by others, or by a group, is
+//! refused with an error (never silently tightened: the operator should
+//! learn that the CA key sat in an open directory). The one exception is
+//! the shape Kubernetes' `fsGroup` gives a volume at each mount: a setgid
+//! directory of a group the process runs with (its members are then the
+//! pod's own processes); the key files in it may then be open to that same
+//! group, and only to it, and the start says so in a warning, as every
+//! process of that group can read the CA key. A directory owned by
 //! another user is refused by a process that is not root, naming both
 //! users. Files are written to a temporary name in the same directory,
 //! synced, then renamed into place, so a crash never leaves a half-written
@@ -65,22 +67,40 @@ pub enum Secrecy {
 #[derive(Clone, Debug)]
 pub struct StateDir {
     root: PathBuf,
+    /// The group the directory and its key files may be open to: set only
+    /// where the directory is setgid and of a group this process runs with,
+    /// as Kubernetes' `fsGroup` leaves a volume.
+    group: Option<u32>,
 }
 
 impl StateDir {
     /// Creates the directory 0700 if missing; refuses an existing one that
-    /// others, or a group this process does not run with, can access, or
+    /// others can access, or a group unless in the shape `fsGroup` gives (a
+    /// setgid directory of a group this process runs with: warned of), or
     /// (unless this process is root) that another user owns.
     pub fn open(root: &Path) -> Result<Self, StateDirError> {
         let io = |source| StateDirError::Io {
             path: root.to_path_buf(),
             source,
         };
+        let mut group = None;
         match fs::metadata(root) {
             Ok(meta) if !meta.is_dir() => {
                 return Err(StateDirError::NotADirectory(root.to_path_buf()));
             }
-            Ok(meta) => check_dir(root, &meta, ProcessIds::of_this_process().as_ref())?,
+            Ok(meta) => {
+                group = check_dir(root, &meta, ProcessIds::of_this_process().as_ref())?;
+                if let Some(gid) = group {
+                    tracing::warn!(
+                        state_dir = %shown(root),
+                        mode = format_args!("{:o}", meta.permissions().mode() & 0o7777),
+                        "the state dir and its key files are open to group {gid}, which the \
+                         control plane runs with (a setgid directory, as Kubernetes' fsGroup \
+                         leaves a volume): every process running with that group can read the \
+                         CA key and replace the state dir's files"
+                    );
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 fs::DirBuilder::new()
                     .recursive(true)
@@ -93,6 +113,7 @@ impl StateDir {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            group,
         })
     }
 
@@ -115,8 +136,9 @@ impl StateDir {
     }
 
     /// [`read`](Self::read) for a file that holds a private key: one that
-    /// others, or a group this process does not run with, may access is
-    /// refused, never silently tightened, as the directory is.
+    /// others, or a group, may access is refused, never silently tightened,
+    /// as the directory is; except the group the directory itself was
+    /// accepted for (`fsGroup`'s, see [`open`](Self::open)).
     pub fn read_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StateDirError> {
         let path = self.path(name);
         let file = match fs::File::open(&path) {
@@ -130,7 +152,7 @@ impl StateDir {
         };
         // The mode of the file read, not of whatever the name points to later.
         let meta = file.metadata().map_err(io)?;
-        if !private_to_this_process(&meta, ProcessIds::of_this_process().as_ref()) {
+        if !private_to(&meta, self.group) {
             let mode = meta.permissions().mode() & 0o777;
             return Err(StateDirError::OpenSecret { path, mode });
         }
@@ -246,12 +268,16 @@ impl ProcessIds {
 }
 
 /// Refuses an existing state dir owned by another user (unless this
-/// process is root, which can use it anyway) or open to others.
+/// process is root, which can use it anyway) or open to others, or to a
+/// group except in the shape Kubernetes' `fsGroup` gives a volume: the
+/// directory setgid, of a group this process runs with. Returns that group
+/// where the directory is open to it. Where the process's ids are unknown,
+/// group access is refused.
 fn check_dir(
     root: &Path,
     meta: &fs::Metadata,
     ids: Option<&ProcessIds>,
-) -> Result<(), StateDirError> {
+) -> Result<Option<u32>, StateDirError> {
     if let Some(ids) = ids
         && ids.uid != 0
         && meta.uid() != ids.uid
@@ -262,24 +288,25 @@ fn check_dir(
             uid: ids.uid,
         });
     }
-    if !private_to_this_process(meta, ids) {
+    let mode = meta.permissions().mode();
+    // A plain `chmod 770` (no setgid) is not what the kubelet makes, and on
+    // a host the group is often a shared one (`users`).
+    let fs_group = mode & 0o2000 != 0 && ids.is_some_and(|ids| ids.groups.contains(&meta.gid()));
+    let group = fs_group.then_some(meta.gid());
+    if !private_to(meta, group) {
         return Err(StateDirError::OpenPermissions {
             path: root.to_path_buf(),
-            mode: meta.permissions().mode() & 0o777,
+            mode: mode & 0o777,
         });
     }
-    Ok(())
+    Ok(group.filter(|_| mode & 0o070 != 0))
 }
 
-/// Whether only this process's user, and groups it runs with, may access
-/// the file or directory: nothing for others, and group access only when
-/// the group is one of this process's own (Kubernetes' `fsGroup`).
-fn private_to_this_process(meta: &fs::Metadata, ids: Option<&ProcessIds>) -> bool {
+/// Whether only the owner, and `group` if any, may access the file or
+/// directory: nothing for others, group access only for that group.
+fn private_to(meta: &fs::Metadata, group: Option<u32>) -> bool {
     let mode = meta.permissions().mode();
-    if mode & 0o007 != 0 {
-        return false;
-    }
-    mode & 0o070 == 0 || ids.is_some_and(|ids| ids.groups.contains(&meta.gid()))
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || group == Some(meta.gid()))
 }
 
 /// Writes `path` through a temporary file in the same directory and a rename.
@@ -383,7 +410,9 @@ mod tests {
 
     /// What the kubelet makes of a volume with `fsGroup` at each mount: the
     /// directory 2770 and every file 0660, all of the pod's group, which the
-    /// control plane runs with. Accepted; others' access still is not.
+    /// control plane runs with. Accepted; others' access still is not, nor
+    /// the same group's without the setgid bit (a host's `chmod 770`), nor
+    /// a key file open to its group in a directory that is not.
     #[test]
     fn accepts_access_by_a_group_of_this_process_as_fs_group_gives_it() {
         let tmp = tempfile::tempdir().unwrap();
@@ -393,10 +422,25 @@ mod tests {
         let own = fs::metadata(&root).unwrap().gid();
         let ids = ProcessIds::of_this_process().unwrap();
         assert!(ids.groups.contains(&own), "{ids:?} {own}");
+        // A key file open to the group in a directory closed to it.
+        fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o640)).unwrap();
+        let err = dir.read_secret("k").unwrap_err().to_string();
+        assert!(err.contains("(mode 640); run `chmod 600`"), "{err}");
+        // Open to the group without the setgid bit fsGroup sets.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = StateDir::open(&root).unwrap_err().to_string();
+        assert!(err.contains("(mode 770); run `chmod 700`"), "{err}");
         fs::set_permissions(&root, fs::Permissions::from_mode(0o2770)).unwrap();
         fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o660)).unwrap();
         let dir = StateDir::open(&root).unwrap();
+        assert_eq!(dir.group, Some(own));
         assert_eq!(dir.read_secret("k").unwrap().unwrap(), b"secret");
+        // Setgid but closed to the group: its key files must be too.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2700)).unwrap();
+        let closed = StateDir::open(&root).unwrap();
+        let err = closed.read_secret("k").unwrap_err().to_string();
+        assert!(err.contains("(mode 660); run `chmod 600`"), "{err}");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2770)).unwrap();
         fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o664)).unwrap();
         let err = dir.read_secret("k").unwrap_err().to_string();
         assert!(err.contains("(mode 664); run `chmod 600`"), "{err}");
@@ -410,6 +454,60 @@ mod tests {
         }
         let err = StateDir::open(&root).unwrap_err().to_string();
         assert!(err.contains("(mode 770); run `chmod 700`"), "{err}");
+        // A key file of another group than the directory's.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2770)).unwrap();
+        std::os::unix::fs::chown(&root, None, Some(own)).unwrap();
+        let dir = StateDir::open(&root).unwrap();
+        if !chgrp(&dir.path("k"), foreign_group()) {
+            return;
+        }
+        fs::set_permissions(dir.path("k"), fs::Permissions::from_mode(0o660)).unwrap();
+        let err = dir.read_secret("k").unwrap_err().to_string();
+        assert!(err.contains("(mode 660); run `chmod 600`"), "{err}");
+    }
+
+    /// The group of a setgid directory is accepted when it is the effective
+    /// group or a supplementary one (`fsGroup` is supplementary unless
+    /// `runAsGroup` is the same), and not without the setgid bit, nor where
+    /// the process's ids are unknown.
+    #[test]
+    fn accepts_group_access_only_in_the_shape_fs_group_gives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        let root = dir.root();
+        let gid = fs::metadata(root).unwrap().gid();
+        let uid = fs::metadata(root).unwrap().uid();
+        let effective = ProcessIds {
+            uid,
+            groups: vec![gid],
+        };
+        let supplementary = ProcessIds {
+            uid,
+            groups: vec![gid.wrapping_add(1), gid],
+        };
+        let other = ProcessIds {
+            uid,
+            groups: vec![gid.wrapping_add(1)],
+        };
+        let check = |mode: u32, ids: Option<&ProcessIds>| {
+            fs::set_permissions(root, fs::Permissions::from_mode(mode)).unwrap();
+            check_dir(root, &fs::metadata(root).unwrap(), ids)
+        };
+        assert_eq!(check(0o2770, Some(&effective)).unwrap(), Some(gid));
+        assert_eq!(check(0o2750, Some(&supplementary)).unwrap(), Some(gid));
+        assert_eq!(check(0o2700, Some(&effective)).unwrap(), None);
+        assert_eq!(check(0o700, None).unwrap(), None);
+        for (mode, ids) in [
+            (0o770, Some(&effective)),
+            (0o750, Some(&supplementary)),
+            (0o2770, Some(&other)),
+            (0o2770, None),
+            (0o2771, Some(&effective)),
+        ] {
+            let err = check(mode, ids).unwrap_err().to_string();
+            let says = format!("(mode {:o}); run `chmod 700` on it", mode & 0o777);
+            assert!(err.ends_with(&says), "{mode:o} {ids:?}: {err}");
+        }
     }
 
     #[test]

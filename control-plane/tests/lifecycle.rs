@@ -783,6 +783,44 @@ fn a_key_file_others_can_read_is_refused_and_left_alone() {
     assert!(ControlPlane::start_in(tmp, &[]).stop().success());
 }
 
+/// A state dir as Kubernetes' `fsGroup` leaves a volume (setgid, 2770, the
+/// key files 0660, all of a group the control plane runs with) starts,
+/// with a warning that the group can read the CA key; the same modes
+/// without the setgid bit, as a host's `chmod 770` leaves them (on a host
+/// the group is often a shared one), are refused.
+#[test]
+fn a_state_dir_open_to_its_fs_group_starts_warning_and_a_plain_group_one_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    let chmod = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    for name in ["ca.key", "admin.key"] {
+        chmod(&state.join(name), 0o660);
+    }
+    chmod(&state, 0o770);
+    let (code, stderr) = refused_start(&state);
+    assert_eq!(code, Some(1), "{stderr}");
+    let why = format!(
+        "error: state dir {} is accessible by group or others (mode 770); run `chmod 700` on it",
+        state.display()
+    );
+    assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+    chmod(&state, 0o2770);
+    let gid = std::fs::metadata(&state).unwrap().gid();
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let warned = format!(
+        "the state dir and its key files are open to group {gid}, which the control plane runs \
+         with (a setgid directory, as Kubernetes' fsGroup leaves a volume): every process \
+         running with that group can read the CA key and replace the state dir's files"
+    );
+    assert!(cp.log().contains(&warned), "{warned:?} not in {}", cp.log());
+    assert!(cp.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_ca_tokens_and_workloads() {
     let cp = ControlPlane::start(&[]);
