@@ -729,14 +729,16 @@ async fn follow_store(
     }
 }
 
-/// Refuses a database file of no bytes beside a CA and the operator
-/// credential. redb would make it a new, empty database, and the state it
-/// held (policies, join tokens, workloads, revocations) would be gone
-/// without a word. Such a file is not one a crash leaves: every release
-/// writes `admin.crt`/`admin.key` only once the database is made. Without
-/// them, the CA beside an empty database is that of a first start that
-/// ended while making the database (releases before this one generated the
-/// CA first), which held nothing: redb makes it a new database.
+/// Refuses a database file of no bytes beside a CA. redb would make it a
+/// new, empty database, and the state it held (policies, join tokens,
+/// workloads, revocations: a revoked identity would renew again) would be
+/// gone without a word. With the operator credential beside it, no crash
+/// leaves that: every release writes `admin.crt`/`admin.key` only once the
+/// database is made. Without it, a first start of a release that generated
+/// the CA first, killed while redb made the file, leaves it, and then it
+/// held nothing; but so does a lived state dir whose database was emptied
+/// and whose credential was lost or moved, and the files cannot tell the
+/// two apart: the operator, who knows which it is, removes the file.
 fn refuse_an_emptied_database(dir: &StateDir) -> Result<(), crate::store::StoreError> {
     let path = dir.path(DB_FILE);
     let present = |name: &str| std::fs::symlink_metadata(dir.path(name)).is_ok();
@@ -744,23 +746,28 @@ fn refuse_an_emptied_database(dir: &StateDir) -> Result<(), crate::store::StoreE
     if !empty || !(present(CA_CERT) || present(CA_KEY)) {
         return Ok(());
     }
-    if !(present(ADMIN_CERT) || present(ADMIN_KEY)) {
-        tracing::info!(
-            database = %crate::escape::shown(&path),
-            "the database is empty beside a CA but no operator credential: a first start ended \
-             while making it, before it held anything; making it anew"
-        );
-        return Ok(());
-    }
-    Err(crate::store::StoreError::Database {
-        path: crate::escape::shown(&path),
-        reason: format!(
+    let reason = if present(ADMIN_CERT) || present(ADMIN_KEY) {
+        format!(
             "the file is empty, though the state dir holds a CA and the operator credential \
              ({ADMIN_CERT}), which are written only once the database is made: the state it \
              held is lost (a copy or restore cut short?); it is left as it is: restore the \
              state dir from a backup taken while the control plane was stopped, or remove the \
              empty file to start with an empty store"
-        ),
+        )
+    } else {
+        format!(
+            "the file is empty beside a CA but no operator credential ({ADMIN_CERT}, \
+             {ADMIN_KEY}), and it is left as it is: if this state dir never served (a first \
+             start of an earlier release killed while making the database leaves just this, \
+             holding nothing), remove the empty file to start; if it served a mesh, its \
+             database was emptied and its credential lost or moved, and its policies, join \
+             tokens and revocations are gone: restore the state dir from a backup taken while \
+             the control plane was stopped"
+        )
+    };
+    Err(crate::store::StoreError::Database {
+        path: crate::escape::shown(&path),
+        reason,
     })
 }
 

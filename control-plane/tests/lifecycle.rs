@@ -661,24 +661,68 @@ fn an_emptied_database_beside_a_ca_is_refused() {
 /// Releases before the database was made first generated the CA, then the
 /// database, then the operator credential: one killed on its first start
 /// while redb made the file left it empty beside the CA and no credential.
-/// That database held nothing, so the next start (of this release) makes
-/// it anew, keeping the CA.
+/// A lived state dir whose database was emptied and credential lost leaves
+/// the same files, so the start is refused, saying both and what to do for
+/// each; once the empty file is removed, it starts keeping the CA.
 #[test]
-fn an_empty_database_beside_a_first_starts_ca_starts() {
+fn an_empty_database_beside_a_ca_but_no_credential_is_refused_until_removed() {
     let (tmp, state) = empty_state_dir();
     let database = state.join("trellis.redb");
     std::fs::write(&database, b"").unwrap();
     let ca = std::fs::read(state.join("ca.crt")).unwrap();
-    let cp = ControlPlane::start_in(tmp.clone(), &[]);
-    assert!(
-        cp.log().contains("a first start ended while making it"),
-        "{}",
-        cp.log()
+    let (code, stderr) = refused_start(&state);
+    assert_eq!(code, Some(1), "{stderr}");
+    let why = format!(
+        "error: database {}: the file is empty beside a CA but no operator credential \
+         (admin.crt, admin.key), and it is left as it is: if this state dir never served (a first \
+         start of an earlier release killed while making the database leaves just this, holding \
+         nothing), remove the empty file to start; if it served a mesh, its database was emptied \
+         and its credential lost or moved, and its policies, join tokens and revocations are \
+         gone: restore the state dir from a backup taken while the control plane was stopped",
+        database.display()
     );
+    assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
+    assert_eq!(std::fs::metadata(&database).unwrap().len(), 0);
+    assert!(!state.join("admin.crt").exists());
+    std::fs::remove_file(&database).unwrap();
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
     assert!(cp.stop().success());
     assert!(std::fs::metadata(&database).unwrap().len() > 0);
     assert_eq!(std::fs::read(state.join("ca.crt")).unwrap(), ca);
     assert!(state.join("admin.crt").exists());
+}
+
+/// A mesh that revoked an identity, whose database is then emptied and
+/// whose operator credential is moved away, is not started on a new empty
+/// database: that would drop the revocation (and every policy) without a
+/// word, and the revoked identity would renew again.
+#[test]
+fn an_emptied_database_of_a_lived_mesh_without_its_credential_is_refused() {
+    let cp = ControlPlane::start(&[]);
+    let out = cp.ctl(&["identity", "revoke", WEB, "--reason", "stolen"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let state = tmp.path().join("state");
+    let database = state.join("trellis.redb");
+    std::fs::File::create(&database).unwrap();
+    for name in ["admin.crt", "admin.key"] {
+        std::fs::rename(state.join(name), tmp.path().join(name)).unwrap();
+    }
+    let (code, stderr) = refused_start(&state);
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    let said = format!("error: database {}: the file is empty", database.display());
+    assert!(last.starts_with(&said), "{stderr}");
+    assert!(
+        last.contains("restore the state dir from a backup"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&database).unwrap().len(), 0);
 }
 
 /// A write killed between making its temporary file and renaming it into
