@@ -577,8 +577,12 @@ mod tests {
             fs::write(dir.path(name), b"x").unwrap();
         }
         fs::create_dir(dir.path(".admin.key.tmp-9")).unwrap();
+        // A link of the pattern to a file elsewhere: neither is removed.
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::write(&elsewhere, b"not ours").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path(".ca.crt.tmp-8")).unwrap();
         let mut removed = dir
-            .remove_stale_temp_files(&["ca.key", "bundle.pem", "admin.key"])
+            .remove_stale_temp_files(&["ca.key", "ca.crt", "bundle.pem", "admin.key"])
             .unwrap();
         removed.sort();
         assert_eq!(removed, [".bundle.pem.tmp-4194304", ".ca.key.tmp-1"]);
@@ -589,6 +593,8 @@ mod tests {
             assert!(dir.path(name).exists(), "{name}");
         }
         assert!(dir.path(".admin.key.tmp-9").is_dir());
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"not ours");
+        assert!(fs::symlink_metadata(dir.path(".ca.crt.tmp-8")).is_ok());
     }
 
     #[test]
