@@ -246,7 +246,28 @@ struct ProcessIds {
 impl ProcessIds {
     /// `None` where `/proc` cannot tell: group access is then refused.
     fn of_this_process() -> Option<Self> {
-        Self::parse(&fs::read_to_string("/proc/self/status").ok()?)
+        let mut ids = Self::parse(&fs::read_to_string("/proc/self/status").ok()?)?;
+        let uid_map = fs::read_to_string("/proc/self/uid_map").ok();
+        let overflow = fs::read_to_string("/proc/sys/kernel/overflowgid").ok();
+        ids.drop_the_unmapped_group(uid_map.as_deref(), overflow.as_deref());
+        Some(ids)
+    }
+
+    /// In a user namespace a file's group that is not mapped into it shows
+    /// as the overflow gid (`nogroup`, 65534 unless the kernel says
+    /// otherwise): a process running with that gid must not take such a
+    /// file as open to its own group, as the real group is someone else's.
+    /// Where `uid_map` is unknown this process is taken to be in one.
+    fn drop_the_unmapped_group(&mut self, uid_map: Option<&str>, overflowgid: Option<&str>) {
+        let initial =
+            uid_map.is_some_and(|map| map.split_whitespace().eq(["0", "0", "4294967295"]));
+        if initial {
+            return;
+        }
+        let overflow = overflowgid
+            .and_then(|gid| gid.trim().parse().ok())
+            .unwrap_or(65534);
+        self.groups.retain(|&gid| gid != overflow);
     }
 
     fn parse(status: &str) -> Option<Self> {
@@ -553,6 +574,38 @@ mod tests {
         assert_eq!(ids.groups, [65533, 4, 24]);
         let none = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
         assert_eq!(ProcessIds::parse(none).unwrap().groups, [0]);
+        for unknown in [
+            "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n",
+            "Uid:\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n",
+            "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t4 x\n",
+            "",
+        ] {
+            assert!(ProcessIds::parse(unknown).is_none(), "{unknown:?}");
+        }
+    }
+
+    /// In a user namespace, the overflow gid a file of an unmapped group
+    /// shows is never taken for one of the process's groups.
+    #[test]
+    fn drops_the_overflow_gid_in_a_user_namespace() {
+        let ids = |groups: &[u32]| ProcessIds {
+            uid: 1000,
+            groups: groups.to_vec(),
+        };
+        let initial = Some("         0          0 4294967295\n");
+        let mapped = Some("         0     100000      65536\n");
+        let mut host = ids(&[65534, 100]);
+        host.drop_the_unmapped_group(initial, Some("65534\n"));
+        assert_eq!(host.groups, [65534, 100]);
+        let mut pod = ids(&[65534, 100]);
+        pod.drop_the_unmapped_group(mapped, Some("65534\n"));
+        assert_eq!(pod.groups, [100]);
+        let mut pod = ids(&[65533, 100]);
+        pod.drop_the_unmapped_group(mapped, Some("65533"));
+        assert_eq!(pod.groups, [100]);
+        let mut unknown = ids(&[65534, 100]);
+        unknown.drop_the_unmapped_group(None, None);
+        assert_eq!(unknown.groups, [100]);
     }
 
     /// A start removes what writes killed before their rename left (named
