@@ -8,8 +8,8 @@
 //! pod's own processes); the key files in it may then be open to that same
 //! group, and only to it, and the start says so in a warning, as every
 //! process of that group can read the CA key. A directory owned by
-//! another user is refused by a process that is not root, naming both
-//! users. Files are written to a temporary name in the same directory,
+//! another user is refused, naming both users: a root process included,
+//! as that user could replace the CA key it would sign with. Files are written to a temporary name in the same directory,
 //! synced, then renamed into place, so a crash never leaves a half-written
 //! file (a start removes what a crash left: [`StateDir::remove_stale_temp_files`]);
 //! secret files are created 0600 from the first byte. This module never
@@ -42,9 +42,9 @@ pub enum StateDirError {
     #[error("state dir {} exists and is not a directory", shown(.0))]
     NotADirectory(PathBuf),
     #[error(
-        "state dir {} is owned by uid {owner}, but the control plane runs as uid {uid}, which \
-         cannot keep its files there to itself; run `chown -R {uid} {}` on it, or run the \
-         control plane as uid {owner}",
+        "state dir {} is owned by uid {owner}, not by uid {uid} the control plane runs as (its \
+         owner could read or replace the CA key there); run `chown -R {uid} {}` on it, or run \
+         the control plane as uid {owner}",
         shown(path),
         shown(path)
     )]
@@ -288,8 +288,8 @@ impl ProcessIds {
     }
 }
 
-/// Refuses an existing state dir owned by another user (unless this
-/// process is root, which can use it anyway) or open to others, or to a
+/// Refuses an existing state dir owned by another user (a root process
+/// too: that user could replace its CA key) or open to others, or to a
 /// group except in the shape Kubernetes' `fsGroup` gives a volume: the
 /// directory setgid, of a group this process runs with. Returns that group
 /// where the directory is open to it. Where the process's ids are unknown,
@@ -300,7 +300,6 @@ fn check_dir(
     ids: Option<&ProcessIds>,
 ) -> Result<Option<u32>, StateDirError> {
     if let Some(ids) = ids
-        && ids.uid != 0
         && meta.uid() != ids.uid
     {
         return Err(StateDirError::NotOwner {
@@ -532,7 +531,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_a_dir_another_user_owns_unless_root() {
+    fn refuses_a_dir_another_user_owns_root_included() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("state")).unwrap();
         let meta = fs::metadata(dir.root()).unwrap();
@@ -546,23 +545,37 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "state dir {shown} is owned by uid {owner}, but the control plane runs as uid {}, \
-                 which cannot keep its files there to itself; run `chown -R {} {shown}` on it, or \
-                 run the control plane as uid {owner}",
+                "state dir {shown} is owned by uid {owner}, not by uid {} the control plane runs \
+                 as (its owner could read or replace the CA key there); run `chown -R {} {shown}` \
+                 on it, or run the control plane as uid {owner}",
                 owner + 1,
                 owner + 1
             )
         );
-        let root = ProcessIds {
-            uid: 0,
-            groups: vec![0],
-        };
-        check_dir(dir.root(), &meta, Some(&root)).unwrap();
         let same = ProcessIds {
             uid: owner,
             groups: vec![meta.gid()],
         };
         check_dir(dir.root(), &meta, Some(&same)).unwrap();
+        // Root too: the owner could replace the CA key root signs with.
+        // Run as root, the test gives the directory to another user.
+        let root = ProcessIds {
+            uid: 0,
+            groups: vec![0],
+        };
+        if owner == 0 {
+            std::os::unix::fs::chown(dir.root(), Some(65534), None).unwrap();
+        }
+        let meta = fs::metadata(dir.root()).unwrap();
+        assert_ne!(meta.uid(), 0);
+        let err = check_dir(dir.root(), &meta, Some(&root)).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!(
+                "is owned by uid {}, not by uid 0 the control plane runs as",
+                meta.uid()
+            )),
+            "{err}"
+        );
     }
 
     #[test]

@@ -786,9 +786,9 @@ fn a_state_dir_another_user_owns_is_refused_naming_both() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let why = format!(
-        "error: state dir {0} is owned by uid 0, but the control plane runs as uid 65534, which \
-         cannot keep its files there to itself; run `chown -R 65534 {0}` on it, or run the \
-         control plane as uid 0",
+        "error: state dir {0} is owned by uid 0, not by uid 65534 the control plane runs as \
+         (its owner could read or replace the CA key there); run `chown -R 65534 {0}` on it, or \
+         run the control plane as uid 0",
         state.display()
     );
     assert_eq!(stderr.lines().last(), Some(why.as_str()), "{stderr}");
