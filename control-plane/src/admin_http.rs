@@ -140,14 +140,11 @@ impl AdminHttp {
             let mut closing = shutdown.clone();
             connections.serve(async move {
                 let admitted = admitted;
-                // Told to make way for a client holding fewer, or the port
-                // stops.
-                let stop = async {
-                    tokio::select! {
-                        () = admitted.evicted() => {}
-                        () = crate::run::stopping(&mut closing) => {}
-                    }
-                };
+                // Told to make way for a client holding fewer (closed at
+                // once), or the port stops (its request in flight, or one
+                // begun, answered first).
+                let evicted = admitted.evicted();
+                let drain = crate::run::stopping(&mut closing);
                 let service = hyper::service::service_fn(move |req| {
                     let response =
                         respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
@@ -160,7 +157,8 @@ impl AdminHttp {
                     CONNECTION_LIFETIME,
                     &malformed,
                     MALFORMED,
-                    std::pin::pin!(stop),
+                    std::pin::pin!(evicted),
+                    std::pin::pin!(drain),
                     service,
                 )
                 .await;

@@ -40,7 +40,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
-use trellis_core::connections::serve_http1_for;
+use trellis_core::connections::{serve_http1_for, serve_http1_last};
 use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Heads};
 use trellis_core::policy::l7::MAX_REQUEST_HEAD;
 
@@ -60,50 +60,66 @@ const _: () = assert!(
 
 /// Serves `io` with hyper's HTTP/1.1 server ([`serve_http1_for`]: `timeout`
 /// for each head and the answer in progress at the end, `lifetime` for the
-/// connection) until `stop` resolves, every request head read and checked
-/// before hyper sees it ([`http1::first_head`], then [`Heads`]): a head
-/// refused, first or later on a kept-alive connection, is answered in
-/// words, counted and logged by `refusals` as `message`; one begun and not
-/// whole within `timeout` is answered 408 ([`HEAD_TIMED_OUT`]) likewise.
-/// The answer to a request hyper may switch protocols for ends the
-/// connection ([`SwitchesNothing`]).
+/// connection) until `evicted` resolves (the connection is closed at once)
+/// or the port stops (`drain`: the answer in progress, if any, is written
+/// first), every request head read and checked before hyper sees it
+/// ([`http1::first_head_or_drain`], then [`Heads`]): a head refused, first
+/// or later on a kept-alive connection, is answered in words, counted and
+/// logged by `refusals` as `message`; one begun and not whole within
+/// `timeout` is answered 408 ([`HEAD_TIMED_OUT`]) likewise. A connection
+/// whose first head has begun to arrive when the port stops (a byte of it
+/// read, or waiting to be) is served all the same, its answer the
+/// connection's last (`connection: close`, [`serve_http1_last`]); one with
+/// nothing received is
+/// closed at once. The answer to a request hyper may switch protocols for
+/// ends the connection ([`SwitchesNothing`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn serve<S, F, Svc>(
+pub(crate) async fn serve<S, E, D, Svc>(
     io: S,
     client: SocketAddr,
     timeout: Duration,
     lifetime: Duration,
     refusals: &Refusals,
     message: &str,
-    mut stop: Pin<&mut F>,
+    mut evicted: Pin<&mut E>,
+    mut drain: Pin<&mut D>,
     service: Svc,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: Future<Output = ()>,
+    E: Future<Output = ()>,
+    D: Future<Output = ()>,
     Svc: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let service = SwitchesNothing(service);
-    let first = http1::first_head(
+    let first = http1::first_head_or_drain(
         io,
         http1::check_head,
         MAX_REQUEST_HEAD,
         timeout,
-        stop.as_mut(),
+        evicted.as_mut(),
+        drain.as_mut(),
     );
-    let (io, read, fault) = match first.await {
+    let (first, drained) = first.await;
+    let (io, read, fault) = match first {
         FirstHead::Whole(io) => {
             let mut heads = Heads::after_first(io, http1::check_head, MAX_REQUEST_HEAD);
-            // A later head refused ends hyper's service as `stop` does,
-            // after the answer in progress.
-            let refusal = heads.refusal();
-            let stop = async move {
-                tokio::select! {
-                    () = stop => {}
-                    () = refusal.notified() => {}
-                }
+            let ended = if drained {
+                // Past the port's stop: the first request is the last.
+                serve_http1_last(&mut heads, service, timeout).await
+            } else {
+                // A later head refused ends hyper's service as a stop
+                // does, after the answer in progress.
+                let refusal = heads.refusal();
+                let stop = async move {
+                    tokio::select! {
+                        () = evicted => {}
+                        () = drain => {}
+                        () = refusal.notified() => {}
+                    }
+                };
+                serve_http1_for(&mut heads, service, timeout, lifetime, stop).await
             };
-            let ended = serve_http1_for(&mut heads, service, timeout, lifetime, stop).await;
             let Some(fault) = heads.refused(ended.as_ref(), HEAD_TIMED_OUT) else {
                 if let Some(error) = ended {
                     refused_by_hyper(&error, client, refusals, message);

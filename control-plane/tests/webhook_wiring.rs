@@ -980,3 +980,99 @@ async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_h
     let log = log.lock().unwrap().clone();
     assert!(!log.contains("still open at the drain deadline"), "{log}");
 }
+
+/// A review the API server sent before SIGTERM, and the port had not yet
+/// read, is answered in full, as its last request on the connection, and
+/// the control plane exits 0: the API server opens a connection and sends
+/// its review at once, so a stop between the handshake and the read of the
+/// head would otherwise cut a review already sent. Deterministically: a
+/// connection whose first bytes of the head came before the signal (read
+/// by the port or still waiting, either way not a whole head) sends the
+/// rest only once the port has stopped accepting; another writes its whole
+/// review just before the signal. A connection handshaken before the
+/// signal that sent nothing is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
+    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        review.len()
+    );
+
+    let mut handshaken = connect_tls(&certs, addr).await;
+    let mut begun = connect_tls(&certs, addr).await;
+    let (started, rest) = head.as_bytes().split_at(4);
+    begun.write_all(started).await.unwrap();
+    begun.flush().await.unwrap();
+    let mut whole = connect_tls(&certs, addr).await;
+    whole.write_all(head.as_bytes()).await.unwrap();
+    whole.write_all(&review).await.unwrap();
+    whole.flush().await.unwrap();
+
+    let log = cp.log.clone();
+    let stopping = tokio::spawn(cp.stop_async());
+    common::eventually_async("the ports to stop accepting", || {
+        let stopped = log.lock().unwrap().contains("no new connections");
+        async move { stopped.then_some(()) }
+    })
+    .await;
+    let patience = Duration::from_secs(2);
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(patience, handshaken.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => panic!("the handshaken connection got {n} bytes unasked"),
+        Err(_) => panic!(
+            "a connection handshaken before the stop that sent nothing was still open \
+             {patience:?} after the port stopped"
+        ),
+    }
+
+    begun
+        .write_all(rest)
+        .await
+        .expect("the connection whose head had begun is still open after SIGTERM");
+    begun.write_all(&review).await.unwrap();
+    begun.flush().await.unwrap();
+    for (what, io) in [("begun", &mut begun), ("whole", &mut whole)] {
+        let (status, answer_head, body) =
+            tokio::time::timeout(Duration::from_secs(10), read_answer(io))
+                .await
+                .unwrap_or_else(|_| panic!("the {what} review was not answered in time"))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the {what} review, sent before SIGTERM, was cut unanswered: {}",
+                        log.lock().unwrap()
+                    )
+                });
+        assert_eq!(status, 200, "{what}: {answer_head}");
+        assert!(
+            answer_head
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "{what}: the answer says the connection closes: {answer_head}"
+        );
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            answer["response"]["uid"],
+            "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11"
+        );
+        assert!(answer["response"]["patch"].is_string(), "{what}: {answer}");
+        match tokio::time::timeout(patience, io.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            Ok(Ok(n)) => panic!("{what}: {n} bytes after the last answer"),
+            Err(_) => panic!("{what}: the connection stayed open after its last answer"),
+        }
+    }
+
+    let status = stopping.await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    let log = log.lock().unwrap().clone();
+    assert!(!log.contains("still open at the drain deadline"), "{log}");
+}

@@ -230,6 +230,28 @@ where
     tokio::time::timeout(head_timeout, conn).await.ok()?.err()
 }
 
+/// Serves one request on `io` with HTTP/1.1, as the connection's last:
+/// its answer says `connection: close`, and the connection closes once it
+/// is written, all within `timeout` (as [`serve_http1_for`] gives the
+/// answer in progress when it stops). For a connection whose first request
+/// had begun to arrive when its port stopped: hyper's own graceful
+/// shutdown closes a connection it has not read from yet, though the
+/// request is waiting, so it is not asked to. The error hyper ended the
+/// connection with, if any, as [`serve_http1_for`]'s.
+pub async fn serve_http1_last<I, S>(io: I, service: S, timeout: Duration) -> Option<hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::time::timeout(timeout, conn).await.ok()?.err()
+}
+
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;

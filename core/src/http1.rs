@@ -690,7 +690,8 @@ pub enum FirstHead<S, F> {
     /// ([`HeadFault::timed_out`]).
     Stalled { io: S, read: BytesMut },
     /// Closed, or failed, before a whole head came (hyper answers nothing
-    /// either), or told to stop.
+    /// either), or told to stop (at a port's stop, only with nothing
+    /// received: [`first_head_or_drain`]).
     Closed,
 }
 
@@ -702,34 +703,69 @@ pub enum FirstHead<S, F> {
 /// once it is over that bound, so that a large head sent a byte at a time
 /// is not parsed again for each.
 pub async fn first_head<S, F, C, P>(
-    mut io: S,
-    mut check: C,
+    io: S,
+    check: C,
     max_head: usize,
     timeout: Duration,
-    mut stop: Pin<&mut P>,
+    stop: Pin<&mut P>,
 ) -> FirstHead<S, F>
 where
     S: AsyncRead + Unpin,
     C: FnMut(&[u8]) -> Result<Option<usize>, F>,
     P: Future<Output = ()>,
 {
+    let mut never = std::pin::pin!(std::future::pending::<()>());
+    first_head_or_drain(io, check, max_head, timeout, stop, never.as_mut())
+        .await
+        .0
+}
+
+/// [`first_head`], with a port's stop (`drain`) apart from `stop`, which
+/// closes the connection at once whatever it sent (an eviction). When
+/// `drain` resolves, a connection the client has begun its head on is
+/// read on, as hyper's graceful shutdown serves a connection it has read
+/// part of a request from: one with any byte of it read, or with bytes
+/// waiting to be read then (a single read that does not wait: a client
+/// that sent its request just before the stop, as the Kubernetes API
+/// server sends its review as soon as its handshake is done). Its head
+/// then has what is left of `timeout`, as any other. A connection with
+/// nothing received is [`FirstHead::Closed`] at once.
+///
+/// The `bool` says whether `drain` resolved (it is not polled again): the
+/// caller is then to serve the request as the connection's last.
+pub async fn first_head_or_drain<S, F, C, P, D>(
+    mut io: S,
+    mut check: C,
+    max_head: usize,
+    timeout: Duration,
+    mut stop: Pin<&mut P>,
+    mut drain: Pin<&mut D>,
+) -> (FirstHead<S, F>, bool)
+where
+    S: AsyncRead + Unpin,
+    C: FnMut(&[u8]) -> Result<Option<usize>, F>,
+    P: Future<Output = ()>,
+    D: Future<Output = ()>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(1024);
     // The bytes already parsed of a head not all in.
     let mut parsed = 0;
+    let mut drained = false;
     loop {
         let again =
             buf.len() <= 16 * 1024 || buf.len() >= max_head || buf[parsed..].contains(&b'\n');
         if !buf.is_empty() && again {
             match check(&buf) {
-                Ok(Some(_)) => return FirstHead::Whole(Rewind::with_prefix(buf, io)),
+                Ok(Some(_)) => return (FirstHead::Whole(Rewind::with_prefix(buf, io)), drained),
                 Ok(None) => parsed = buf.len(),
                 Err(fault) => {
-                    return FirstHead::Refused {
+                    let refused = FirstHead::Refused {
                         io,
                         read: buf,
                         fault,
                     };
+                    return (refused, drained);
                 }
             }
         }
@@ -738,13 +774,27 @@ where
         }
         let read = tokio::select! {
             read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
-            () = stop.as_mut() => return FirstHead::Closed,
+            () = stop.as_mut() => return (FirstHead::Closed, drained),
+            () = drain.as_mut(), if !drained => {
+                drained = true;
+                if !buf.is_empty() {
+                    continue;
+                }
+                // Nothing read yet: only bytes already waiting keep it.
+                tokio::select! {
+                    biased;
+                    read = io.read_buf(&mut buf) => Ok(read),
+                    () = std::future::ready(()) => return (FirstHead::Closed, drained),
+                }
+            }
         };
         match read {
-            Ok(Ok(0) | Err(_)) => return FirstHead::Closed,
+            Ok(Ok(0) | Err(_)) => return (FirstHead::Closed, drained),
             Ok(Ok(_)) => {}
-            Err(_elapsed) if skip_empty_lines(&buf).is_empty() => return FirstHead::Silent,
-            Err(_elapsed) => return FirstHead::Stalled { io, read: buf },
+            Err(_elapsed) if skip_empty_lines(&buf).is_empty() => {
+                return (FirstHead::Silent, drained);
+            }
+            Err(_elapsed) => return (FirstHead::Stalled { io, read: buf }, drained),
         }
     }
 }

@@ -445,18 +445,15 @@ impl WebhookServer {
             let mut closing = closing.clone();
             connections.serve(async move {
                 let admitted = admitted;
-                // Told to make way for a client holding fewer, or the port
-                // stops.
-                let stop = async {
-                    tokio::select! {
-                        () = admitted.evicted() => {}
-                        () = crate::run::stopping(&mut closing) => {}
-                    }
-                };
-                let mut stop = std::pin::pin!(stop);
+                // Told to make way for a client holding fewer (closed at
+                // once), or the port stops (its review in flight, or one
+                // begun, answered first; a handshake not done is cut).
+                let mut evicted = std::pin::pin!(admitted.evicted());
+                let mut drain = std::pin::pin!(crate::run::stopping(&mut closing));
                 let tls = tokio::select! {
                     tls = handshake(&acceptor, tcp, client, &failures) => tls,
-                    () = stop.as_mut() => return,
+                    () = evicted.as_mut() => return,
+                    () = drain.as_mut() => return,
                 };
                 let Some(tls) = tls else {
                     return;
@@ -478,7 +475,8 @@ impl WebhookServer {
                     CONNECTION_LIFETIME,
                     &malformed,
                     MALFORMED,
-                    stop,
+                    evicted,
+                    drain,
                     service,
                 )
                 .await;
