@@ -94,7 +94,9 @@ impl AdminHttp {
     /// Serves until `shutdown` turns true, then stops accepting and returns
     /// the connections still open, for the caller to wait for
     /// ([`Connections::drain`]): each closes once the answer in progress is
-    /// written, an idle one at once. `readiness` is the Kubernetes store's
+    /// written (a request whose first head has begun to arrive, read or
+    /// waiting in the socket, is served as the connection's last), an idle
+    /// one, or one with nothing received, at once. `readiness` is the Kubernetes store's
     /// (none with the embedded store). Connections refused by the
     /// connection limits are counted in `metrics`.
     pub async fn run(

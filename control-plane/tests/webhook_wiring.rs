@@ -1052,10 +1052,13 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
                     )
                 });
         assert_eq!(status, 200, "{what}: {answer_head}");
+        // The whole review may have been read, and answered, before the
+        // stop: only the begun one is sure to be answered after it.
         assert!(
-            answer_head
-                .to_ascii_lowercase()
-                .contains("connection: close"),
+            what == "whole"
+                || answer_head
+                    .to_ascii_lowercase()
+                    .contains("connection: close"),
             "{what}: the answer says the connection closes: {answer_head}"
         );
         let answer: Value = serde_json::from_slice(&body).unwrap();

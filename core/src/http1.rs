@@ -1175,6 +1175,140 @@ mod tests {
         assert_eq!(check_head(big.as_bytes()).unwrap_err().why, HEAD_TOO_LARGE);
     }
 
+    /// A connected pair of loopback sockets: the client's end and the
+    /// port's.
+    async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    /// At a port's stop, a first head the client sent and the port has
+    /// not read (waiting in the socket) is read and passed whole, the stop
+    /// said; a connection with nothing received is closed at once; an
+    /// eviction closes one with part of a head, as before.
+    #[tokio::test]
+    async fn a_head_waiting_at_a_ports_stop_is_read_and_silence_is_closed() {
+        const HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let timeout = Duration::from_secs(5);
+        let first = |port, stop: bool, drain: bool| async move {
+            let mut stop = std::pin::pin!(async move {
+                if !stop {
+                    std::future::pending::<()>().await;
+                }
+            });
+            let mut drain = std::pin::pin!(async move {
+                if !drain {
+                    std::future::pending::<()>().await;
+                }
+            });
+            let started = tokio::time::Instant::now();
+            let (first, drained) = first_head_or_drain(
+                port,
+                check_head,
+                MAX_REQUEST_HEAD,
+                timeout,
+                stop.as_mut(),
+                drain.as_mut(),
+            )
+            .await;
+            (first, drained, started.elapsed())
+        };
+        let waiting = || async {
+            let (mut client, port) = socket_pair().await;
+            client.write_all(HEAD).await.unwrap();
+            // In the port's socket, not read.
+            let mut peeked = [0u8; 1];
+            assert_eq!(port.peek(&mut peeked).await.unwrap(), 1);
+            (client, port)
+        };
+
+        let (_client, port) = waiting().await;
+        match first(port, false, true).await {
+            (FirstHead::Whole(io), true, _) => assert_eq!(io.prefix(), HEAD),
+            (other, drained, _) => panic!(
+                "a head waiting at the stop was not read whole (drained: {drained}): {}",
+                name(&other)
+            ),
+        }
+
+        let (_client, port) = socket_pair().await;
+        let (got, drained, took) = first(port, false, true).await;
+        assert!(
+            matches!(got, FirstHead::Closed) && drained,
+            "{} {drained}",
+            name(&got)
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "silence held the stop {took:?}"
+        );
+
+        let (mut client, port) = socket_pair().await;
+        client.write_all(b"GET / HT").await.unwrap();
+        let (got, drained, _) = first(port, true, false).await;
+        assert!(
+            matches!(got, FirstHead::Closed) && !drained,
+            "an eviction did not close at once: {}",
+            name(&got)
+        );
+    }
+
+    /// Part of a head read before the stop, the rest sent after it: read
+    /// whole within the head's deadline.
+    #[tokio::test]
+    async fn a_head_begun_before_a_ports_stop_is_read_on_after_it() {
+        let (mut client, port) = socket_pair().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let reading = tokio::spawn(async move {
+            let mut stop = std::pin::pin!(std::future::pending::<()>());
+            let mut drain = std::pin::pin!(async {
+                let _ = rx.await;
+            });
+            first_head_or_drain(
+                port,
+                check_head,
+                MAX_REQUEST_HEAD,
+                Duration::from_secs(5),
+                stop.as_mut(),
+                drain.as_mut(),
+            )
+            .await
+        });
+        client.write_all(b"GET / HT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client
+            .write_all(b"TP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, drained) = tokio::time::timeout(Duration::from_secs(5), reading)
+            .await
+            .expect("the head was read within its deadline")
+            .unwrap();
+        assert!(drained);
+        let FirstHead::Whole(io) = got else {
+            panic!(
+                "a head begun before the stop was not read on: {}",
+                name(&got)
+            );
+        };
+        assert_eq!(io.prefix(), b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+    }
+
+    fn name<S, F>(first: &FirstHead<S, F>) -> &'static str {
+        match first {
+            FirstHead::Whole(_) => "whole",
+            FirstHead::Refused { .. } => "refused",
+            FirstHead::Silent => "silent",
+            FirstHead::Stalled { .. } => "stalled",
+            FirstHead::Closed => "closed",
+        }
+    }
+
     #[test]
     fn a_bare_cr_is_named_in_the_line_it_is_in() {
         let why = |head: &[u8]| check_head(head).unwrap_err().why;

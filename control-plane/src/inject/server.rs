@@ -386,8 +386,10 @@ impl WebhookServer {
     /// the connections still open, for the caller to wait for
     /// ([`Connections::drain`]): each is told to close once the answer in
     /// progress is written, so that a review in flight (its body still
-    /// arriving, or waiting for its turn) is answered, and one idle between
-    /// reviews, or not past its handshake or first request head, closes at
+    /// arriving, or waiting for its turn) is answered, as is one whose first
+    /// request head has begun to arrive (read, or waiting in the socket,
+    /// served as the connection's last); one idle between reviews, with nothing
+    /// received after its handshake, or not past its handshake, closes at
     /// once. `config` carries the injection settings and the current trust
     /// bundle; a CA rotation sends a new one. Failed handshakes, and
     /// connections refused by the connection limits, are counted in
