@@ -1206,15 +1206,34 @@ impl Through {
         let mut app = TcpStream::connect(self.local).await.unwrap();
         // A whole line: a text protocol paused mid-line is taken for HTTP.
         app.write_all(b"hello\n").await.unwrap();
-        let mut server =
-            tokio::time::timeout(std::time::Duration::from_secs(5), self.accepted.recv())
-                .await
-                .expect("the server app was not called")
-                .unwrap();
+        let mut server = self.accept().await;
         let mut hello = [0u8; 6];
         server.read_exact(&mut hello).await.unwrap();
         assert_eq!(&hello, b"hello\n");
         (app, server)
+    }
+
+    /// The server app's end of the next connection its sidecar opens to it,
+    /// within 5 s.
+    async fn accept(&mut self) -> TcpStream {
+        tokio::time::timeout(std::time::Duration::from_secs(5), self.accepted.recv())
+            .await
+            .expect("the server app was not called")
+            .unwrap()
+    }
+
+    /// Gives the server's sidecar policies that deny every caller, as a
+    /// policy update would.
+    fn deny_at_server(&self) {
+        let denying = trellis_proxy::policy::Policies::compile(
+            2,
+            &self.server,
+            "deny".into(),
+            Vec::new(),
+            &self.inbound.metrics,
+        )
+        .unwrap();
+        self.inbound.policies.send_replace(Some(Arc::new(denying)));
     }
 
     /// Both sidecars have no connection open any more.
@@ -1241,28 +1260,38 @@ impl Through {
 /// nothing stays open, and neither end is turned into a reset.
 #[tokio::test]
 async fn half_closes_cross_the_mesh_both_ways() {
-    use tokio::io::AsyncWriteExt;
     let mut through = Through::start().await;
     let (mut app, mut server) = through.connect().await;
-    server.write_all(b"banner").await.unwrap();
-    server.shutdown().await.unwrap();
-    assert_eq!(read_end(&mut app).await, End::Fin(b"banner".to_vec()));
-    app.write_all(b"after").await.unwrap();
-    app.shutdown().await.unwrap();
-    assert_eq!(read_end(&mut server).await, End::Fin(b"after".to_vec()));
+    send_then_fin(&mut server, &mut app, b"banner").await;
+    send_then_fin(&mut app, &mut server, b"after").await;
     drop((app, server));
     through.closed().await;
 
     // The other order: the client's FIN first, the server still sending.
     let (mut app, mut server) = through.connect().await;
-    app.write_all(b"upload").await.unwrap();
-    app.shutdown().await.unwrap();
-    assert_eq!(read_end(&mut server).await, End::Fin(b"upload".to_vec()));
-    server.write_all(b"stored").await.unwrap();
-    server.shutdown().await.unwrap();
-    assert_eq!(read_end(&mut app).await, End::Fin(b"stored".to_vec()));
+    send_then_fin(&mut app, &mut server, b"upload").await;
+    send_then_fin(&mut server, &mut app, b"stored").await;
     drop((app, server));
     through.closed().await;
+}
+
+/// Sends `bytes` from `from` and closes its side with a FIN, and checks
+/// that `to` reads `bytes` then the FIN.
+async fn send_then_fin(from: &mut TcpStream, to: &mut TcpStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    from.write_all(bytes).await.unwrap();
+    from.shutdown().await.unwrap();
+    assert_eq!(read_end(to).await, End::Fin(bytes.to_vec()));
+}
+
+/// Sends `bytes` from `from` and resets it, and checks that `to` reads
+/// `bytes` then the reset.
+async fn send_then_reset(mut from: TcpStream, to: &mut TcpStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    from.write_all(bytes).await.unwrap();
+    from.set_zero_linger().unwrap();
+    drop(from);
+    assert_eq!(read_end(to).await, End::Reset(bytes.to_vec()));
 }
 
 /// A connection the calling app resets is reset at the server app, not
@@ -1295,23 +1324,13 @@ async fn a_connection_the_server_app_resets_is_reset_at_the_calling_app() {
 /// read before it passes the reset on, both ways.
 #[tokio::test]
 async fn the_last_bytes_before_a_reset_reach_the_other_app_first() {
-    use tokio::io::AsyncWriteExt;
     let mut through = Through::start().await;
-    let (mut app, mut server) = through.connect().await;
-    server.write_all(b"last words").await.unwrap();
-    server.set_zero_linger().unwrap();
-    drop(server);
-    assert_eq!(read_end(&mut app).await, End::Reset(b"last words".to_vec()));
+    let (mut app, server) = through.connect().await;
+    send_then_reset(server, &mut app, b"last words").await;
     through.closed().await;
 
-    let (mut app, mut server) = through.connect().await;
-    app.write_all(b"last words").await.unwrap();
-    app.set_zero_linger().unwrap();
-    drop(app);
-    assert_eq!(
-        read_end(&mut server).await,
-        End::Reset(b"last words".to_vec())
-    );
+    let (app, mut server) = through.connect().await;
+    send_then_reset(app, &mut server, b"last words").await;
     through.closed().await;
 }
 
@@ -1374,18 +1393,7 @@ async fn a_connection_closed_for_a_revoked_server_is_reset_at_both_apps() {
 async fn a_connection_closed_by_new_policies_is_reset_at_both_apps() {
     let mut through = Through::start().await;
     let (mut app, mut server) = through.connect().await;
-    let denying = trellis_proxy::policy::Policies::compile(
-        2,
-        &through.server,
-        "deny".into(),
-        Vec::new(),
-        &through.inbound.metrics,
-    )
-    .unwrap();
-    through
-        .inbound
-        .policies
-        .send_replace(Some(Arc::new(denying)));
+    through.deny_at_server();
     assert_eq!(read_end(&mut server).await, End::Reset(Vec::new()));
     assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     through.closed().await;
@@ -1406,50 +1414,20 @@ async fn an_http_connection_closed_by_new_policies_is_reset_for_the_caller_only(
     app.write_all(b"GET /first HTTP/1.1\r\nhost: api\r\n\r\n")
         .await
         .unwrap();
-    let mut server =
-        tokio::time::timeout(std::time::Duration::from_secs(5), through.accepted.recv())
-            .await
-            .expect("the server app was not called")
-            .unwrap();
-    let head = read_until(&mut server, b"\r\n\r\n").await;
-    assert!(
-        head.starts_with(b"GET /first HTTP/1.1\r\n"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut server = through.accept().await;
+    read_from_to(&mut server, b"GET /first HTTP/1.1\r\n", b"\r\n\r\n").await;
     server
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         .await
         .unwrap();
-    let answer = read_until(&mut app, b"\r\n\r\nok").await;
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200 OK\r\n"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    read_from_to(&mut app, b"HTTP/1.1 200 OK\r\n", b"\r\n\r\nok").await;
 
     // An upload under way on the same connection when the policies change.
     app.write_all(b"POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\npart")
         .await
         .unwrap();
-    let upload = read_until(&mut server, b"part").await;
-    assert!(
-        upload.starts_with(b"POST /upload HTTP/1.1\r\n"),
-        "{}",
-        String::from_utf8_lossy(&upload)
-    );
-    let denying = trellis_proxy::policy::Policies::compile(
-        2,
-        &through.server,
-        "deny".into(),
-        Vec::new(),
-        &through.inbound.metrics,
-    )
-    .unwrap();
-    through
-        .inbound
-        .policies
-        .send_replace(Some(Arc::new(denying)));
+    read_from_to(&mut server, b"POST /upload HTTP/1.1\r\n", b"part").await;
+    through.deny_at_server();
     assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     assert_eq!(read_end(&mut server).await, End::Fin(Vec::new()));
     // Nor is the FIN followed by a reset.
@@ -1461,8 +1439,9 @@ async fn an_http_connection_closed_by_new_policies_is_reset_for_the_caller_only(
     );
 }
 
-/// Reads `tcp` until what was read ends with `end`, within 5 s.
-async fn read_until(tcp: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+/// Reads `tcp` until what was read ends with `end`, within 5 s, and checks
+/// that it starts with `start`.
+async fn read_from_to(tcp: &mut TcpStream, start: &[u8], end: &[u8]) {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
     while !got.ends_with(end) {
@@ -1485,5 +1464,5 @@ async fn read_until(tcp: &mut TcpStream, end: &[u8]) -> Vec<u8> {
         );
         got.extend_from_slice(&buf[..n]);
     }
-    got
+    assert!(got.starts_with(start), "{}", String::from_utf8_lossy(&got));
 }
