@@ -260,6 +260,39 @@ mod tests {
         socket.connect(addr).await.unwrap()
     }
 
+    /// An admin port serving on 127.0.0.1, ready, over an empty embedded
+    /// store, until `stop` says so.
+    struct Port {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        /// What [`AdminHttp::run`] returns once stopped.
+        serving: tokio::task::JoinHandle<Connections>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Port {
+        async fn start() -> Port {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(EmbeddedStore::open(&dir.path().join(DB_FILE)).unwrap());
+            let discovery =
+                Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+            let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let addr = admin.local_addr().unwrap();
+            let (stop, shutdown) = watch::channel(false);
+            let ready = Arc::new(AtomicBool::new(true));
+            let metrics = Arc::new(Metrics::default());
+            let serving = tokio::spawn(admin.run(ready, metrics, discovery, None, shutdown));
+            Port {
+                addr,
+                stop,
+                serving,
+                _dir: dir,
+            }
+        }
+    }
+
     /// A client address holding [`MAX_CONNECTIONS_PER_CLIENT`] connections
     /// has each more closed as it is accepted: counted as `per_client` in
     /// `/metrics`, the first logged at once as a warning naming the client
@@ -270,17 +303,8 @@ mod tests {
     #[tokio::test]
     async fn connections_past_the_limits_are_counted_and_logged() {
         let (logs, _guard) = crate::test_logs::capture(false);
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-        let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
-        let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let addr = admin.local_addr().unwrap();
-        let (_stop, stop) = watch::channel(false);
-        let ready = Arc::new(AtomicBool::new(true));
-        let metrics = Arc::new(Metrics::default());
-        tokio::spawn(admin.run(ready, metrics, discovery, None, stop));
+        let port = Port::start().await;
+        let addr = port.addr;
 
         // Connections from 127.0.0.`last` that send nothing.
         let hold = |last: u8, count: usize| async move {
@@ -337,17 +361,8 @@ mod tests {
     /// its head timeout, so the drain does not wait for it.
     #[tokio::test]
     async fn an_idle_connection_closes_at_shutdown_and_the_drain_waits_for_none() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-        let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
-        let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let addr = admin.local_addr().unwrap();
-        let (stop_tx, stop) = watch::channel(false);
-        let ready = Arc::new(AtomicBool::new(true));
-        let metrics = Arc::new(Metrics::default());
-        let serving = tokio::spawn(admin.run(ready, metrics, discovery, None, stop));
+        let port = Port::start().await;
+        let addr = port.addr;
 
         let mut kept = connect(1, addr).await;
         kept.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
@@ -358,8 +373,8 @@ mod tests {
         kept.read_exact(&mut read).await.unwrap();
         assert_eq!(read, answer);
 
-        stop_tx.send(true).unwrap();
-        let open = serving.await.unwrap();
+        port.stop.send(true).unwrap();
+        let open = port.serving.await.unwrap();
         let patience = Duration::from_secs(2);
         let closed = tokio::time::timeout(patience, async {
             let mut rest = Vec::new();
