@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::connections::{REFUSAL, closed_among, closed_within, connect_from, hold, loopback};
+use common::connections::{
+    REFUSAL, assert_one_answer_then_closed, closed_among, closed_within, connect_from, hold,
+    loopback,
+};
 use common::*;
 use tonic::Code;
 use trellis_proto::admin::v1::ListWorkloadsRequest;
@@ -1662,15 +1665,7 @@ async fn the_admin_http_port_ends_a_connection_after_an_upgrade_or_connect() {
             .await
             .expect("answered and closed")
             .unwrap();
-        let read = String::from_utf8(read).unwrap();
-        assert!(read.starts_with(status), "{first:?}: {read}");
-        let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
-        assert_eq!(answers, 1, "{first:?}: {read}");
-        assert!(
-            read.to_ascii_lowercase()
-                .contains("\r\nconnection: close\r\n"),
-            "{first:?}: {read}"
-        );
+        assert_one_answer_then_closed(first, status, read);
     }
     // Without an `Upgrade` the connection goes on after the answer.
     let mut tcp = connect_from(loopback(24), admin).await;

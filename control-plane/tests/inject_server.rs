@@ -1038,6 +1038,7 @@ async fn a_list_annotation_past_the_limit_is_denied_over_https() {
 /// request on it is never served.
 #[tokio::test]
 async fn the_webhook_port_ends_a_connection_after_an_upgrade_or_connect() {
+    use connections::assert_one_answer_then_closed;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let webhook = start().await;
     for (first, status) in [
@@ -1074,14 +1075,6 @@ async fn the_webhook_port_ends_a_connection_after_an_upgrade_or_connect() {
         })
         .await
         .expect("answered and closed");
-        let read = String::from_utf8(read).unwrap();
-        assert!(read.starts_with(status), "{first:?}: {read}");
-        let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
-        assert_eq!(answers, 1, "{first:?}: {read}");
-        assert!(
-            read.to_ascii_lowercase()
-                .contains("\r\nconnection: close\r\n"),
-            "{first:?}: {read}"
-        );
+        assert_one_answer_then_closed(first, status, read);
     }
 }

@@ -57,3 +57,18 @@ pub async fn closed_among(held: &mut [TcpStream], patience: Duration) -> usize {
     }
     closed
 }
+
+/// Checks that `read`, all a port wrote on a connection before ending it
+/// after `first` and a second request were sent on it, is one answer, to
+/// `first`, starting with `status` and saying `connection: close`.
+pub fn assert_one_answer_then_closed(first: &str, status: &str, read: Vec<u8>) {
+    let read = String::from_utf8(read).unwrap();
+    assert!(read.starts_with(status), "{first:?}: {read}");
+    let answers = read.lines().filter(|l| l.starts_with("HTTP/1.")).count();
+    assert_eq!(answers, 1, "{first:?}: {read}");
+    assert!(
+        read.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{first:?}: {read}"
+    );
+}
