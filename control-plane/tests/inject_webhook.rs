@@ -1822,9 +1822,7 @@ fn a_container_taken_out_leaves_none_of_its_checks_behind() {
             .as_array_mut()
             .unwrap()
             .push(vault_agent());
-        let reply = answer_for(&with_object(&review, pod.clone()));
-        assert_eq!(reply["response"]["allowed"], true, "{reply}");
-        let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+        let again = apply(&pod, &reinvocation_patch(&review, &pod));
         let checks = app_probes(&again);
         let checks = checks.as_object().unwrap();
         assert!(
@@ -2867,6 +2865,22 @@ fn annotated(pod: &Value, annotations: &[(&str, &str)]) -> Value {
     pod
 }
 
+/// `review` injected with `annotations` set on its pod.
+fn injected_annotated(review: &Value, annotations: &[(&str, &str)]) -> Value {
+    injected(&with_object(
+        review,
+        annotated(&review["request"]["object"], annotations),
+    ))
+}
+
+/// The patch the webhook answers `pod` with, reviewed again in `review` as
+/// a reinvocation sends it, after asserting that it is admitted.
+fn reinvocation_patch(review: &Value, pod: &Value) -> json_patch::Patch {
+    let reply = answer_for(&with_object(review, pod.clone()));
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    patch_of(&reply).expect("a patch")
+}
+
 /// `pod`'s `trellis-init`, and its `trellis-proxy` without its hook token
 /// (random for each injection) and with its environment as a map (an
 /// entry a reinvocation adds comes last).
@@ -2923,10 +2937,7 @@ fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
     );
     let again = apply(&pod, &patch);
     // As injected with those annotations from the start.
-    let direct = injected(&with_object(
-        &review,
-        annotated(&review["request"]["object"], &later),
-    ));
+    let direct = injected_annotated(&review, &later);
     assert_eq!(ours(&again), ours(&direct));
     assert_eq!(
         container(&again, "initContainers", "trellis-init")["args"],
@@ -2979,8 +2990,7 @@ fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
         ("trellis.io/exclude-outbound-cidrs", "10.0.0.0/8"),
     ];
     let pod = annotated(&again, &changed);
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    let patch = patch_of(&reply).expect("a patch");
+    let patch = reinvocation_patch(&review, &pod);
     let ops = ops(&patch);
     assert_eq!(ops[0], "replace /spec/initContainers/0/args", "{ops:?}");
     assert!(
@@ -2993,10 +3003,7 @@ fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
     let third = apply(&pod, &patch);
     let mut all = later.to_vec();
     all.extend(changed);
-    let direct = injected(&with_object(
-        &review,
-        annotated(&review["request"]["object"], &all),
-    ));
+    let direct = injected_annotated(&review, &all);
     assert_eq!(ours(&third), ours(&direct));
     assert_eq!(
         env(container(&third, "initContainers", "trellis-proxy"))["TRELLIS_TCP_USER_TIMEOUT"],
@@ -3048,9 +3055,7 @@ fn opaque_port_names_are_resolved_against_containers_a_later_webhook_adds() {
         .as_array_mut()
         .unwrap()
         .push(vault_agent());
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    assert_eq!(reply["response"]["allowed"], true, "{reply}");
-    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+    let again = apply(&pod, &reinvocation_patch(&review, &pod));
     assert_eq!(opaque_env(&again), "9100,8200,8100");
     settled(&review, again.clone());
 
@@ -3060,8 +3065,7 @@ fn opaque_port_names_are_resolved_against_containers_a_later_webhook_adds() {
         .as_array_mut()
         .unwrap()
         .retain(|c| c["name"] != "agent-init");
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    let patch = patch_of(&reply).expect("a patch");
+    let patch = reinvocation_patch(&review, &pod);
     let at = env_index(&pod, "TRELLIS_OPAQUE_PORTS");
     assert_eq!(
         ops(&patch),
@@ -3109,10 +3113,7 @@ fn env_in_force(pod: &Value) -> std::collections::BTreeMap<String, Value> {
 fn trellis_entries_a_later_webhook_writes_on_the_sidecar_are_the_annotations() {
     let review = fixture("pod-deployment-http-probes.json");
     let opted_out = [("trellis.io/access-log", "false")];
-    let first = injected(&with_object(
-        &review,
-        annotated(&review["request"]["object"], &opted_out),
-    ));
+    let first = injected_annotated(&review, &opted_out);
     let with_entries = |pod: &Value, entries: &[Value]| {
         let mut pod = pod.clone();
         let proxy = pod["spec"]["initContainers"]
@@ -3132,9 +3133,7 @@ fn trellis_entries_a_later_webhook_writes_on_the_sidecar_are_the_annotations() {
     let on = json!({"name": "TRELLIS_ACCESS_LOG", "value": "true"});
     let pod = with_entries(&first, std::slice::from_ref(&on));
     assert_eq!(env_in_force(&pod)["TRELLIS_ACCESS_LOG"], "true");
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    assert_eq!(reply["response"]["allowed"], true, "{reply}");
-    let patch = patch_of(&reply).expect("a patch");
+    let patch = reinvocation_patch(&review, &pod);
     let last = pod["spec"]["initContainers"][1]["env"]
         .as_array()
         .unwrap()
@@ -3168,9 +3167,7 @@ fn trellis_entries_a_later_webhook_writes_on_the_sidecar_are_the_annotations() {
         ("trellis.io/exclude-outbound-ports", "5432"),
     ];
     let pod = annotated(&pod, &changed);
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    assert_eq!(reply["response"]["allowed"], true, "{reply}");
-    let patch = patch_of(&reply).expect("a patch");
+    let patch = reinvocation_patch(&review, &pod);
     let removes = ops(&patch)
         .into_iter()
         .filter(|op| op.starts_with("remove "))
@@ -3210,9 +3207,7 @@ fn an_init_without_arguments_gets_an_injections_on_reinvocation() {
         .as_object_mut()
         .unwrap()
         .remove("args");
-    let reply = answer_for(&with_object(&review, pod.clone()));
-    assert_eq!(reply["response"]["allowed"], true, "{reply}");
-    let patch = patch_of(&reply).expect("a patch");
+    let patch = reinvocation_patch(&review, &pod);
     assert_eq!(ops(&patch), ["add /spec/initContainers/0/args"]);
     let again = apply(&pod, &patch);
     assert_eq!(
