@@ -318,14 +318,7 @@ async fn read_end(tcp: &mut TcpStream) -> anyhow::Result<End> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbound_tcp_connection_open_at_the_drain_timeout_is_reset_at_both_apps()
 -> anyhow::Result<()> {
-    let mesh = Mesh::start().await?;
-    let mut through = tcp_through(&mesh, "api").await?;
-    through.server.process().signal(Signal::TERM)?;
-    assert_eq!(read_end(&mut through.served).await?, End::Reset(Vec::new()));
-    assert_eq!(read_end(&mut through.caller).await?, End::Reset(Vec::new()));
-    let log = exited(&mut through.server).await?;
-    assert!(log.contains("drain timeout reached"), "{log}");
-    Ok(())
+    reset_at_both_apps_at_the_drain_timeout("api").await
 }
 
 /// So is an outbound one, the calling app's, open when its own sidecar
@@ -333,12 +326,33 @@ async fn an_inbound_tcp_connection_open_at_the_drain_timeout_is_reset_at_both_ap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbound_tcp_connection_open_at_the_drain_timeout_is_reset_at_both_apps()
 -> anyhow::Result<()> {
+    reset_at_both_apps_at_the_drain_timeout("web").await
+}
+
+/// Stops the `stopping` sidecar (`web` or `api`) of a [`tcp_through`]
+/// connection and checks that the app on its side, then the app on the
+/// other, reads a reset with nothing before it, and that its log says the
+/// drain timeout was reached.
+async fn reset_at_both_apps_at_the_drain_timeout(stopping: &str) -> anyhow::Result<()> {
     let mesh = Mesh::start().await?;
-    let mut through = tcp_through(&mesh, "web").await?;
-    through.client.process().signal(Signal::TERM)?;
-    assert_eq!(read_end(&mut through.caller).await?, End::Reset(Vec::new()));
-    assert_eq!(read_end(&mut through.served).await?, End::Reset(Vec::new()));
-    let log = exited(&mut through.client).await?;
+    let mut through = tcp_through(&mesh, stopping).await?;
+    let (sidecar, near, far) = match stopping {
+        "api" => (
+            &mut through.server,
+            &mut through.served,
+            &mut through.caller,
+        ),
+        "web" => (
+            &mut through.client,
+            &mut through.caller,
+            &mut through.served,
+        ),
+        other => anyhow::bail!("no sidecar {other:?}: web or api"),
+    };
+    sidecar.process().signal(Signal::TERM)?;
+    assert_eq!(read_end(near).await?, End::Reset(Vec::new()));
+    assert_eq!(read_end(far).await?, End::Reset(Vec::new()));
+    let log = exited(sidecar).await?;
     assert!(log.contains("drain timeout reached"), "{log}");
     Ok(())
 }
