@@ -161,6 +161,7 @@ impl AdminHttp {
                     MALFORMED,
                     std::pin::pin!(evicted),
                     std::pin::pin!(drain),
+                    false,
                     service,
                 )
                 .await;

@@ -30,6 +30,8 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,9 +72,14 @@ const _: () = assert!(
 /// whose first head has begun to arrive when the port stops (a byte of it
 /// read, or waiting to be) is served all the same, its answer the
 /// connection's last (`connection: close`, [`serve_http1_last`]); one with
-/// nothing received is
-/// closed at once. The answer to a request hyper may switch protocols for
-/// ends the connection ([`SwitchesNothing`]).
+/// nothing received is closed at once; so is one idle between requests, while
+/// one whose later head has begun to arrive (read, or waiting to be when
+/// the port stops) is served that request as its last. `last` says that
+/// the port had stopped when the connection's exchange began (a TLS
+/// handshake finished after the stop): its first request, given the usual
+/// `timeout` to arrive, is its last, and `drain` is not polled. The answer to
+/// a request hyper may switch protocols for ends the connection
+/// ([`SwitchesNothing`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve<S, E, D, Svc>(
     io: S,
@@ -83,6 +90,7 @@ pub(crate) async fn serve<S, E, D, Svc>(
     message: &str,
     mut evicted: Pin<&mut E>,
     mut drain: Pin<&mut D>,
+    last: bool,
     service: Svc,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -91,7 +99,9 @@ pub(crate) async fn serve<S, E, D, Svc>(
     Svc: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let service = SwitchesNothing(service);
+    // Set at the port's stop: every answer from then on is the last.
+    let stopped = Arc::new(AtomicBool::new(false));
+    let service = SwitchesNothing(service, stopped.clone());
     let first = http1::first_head_or_drain(
         io,
         http1::check_head,
@@ -104,18 +114,33 @@ pub(crate) async fn serve<S, E, D, Svc>(
     let (io, read, fault) = match first {
         FirstHead::Whole(io) => {
             let mut heads = Heads::after_first(io, http1::check_head, MAX_REQUEST_HEAD);
-            let ended = if drained {
+            let ended = if drained || last {
                 // Past the port's stop: the first request is the last.
                 serve_http1_last(&mut heads, service, timeout).await
             } else {
                 // A later head refused ends hyper's service as a stop
                 // does, after the answer in progress.
                 let refusal = heads.refusal();
+                let held = heads.held();
                 let stop = async move {
                     tokio::select! {
                         () = evicted => {}
-                        () = drain => {}
                         () = refusal.notified() => {}
+                        () = async {
+                            drain.await;
+                            stopped.store(true, Ordering::Release);
+                            // hyper reads the connection once more first
+                            // (`serve_http1_for` polls it while this waits),
+                            // so bytes waiting at the stop are held too.
+                            tokio::task::yield_now().await;
+                            // A head begun (the first, read and not yet
+                            // given to hyper, or a later one on a kept-alive
+                            // connection) is served as a request in
+                            // progress is: hyper's graceful shutdown would
+                            // close the connection under it. It has what is
+                            // left of hyper's head timeout.
+                            held.given().await;
+                        } => {}
                     }
                 };
                 serve_http1_for(&mut heads, service, timeout, lifetime, stop).await
@@ -148,7 +173,10 @@ pub(crate) async fn serve<S, E, D, Svc>(
 /// and hyper, which switches only for a `101` (or a `2xx` to a `CONNECT`),
 /// would read on after any other answer, serving heads no check read (a
 /// raw `#` in a target among them).
-struct SwitchesNothing<S>(S);
+///
+/// Once the port stops (the flag), every answer is marked so: a request
+/// begun then is served as the connection's last.
+struct SwitchesNothing<S>(S, Arc<AtomicBool>);
 
 /// Marks an answer to a request hyper may switch protocols for.
 type Ends<E> = fn(Result<Response<Full<Bytes>>, E>) -> Result<Response<Full<Bytes>>, E>;
@@ -162,7 +190,7 @@ where
     type Future = Either<S::Future, Map<S::Future, Ends<S::Error>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        if !http1::may_switch(&req) {
+        if !http1::may_switch(&req) && !self.1.load(Ordering::Acquire) {
             return Either::Left(self.0.call(req));
         }
         let ends: Ends<S::Error> = if req.version() == Version::HTTP_10 {
@@ -236,5 +264,147 @@ impl fmt::Display for Answered<'_> {
             " with a status alone"
         };
         write!(f, "answered {status}{alone}: {}", self.fault.why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Poll;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    const HEAD: &[u8] = b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n";
+
+    /// A client's end and the port's end of a loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    /// Serves `port` as a control-plane port does, until `drain` resolves.
+    async fn serving(port: TcpStream, drain: impl Future<Output = ()>) {
+        let refusals = Refusals::new(
+            Arc::new(Metrics::default()),
+            Metrics::admin_malformed_request,
+        );
+        let service = hyper::service::service_fn(|_req| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        serve(
+            port,
+            "127.0.0.1:1".parse().unwrap(),
+            TIMEOUT,
+            Duration::from_secs(60),
+            &refusals,
+            "refused",
+            std::pin::pin!(std::future::pending::<()>()),
+            std::pin::pin!(drain),
+            false,
+            service,
+        )
+        .await;
+    }
+
+    /// All the client reads until the connection closes, or what it read
+    /// by `TIMEOUT`.
+    async fn rest(client: &mut TcpStream) -> String {
+        let mut read = Vec::new();
+        let _ = tokio::time::timeout(TIMEOUT, client.read_to_end(&mut read)).await;
+        String::from_utf8_lossy(&read).into_owned()
+    }
+
+    /// A kept-alive connection whose second request head has begun to
+    /// arrive when the port stops is served that request, as its last,
+    /// as a first head begun is: not closed under it.
+    #[tokio::test]
+    async fn a_second_head_begun_at_the_stop_is_answered_as_the_last() {
+        let (mut client, port) = pair().await;
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serving(port, async {
+            let _ = stop.await;
+        }));
+        client.write_all(HEAD).await.unwrap();
+        let mut first = [0u8; 17];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200 OK\r\n");
+        let mut answer = vec![0u8; 256];
+        let n = client.read(&mut answer).await.unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).ends_with("ok"));
+
+        client.write_all(&HEAD[..6]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&HEAD[6..]).await.unwrap();
+        let second = rest(&mut client).await;
+        assert!(
+            second.starts_with("HTTP/1.1 200 OK\r\n") && second.ends_with("ok"),
+            "the second request, begun at the stop, was cut: {second:?}"
+        );
+        assert!(
+            second.to_ascii_lowercase().contains("connection: close"),
+            "{second}"
+        );
+        tokio::time::timeout(TIMEOUT, served)
+            .await
+            .expect("the connection ended after its last answer")
+            .unwrap();
+    }
+
+    /// A kept-alive connection idle at the stop (nothing of a next head
+    /// received) closes at once.
+    #[tokio::test]
+    async fn a_connection_idle_at_the_stop_closes_at_once() {
+        let (mut client, port) = pair().await;
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serving(port, async {
+            let _ = stop.await;
+        }));
+        client.write_all(HEAD).await.unwrap();
+        let mut first = [0u8; 17];
+        client.read_exact(&mut first).await.unwrap();
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), served)
+            .await
+            .expect("an idle connection closed at once at the stop")
+            .unwrap();
+    }
+
+    /// A first head read whole, the stop coming before hyper has read it
+    /// (the stop is seen on its second look, the first head's read having
+    /// looked at most once): the request is answered, not closed unread.
+    #[tokio::test]
+    async fn a_first_head_read_whole_just_before_the_stop_is_answered() {
+        for _ in 0..32 {
+            let (mut client, port) = pair().await;
+            client.write_all(HEAD).await.unwrap();
+            let mut peeked = [0u8; 1];
+            port.peek(&mut peeked).await.unwrap();
+            let looks = Arc::new(AtomicUsize::new(0));
+            let drain = std::future::poll_fn(move |cx| {
+                if looks.fetch_add(1, Ordering::Relaxed) >= 1 {
+                    return Poll::Ready(());
+                }
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            });
+            let served = tokio::spawn(serving(port, drain));
+            let answer = rest(&mut client).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("ok"),
+                "a head read whole before the stop was cut: {answer:?}"
+            );
+            served.await.unwrap();
+        }
     }
 }

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -212,6 +213,47 @@ pub struct Heads<S> {
     fault: Option<HeadFault>,
     /// Told when a head is refused ([`Heads::refusal`]).
     refused: Arc<Notify>,
+    /// Whether a head is held, begun and not yet given to hyper
+    /// ([`Heads::held`]).
+    held_now: Arc<HeadHeld>,
+}
+
+/// Whether a connection's [`Heads`] holds a request head its client has
+/// begun (not only empty lines) and hyper has not yet been given whole, as
+/// of its last read: hyper, idle between requests, knows nothing of it,
+/// and its graceful shutdown would close the connection with it unread.
+#[derive(Debug, Default)]
+pub struct HeadHeld {
+    held: AtomicBool,
+    changed: Notify,
+}
+
+impl HeadHeld {
+    /// Whether a head is held now.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no head is held (at once if none is): the head held
+    /// was given whole to hyper, which then serves it as a request in
+    /// progress, or the connection ended.
+    pub async fn given(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if !self.held() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn set(&self, held: bool) {
+        if self.held.swap(held, Ordering::AcqRel) && !held {
+            self.changed.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +298,16 @@ impl<S> Heads<S> {
             last: false,
             fault: None,
             refused: Arc::new(Notify::new()),
+            held_now: Arc::new(HeadHeld::default()),
         }
+    }
+
+    /// Whether a head is held, begun and not yet given to hyper, kept up
+    /// to date as the connection is read: for a port's stop, which is to
+    /// let hyper take such a head in and answer it, as it answers one it
+    /// is reading, rather than close the connection under it.
+    pub fn held(&self) -> Arc<HeadHeld> {
+        self.held_now.clone()
     }
 
     /// Notified once a head is refused: hyper is then to be asked to
@@ -276,10 +327,17 @@ impl<S> Heads<S> {
         max_head: usize,
     ) -> Self {
         let (held, io) = first.into_parts();
-        Heads {
+        let heads = Heads {
             held,
             ..Heads::new(io, check, max_head)
-        }
+        };
+        heads.held_now.set(heads.holds());
+        heads
+    }
+
+    /// Whether a head is held, begun, that hyper has not been given whole.
+    fn holds(&self) -> bool {
+        self.passed > 0 || self.begun()
     }
 
     /// Whether part of a head (not only empty lines) is held, not whole.
@@ -504,7 +562,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+        let read = self.as_mut().read_heads(cx, buf);
+        self.held_now.set(self.holds());
+        read
+    }
+}
+
+impl<S: AsyncRead + Unpin> Heads<S> {
+    fn read_heads(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
             if this.passed > 0 {
                 let n = this.passed.min(buf.remaining());

@@ -479,6 +479,7 @@ impl WebhookServer {
                     MALFORMED,
                     evicted,
                     drain,
+                    false,
                     service,
                 )
                 .await;
