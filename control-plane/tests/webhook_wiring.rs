@@ -1079,3 +1079,155 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
     let log = log.lock().unwrap().clone();
     assert!(!log.contains("still open at the drain deadline"), "{log}");
 }
+
+/// A TCP stream whose writes after its first are held until `open`
+/// turns true: a TLS client sends its ClientHello, and is held before its
+/// Finished.
+struct HeldWrites {
+    tcp: tokio::net::TcpStream,
+    writes: usize,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for HeldWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeldWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.writes > 0 && !self.open.load(std::sync::atomic::Ordering::Acquire) {
+            // Looked at again shortly: the test opens it once the port
+            // has stopped.
+            let waker = cx.waker().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                waker.wake();
+            });
+            return std::task::Poll::Pending;
+        }
+        self.writes += 1;
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A TLS handshake begun before SIGTERM (the ClientHello sent, the
+/// client's Finished held) is finished after the port stopped accepting,
+/// and the review its client then sends is answered, as the connection's
+/// last: the API server sends its review right behind its Finished. A
+/// TCP connection that sent nothing is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
+    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        review.len()
+    );
+
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let open = Arc::new(AtomicBool::new(false));
+    let held = HeldWrites {
+        tcp: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        writes: 0,
+        open: open.clone(),
+    };
+    let config = {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls_pki_types::CertificateDer::from_pem_file(certs.path("ca.crt")).unwrap();
+        roots.add(ca).unwrap();
+        rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake =
+        tokio::spawn(tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, held));
+    // The ClientHello is sent and answered; the Finished is held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!handshake.is_finished(), "the handshake was not held");
+
+    let log = cp.log.clone();
+    let stopping = tokio::spawn(cp.stop_async());
+    common::eventually_async("the webhook port to stop accepting", || async move {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let patience = Duration::from_secs(2);
+    assert!(
+        common::connections::closed_within(&mut silent, patience)
+            .await
+            .is_some(),
+        "a connection that sent nothing was still open {patience:?} after the port stopped"
+    );
+
+    open.store(true, Ordering::Release);
+    let mut tls = handshake
+        .await
+        .unwrap()
+        .expect("a handshake begun before SIGTERM is finished after it");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&review).await.unwrap();
+    tls.flush().await.unwrap();
+    let (status, answer_head, body) =
+        tokio::time::timeout(Duration::from_secs(10), read_answer(&mut tls))
+            .await
+            .expect("the review was answered in time")
+            .unwrap_or_else(|| {
+                panic!(
+                    "the review of a handshake begun before SIGTERM was cut: {}",
+                    log.lock().unwrap()
+                )
+            });
+    assert_eq!(status, 200, "{answer_head}");
+    assert!(
+        answer_head
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "the answer says the connection closes: {answer_head}"
+    );
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+
+    let status = stopping.await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    let log = log.lock().unwrap().clone();
+    assert!(!log.contains("still open at the drain deadline"), "{log}");
+}

@@ -34,12 +34,15 @@
 //! a method other than `POST` on a review path gets 405 with `Allow: POST`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -387,10 +390,11 @@ impl WebhookServer {
     /// ([`Connections::drain`]): each is told to close once the answer in
     /// progress is written, so that a review in flight (its body still
     /// arriving, or waiting for its turn) is answered, as is one whose first
-    /// request head has begun to arrive (read, or waiting in the socket,
-    /// served as the connection's last); one idle between reviews, with nothing
-    /// received after its handshake, or not past its handshake, closes at
-    /// once. `config` carries the injection settings and the current trust
+    /// request head, or a later one, has begun to arrive (read, or waiting
+    /// in the socket, served as the connection's last), and one whose TLS
+    /// handshake has begun (finished within its deadline, then served so);
+    /// one idle between reviews, with nothing received after its handshake,
+    /// or nothing at all, closes at once. `config` carries the injection settings and the current trust
     /// bundle; a CA rotation sends a new one. Failed handshakes, and
     /// connections refused by the connection limits, are counted in
     /// `metrics`; pods the warning-only webhooks admit without a sidecar are
@@ -449,17 +453,23 @@ impl WebhookServer {
                 let admitted = admitted;
                 // Told to make way for a client holding fewer (closed at
                 // once), or the port stops (its review in flight, or one
-                // begun, answered first; a handshake not done is cut).
+                // begun, answered first: a handshake begun is finished).
                 let mut evicted = std::pin::pin!(admitted.evicted());
                 let mut drain = std::pin::pin!(crate::run::stopping(&mut closing));
-                let tls = tokio::select! {
-                    tls = handshake(&acceptor, tcp, client, &failures) => tls,
+                let (tls, drained) = tokio::select! {
+                    shaken = handshake(&acceptor, tcp, client, &failures, drain.as_mut()) => shaken,
                     () = evicted.as_mut() => return,
-                    () = drain.as_mut() => return,
                 };
                 let Some(tls) = tls else {
                     return;
                 };
+                // `drain`, once resolved, is not polled again.
+                let mut stopped = std::pin::pin!(async {
+                    if drained {
+                        std::future::pending::<()>().await;
+                    }
+                    drain.await;
+                });
                 let service = hyper::service::service_fn(move |req| {
                     let reviewing = Reviewing {
                         config: config.borrow().clone(),
@@ -478,8 +488,8 @@ impl WebhookServer {
                     &malformed,
                     MALFORMED,
                     evicted,
-                    drain,
-                    false,
+                    stopped.as_mut(),
+                    drained,
                     service,
                 )
                 .await;
@@ -509,16 +519,58 @@ pub const MALFORMED: &str = "webhook request refused: malformed request head";
 /// connection closed before it sent anything (a TCP probe, a port scan)
 /// did not try a handshake: it is not counted. One that sent plaintext
 /// HTTP is counted as `not_tls` and its first request answered with
-/// [`PLAINTEXT_ANSWER`], by the same deadline.
-async fn handshake(
+/// [`PLAINTEXT_ANSWER`], by the same deadline. When the port stops
+/// (`drain`), a connection with nothing received (not even waiting to be
+/// read) is closed at once, and a handshake begun is finished all the
+/// same; the `bool` then says it was (`drain` is not polled again), for
+/// the connection's first request to be its last.
+async fn handshake<D: Future<Output = ()>>(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     failures: &Refusals<HandshakeFailure>,
-) -> Option<TlsStream<TcpStream>> {
+    mut drain: Pin<&mut D>,
+) -> (Option<TlsStream<TcpStream>>, bool) {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+    let (peeked, drained) = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => (peeked, false),
+        () = drain.as_mut() => {
+            // Nothing received yet: only a byte already waiting keeps it.
+            match tcp.peek(&mut first).now_or_never() {
+                Some(peeked) => (Ok(peeked), true),
+                None => return (None, true),
+            }
+        }
+    };
+    // A handshake begun is finished, within its deadline, though the port
+    // stops meanwhile: its client (the API server sends its review right
+    // behind its Finished) is then served one request.
+    let mut rest = std::pin::pin!(handshake_begun(
+        acceptor, tcp, peer, failures, deadline, first, peeked
+    ));
+    if drained {
+        return (rest.await, true);
+    }
+    tokio::select! {
+        shaken = rest.as_mut() => (shaken, false),
+        () = drain.as_mut() => (rest.await, true),
+    }
+}
+
+/// The rest of [`handshake`], once its first byte was waited for
+/// (`peeked`, into `first`).
+#[allow(clippy::too_many_arguments)]
+async fn handshake_begun(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    failures: &Refusals<HandshakeFailure>,
+    deadline: tokio::time::Instant,
+    first: [u8; 1],
+    peeked: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+) -> Option<TlsStream<TcpStream>> {
+    match peeked {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return None,
         Err(_) => {
