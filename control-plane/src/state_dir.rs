@@ -77,7 +77,7 @@ impl StateDir {
     /// Creates the directory 0700 if missing; refuses an existing one that
     /// others can access, or a group unless in the shape `fsGroup` gives (a
     /// setgid directory of a group this process runs with: warned of), or
-    /// (unless this process is root) that another user owns.
+    /// that another user owns (when this process is root too).
     pub fn open(root: &Path) -> Result<Self, StateDirError> {
         let io = |source| StateDirError::Io {
             path: root.to_path_buf(),

@@ -263,8 +263,10 @@
 //! that exists, so the patch applies whether or not the pod had them. A
 //! reinvocation's patch `add`s `/metadata/annotations` (when a container
 //! is new), `replace`s each new container it rewrote
-//! (`/spec/containers/2`) and the sidecar's `TRELLIS_APP_PROBES` entry, and
-//! appends what the sidecar's environment lacked
+//! (`/spec/containers/2`), the sidecar's environment entries that differ
+//! (`TRELLIS_APP_PROBES`, a setting's `TRELLIS_*`) in their place and
+//! `trellis-init`'s `args` (`add`s them where it has none), `remove`s the
+//! entries to go, and appends what the sidecar's environment lacked
 //! (`/spec/initContainers/1/env/-`), or `add`s the environment whole to a
 //! sidecar that has none.
 
