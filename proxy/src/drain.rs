@@ -11,7 +11,8 @@
 //! `/ready` says where the drain is ([`Status`]).
 //!
 //! This module never closes a connection itself: when the deadline passes the
-//! process exits and the sockets close with it.
+//! process exits and the sockets close with it, a TCP connection cut
+//! mid-copy reset at its app (`net::ResetIfCut`), not ended with a FIN.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -143,7 +143,8 @@ pub struct ProxyArgs {
     /// How long the drain after SIGTERM may last at most: the inbound
     /// listeners close at once, the outbound ones keep accepting (for an
     /// app making its last calls) until the drain ends, and the
-    /// connections still open then are closed. The admin port serves until
+    /// connections still open then are cut (a TCP connection reset at both
+    /// apps). The admin port serves until
     /// exit (`/ready` answers 503 while draining).
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
