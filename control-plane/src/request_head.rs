@@ -120,12 +120,11 @@ pub(crate) async fn serve<S, E, D, Svc>(
             } else {
                 // A later head refused ends hyper's service as a stop
                 // does, after the answer in progress.
-                let refusal = heads.refusal();
-                let held = heads.held();
+                let signals = heads.signals();
                 let stop = async move {
                     tokio::select! {
                         () = evicted => {}
-                        () = refusal.notified() => {}
+                        () = signals.refused() => {}
                         () = async {
                             drain.await;
                             stopped.store(true, Ordering::Release);
@@ -139,7 +138,7 @@ pub(crate) async fn serve<S, E, D, Svc>(
                             // progress is: hyper's graceful shutdown would
                             // close the connection under it. It has what is
                             // left of hyper's head timeout.
-                            held.given().await;
+                            signals.given().await;
                         } => {}
                     }
                 };

@@ -149,7 +149,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 /// come, never held back for the rest of it; once none is held, they are
 /// read straight into hyper's buffer while it has no room for more than
 /// the body's rest (or the rest of a chunk's data). A head the check refuses is
-/// never given to hyper: the caller, told so ([`refusal`](Self::refusal)),
+/// never given to hyper: the caller, told so ([`signals`](Self::signals)),
 /// asks hyper to finish the answer it is writing, if any, and end;
 /// [`refused`](Self::refused) then says the fault, for the caller to
 /// answer in its words. A head begun and not whole when hyper's header
@@ -211,24 +211,35 @@ pub struct Heads<S> {
     /// read after it ([`Reading::Last`]).
     last: bool,
     fault: Option<HeadFault>,
-    /// Told when a head is refused ([`Heads::refusal`]).
-    refused: Arc<Notify>,
-    /// Whether a head is held, begun and not yet given to hyper
-    /// ([`Heads::held`]).
-    held_now: Arc<HeadHeld>,
+    /// What the connection's stop is told: a head refused, a head held
+    /// ([`Heads::signals`]). The one allocation `Heads` makes for a
+    /// connection but its buffer.
+    signals: Arc<HeadSignals>,
 }
 
-/// Whether a connection's [`Heads`] holds a request head its client has
-/// begun (not only empty lines) and hyper has not yet been given whole, as
-/// of its last read: hyper, idle between requests, knows nothing of it,
-/// and its graceful shutdown would close the connection with it unread.
+/// What a connection's [`Heads`] tells whoever stops its hyper server
+/// ([`Heads::signals`]): that a head was refused, and whether it holds a
+/// request head its client has begun (not only empty lines) and hyper has
+/// not yet been given whole, as of its last read: hyper, idle between
+/// requests, knows nothing of such a head, and its graceful shutdown would
+/// close the connection with it unread.
 #[derive(Debug, Default)]
-pub struct HeadHeld {
+pub struct HeadSignals {
+    refused: Notify,
     held: AtomicBool,
-    changed: Notify,
+    given: Notify,
 }
 
-impl HeadHeld {
+impl HeadSignals {
+    /// Resolves once a head is refused: hyper is then to be asked to
+    /// finish (`graceful_shutdown`), which it does once the answer in
+    /// progress, if any, is written, for the refusal to be answered. hyper
+    /// reads nothing more meanwhile: an end of the stream would make it
+    /// drop the answer in progress, so it is never told one.
+    pub fn refused(&self) -> tokio::sync::futures::Notified<'_> {
+        self.refused.notified()
+    }
+
     /// Whether a head is held now.
     pub fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
@@ -239,19 +250,23 @@ impl HeadHeld {
     /// progress, or the connection ended.
     pub async fn given(&self) {
         loop {
-            let changed = self.changed.notified();
-            let mut changed = std::pin::pin!(changed);
-            changed.as_mut().enable();
+            let given = self.given.notified();
+            let mut given = std::pin::pin!(given);
+            given.as_mut().enable();
             if !self.held() {
                 return;
             }
-            changed.await;
+            given.await;
         }
     }
 
-    fn set(&self, held: bool) {
-        if self.held.swap(held, Ordering::AcqRel) && !held {
-            self.changed.notify_waiters();
+    /// Kept up to date at each read: a plain load when nothing changed.
+    fn set_held(&self, held: bool) {
+        if self.held.load(Ordering::Relaxed) != held {
+            self.held.store(held, Ordering::Release);
+            if !held {
+                self.given.notify_waiters();
+            }
         }
     }
 }
@@ -297,26 +312,18 @@ impl<S> Heads<S> {
             chunked: Chunked::default(),
             last: false,
             fault: None,
-            refused: Arc::new(Notify::new()),
-            held_now: Arc::new(HeadHeld::default()),
+            signals: Arc::new(HeadSignals::default()),
         }
     }
 
-    /// Whether a head is held, begun and not yet given to hyper, kept up
-    /// to date as the connection is read: for a port's stop, which is to
-    /// let hyper take such a head in and answer it, as it answers one it
-    /// is reading, rather than close the connection under it.
-    pub fn held(&self) -> Arc<HeadHeld> {
-        self.held_now.clone()
-    }
-
-    /// Notified once a head is refused: hyper is then to be asked to
-    /// finish (`graceful_shutdown`), which it does once the answer in
-    /// progress, if any, is written, for the refusal to be answered. hyper
-    /// reads nothing more meanwhile: an end of the stream would make it
-    /// drop the answer in progress, so it is never told one.
-    pub fn refusal(&self) -> Arc<Notify> {
-        self.refused.clone()
+    /// What the connection's stop is to heed: a head refused
+    /// ([`HeadSignals::refused`]), and a head held, begun and not yet given
+    /// to hyper ([`HeadSignals::held`]), kept up to date as the connection
+    /// is read: for a port's stop, which is to let hyper take such a head
+    /// in and answer it, as it answers one it is reading, rather than
+    /// close the connection under it.
+    pub fn signals(&self) -> Arc<HeadSignals> {
+        self.signals.clone()
     }
 
     /// A connection whose first head [`first_head`] read: its bytes are
@@ -331,7 +338,7 @@ impl<S> Heads<S> {
             held,
             ..Heads::new(io, check, max_head)
         };
-        heads.held_now.set(heads.holds());
+        heads.signals.set_held(heads.holds());
         heads
     }
 
@@ -404,7 +411,7 @@ impl<S> Heads<S> {
                     Err(fault) => {
                         self.fault = Some(fault);
                         self.reading = Reading::Refused;
-                        self.refused.notify_one();
+                        self.signals.refused.notify_one();
                         false
                     }
                 }
@@ -563,7 +570,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let read = self.as_mut().read_heads(cx, buf);
-        self.held_now.set(self.holds());
+        self.signals.set_held(self.holds());
         read
     }
 }
@@ -1476,13 +1483,13 @@ mod tests {
             return None;
         }
         let mut heads = Heads::new(server, check_head, MAX_REQUEST_HEAD);
-        let refusal = heads.refusal();
+        let refusal = heads.signals();
         let ended = crate::connections::serve_http1_for(
             &mut heads,
             service,
             Duration::from_secs(5),
             Duration::from_secs(600),
-            refusal.notified(),
+            refusal.refused(),
         )
         .await;
         heads.refused(ended.as_ref(), "stalled")
@@ -1625,13 +1632,13 @@ mod tests {
                     Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(first)))
                 },
             );
-            let refusal = heads.refusal();
+            let refusal = heads.signals();
             let ended = crate::connections::serve_http1_for(
                 &mut heads,
                 service,
                 Duration::from_secs(5),
                 Duration::from_secs(600),
-                refusal.notified(),
+                refusal.refused(),
             )
             .await;
             heads.refused(ended.as_ref(), "stalled")

@@ -76,11 +76,11 @@ pub async fn serve<F, S>(
             let mut heads = Heads::after_first(tcp, h1::check_head, MAX_REQUEST_HEAD);
             // A later head refused ends hyper's service as `stop` does,
             // after the answer in progress.
-            let refusal = heads.refusal();
+            let refusal = heads.signals();
             let stop = async move {
                 tokio::select! {
                     () = stop => {}
-                    () = refusal.notified() => {}
+                    () = refusal.refused() => {}
                 }
             };
             let ended =

@@ -413,11 +413,11 @@ where
             );
             // A later head refused ends hyper's service as a drain does,
             // after the answer in progress.
-            let refusal = heads.refusal();
+            let refusal = heads.signals();
             let mut stop = std::pin::pin!(async {
                 tokio::select! {
                     () = draining => {}
-                    () = refusal.notified() => {}
+                    () = refusal.refused() => {}
                 }
             });
             let io = TokioIo::new(heads);
