@@ -69,8 +69,8 @@ const _: () = assert!(
 /// or later on a kept-alive connection, is answered in words, counted and
 /// logged by `refusals` as `message`; one begun and not whole within
 /// `timeout` is answered 408 ([`HEAD_TIMED_OUT`]) likewise. A connection
-/// whose first head has begun to arrive when the port stops (a byte of it
-/// read, or waiting to be) is served all the same, its answer the
+/// whose first head has begun to arrive when the port stops (a byte of it,
+/// not only empty lines, read or waiting to be) is served all the same, its answer the
 /// connection's last (`connection: close`, [`serve_http1_last`]); one with
 /// nothing received is closed at once; so is one idle between requests, while
 /// one whose later head has begun to arrive (read, or waiting to be when

@@ -806,7 +806,9 @@ where
 /// that sent its request just before the stop, as the Kubernetes API
 /// server sends its review as soon as its handshake is done). Its head
 /// then has what is left of `timeout`, as any other. A connection with
-/// nothing received is [`FirstHead::Closed`] at once.
+/// nothing received, or only empty lines (which a server ignores before
+/// a request line, RFC 9112 section 2.2, as [`Heads`] does before a later
+/// head), is [`FirstHead::Closed`] at once.
 ///
 /// The `bool` says whether `drain` resolved (it is not polled again): the
 /// caller is then to serve the request as the connection's last.
@@ -854,14 +856,22 @@ where
             () = stop.as_mut() => return (FirstHead::Closed, drained),
             () = drain.as_mut(), if !drained => {
                 drained = true;
-                if !buf.is_empty() {
+                // Empty lines before a request line are no head begun (a
+                // server ignores them, RFC 9112 section 2.2), as for
+                // `Heads` at a later head.
+                if !skip_empty_lines(&buf).is_empty() {
                     continue;
                 }
-                // Nothing read yet: only bytes already waiting keep it.
-                tokio::select! {
+                // Nothing of a head read yet: only bytes already waiting,
+                // more than empty lines, keep it.
+                let waiting = tokio::select! {
                     biased;
-                    read = io.read_buf(&mut buf) => Ok(read),
-                    () = std::future::ready(()) => return (FirstHead::Closed, drained),
+                    read = io.read_buf(&mut buf) => Some(read),
+                    () = std::future::ready(()) => None,
+                };
+                match waiting {
+                    Some(Ok(n)) if n > 0 && !skip_empty_lines(&buf).is_empty() => continue,
+                    _ => return (FirstHead::Closed, drained),
                 }
             }
         };
@@ -1374,6 +1384,72 @@ mod tests {
             );
         };
         assert_eq!(io.prefix(), b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+    }
+
+    /// Empty lines alone are no head begun at a port's stop, read before
+    /// it or waiting then (a server ignores them, RFC 9112 section 2.2):
+    /// the connection closes at once, as `Heads` lets one go with only
+    /// empty lines of a later head held; a request line behind them keeps
+    /// it.
+    #[tokio::test]
+    async fn empty_lines_alone_at_a_ports_stop_are_no_head_begun() {
+        let at_stop = |port, before: Option<oneshot::Receiver<()>>| async move {
+            let mut stop = std::pin::pin!(std::future::pending::<()>());
+            let mut drain = std::pin::pin!(async move {
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+            });
+            let started = tokio::time::Instant::now();
+            let (first, drained) = first_head_or_drain(
+                port,
+                check_head,
+                MAX_REQUEST_HEAD,
+                Duration::from_secs(5),
+                stop.as_mut(),
+                drain.as_mut(),
+            )
+            .await;
+            (first, drained, started.elapsed())
+        };
+        let closed_at_once = |(got, drained, took): (FirstHead<_, _>, bool, Duration), what| {
+            assert!(
+                matches!(got, FirstHead::Closed) && drained && took < Duration::from_secs(1),
+                "{what}: {} after {took:?}, drained {drained}",
+                name(&got)
+            );
+        };
+        use tokio::sync::oneshot;
+
+        // Read before the stop.
+        let (mut client, port) = socket_pair().await;
+        let (tx, rx) = oneshot::channel();
+        let reading = tokio::spawn(at_stop(port, Some(rx)));
+        client.write_all(b"\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(()).unwrap();
+        closed_at_once(reading.await.unwrap(), "empty lines read before the stop");
+
+        // Waiting in the socket at the stop.
+        let (mut client, port) = socket_pair().await;
+        client.write_all(b"\r\n").await.unwrap();
+        let mut peeked = [0u8; 1];
+        assert_eq!(port.peek(&mut peeked).await.unwrap(), 1);
+        closed_at_once(at_stop(port, None).await, "empty lines waiting at the stop");
+
+        // A request line behind them is a head begun.
+        let (mut client, port) = socket_pair().await;
+        client
+            .write_all(b"\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(port.peek(&mut peeked).await.unwrap(), 1);
+        let (got, _, _) = at_stop(port, None).await;
+        assert!(
+            matches!(got, FirstHead::Whole(_)),
+            "a head behind an empty line was not read: {}",
+            name(&got)
+        );
     }
 
     fn name<S, F>(first: &FirstHead<S, F>) -> &'static str {
