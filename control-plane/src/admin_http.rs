@@ -114,18 +114,34 @@ impl AdminHttp {
             metrics.clone(),
             Metrics::admin_malformed_request,
         ));
+        let mut listener = Some(self.listener);
+        // Once the port stops: the connections its listener queued.
+        let mut queued = Vec::new().into_iter();
         loop {
-            let (tcp, client) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+            let (tcp, client, after_stop) = match &listener {
+                Some(accepting) => tokio::select! {
+                    // The stop first: a connection queued then is taken
+                    // with the others (`net::queued`).
+                    biased;
+                    () = crate::run::stopping(&mut shutdown) => {
+                        queued = crate::net::queued(listener.take().expect("accepting"))
+                            .into_iter();
                         continue;
                     }
+                    () = connections.closed() => continue,
+                    accepted = accepting.accept() => match accepted {
+                        Ok((tcp, client)) => (tcp, client, false),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
                 },
-                () = connections.closed() => continue,
-                () = crate::run::stopping(&mut shutdown) => return connections,
+                None => match queued.next() {
+                    Some((tcp, client)) => (tcp, client, true),
+                    None => return connections,
+                },
             };
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
@@ -144,9 +160,15 @@ impl AdminHttp {
                 let admitted = admitted;
                 // Told to make way for a client holding fewer (closed at
                 // once), or the port stops (its request in flight, or one
-                // begun, answered first).
+                // begun, answered first). One queued at the stop has begun
+                // (`net::queued`): its first request is its last.
                 let evicted = admitted.evicted();
-                let drain = crate::run::stopping(&mut closing);
+                let drain = async {
+                    if after_stop {
+                        std::future::pending::<()>().await;
+                    }
+                    crate::run::stopping(&mut closing).await;
+                };
                 let service = hyper::service::service_fn(move |req| {
                     let response =
                         respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
@@ -161,7 +183,7 @@ impl AdminHttp {
                     MALFORMED,
                     std::pin::pin!(evicted),
                     std::pin::pin!(drain),
-                    false,
+                    after_stop,
                     service,
                 )
                 .await;
@@ -292,6 +314,68 @@ mod tests {
                 _dir: dir,
             }
         }
+    }
+
+    /// Connections queued in the listener when the port stops (connected,
+    /// not yet accepted) are taken, not reset with the listener: one that
+    /// sent its request is answered, as its last; one that sent nothing, or
+    /// only an empty line, is closed at once.
+    #[tokio::test]
+    async fn connections_queued_at_the_stop_are_served_or_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join(DB_FILE)).unwrap());
+        let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+        let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = admin.local_addr().unwrap();
+        // Queued before the port runs, which it does stopped already.
+        let mut sent = connect(1, addr).await;
+        sent.write_all(b"GET /live HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let silent = connect(1, addr).await;
+        let mut blank = connect(1, addr).await;
+        blank.write_all(b"\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_stop, shutdown) = watch::channel(true);
+        let metrics = Arc::new(Metrics::default());
+        let ready = Arc::new(AtomicBool::new(true));
+        let connections = AdminHttp::run(admin, ready, metrics, discovery, None, shutdown).await;
+        let started = tokio::time::Instant::now();
+        let draining =
+            tokio::spawn(connections.drain(tokio::time::Instant::now() + Duration::from_secs(10)));
+
+        let mut answer = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), sent.read_to_string(&mut answer))
+            .await
+            .expect("the queued request was answered in time");
+        assert!(
+            read.is_ok() && answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("live\n"),
+            "a request queued at the stop was not answered: {read:?} {answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        // Closed at once: with its empty line unread, by a reset.
+        for (mut client, what) in [(silent, "nothing"), (blank, "an empty line")] {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(1), client.read_to_end(&mut rest))
+                .await
+                .unwrap_or_else(|_| panic!("a connection queued with {what} was held"));
+            let closed = match &read {
+                Ok(0) => true,
+                Err(e) => what != "nothing" && e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            };
+            assert!(
+                closed,
+                "a connection queued with {what} was not closed: {read:?} {rest:?}"
+            );
+        }
+        assert_eq!(draining.await.unwrap(), 0, "none left open at the deadline");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     /// A client address holding [`MAX_CONNECTIONS_PER_CLIENT`] connections

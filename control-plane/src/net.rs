@@ -15,7 +15,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// How many connections may wait to be accepted, as tokio's default.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -34,6 +34,49 @@ pub fn is_namespace_local(address: &str) -> bool {
         let ip = a.ip().to_canonical();
         ip.is_loopback() || ip.is_unspecified()
     })
+}
+
+/// The connections a stopping port's `listener` still queues (their TCP
+/// handshake done, not yet accepted), taken without waiting, as the
+/// listener closes: closing it with them queued would reset them. One whose
+/// client has begun to send (more than empty lines, which a server ignores
+/// before a request line, RFC 9112 section 2.2; a TLS ClientHello is
+/// more), found by a read of what waits that does not wait, is returned, to
+/// be served its first request as its last; one with nothing received is
+/// closed at once, as a connection accepted before the stop is. Must be
+/// called inside a tokio runtime.
+pub fn queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    let mut begun = Vec::new();
+    // Non-blocking still, as tokio keeps it.
+    let Ok(listener) = listener.into_std() else {
+        return begun;
+    };
+    loop {
+        let (tcp, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue;
+            }
+            // `WouldBlock`: none is left.
+            Err(_) => return begun,
+        };
+        let mut waiting = [0u8; 64];
+        let sent = match tcp
+            .set_nonblocking(true)
+            .and_then(|()| tcp.peek(&mut waiting))
+        {
+            Ok(n) => !trellis_core::http1::skip_empty_lines(&waiting[..n]).is_empty(),
+            Err(_) => false,
+        };
+        if let (true, Ok(tcp)) = (sent, TcpStream::from_std(tcp)) {
+            begun.push((tcp, peer));
+        }
+    }
 }
 
 /// Binds a TCP listener on `addr`; `[::]` is dual-stack (see the module

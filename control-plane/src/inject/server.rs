@@ -420,18 +420,35 @@ impl WebhookServer {
             Metrics::webhook_malformed_request,
         ));
         let turns = Arc::new(Semaphore::new(MAX_REVIEWS_AT_ONCE));
+        let mut listener = Some(self.listener);
+        // Once the port stops: the connections its listener queued.
+        let mut queued = Vec::new().into_iter();
         loop {
-            let (tcp, client) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "webhook accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+            let (tcp, client, after_stop) = match &listener {
+                Some(accepting) => tokio::select! {
+                    // The stop first: a connection queued then is taken
+                    // with the others (`net::queued`).
+                    biased;
+                    () = &mut shutdown => {
+                        let _ = closing_tx.send(true);
+                        queued = crate::net::queued(listener.take().expect("accepting"))
+                            .into_iter();
                         continue;
                     }
+                    () = connections.closed() => continue,
+                    accepted = accepting.accept() => match accepted {
+                        Ok((tcp, client)) => (tcp, client, false),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "webhook accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
                 },
-                () = connections.closed() => continue,
-                () = &mut shutdown => break,
+                None => match queued.next() {
+                    Some((tcp, client)) => (tcp, client, true),
+                    None => break,
+                },
             };
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
@@ -455,7 +472,14 @@ impl WebhookServer {
                 // once), or the port stops (its review in flight, or one
                 // begun, answered first: a handshake begun is finished).
                 let mut evicted = std::pin::pin!(admitted.evicted());
-                let mut drain = std::pin::pin!(crate::run::stopping(&mut closing));
+                // One queued at the stop has begun (`net::queued`): its
+                // handshake is finished, its first request its last.
+                let mut drain = std::pin::pin!(async {
+                    if after_stop {
+                        std::future::pending::<()>().await;
+                    }
+                    crate::run::stopping(&mut closing).await;
+                });
                 let (tls, drained) = tokio::select! {
                     shaken = handshake(&acceptor, tcp, client, &failures, drain.as_mut()) => shaken,
                     () = evicted.as_mut() => return,
@@ -489,7 +513,7 @@ impl WebhookServer {
                     MALFORMED,
                     evicted,
                     stopped.as_mut(),
-                    drained,
+                    drained || after_stop,
                     service,
                 )
                 .await;
