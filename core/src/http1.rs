@@ -851,8 +851,11 @@ where
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096.max(buf.len() / 2));
         }
+        // Biased, the stop and the drain first: a head whole in the socket
+        // when the port stops is read as one begun at the stop (served as
+        // the connection's last), not by chance as one read before it.
         let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
+            biased;
             () = stop.as_mut() => return (FirstHead::Closed, drained),
             () = drain.as_mut(), if !drained => {
                 drained = true;
@@ -874,6 +877,7 @@ where
                     _ => return (FirstHead::Closed, drained),
                 }
             }
+            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
         };
         match read {
             Ok(Ok(0) | Err(_)) => return (FirstHead::Closed, drained),
