@@ -814,24 +814,28 @@ fn the_webhook_port_answers_a_malformed_head_in_words() {
     assert!(!cp.log().contains("review-secret-91c2"), "{}", cp.log());
 }
 
+/// A TLS client trusting the CA of `certs`, as the API server does.
+fn client_config(certs: &WebhookCerts) -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(certs.path("ca.crt")).unwrap();
+    roots.add(ca).unwrap();
+    rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// A TLS connection to the webhook at `addr`, trusting the CA of `certs`
 /// as the API server does.
 async fn connect_tls(
     certs: &WebhookCerts,
     addr: std::net::SocketAddr,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls_pki_types::CertificateDer::from_pem_file(certs.path("ca.crt")).unwrap();
-    roots.add(ca).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
-        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config(certs)))
         .connect(name, tcp)
         .await
         .expect("the TLS handshake with the webhook")
@@ -875,6 +879,59 @@ where
     Some((status, head, read[end..end + length].to_vec()))
 }
 
+/// A control plane serving the webhook, its certificates and the
+/// webhook's address.
+fn start_webhook() -> (WebhookCerts, ControlPlane, std::net::SocketAddr) {
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp).parse().unwrap();
+    (certs, cp, addr)
+}
+
+/// The review of a pod, and the head of its POST to `/inject`.
+fn review_post() -> (String, Vec<u8>) {
+    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        review.len()
+    );
+    (head, review)
+}
+
+/// A control plane sent SIGTERM, stopping on a task, and its log.
+struct Stopping {
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    exit: tokio::task::JoinHandle<std::process::ExitStatus>,
+}
+
+impl Stopping {
+    fn sigterm(cp: ControlPlane) -> Self {
+        Self {
+            log: cp.log.clone(),
+            exit: tokio::spawn(cp.stop_async()),
+        }
+    }
+
+    /// Waits until the log says the ports stopped accepting.
+    async fn until_not_accepting(&self) {
+        common::eventually_async("the ports to stop accepting", || {
+            let stopped = self.log.lock().unwrap().contains("no new connections");
+            async move { stopped.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Waits for the exit: 0, no connection left open at the drain
+    /// deadline.
+    async fn exits_cleanly(self) {
+        let status = self.exit.await.unwrap();
+        assert!(status.success(), "SIGTERM exits 0: {status}");
+        let log = self.log.lock().unwrap().clone();
+        assert!(!log.contains("still open at the drain deadline"), "{log}");
+    }
+}
+
 /// A review in flight when SIGTERM comes is answered in full before the
 /// control plane exits 0: during a rollout, a pod's creation under
 /// `failurePolicy: Fail` is not refused because the replica it reached
@@ -889,15 +946,8 @@ async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_h
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let certs = WebhookCerts::new();
-    let cp = start(&certs.flags());
-    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
-    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
-    let head = format!(
-        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n",
-        review.len()
-    );
+    let (certs, cp, addr) = start_webhook();
+    let (head, review) = review_post();
 
     let mut idle = connect_tls(&certs, addr).await;
     idle.write_all(head.as_bytes()).await.unwrap();
@@ -921,13 +971,8 @@ async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_h
     held.write_all(first).await.unwrap();
     held.flush().await.unwrap();
 
-    let log = cp.log.clone();
-    let stopping = tokio::spawn(cp.stop_async());
-    common::eventually_async("the ports to stop accepting", || {
-        let stopped = log.lock().unwrap().contains("no new connections");
-        async move { stopped.then_some(()) }
-    })
-    .await;
+    let stopping = Stopping::sigterm(cp);
+    stopping.until_not_accepting().await;
     let patience = Duration::from_secs(2);
     assert!(
         common::connections::closed_within(&mut silent, patience)
@@ -970,15 +1015,12 @@ async fn a_review_in_flight_at_sigterm_is_answered_and_idle_connections_do_not_h
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"]["patch"].is_string(), "{answer}");
 
-    let status = stopping.await.unwrap();
-    assert!(status.success(), "SIGTERM exits 0: {status}");
+    stopping.exits_cleanly().await;
     assert!(
         answered.elapsed() < patience,
         "the exit came {:?} after the last answer: it waited for something else",
         answered.elapsed()
     );
-    let log = log.lock().unwrap().clone();
-    assert!(!log.contains("still open at the drain deadline"), "{log}");
 }
 
 /// A review the API server sent before SIGTERM, and the port had not yet
@@ -996,15 +1038,8 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let certs = WebhookCerts::new();
-    let cp = start(&certs.flags());
-    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
-    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
-    let head = format!(
-        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n",
-        review.len()
-    );
+    let (certs, cp, addr) = start_webhook();
+    let (head, review) = review_post();
 
     let mut handshaken = connect_tls(&certs, addr).await;
     let mut begun = connect_tls(&certs, addr).await;
@@ -1016,13 +1051,8 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
     whole.write_all(&review).await.unwrap();
     whole.flush().await.unwrap();
 
-    let log = cp.log.clone();
-    let stopping = tokio::spawn(cp.stop_async());
-    common::eventually_async("the ports to stop accepting", || {
-        let stopped = log.lock().unwrap().contains("no new connections");
-        async move { stopped.then_some(()) }
-    })
-    .await;
+    let stopping = Stopping::sigterm(cp);
+    stopping.until_not_accepting().await;
     let patience = Duration::from_secs(2);
     let mut buf = [0u8; 64];
     match tokio::time::timeout(patience, handshaken.read(&mut buf)).await {
@@ -1048,7 +1078,7 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
                 .unwrap_or_else(|| {
                     panic!(
                         "the {what} review, sent before SIGTERM, was cut unanswered: {}",
-                        log.lock().unwrap()
+                        stopping.log.lock().unwrap()
                     )
                 });
         assert_eq!(status, 200, "{what}: {answer_head}");
@@ -1074,10 +1104,7 @@ async fn a_review_begun_before_sigterm_and_not_yet_read_is_answered() {
         }
     }
 
-    let status = stopping.await.unwrap();
-    assert!(status.success(), "SIGTERM exits 0: {status}");
-    let log = log.lock().unwrap().clone();
-    assert!(!log.contains("still open at the drain deadline"), "{log}");
+    stopping.exits_cleanly().await;
 }
 
 /// A TCP stream whose writes after its first are held until `open`
@@ -1146,15 +1173,8 @@ async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() 
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
-    let certs = WebhookCerts::new();
-    let cp = start(&certs.flags());
-    let addr: std::net::SocketAddr = webhook_addr(&cp).parse().unwrap();
-    let review = std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap();
-    let head = format!(
-        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n",
-        review.len()
-    );
+    let (certs, cp, addr) = start_webhook();
+    let (head, review) = review_post();
 
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let open = Arc::new(AtomicBool::new(false));
@@ -1163,26 +1183,15 @@ async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() 
         writes: 0,
         open: open.clone(),
     };
-    let config = {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = rustls_pki_types::CertificateDer::from_pem_file(certs.path("ca.crt")).unwrap();
-        roots.add(ca).unwrap();
-        rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
-            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
-    };
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let handshake =
-        tokio::spawn(tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, held));
+    let handshake = tokio::spawn(
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&certs))).connect(name, held),
+    );
     // The ClientHello is sent and answered; the Finished is held.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!handshake.is_finished(), "the handshake was not held");
 
-    let log = cp.log.clone();
-    let stopping = tokio::spawn(cp.stop_async());
+    let stopping = Stopping::sigterm(cp);
     common::eventually_async("the webhook port to stop accepting", || async move {
         tokio::net::TcpStream::connect(addr)
             .await
@@ -1213,7 +1222,7 @@ async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() 
             .unwrap_or_else(|| {
                 panic!(
                     "the review of a handshake begun before SIGTERM was cut: {}",
-                    log.lock().unwrap()
+                    stopping.log.lock().unwrap()
                 )
             });
     assert_eq!(status, 200, "{answer_head}");
@@ -1226,8 +1235,5 @@ async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() 
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert!(answer["response"]["patch"].is_string(), "{answer}");
 
-    let status = stopping.await.unwrap();
-    assert!(status.success(), "SIGTERM exits 0: {status}");
-    let log = log.lock().unwrap().clone();
-    assert!(!log.contains("still open at the drain deadline"), "{log}");
+    stopping.exits_cleanly().await;
 }
