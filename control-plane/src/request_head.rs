@@ -314,6 +314,21 @@ mod tests {
         .await;
     }
 
+    /// The client's end of a connection its port serves on a task until
+    /// the sender says the port stops; the task ends with the connection.
+    async fn served_until_stopped() -> (
+        TcpStream,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client, port) = pair().await;
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serving(port, async {
+            let _ = stop.await;
+        }));
+        (client, stop_tx, served)
+    }
+
     /// All the client reads until the connection closes, or what it read
     /// by `TIMEOUT`.
     async fn rest(client: &mut TcpStream) -> String {
@@ -327,11 +342,7 @@ mod tests {
     /// as a first head begun is: not closed under it.
     #[tokio::test]
     async fn a_second_head_begun_at_the_stop_is_answered_as_the_last() {
-        let (mut client, port) = pair().await;
-        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(serving(port, async {
-            let _ = stop.await;
-        }));
+        let (mut client, stop_tx, served) = served_until_stopped().await;
         client.write_all(HEAD).await.unwrap();
         let mut first = [0u8; 17];
         client.read_exact(&mut first).await.unwrap();
@@ -364,11 +375,7 @@ mod tests {
     /// received) closes at once.
     #[tokio::test]
     async fn a_connection_idle_at_the_stop_closes_at_once() {
-        let (mut client, port) = pair().await;
-        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(serving(port, async {
-            let _ = stop.await;
-        }));
+        let (mut client, stop_tx, served) = served_until_stopped().await;
         client.write_all(HEAD).await.unwrap();
         let mut first = [0u8; 17];
         client.read_exact(&mut first).await.unwrap();
