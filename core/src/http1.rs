@@ -1347,27 +1347,37 @@ mod tests {
         );
     }
 
+    /// The first head of `port` read as a port reads it, never evicted,
+    /// the port stopping when `drain` resolves: what was read, whether
+    /// the stop was seen, and how long it took.
+    async fn first_head_at_stop(
+        port: tokio::net::TcpStream,
+        drain: impl Future<Output = ()>,
+    ) -> (FirstHead<tokio::net::TcpStream, HeadFault>, bool, Duration) {
+        let mut stop = std::pin::pin!(std::future::pending::<()>());
+        let mut drain = std::pin::pin!(drain);
+        let started = tokio::time::Instant::now();
+        let (first, drained) = first_head_or_drain(
+            port,
+            check_head,
+            MAX_REQUEST_HEAD,
+            Duration::from_secs(5),
+            stop.as_mut(),
+            drain.as_mut(),
+        )
+        .await;
+        (first, drained, started.elapsed())
+    }
+
     /// Part of a head read before the stop, the rest sent after it: read
     /// whole within the head's deadline.
     #[tokio::test]
     async fn a_head_begun_before_a_ports_stop_is_read_on_after_it() {
         let (mut client, port) = socket_pair().await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let reading = tokio::spawn(async move {
-            let mut stop = std::pin::pin!(std::future::pending::<()>());
-            let mut drain = std::pin::pin!(async {
-                let _ = rx.await;
-            });
-            first_head_or_drain(
-                port,
-                check_head,
-                MAX_REQUEST_HEAD,
-                Duration::from_secs(5),
-                stop.as_mut(),
-                drain.as_mut(),
-            )
-            .await
-        });
+        let reading = tokio::spawn(first_head_at_stop(port, async {
+            let _ = rx.await;
+        }));
         client.write_all(b"GET / HT").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         tx.send(()).unwrap();
@@ -1376,7 +1386,7 @@ mod tests {
             .write_all(b"TP/1.1\r\nhost: a\r\n\r\n")
             .await
             .unwrap();
-        let (got, drained) = tokio::time::timeout(Duration::from_secs(5), reading)
+        let (got, drained, _) = tokio::time::timeout(Duration::from_secs(5), reading)
             .await
             .expect("the head was read within its deadline")
             .unwrap();
@@ -1397,24 +1407,12 @@ mod tests {
     /// it.
     #[tokio::test]
     async fn empty_lines_alone_at_a_ports_stop_are_no_head_begun() {
-        let at_stop = |port, before: Option<oneshot::Receiver<()>>| async move {
-            let mut stop = std::pin::pin!(std::future::pending::<()>());
-            let mut drain = std::pin::pin!(async move {
+        let at_stop = |port, before: Option<oneshot::Receiver<()>>| {
+            first_head_at_stop(port, async move {
                 if let Some(before) = before {
                     let _ = before.await;
                 }
-            });
-            let started = tokio::time::Instant::now();
-            let (first, drained) = first_head_or_drain(
-                port,
-                check_head,
-                MAX_REQUEST_HEAD,
-                Duration::from_secs(5),
-                stop.as_mut(),
-                drain.as_mut(),
-            )
-            .await;
-            (first, drained, started.elapsed())
+            })
         };
         let closed_at_once = |(got, drained, took): (FirstHead<_, _>, bool, Duration), what| {
             assert!(
