@@ -40,7 +40,7 @@ use crate::metrics::{
 };
 use crate::readiness::{Check, Readiness};
 use crate::request_head;
-use crate::run::Connections;
+use crate::run::{Accepting, Connections};
 use crate::server::Refusals;
 
 /// How long a client of the admin port has to send a request's head, and
@@ -105,7 +105,7 @@ impl AdminHttp {
         metrics: Arc<Metrics>,
         discovery: Arc<Discovery>,
         readiness: Option<Arc<Readiness>>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> Connections {
         let mut connections = Connections::default();
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
@@ -114,35 +114,14 @@ impl AdminHttp {
             metrics.clone(),
             Metrics::admin_malformed_request,
         ));
-        let mut listener = Some(self.listener);
-        // Once the port stops: the connections its listener queued.
-        let mut queued = Vec::new().into_iter();
-        loop {
-            let (tcp, client, after_stop) = match &listener {
-                Some(accepting) => tokio::select! {
-                    // The stop first: a connection queued then is taken
-                    // with the others (`net::queued`).
-                    biased;
-                    () = crate::run::stopping(&mut shutdown) => {
-                        queued = crate::net::queued(listener.take().expect("accepting"))
-                            .into_iter();
-                        continue;
-                    }
-                    () = connections.closed() => continue,
-                    accepted = accepting.accept() => match accepted {
-                        Ok((tcp, client)) => (tcp, client, false),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                },
-                None => match queued.next() {
-                    Some((tcp, client)) => (tcp, client, true),
-                    None => return connections,
-                },
-            };
+        let mut accepting = Accepting::new(self.listener, "admin");
+        // The port's stop, seen once here (each connection watches for it
+        // too).
+        let mut stop_rx = shutdown.clone();
+        let mut stop = std::pin::pin!(crate::run::stopping(&mut stop_rx));
+        while let Some((tcp, client, after_stop)) =
+            accepting.next(stop.as_mut(), &mut connections).await
+        {
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
                 Err(refused) => {
@@ -189,6 +168,7 @@ impl AdminHttp {
                 .await;
             });
         }
+        connections
     }
 }
 

@@ -17,6 +17,7 @@
 //! once the ports serve, and `control plane stopped` on a clean exit.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -286,6 +287,61 @@ impl Connections {
             }
         }
         cut
+    }
+}
+
+/// An HTTP port's listener as the port runs and stops: the connections it
+/// accepts until the port's stop, then, without waiting, those it still
+/// queued ([`crate::net::queued`]: closing it with them queued would reset
+/// them), each said to be taken after the stop, then none.
+pub(crate) struct Accepting {
+    listener: Option<TcpListener>,
+    queued: std::vec::IntoIter<(tokio::net::TcpStream, SocketAddr)>,
+    /// The port, as its accept failures are logged.
+    port: &'static str,
+}
+
+impl Accepting {
+    pub(crate) fn new(listener: TcpListener, port: &'static str) -> Self {
+        Self {
+            listener: Some(listener),
+            queued: Vec::new().into_iter(),
+            port,
+        }
+    }
+
+    /// The next connection to serve and whether it was taken after the
+    /// port's `stop` (its first request is then its last); `None` once the
+    /// stop's queue is served. The stop is seen before a connection
+    /// accepted with it, and `connections` forgets those that closed while
+    /// this waits.
+    pub(crate) async fn next<F: Future<Output = ()>>(
+        &mut self,
+        mut stop: Pin<&mut F>,
+        connections: &mut Connections,
+    ) -> Option<(tokio::net::TcpStream, SocketAddr, bool)> {
+        loop {
+            let Some(accepting) = &self.listener else {
+                return self.queued.next().map(|(tcp, client)| (tcp, client, true));
+            };
+            tokio::select! {
+                // The stop first: a connection queued then is taken with
+                // the others.
+                biased;
+                () = stop.as_mut() => {
+                    let listener = self.listener.take().expect("accepting");
+                    self.queued = crate::net::queued(listener).into_iter();
+                }
+                () = connections.closed() => {}
+                accepted = accepting.accept() => match accepted {
+                    Ok((tcp, client)) => return Some((tcp, client, false)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "{} accept failed", self.port);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
     }
 }
 

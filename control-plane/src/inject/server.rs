@@ -67,7 +67,7 @@ use crate::api::quoted;
 use crate::handshake::HandshakeFailure;
 use crate::metrics::Metrics;
 use crate::request_head;
-use crate::run::Connections;
+use crate::run::{Accepting, Connections};
 use crate::server::Refusals;
 
 /// The mutating webhook that injects pods.
@@ -420,36 +420,15 @@ impl WebhookServer {
             Metrics::webhook_malformed_request,
         ));
         let turns = Arc::new(Semaphore::new(MAX_REVIEWS_AT_ONCE));
-        let mut listener = Some(self.listener);
-        // Once the port stops: the connections its listener queued.
-        let mut queued = Vec::new().into_iter();
-        loop {
-            let (tcp, client, after_stop) = match &listener {
-                Some(accepting) => tokio::select! {
-                    // The stop first: a connection queued then is taken
-                    // with the others (`net::queued`).
-                    biased;
-                    () = &mut shutdown => {
-                        let _ = closing_tx.send(true);
-                        queued = crate::net::queued(listener.take().expect("accepting"))
-                            .into_iter();
-                        continue;
-                    }
-                    () = connections.closed() => continue,
-                    accepted = accepting.accept() => match accepted {
-                        Ok((tcp, client)) => (tcp, client, false),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "webhook accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                },
-                None => match queued.next() {
-                    Some((tcp, client)) => (tcp, client, true),
-                    None => break,
-                },
-            };
+        let mut accepting = Accepting::new(self.listener, "webhook");
+        // The port's stop, told to every connection as it comes.
+        let mut stop = std::pin::pin!(async {
+            (&mut shutdown).await;
+            let _ = closing_tx.send(true);
+        });
+        while let Some((tcp, client, after_stop)) =
+            accepting.next(stop.as_mut(), &mut connections).await
+        {
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
                 Err(refused) => {
