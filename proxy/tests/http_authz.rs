@@ -59,7 +59,10 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
         .unwrap();
     let (status, body) = text(c.send_request(post).await.unwrap()).await;
     assert_eq!(status, 403);
-    assert_eq!(body, "trellis: denied by policy default:deny\n");
+    assert_eq!(
+        body,
+        "trellis: denied by policy default:deny: no policy allows this request\n"
+    );
     let (status, _) = send(&mut c, "/a/../admin/x", &[]).await;
     assert_eq!(status, 400, "a path that is not normalized is refused");
     let (status, _) = send(&mut c, "/", &[]).await;
@@ -110,8 +113,16 @@ async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
             "trellis: denied by policy b/no-admin rule 0\n",
         ),
         ("/users", 200, "GET /users HTTP/1.1"),
-        ("/users/", 403, "trellis: denied by policy default:deny\n"),
-        ("/users;x", 403, "trellis: denied by policy default:deny\n"),
+        (
+            "/users/",
+            403,
+            "trellis: denied by policy default:deny: no policy allows this request\n",
+        ),
+        (
+            "/users;x",
+            403,
+            "trellis: denied by policy default:deny: no policy allows this request\n",
+        ),
         ("/administrator", 200, "GET /administrator HTTP/1.1"),
     ] {
         let (got, text) = send(&mut c, path, &[]).await;
@@ -161,7 +172,10 @@ async fn a_deny_matches_a_path_in_any_letter_case_and_an_allow_only_as_written()
     let (status, body) = text(c.send_request(post("/PUBLIC/x")).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "trellis: denied by policy default:deny\n")
+        (
+            403,
+            "trellis: denied by policy default:deny: no policy allows this request\n"
+        )
     );
     assert_eq!(
         app.seen.paths(),
@@ -387,7 +401,10 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     let (status, body) = send(&mut c, "/two", &[("x-env", "prod"), ("x-env", "canary")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "trellis: denied by policy default:deny\n")
+        (
+            403,
+            "trellis: denied by policy default:deny: no policy allows this request\n"
+        )
     );
     let (status, body) = send(
         &mut c,
@@ -448,7 +465,10 @@ async fn a_header_spelled_with_underscores_is_the_same_header() {
     let (status, body) = send(&mut c, "/two", &[("x-env", "canary"), ("x_env", "prod")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "trellis: denied by policy default:deny\n")
+        (
+            403,
+            "trellis: denied by policy default:deny: no policy allows this request\n"
+        )
     );
     let (status, _) = send(&mut c, "/three", &[("x_env", "canary"), ("x_debug", "off")]).await;
     assert_eq!(status, 200, "x_env is x-env, and no copy of x-debug is on");
@@ -622,8 +642,9 @@ async fn an_http1_request_names_its_host_or_is_refused() {
 
 /// A caller that no policy lets in on the port at all, through its own
 /// sidecar: each request gets 403 naming the deciding policy (HTTP/1.1 and
-/// HTTP/2 alike), as a request refused by an L7 rule does, instead of a
-/// connection closed without a word; the app is never dialled.
+/// HTTP/2 alike), or saying that none allowed it under the mesh default,
+/// as a request refused by an L7 rule does, instead of a connection closed
+/// without a word; the app is never dialled.
 #[tokio::test]
 async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
@@ -638,11 +659,17 @@ async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
     let Some(out) = curl(&args).await else {
         return;
     };
-    assert_eq!(out, "trellis: denied by policy default:deny\n\n403");
+    assert_eq!(
+        out,
+        "trellis: denied by policy default:deny: no policy allows this request\n\n403"
+    );
     let mut args = vec!["--http2-prior-knowledge", url.as_str()];
     args.extend(status_and_body);
     let out = curl(&args).await.unwrap();
-    assert_eq!(out, "trellis: denied by policy default:deny\n\n403");
+    assert_eq!(
+        out,
+        "trellis: denied by policy default:deny: no policy allows this request\n\n403"
+    );
 
     let no_web = api_policy(
         "no-web",
@@ -654,6 +681,18 @@ async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
     args.extend(status_and_body);
     let out = curl(&args).await.unwrap();
     assert_eq!(out, "trellis: denied by policy b/no-web rule 0\n\n403");
+
+    // A default that allows some callers says why this one is not of them:
+    // `ns/a/sa/web` calling into `ns/b`.
+    push_to(&cp, snapshot(3, "allow-same-namespace", vec![]), 2).await;
+    let mut args = vec!["--http1.1", url.as_str()];
+    args.extend(status_and_body);
+    let out = curl(&args).await.unwrap();
+    assert_eq!(
+        out,
+        "trellis: denied by policy default:allow-same-namespace: no policy allows this \
+         request, and its caller is not of this workload's namespace\n\n403"
+    );
 
     assert!(
         app.seen.paths().is_empty(),
@@ -680,7 +719,10 @@ async fn a_grpc_caller_denied_outright_gets_permission_denied() {
     let channel = grpc::channel(p.route).await.unwrap();
     let status = grpc::certify(channel).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert_eq!(status.message(), "trellis: denied by policy default:deny");
+    assert_eq!(
+        status.message(),
+        "trellis: denied by policy default:deny: no policy allows this request"
+    );
 }
 
 /// An app that reads one line, keeps it, answers `ok` and closes.

@@ -999,7 +999,8 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
             && answer.ends_with(&format!(
                 "trellis: outbound call to {to} ended by its sidecar before any answer: it \
                  closed the connection after the handshake without a TLS alert (a refusal its \
-                 log names, such as a revoked caller's resumed session, or a failure) (closed)\n"
+                 log names, such as a denial by policy, whose answer only a connection settled \
+                 as HTTP gets, a revoked caller's resumed session, or a failure) (closed)\n"
             )),
         "{answer}"
     );

@@ -99,6 +99,25 @@ impl DefaultPolicy {
             Self::AllowMesh => "default:allow-mesh",
         }
     }
+
+    /// What a request this default denies is answered (after `trellis: `):
+    /// its label, as a deciding policy is named, then in plain words that
+    /// no policy allowed the request, and, for a mode that allows some
+    /// callers, why this caller is not one of them. A default denies on the
+    /// caller alone, so the mode says why.
+    pub fn denial(self) -> &'static str {
+        match self {
+            Self::Deny => "denied by policy default:deny: no policy allows this request",
+            Self::AllowSameNamespace => {
+                "denied by policy default:allow-same-namespace: no policy allows this request, \
+                 and its caller is not of this workload's namespace"
+            }
+            Self::AllowMesh => {
+                "denied by policy default:allow-mesh: no policy allows this request, and its \
+                 caller is not of this mesh's trust domain"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

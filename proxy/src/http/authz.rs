@@ -239,15 +239,16 @@ fn path_problem(problem: PathProblem) -> &'static str {
 }
 
 /// What a refused caller is told: the deciding policy and rule
-/// (`denied by policy NS/NAME rule N`, or the mesh default's label), or
+/// (`denied by policy NS/NAME rule N`), the mesh default's label and that
+/// no policy allowed the request ([`DefaultPolicy::denial`]), or
 /// [`NO_SNAPSHOT_DENIAL`].
+///
+/// [`DefaultPolicy::denial`]: trellis_core::policy::DefaultPolicy::denial
 fn denial(decision: &Decision) -> Bytes {
-    match (&decision.reason, decision.rule()) {
-        (Reason::NoSnapshot, _) => Bytes::from_static(NO_SNAPSHOT_DENIAL.as_bytes()),
-        (_, Some(rule)) => {
-            format!("denied by policy {} rule {rule}", decision.policy_label()).into()
-        }
-        (_, None) => format!("denied by policy {}", decision.policy_label()).into(),
+    match &decision.reason {
+        Reason::NoSnapshot => Bytes::from_static(NO_SNAPSHOT_DENIAL.as_bytes()),
+        Reason::Default(mode) => Bytes::from_static(mode.denial().as_bytes()),
+        Reason::Rule(rule) => format!("denied by policy {rule}").into(),
     }
 }
 

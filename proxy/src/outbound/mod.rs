@@ -780,8 +780,9 @@ impl PeerRefusal {
                     alert: None,
                     reason: "closed",
                     words: "it closed the connection after the handshake without a TLS alert \
-                            (a refusal its log names, such as a revoked caller's resumed \
-                            session, or a failure)",
+                            (a refusal its log names, such as a denial by policy, whose \
+                            answer only a connection settled as HTTP gets, a revoked caller's \
+                            resumed session, or a failure)",
                 });
             }
             _ => return None,

@@ -123,7 +123,11 @@ async fn the_mesh_default_deny_blocks_pod_a_to_pod_b() {
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
     // Pod A's app is told by pod B's sidecar which policy refused it.
     let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_refused(&reply, 403, "trellis: denied by policy default:deny");
+    assert_refused(
+        &reply,
+        403,
+        "trellis: denied by policy default:deny: no policy allows this request",
+    );
 
     cluster
         .b_logs_inbound_from_a(&["inbound connection denied"])
