@@ -1336,11 +1336,13 @@ async fn the_last_bytes_before_a_reset_reach_the_other_app_first() {
 }
 
 /// A TCP call whose server app is down (nothing listens where the server's
-/// sidecar dials it) is closed: the server's sidecar counts the app
-/// unreachable, the caller's that its peer closed the connection before
-/// any answer, and nothing stays open.
+/// sidecar dials it) is cut: the server's sidecar ends its TLS session
+/// without `close_notify` before any answer, which the calling app sees as
+/// a reset, never as the server's orderly end; the server's sidecar counts
+/// the app unreachable, the caller's that its peer closed the connection
+/// before any answer, and nothing stays open.
 #[tokio::test]
-async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides() {
+async fn a_tcp_call_whose_server_app_is_down_is_reset_and_counted_on_both_sides() {
     use tokio::io::AsyncWriteExt;
     let ca = Ca::new();
     let server = id("/ns/b/sa/server");
@@ -1351,7 +1353,7 @@ async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides
 
     let mut app = TcpStream::connect(local).await.unwrap();
     app.write_all(b"hello\n").await.unwrap();
-    assert_eq!(read_end(&mut app).await, End::Fin(Vec::new()));
+    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
     eventually("both sides count the call", || {
         inbound.metrics.encode().contains(
             "trellis_connections_total{direction=\"inbound\",outcome=\"app_unreachable\"} 1",
@@ -1370,6 +1372,78 @@ async fn a_tcp_call_whose_server_app_is_down_is_closed_and_counted_on_both_sides
         _shutdown,
     };
     through.closed().await;
+}
+
+/// A TCP call the server's sidecar denies (no policy allows the caller)
+/// is dropped there without `close_notify`, before any answer: the
+/// calling app sees a reset, not the FIN of a server that closed in
+/// order, and the caller's sidecar logs and counts that its peer closed
+/// the connection.
+#[tokio::test]
+async fn a_tcp_call_the_server_s_sidecar_denies_is_reset_at_the_calling_app() {
+    use tokio::io::AsyncWriteExt;
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let metrics = Arc::new(Metrics::new());
+    let denying =
+        trellis_proxy::policy::Policies::compile(1, &server, "deny".into(), Vec::new(), &metrics)
+            .unwrap();
+    let state = ca.tls_state(&ca.svid(&server), &[]);
+    let inbound = inbound_with(app.addr, state, Some(Arc::new(denying)), metrics).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let mut caller = TcpStream::connect(local).await.unwrap();
+    caller.write_all(b"hello\n").await.unwrap();
+    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+    logs.wait_for(&[
+        "WARN",
+        "outbound connection closed by the server's sidecar before any answer",
+        "peer=spiffe://td.test/ns/b/sa/server",
+        "reason=closed",
+    ])
+    .await;
+    let counted = "trellis_connections_total{direction=\"outbound\",outcome=\"closed_by_peer\"} 1";
+    let text = client.metrics.encode();
+    assert!(text.contains(counted), "{counted} in {text}");
+    let denied = "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 1";
+    let text = inbound.metrics.encode();
+    assert!(text.contains(denied), "{denied} in {text}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// A TCP call the server's sidecar refuses with a TLS alert after the
+/// handshake (a caller certificate it does not trust) is reset at the
+/// calling app, which has no HTTP answer to be told why in, and logged
+/// and counted as the refusal it is.
+#[tokio::test]
+async fn a_tcp_call_the_server_s_sidecar_refuses_with_an_alert_is_reset_at_the_calling_app() {
+    use tokio::io::AsyncWriteExt;
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound_as(&ca, &server, app.addr).await;
+    let other = Ca::new();
+    let me = id("/ns/a/sa/client");
+    let state = trellis_proxy::tls::TlsState::build(
+        Some(&other.svid(&me)),
+        &[ca.root()],
+        &td(),
+        std::slice::from_ref(&server),
+    )
+    .unwrap();
+    let client = Arc::new(holding(Arc::new(state)));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let mut caller = TcpStream::connect(local).await.unwrap();
+    caller.write_all(b"hello\n").await.unwrap();
+    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+    let to = inbound.addr;
+    assert_refused_by_peer(&logs, &client, to, "UnknownCA", "alert_unknown_ca").await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
 /// A connection the client's sidecar closes because the server's identity

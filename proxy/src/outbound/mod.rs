@@ -61,13 +61,15 @@
 //! `UNAVAILABLE` otherwise) and those words as its message
 //! ([`trellis_core::refusal::answer`]). The detector reads the app's first
 //! bytes for it when no mesh dial did already; opaque TCP and any call to a
-//! port declared opaque are closed as before.
+//! port declared opaque, which have no answer to be told why in, are
+//! reset: a FIN would pass for the server's orderly close.
 //!
 //! The peer's sidecar may refuse a connection once this one's handshake is
 //! over (TLS 1.3 has it verify this sidecar's certificate then): with a TLS
 //! alert, or by closing without one (a revoked caller). Met before any byte
 //! of an answer, either is logged naming the peer and the alert, counted,
-//! and answered to an HTTP app with `502` (`PeerRefusal`). A peer whose
+//! and answered to an HTTP app with `502` (`PeerRefusal`); any other app
+//! is reset, as it is when the connection fails later. A peer whose
 //! sidecar has no certificate yet answers the handshake with
 //! `access_denied`, which the app is told as `503`, not ready.
 //!
@@ -586,7 +588,7 @@ async fn detect<R: std::fmt::Display>(
 /// an answer came back, is logged naming the peer and why, counted, and
 /// an HTTP app is answered `502` saying so ([`PeerRefusal`]), for which
 /// `first`, the bytes detection read (none for opaque TCP), is kept until
-/// the first byte of an answer comes.
+/// the first byte of an answer comes; an opaque TCP app is reset.
 ///
 /// While the peer's identity is not revoked the connection only waits
 /// among the policies' waiters, which wake when the policies change
@@ -669,12 +671,15 @@ async fn relay<R: std::fmt::Display>(
             Some(refusal) => {
                 refusal.report(shared, to, tried);
                 drop(upstream);
-                // Answered, not cut: the answer must not be lost to a reset.
-                let mut app = App {
-                    tcp: local.into_inner(),
-                    detected: first.map(|first| (protocol, first)),
-                };
-                if app.detected.is_some() {
+                // An HTTP app is answered: answered, not cut, so the answer
+                // must not be lost to a reset. Any other app has no answer
+                // to be told why in, and is reset (`local`, not ended):
+                // the peer's close was no end of its bytes.
+                if let Some(first) = first {
+                    let mut app = App {
+                        tcp: local.into_inner(),
+                        detected: Some((protocol, first)),
+                    };
                     let message = refusal.message(to);
                     // Boxed: the answer's state would otherwise size every
                     // connection's task for its whole life.
@@ -915,7 +920,9 @@ async fn answer_dial_refused(
 /// The app's first bytes are read first (the detector's, at most
 /// [`http::detect::DETECT_TIMEOUT`]) unless an attempt already did; an app
 /// speaking anything else (opaque TCP), or calling a port declared
-/// `opaque`, which is never looked at, is only closed, as before.
+/// `opaque`, which is never looked at, has no answer to be told why in
+/// and is reset ([`net::reset_on_close`]): a FIN would pass for its
+/// server's orderly close.
 async fn answer_refused(
     app: &mut App,
     opaque: bool,
@@ -924,6 +931,7 @@ async fn answer_refused(
     why: impl std::fmt::Display,
 ) {
     if opaque {
+        net::reset_on_close(&app.tcp);
         return;
     }
     let message = format!("outbound call to {dst} refused: {why}");
@@ -932,19 +940,21 @@ async fn answer_refused(
 
 /// Answers the first request of an HTTP app with `status`, `message` and
 /// `trellis-proxy-error: reason` ([`answer_refused`]); an app that does
-/// not speak HTTP is only closed.
+/// not speak HTTP, or whose bytes could not be read, is reset when its
+/// connection is dropped, never ended with a FIN that would pass for its
+/// server's orderly close.
 async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str), message: &str) {
     let (protocol, first) = match app.detected.take() {
         Some(detected) => detected,
         None => match http::detect(&mut app.tcp).await {
             Ok((protocol, read)) => (protocol, read.into_parts().0),
-            Err(_) => return,
+            Err(_) => return net::reset_on_close(&app.tcp),
         },
     };
     let version = match protocol {
         Protocol::Http1 => refusal::Version::Http1,
         Protocol::Http2 => refusal::Version::Http2,
-        Protocol::Opaque => return,
+        Protocol::Opaque => return net::reset_on_close(&app.tcp),
     };
     let refused = refusal::Refusal {
         status,

@@ -497,6 +497,70 @@ async fn passthrough_retries_on_plain_tcp_and_after_a_mesh_backend() {
     assert_eq!(retried(&shared, "refused"), 1, "a direct call was retried");
 }
 
+/// Sends [`MESSAGE`] on a call to `dst`, keeping its own side open as an
+/// app awaiting an answer does, and says how the call ended for the app:
+/// `fin` or `reset`, after the bytes that came back.
+async fn how_it_ends(shared: &Arc<Shared>, dst: &str) -> (&'static str, Vec<u8>) {
+    let (mut app, task) = call(shared, dst).await;
+    app.write_all(MESSAGE).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), app.read(&mut buf))
+            .await
+            .expect("the call neither ended nor was reset within 5 s");
+        match read {
+            Ok(0) => break "fin",
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("reading: {e}"),
+        }
+    };
+    task.await.unwrap();
+    (end, got)
+}
+
+/// An opaque TCP call that fails before anything came back is reset at
+/// the app, never ended with a FIN it could take for the server's orderly
+/// close: a mesh backend that refuses the connection (a single one, or
+/// every one tried), a passthrough destination that refuses, and a call the sidecar refuses
+/// itself, to a port declared opaque too.
+#[tokio::test]
+async fn an_opaque_call_that_fails_before_an_answer_is_reset_at_the_app() {
+    let ca = Ca::new();
+    let gone = refusing();
+    let shared = sidecar(&ca, "deny", &[gone.addr], &[gone.addr]);
+    assert_eq!(how_it_ends(&shared, VIP).await, ("reset", Vec::new()));
+    assert_eq!(outcome(&shared, "refused"), 1, "a failed mesh dial");
+    let direct = gone.addr.to_string();
+    assert_eq!(how_it_ends(&shared, &direct).await, ("reset", Vec::new()));
+    assert_eq!(outcome(&shared, "refused"), 2, "a failed direct mesh dial");
+
+    let held: Vec<Refusing> = (0..3).map(|_| refusing()).collect();
+    let all_gone: Vec<SocketAddr> = held.iter().map(|r| r.addr).collect();
+    let shared = sidecar(&ca, "deny", &all_gone, &all_gone);
+    assert_eq!(how_it_ends(&shared, VIP).await, ("reset", Vec::new()));
+    assert_eq!(retried(&shared, "refused"), 2);
+    assert_eq!(outcome(&shared, "refused"), 1);
+
+    let shared = sidecar(&ca, "passthrough", &[], &[]);
+    assert_eq!(how_it_ends(&shared, &direct).await, ("reset", Vec::new()));
+    assert_eq!(outcome(&shared, "connect_failed"), 1);
+
+    let shared = sidecar(&ca, "deny", &[], &[]);
+    assert_eq!(how_it_ends(&shared, VIP).await, ("reset", Vec::new()));
+    assert_eq!(outcome(&shared, "no_backend"), 1);
+    let outside = "192.0.2.7:80";
+    assert_eq!(how_it_ends(&shared, outside).await, ("reset", Vec::new()));
+    assert_eq!(outcome(&shared, "denied"), 1);
+    let outside_opaque = "192.0.2.7:5432";
+    assert_eq!(
+        how_it_ends(&shared, outside_opaque).await,
+        ("reset", Vec::new())
+    );
+    assert_eq!(outcome(&shared, "denied"), 2);
+}
+
 /// Sends an HTTP/1 request on a call to `dst` and returns what came back,
 /// the sidecar done with the call.
 async fn http_round_trip(shared: &Arc<Shared>, dst: &str) -> String {
@@ -522,8 +586,8 @@ fn proxy_error(answer: &str) -> Option<&str> {
 /// An HTTP/1 app whose call is refused before anything of it left the pod
 /// is told so in an answer naming the address it called and why, marked
 /// as the sidecar's (`trellis-proxy-error`), not left with a closed
-/// connection; other protocols, and any call to an opaque port, are only
-/// closed.
+/// connection; other protocols, and any call to an opaque port, are
+/// reset ([`an_opaque_call_that_fails_before_an_answer_is_reset_at_the_app`]).
 #[tokio::test]
 async fn an_http1_call_refused_is_answered_with_why() {
     let ca = Ca::new();
