@@ -1514,6 +1514,125 @@ async fn an_http_connection_closed_by_new_policies_is_reset_for_the_caller_only(
     );
 }
 
+/// An HTTP/2 connection (h2c from the app, `h2` between the sidecars) the
+/// server's sidecar closes because new policies deny it is cut for the
+/// calling app as an HTTP/1 one is: its sidecar resets the app's
+/// connection, so hyper's HTTP/2 client fails the request in flight and
+/// the connection with a reset, not a GOAWAY it could take for a graceful
+/// end. The server app's end is the sidecar's own HTTP connection: the
+/// upload in flight there ends with a stream reset (`RST_STREAM` with
+/// `INTERNAL_ERROR`), which tells the app the request was cut, and the
+/// app's connection is not reset.
+#[tokio::test]
+async fn an_http2_connection_closed_by_new_policies_is_reset_for_the_caller_only() {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    type Chunk = Result<Frame<bytes::Bytes>, std::convert::Infallible>;
+    // A request body the test sends chunk by chunk; a closed channel ends it.
+    let body = |chunks: tokio::sync::mpsc::Receiver<Chunk>| {
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(chunks))
+    };
+    let mut through = Through::start().await;
+    let tcp = TokioIo::new(TcpStream::connect(through.local).await.unwrap());
+    let (mut caller, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let first = ::http::Request::get("http://api/first")
+        .body(body(tokio::sync::mpsc::channel(1).1))
+        .unwrap();
+    let answered = tokio::spawn(caller.send_request(first));
+
+    // The server app, hyper's server, on the connection its sidecar opens:
+    // `/first` answered at once, `/upload` read to its end, how that went
+    // reported.
+    let app = through.accept().await;
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(1);
+    let (upload_tx, mut upload) = tokio::sync::mpsc::channel::<Result<(), String>>(1);
+    let serve =
+        hyper::service::service_fn(move |request: ::http::Request<hyper::body::Incoming>| {
+            let (started_tx, upload_tx) = (started_tx.clone(), upload_tx.clone());
+            async move {
+                if request.uri().path() == "/upload" {
+                    let mut body = request.into_body();
+                    let _ = body.frame().await;
+                    let _ = started_tx.send(()).await;
+                    let ended = loop {
+                        match body.frame().await {
+                            None => break Ok(()),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => break Err(format!("{e:?}")),
+                        }
+                    };
+                    let _ = upload_tx.send(ended).await;
+                }
+                Ok::<_, std::convert::Infallible>(::http::Response::new(Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            }
+        });
+    let (app_local, app_peer) = (app.local_addr().unwrap(), app.peer_addr().unwrap());
+    let app_socket = socket2::SockRef::from(&app).try_clone().unwrap();
+    tokio::spawn(async move {
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let _ = builder.serve_connection(TokioIo::new(app), serve).await;
+    });
+
+    let response = answered.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "ok"
+    );
+
+    // An upload under way on the same connection when the policies change.
+    let (chunks, upload_body) = tokio::sync::mpsc::channel(4);
+    let upload_request = ::http::Request::post("http://api/upload")
+        .header("content-length", "100")
+        .body(body(upload_body))
+        .unwrap();
+    let uploading = tokio::spawn(caller.send_request(upload_request));
+    chunks
+        .send(Ok(Frame::data(bytes::Bytes::from_static(b"part"))))
+        .await
+        .unwrap();
+    within(started.recv())
+        .await
+        .expect("the upload never reached the app");
+    through.deny_at_server();
+
+    // The calling app: the request and the connection fail with a reset.
+    let failed = within(uploading).await.unwrap();
+    let error = failed.expect_err("the cut upload was answered");
+    let ended = within(connection).await.unwrap();
+    let error = match ended {
+        Err(e) => format!("{error:?} / {e:?}"),
+        Ok(()) => panic!("the caller's connection ended gracefully ({error:?})"),
+    };
+    assert!(error.contains("ConnectionReset"), "{error}");
+    // The server app: the upload's stream is reset, its connection is not.
+    let cut = within(upload.recv()).await.unwrap();
+    let cut = cut.expect_err("the app took the cut upload for a whole one");
+    assert!(
+        cut.contains("Reset(") && cut.contains("INTERNAL_ERROR, Remote"),
+        "{cut}"
+    );
+    through.closed().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        app_socket.take_error().unwrap().is_none(),
+        "the app's connection {app_local} <- {app_peer} was reset"
+    );
+}
+
+/// `future`'s output, within 5 s.
+async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(5), future)
+        .await
+        .expect("nothing within 5 s")
+}
+
 /// Reads `tcp` until what was read ends with `end`, within 5 s, and checks
 /// that it starts with `start`.
 async fn read_from_to(tcp: &mut TcpStream, start: &[u8], end: &[u8]) {
