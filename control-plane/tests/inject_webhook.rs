@@ -2881,14 +2881,17 @@ fn reinvocation_patch(review: &Value, pod: &Value) -> json_patch::Patch {
     patch_of(&reply).expect("a patch")
 }
 
-/// `pod`'s `trellis-init`, and its `trellis-proxy` without its hook token
-/// (random for each injection) and with its environment as a map (an
-/// entry a reinvocation adds comes last).
+/// `pod`'s `trellis-init`, and its `trellis-proxy` with the value of its
+/// hook token (random for each injection) left out, its environment
+/// entry for entry in order: a reinvocation puts an entry it adds where
+/// an injection writes it.
 fn ours(pod: &Value) -> (Value, Value) {
     let mut proxy = container(pod, "initContainers", "trellis-proxy").clone();
-    let mut env = env(&proxy);
-    env.remove("TRELLIS_HOOK_TOKEN");
-    proxy["env"] = json!(env);
+    for entry in proxy["env"].as_array_mut().into_iter().flatten() {
+        if entry["name"] == "TRELLIS_HOOK_TOKEN" {
+            entry["value"] = json!("(a token)");
+        }
+    }
     (
         container(pod, "initContainers", "trellis-init").clone(),
         proxy,
@@ -2924,17 +2927,13 @@ fn settings_annotations_a_later_webhook_sets_are_applied_on_reinvocation() {
     assert_eq!(reply["response"]["allowed"], true, "{reply}");
     assert!(reply["response"].get("warnings").is_none(), "{reply}");
     let patch = patch_of(&reply).expect("a patch");
-    assert_eq!(
-        ops(&patch),
-        [
-            "replace /spec/initContainers/0/args",
-            "add /spec/initContainers/1/env/-",
-            "add /spec/initContainers/1/env/-",
-            "add /spec/initContainers/1/env/-",
-            "add /spec/initContainers/1/env/-",
-            "add /spec/initContainers/1/env/-",
-        ]
-    );
+    // The five entries after `TRELLIS_LOG_FORMAT`, before the checks, as
+    // an injection writes them.
+    let log_format = env_index(&first, "TRELLIS_LOG_FORMAT");
+    assert_eq!(env_index(&first, "TRELLIS_APP_PROBES"), log_format + 1);
+    let mut expected = vec!["replace /spec/initContainers/0/args".to_owned()];
+    expected.extend((1..=5).map(|i| format!("add /spec/initContainers/1/env/{}", log_format + i)));
+    assert_eq!(ops(&patch), expected);
     let again = apply(&pod, &patch);
     // As injected with those annotations from the start.
     let direct = injected_annotated(&review, &later);
@@ -3277,7 +3276,11 @@ fn a_setting_refused_on_reinvocation_says_what_changed_since_injection() {
 /// alone, all at once; an opaque port by number and by a container's port
 /// name). A difference between what an injection writes and what a review
 /// derives (an entry's form, a flag's place, the order of a list) would
-/// show as a patch here. Real AdmissionReview documents; no API server.
+/// show as a patch here. And the same annotations set by a later webhook
+/// on the pod injected without them are applied by a patch of only the
+/// init's arguments and sidecar's entries, which leaves the two entry for
+/// entry, in order, as the injection with them wrote. Real AdmissionReview
+/// documents; no API server.
 #[test]
 fn an_injections_output_reviewed_again_gets_no_patch_whatever_its_annotations() {
     let settings = [
@@ -3358,7 +3361,44 @@ fn an_injections_output_reviewed_again_gets_no_patch_whatever_its_annotations() 
                     reply["response"]["allowed"], true,
                     "{name} {annotations:?}: {reply}"
                 );
-                let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+                let direct = apply(&pod, &patch_of(&reply).expect("a patch"));
+                // The same annotations set by a later webhook on the pod
+                // injected without them: the reinvocation's patch, of
+                // only the entries and arguments that differ, gives the
+                // sidecar and init a first injection gives, each entry
+                // in its place.
+                let plain = answer(
+                    &with_object(&review, object.clone()),
+                    NamespaceScope::SelectedByWebhook,
+                    settings,
+                );
+                let plain = apply(object, &patch_of(&plain).expect("a patch"));
+                let later = annotated(&plain, &annotations);
+                let reply = answer(
+                    &with_object(&review, later.clone()),
+                    NamespaceScope::SelectedByWebhook,
+                    settings,
+                );
+                assert_eq!(reply["response"]["allowed"], true, "{reply}");
+                if let Some(patch) = patch_of(&reply) {
+                    let ops = ops(&patch);
+                    assert!(
+                        ops.iter()
+                            .all(|op| op == "replace /spec/initContainers/0/args"
+                                || op.starts_with("replace /spec/initContainers/1/env/")
+                                || op.starts_with("remove /spec/initContainers/1/env/")
+                                || op.starts_with("add /spec/initContainers/1/env/")),
+                        "{name} {annotations:?}: {ops:?}"
+                    );
+                    assert_eq!(
+                        ours(&apply(&later, &patch)),
+                        ours(&direct),
+                        "{name} {annotations:?}: {ops:?}"
+                    );
+                } else {
+                    assert_eq!(ours(&later), ours(&direct), "{name} {annotations:?}");
+                }
+                let pod = direct;
                 for reinvocation in 1..=3 {
                     let again = answer(
                         &with_object(&review, pod.clone()),

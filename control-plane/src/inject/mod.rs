@@ -266,9 +266,9 @@
 //! (`/spec/containers/2`), the sidecar's environment entries that differ
 //! (`TRELLIS_APP_PROBES`, a setting's `TRELLIS_*`) in their place and
 //! `trellis-init`'s `args` (`add`s them where it has none), `remove`s the
-//! entries to go, and appends what the sidecar's environment lacked
-//! (`/spec/initContainers/1/env/-`), or `add`s the environment whole to a
-//! sidecar that has none.
+//! entries to go, and `add`s what the sidecar's environment lacked where an
+//! injection writes it (`/spec/initContainers/1/env/14`, or `env/-` when
+//! that is the end), or the environment whole to a sidecar that has none.
 
 mod annotations;
 mod pod;

@@ -30,6 +30,60 @@ const XTABLES_DIR: &str = "/run/trellis-xtables";
 const TRELLIS_APP_PROBES: &str = "TRELLIS_APP_PROBES";
 const TRELLIS_HOOK_TOKEN: &str = "TRELLIS_HOOK_TOKEN";
 
+/// The names of the sidecar's environment entries in the order an
+/// injection writes them ([`proxy_container`]): a review of a pod with its
+/// sidecar puts an entry it adds in that place, so that the sidecar is
+/// entry for entry the one a first injection of the pod would give.
+const PROXY_ENV_ORDER: [&str; 22] = [
+    "TRELLIS_POD_NAME",
+    "TRELLIS_POD_NAMESPACE",
+    "TRELLIS_SERVICE_ACCOUNT",
+    "TRELLIS_POD_IP",
+    "TRELLIS_POD_IPS",
+    "TRELLIS_IDENTITY",
+    "TRELLIS_CONTROL_PLANE",
+    "TRELLIS_TRUST_BUNDLE",
+    "TRELLIS_TOKEN_FILE",
+    "TRELLIS_TOKEN_TYPE",
+    "TRELLIS_ADMIN",
+    "TRELLIS_ADVERTISE_ADDRESS",
+    "TRELLIS_LOG_FORMAT",
+    // What the annotations decide ([`Annotated`]), in its order.
+    "TRELLIS_ACCESS_LOG",
+    "TRELLIS_TCP_USER_TIMEOUT",
+    "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
+    "TRELLIS_MAX_H2_CONNECTIONS",
+    "TRELLIS_OPAQUE_PORTS",
+    "TRELLIS_INBOUND",
+    "TRELLIS_OUTBOUND",
+    TRELLIS_APP_PROBES,
+    TRELLIS_HOOK_TOKEN,
+];
+
+/// Where the entry `entry` comes in [`PROXY_ENV_ORDER`]; `None` for one the
+/// injector never writes.
+fn env_rank(entry: &Value) -> Option<usize> {
+    let name = entry.get("name").and_then(Value::as_str)?;
+    PROXY_ENV_ORDER.iter().position(|known| *known == name)
+}
+
+/// The index at which `entry` joins the sidecar's environment `env`:
+/// right after the last entry an injection writes before it, else before
+/// the first it writes after it, else at the end. Entries the injector
+/// does not write (a later webhook's) are passed over.
+fn env_place(env: &[Option<usize>], entry: &Value) -> usize {
+    let Some(rank) = env_rank(entry) else {
+        return env.len();
+    };
+    match env.iter().rposition(|r| r.is_some_and(|r| r < rank)) {
+        Some(before) => before + 1,
+        None => env
+            .iter()
+            .position(|r| r.is_some_and(|r| r > rank))
+            .unwrap_or(env.len()),
+    }
+}
+
 /// Why a pod cannot be injected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
@@ -597,7 +651,8 @@ fn rewrite_added(
     // The sidecar's environment: the new checks join the ones it has, and
     // a pod's first rewritten hook brings it the token. Entries are
     // replaced where they are, then the ones to go taken out from the last
-    // (so no index moves before it is used), then new ones appended.
+    // (so no index moves before it is used), then new ones added where an
+    // injection writes them ([`PROXY_ENV_ORDER`]).
     let env_path = format!("/spec/{field}/{at}/env");
     for (at, value) in env_replaced {
         patch.push(PatchOp::replace(format!("{env_path}/{at}"), value));
@@ -638,14 +693,32 @@ fn rewrite_added(
         added.push(json!({"name": TRELLIS_HOOK_TOKEN, "value": hook_token}));
     }
     removed.sort_unstable_by(|a, b| b.cmp(a));
-    for at in removed {
+    removed.dedup();
+    for at in &removed {
         patch.push(PatchOp::remove(format!("{env_path}/{at}")));
     }
+    // Each added entry where an injection writes it, in that order, so
+    // that each one's index is right for the environment the operations
+    // before it left.
+    added.sort_by_key(env_rank);
     if proxy.get("env").is_none() && !added.is_empty() {
         patch.push(PatchOp::add(env_path, Value::Array(added)));
     } else {
+        let mut ranks: Vec<Option<usize>> = env
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| !removed.contains(at))
+            .map(|(_, e)| env_rank(e))
+            .collect();
         for value in added {
-            patch.push(PatchOp::add(format!("{env_path}/-"), value));
+            let at = env_place(&ranks, &value);
+            let path = if at == ranks.len() {
+                format!("{env_path}/-")
+            } else {
+                format!("{env_path}/{at}")
+            };
+            ranks.insert(at, env_rank(&value));
+            patch.push(PatchOp::add(path, value));
         }
     }
     Ok(Injection::Rewritten { patch, warnings })
@@ -1555,6 +1628,57 @@ fn log_format(format: trellis_core::logging::Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every entry an injection writes on the sidecar, each setting and
+    /// port other than the default's, a check and a hook token among
+    /// them, is in [`PROXY_ENV_ORDER`] in its order: the order a review
+    /// of an injected pod puts the entries it adds in.
+    #[test]
+    fn the_sidecars_entries_come_in_the_order_a_reinvocation_adds_them() {
+        let config = InjectConfig {
+            inbound_port: 16006,
+            outbound_port: 16001,
+            ..InjectConfig::default()
+        };
+        // Each entry the annotations decide, set.
+        let annotated: Vec<(&'static str, Option<String>)> =
+            Annotated::read(&BTreeMap::new(), &Map::new(), &config)
+                .unwrap()
+                .env
+                .iter()
+                .map(|(name, _)| (*name, Some("x".to_owned())))
+                .collect();
+        let probes = BTreeMap::from([("/app-health/web/readiness".to_owned(), json!({}))]);
+        let proxy = proxy_container(&config, &probes, Some("token"), &annotated);
+        let ranks: Vec<Option<usize>> = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(env_rank)
+            .collect();
+        assert_eq!(
+            ranks,
+            (0..PROXY_ENV_ORDER.len()).map(Some).collect::<Vec<_>>()
+        );
+    }
+
+    /// An entry joins after the last one an injection writes before it,
+    /// a later webhook's entries passed over; else before the first it
+    /// writes after it; else at the end.
+    #[test]
+    fn an_added_entry_goes_where_an_injection_writes_it() {
+        let entry = |name: &str| json!({"name": name, "value": "x"});
+        let ranks = |names: &[&str]| -> Vec<Option<usize>> {
+            names.iter().map(|name| env_rank(&entry(name))).collect()
+        };
+        let env = ranks(&["TRELLIS_LOG_FORMAT", "VAULT_ADDR", "TRELLIS_APP_PROBES"]);
+        assert_eq!(env_place(&env, &entry("TRELLIS_OPAQUE_PORTS")), 1);
+        assert_eq!(env_place(&env, &entry(TRELLIS_HOOK_TOKEN)), 3);
+        let env = ranks(&["VAULT_ADDR", "TRELLIS_APP_PROBES"]);
+        assert_eq!(env_place(&env, &entry("TRELLIS_ACCESS_LOG")), 1);
+        assert_eq!(env_place(&[], &entry("TRELLIS_ACCESS_LOG")), 0);
+        assert_eq!(env_place(&env, &entry("OTHER")), 2);
+    }
 
     /// Flags are set in the form the arguments have them, a missing one
     /// goes after the flag before it (or at the end), and one set to
