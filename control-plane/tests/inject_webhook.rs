@@ -2801,13 +2801,83 @@ fn many_unknown_trellis_names_give_a_bounded_list_of_warnings() {
             )
         );
     }
+    assert_eq!(warnings[MAX_UNKNOWN_NAME_WARNINGS], MORE_UNKNOWN_NAMES);
+}
+
+/// The warning that stands for the names under `trellis.io/` past the
+/// first [`MAX_UNKNOWN_NAME_WARNINGS`].
+const MORE_UNKNOWN_NAMES: &str = "trellis: and more names under trellis.io/ in \
+                                  metadata.annotations or metadata.labels that Trellis does not \
+                                  know, ignored";
+
+/// The warnings a client is shown of one request whose webhook calls
+/// answered `replies`: the API server passes each text on once.
+fn shown(replies: &[&Value]) -> Vec<String> {
+    let mut shown: Vec<String> = Vec::new();
+    for reply in replies {
+        for warning in reply["response"]["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let warning = warning.as_str().unwrap().to_owned();
+            if !shown.contains(&warning) {
+                shown.push(warning);
+            }
+        }
+    }
+    shown
+}
+
+/// A pod with more names under `trellis.io/` than are warned of one by
+/// one is warned the same on its injection and on a review of it with
+/// its sidecar; when a webhook called after Trellis's adds such names
+/// (the API server reinvoking `/inject` in the same request), the line
+/// that stands for the names past the first few is the same text on both
+/// calls, so the client is shown it once, and each name once. Real
+/// AdmissionReview (fixtures/k8s), patched with `json-patch`; no API
+/// server here.
+#[test]
+fn the_line_for_the_names_past_the_first_shows_once_after_a_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let names: Vec<String> = (1..=7).map(|i| format!("trellis.io/x{i}0")).collect();
+    let annotations: Vec<(&str, &str)> = names.iter().map(|n| (&**n, "1")).collect();
+    let typoed = with_names(&review, &annotations, &[]);
+    let at_injection = answer_for(&typoed);
+    let warnings = at_injection["response"]["warnings"].as_array().unwrap();
     assert_eq!(
-        warnings[MAX_UNKNOWN_NAME_WARNINGS],
-        format!(
-            "trellis: and {} more names under trellis.io/ in metadata.annotations or \
-             metadata.labels that Trellis does not know, ignored",
-            1000 - MAX_UNKNOWN_NAME_WARNINGS
-        )
+        warnings.len(),
+        MAX_UNKNOWN_NAME_WARNINGS + 1,
+        "{at_injection}"
+    );
+    assert_eq!(warnings[MAX_UNKNOWN_NAME_WARNINGS], MORE_UNKNOWN_NAMES);
+    let first = apply(
+        &typoed["request"]["object"],
+        &patch_of(&at_injection).expect("a patch"),
+    );
+    // Reviewed again as it is: the same warnings.
+    let again = settled(&review, first.clone());
+    assert_eq!(
+        again["response"]["warnings"], at_injection["response"]["warnings"],
+        "{again}"
+    );
+
+    // A later webhook adds two names, one before those shown.
+    let later = with_names(
+        &with_object(&review, first),
+        &[("trellis.io/x05", "1"), ("trellis.io/x99", "1")],
+        &[],
+    );
+    let reinvoked = answer_for(&later);
+    assert_eq!(reinvoked["response"]["allowed"], true, "{reinvoked}");
+    let shown = shown(&[&at_injection, &reinvoked]);
+    let counted: Vec<&String> = shown.iter().filter(|w| w.contains("more names")).collect();
+    assert_eq!(counted, [MORE_UNKNOWN_NAMES], "{shown:#?}");
+    // The first five names of the injection, and the one added before them.
+    assert_eq!(shown.len(), MAX_UNKNOWN_NAME_WARNINGS + 2, "{shown:#?}");
+    assert!(
+        shown[MAX_UNKNOWN_NAME_WARNINGS + 1].contains("[trellis.io/x05]"),
+        "{shown:#?}"
     );
 }
 

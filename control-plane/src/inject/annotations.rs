@@ -59,8 +59,9 @@ pub const POD_ANNOTATIONS: [&str; 12] = [
 pub const POD_LABELS: [&str; 1] = [INJECT_KEY];
 
 /// The most names under `trellis.io/` that are not the mesh's one pod is
-/// warned of one by one; the rest are counted in one warning more, so a
-/// pod with a thousand of them costs a few lines, not a thousand.
+/// warned of one by one; the rest are told of by one warning more (which
+/// names no number), so a pod with a thousand of them costs a few lines,
+/// not a thousand.
 pub const MAX_UNKNOWN_NAME_WARNINGS: usize = 5;
 
 /// The longest name under `trellis.io/` a warning says back, in bytes as
@@ -439,13 +440,14 @@ impl UnknownName {
 /// not the mesh's (not in [`POD_ANNOTATIONS`], [`POD_LABELS`]): where
 /// each kind was found, and the warnings for them, one a name, naming it
 /// and the known name it is close to if one is ([`suggestion`]), for the
-/// first [`MAX_UNKNOWN_NAME_WARNINGS`], then one that counts the rest.
+/// first [`MAX_UNKNOWN_NAME_WARNINGS`], then one that stands for the rest
+/// in words that do not depend on how many they are.
 /// Nothing is allocated for a name past those.
 pub(super) fn unknown_names(pod: &Value) -> (Vec<UnknownName>, Vec<String>) {
     let metadata = pod.get("metadata");
     let mut found = Vec::new();
     let mut warnings = Vec::new();
-    let mut more = 0_usize;
+    let mut more = false;
     for kind in [UnknownName::PodAnnotation, UnknownName::PodLabel] {
         let (field, known, noun) = kind.place();
         let unknown = metadata
@@ -459,7 +461,7 @@ pub(super) fn unknown_names(pod: &Value) -> (Vec<UnknownName>, Vec<String>) {
                 found.push(kind);
             }
             if warnings.len() == MAX_UNKNOWN_NAME_WARNINGS {
-                more += 1;
+                more = true;
                 continue;
             }
             // A long name is not said back: the pod's author has it, and
@@ -493,11 +495,15 @@ pub(super) fn unknown_names(pod: &Value) -> (Vec<UnknownName>, Vec<String>) {
             warnings.push(warning);
         }
     }
-    if more > 0 {
-        let names = if more == 1 { "name" } else { "names" };
+    // The line for the rest says no number: a webhook called after ours
+    // may add names before the API server reviews the pod again in the
+    // same request, and the API server passes each text on once, so a
+    // count would show twice, with two numbers. The same words on every
+    // review show it once.
+    if more {
         warnings.push(format!(
-            "trellis: and {more} more {names} under {PREFIX} in metadata.annotations or \
-             metadata.labels that Trellis does not know, ignored"
+            "trellis: and more names under {PREFIX} in metadata.annotations or metadata.labels \
+             that Trellis does not know, ignored"
         ));
     }
     (found, warnings)

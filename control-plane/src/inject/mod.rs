@@ -130,15 +130,16 @@
 //! annotation must not block pods on an older control plane, but a
 //! warning naming it, and the known name it is close to if one is
 //! ([`UnknownName`]; at most [`MAX_UNKNOWN_NAME_WARNINGS`], then one that
-//! counts the rest), which the server counts. It is given when the
+//! stands for the rest), which the server counts. It is given when the
 //! injector injects the pod, and again, in the same words, whenever it
 //! reviews the pod with its sidecar (reinvoked after a later webhook,
 //! which may have added such a name, changed the pod; or created from a
 //! copied manifest): which names the first review saw is not known, but
 //! the API server gives a client each warning text of one request once,
-//! so a name warned of at injection is not printed twice (only the line
-//! counting the names past the first few may show twice, with two numbers,
-//! when a later webhook added some). Such a review is not
+//! so a name warned of at injection is not printed twice. The line that
+//! stands for the names past the first few says no number, so that it too
+//! is the same text on both reviews when a later webhook added names, and
+//! shows once. Such a review is not
 //! counted again. A pod it leaves alone is told nothing.
 //!
 //! Idempotent: a pod with both containers `trellis-proxy` and
