@@ -3287,6 +3287,54 @@ fn an_init_without_arguments_gets_an_injections_on_reinvocation() {
     settled(&review, again);
 }
 
+/// A `trellis-init` whose arguments do not start with `init` (a webhook
+/// called after ours, or a user, put a flag before it or replaced them)
+/// does not run what the injector wrote, and is not edited in place: on
+/// reinvocation its arguments become all of an injection's, the settings
+/// annotations' among them, with a warning, and the pod reviewed once
+/// more gets no patch and no warning. Real AdmissionReview documents
+/// (fixtures/k8s), patched with `json-patch`; no API server here.
+#[test]
+fn an_init_whose_arguments_are_not_inits_gets_an_injections_on_reinvocation() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let first = injected(&review);
+    let replaced = "trellis: container \"trellis-init\"'s args do not start with \"init\" \
+                    (changed by a webhook called after Trellis's, or by hand): they are replaced \
+                    with the arguments an injection writes";
+    let args = first["spec"]["initContainers"][0]["args"].clone();
+    let mut prefixed = json!(["--log-level=debug"]);
+    prefixed
+        .as_array_mut()
+        .unwrap()
+        .extend(args.as_array().unwrap().iter().cloned());
+    let set = [("trellis.io/exclude-outbound-ports", "5432")];
+    for (changed, annotations) in [
+        (prefixed, &[][..]),
+        (json!(["sleep", "3600"]), &set[..]),
+        (json!(["init-v2"]), &set[..]),
+    ] {
+        let mut pod = annotated(&first, annotations);
+        pod["spec"]["initContainers"][0]["args"] = changed.clone();
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        assert_eq!(reply["response"]["warnings"], json!([replaced]), "{reply}");
+        let patch = patch_of(&reply).expect("a patch");
+        assert_eq!(
+            ops(&patch),
+            ["replace /spec/initContainers/0/args"],
+            "{changed}"
+        );
+        let again = apply(&pod, &patch);
+        let direct = injected_annotated(&review, annotations);
+        assert_eq!(
+            again["spec"]["initContainers"][0]["args"], direct["spec"]["initContainers"][0]["args"],
+            "{changed}"
+        );
+        let settled = settled(&review, again);
+        assert!(settled["response"].get("warnings").is_none(), "{settled}");
+    }
+}
+
 /// A settings annotation refused on reinvocation says that the pod was
 /// changed since injection (its author submitted one that was admitted),
 /// and names the containers the injection saw that are gone: a mutating

@@ -454,16 +454,24 @@ fn rewrite_added(
     let (init_field, init_at, init) =
         located(spec, INIT_CONTAINER).ok_or(InjectError::InitWithoutProxy)?;
     let init_args = slice(init.get("args"));
-    // An init without arguments (written by hand) would run the sidecar's
-    // default command, not `init`: it gets all of an injection's, which
-    // are what the checks above took it to run with.
-    let new_init_args = match init_args {
-        [] => init_container(config, &annotated.init_flags)
+    // An init whose arguments do not start with `init` does not run what
+    // the injector wrote: without arguments (written by hand) it would run
+    // the sidecar's default command, and with others (another webhook or
+    // a user changed them) something else, or `init` with flags that are
+    // not the injector's. Neither is edited in place: it gets all of an
+    // injection's arguments, of the sidecar the pod carries, which are
+    // what the checks above took it to run with ([`injected_settings`]);
+    // arguments that were there are warned of.
+    let runs_init = init_args.first().and_then(Value::as_str) == Some("init");
+    let new_init_args = if runs_init {
+        Some(with_flags(init_args, &annotated.init_flags))
+    } else {
+        init_container(config, &annotated.init_flags)
             .get("args")
-            .map(|args| slice(Some(args)).to_vec()),
-        _ => Some(with_flags(init_args, &annotated.init_flags)),
+            .map(|args| slice(Some(args)).to_vec())
     }
     .filter(|args| args != init_args);
+    let init_replaced = !runs_init && !init_args.is_empty();
     let env = slice(proxy.get("env"));
     let entry = |name: &str| {
         env.iter()
@@ -605,6 +613,13 @@ fn rewrite_added(
         },
     );
     let mut warnings = rewritten.warnings;
+    if init_replaced {
+        warnings.push(format!(
+            "trellis: container \"{INIT_CONTAINER}\"'s args do not start with \"init\" (changed \
+             by a webhook called after Trellis's, or by hand): they are replaced with the \
+             arguments an injection writes"
+        ));
+    }
     warnings.extend(proxy_uid_warnings(
         proxy_uid_containers(spec, config.proxy_uid).filter(|(c, _)| is_new(c)),
         config.proxy_uid,
