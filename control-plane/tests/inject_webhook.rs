@@ -3335,6 +3335,52 @@ fn an_init_whose_arguments_are_not_inits_gets_an_injections_on_reinvocation() {
     }
 }
 
+/// An injection derives `trellis-init`'s `--proxy-uid`, `--inbound-port`
+/// and `--outbound-port` from the settings the sidecar runs with, so the
+/// two agree. A reinvocation that writes init's arguments whole (it had
+/// none, or not `init`'s) takes them from the sidecar the pod carries (its
+/// UID, its ports), not from the current settings: a manifest copied from
+/// a pod injected under other settings keeps an init that leaves its
+/// sidecar's own traffic alone, rather than one that would redirect that
+/// traffic back to the sidecar. Real AdmissionReview documents; no API
+/// server here.
+#[test]
+fn an_init_given_an_injections_arguments_keeps_to_the_sidecar_it_runs_beside() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let then = InjectConfig {
+        proxy_uid: 2102,
+        inbound_port: 16006,
+        outbound_port: 16001,
+        admin_port: 16020,
+        ..config()
+    };
+    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &then);
+    let first = apply(
+        &review["request"]["object"],
+        &patch_of(&reply).expect("a patch"),
+    );
+    let args = first["spec"]["initContainers"][0]["args"].clone();
+    for arg in ["2102", "16006", "16001", "16020,9100"] {
+        assert!(args.as_array().unwrap().contains(&json!(arg)), "{args}");
+    }
+    for changed in [None, Some(json!(["sleep", "3600"]))] {
+        let mut pod = first.clone();
+        let init = pod["spec"]["initContainers"][0].as_object_mut().unwrap();
+        match &changed {
+            None => init.remove("args"),
+            Some(changed) => init.insert("args".into(), changed.clone()),
+        };
+        // Reviewed under today's settings (UID 1337, the default ports).
+        let again = apply(&pod, &reinvocation_patch(&review, &pod));
+        assert_eq!(
+            again["spec"]["initContainers"][0]["args"], args,
+            "{changed:?}"
+        );
+        assert_eq!(again, first, "{changed:?}");
+        settled(&review, again);
+    }
+}
+
 /// A settings annotation refused on reinvocation says that the pod was
 /// changed since injection (its author submitted one that was admitted),
 /// and names the containers the injection saw that are gone: a mutating

@@ -205,7 +205,7 @@
 //! of one name (the kubelet uses the last) all but the first go. A
 //! `trellis-init` without arguments, or whose arguments do not start with
 //! `init` (changed by a later webhook or by hand; then with a warning),
-//! gets all of an injection's. Nothing
+//! gets all of an injection's, of the sidecar's UID and ports. Nothing
 //! differing, nothing is patched, so a third review has no patch. A manifest copied or restored from a pod injected under other
 //! settings gets the current settings' values for these where it has no
 //! annotation (the settings' `excludeInboundPorts`, `tcpUserTimeout`, ...),

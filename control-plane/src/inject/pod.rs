@@ -793,11 +793,14 @@ fn located<'a>(
 }
 
 /// `config` with the ports and UID of the sidecar the pod was injected
-/// with, as its `trellis-init` arguments (`--proxy-uid`, `--inbound-port`,
-/// `--outbound-port`) and its `trellis-proxy` port named
-/// [`ADMIN_PORT_NAME`] say them; what they do not say (hand-written, or
-/// not a number) is the current settings'. The outbound policy is the
-/// mesh's, and stays the current one.
+/// with: as its `trellis-init` arguments (`--proxy-uid`, `--inbound-port`,
+/// `--outbound-port`) say them, when they are `init`'s; else as
+/// `trellis-proxy` itself runs (its `securityContext.runAsUser`, its port
+/// named [`INBOUND_PORT_NAME`], its `TRELLIS_OUTBOUND` or the sidecar's
+/// default outbound port without one), as an injection derives both from
+/// one setting; its admin port is its port named [`ADMIN_PORT_NAME`]. What
+/// neither says (hand-written, or not a number) is the current settings'.
+/// The outbound policy is the mesh's, and stays the current one.
 fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> InjectConfig {
     let named = |name: &str| {
         all_containers(spec).find(|c| c.get("name").and_then(Value::as_str) == Some(name))
@@ -809,6 +812,7 @@ fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> Inject
                 .filter_map(Value::as_str)
                 .collect()
         })
+        .filter(|args: &Vec<&str>| args.first() == Some(&"init"))
         .unwrap_or_default();
     let flag = |flag: &str| {
         args.iter()
@@ -818,22 +822,46 @@ fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> Inject
                 value => value.strip_prefix('=')?.parse::<u32>().ok(),
             })
     };
-    let admin_port = named(PROXY_CONTAINER).and_then(|proxy| {
-        slice(proxy.get("ports"))
+    let proxy = named(PROXY_CONTAINER);
+    let port_named = |name: &str| {
+        slice(proxy?.get("ports"))
             .iter()
-            .find(|p| p.get("name").and_then(Value::as_str) == Some(ADMIN_PORT_NAME))
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
             .and_then(|p| p.get("containerPort")?.as_u64())
             .and_then(|port| u16::try_from(port).ok())
+    };
+    let runs_as = proxy
+        .and_then(|p| p.get("securityContext")?.get("runAsUser")?.as_u64())
+        .and_then(|uid| u32::try_from(uid).ok());
+    // `TRELLIS_OUTBOUND` is `ip:port` for each family, one port; without
+    // it the sidecar listens on its default.
+    let outbound = proxy.and_then(|p| {
+        let env = slice(p.get("env"));
+        match env
+            .iter()
+            .find(|e| e.get("name").and_then(Value::as_str) == Some("TRELLIS_OUTBOUND"))
+        {
+            None => p.get("env").map(|_| SIDECAR_OUTBOUND_PORT),
+            Some(entry) => entry
+                .get("value")?
+                .as_str()?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok(),
+        }
     });
     InjectConfig {
-        proxy_uid: flag("--proxy-uid").unwrap_or(config.proxy_uid),
+        proxy_uid: flag("--proxy-uid").or(runs_as).unwrap_or(config.proxy_uid),
         inbound_port: flag("--inbound-port")
             .and_then(|port| u16::try_from(port).ok())
+            .or_else(|| port_named(INBOUND_PORT_NAME))
             .unwrap_or(config.inbound_port),
         outbound_port: flag("--outbound-port")
             .and_then(|port| u16::try_from(port).ok())
+            .or(outbound)
             .unwrap_or(config.outbound_port),
-        admin_port: admin_port.unwrap_or(config.admin_port),
+        admin_port: port_named(ADMIN_PORT_NAME).unwrap_or(config.admin_port),
         ..config.clone()
     }
 }
