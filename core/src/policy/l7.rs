@@ -8,8 +8,10 @@
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
 //! `/users/{id}/*` matches both of the first two). A DENY or AUDIT rule
 //! also matches the spellings routers commonly take for the same path,
-//! with a trailing `/`, with segment parameters (`/admin;x`) and in any
-//! ASCII letter case (`/ADMIN`); an ALLOW rule only the path as sent. A
+//! with a trailing `/`, with segment parameters (`/admin;x`), in any
+//! ASCII letter case (`/ADMIN`) and with characters escaped or not
+//! (`/items%3Apurge` is `/items:purge`); an ALLOW rule only the path as
+//! sent. A
 //! gRPC match is a path match on `/<service>/<method>`. Header names are
 //! case-insensitive and values exact; a header sent more than once matches
 //! an ALLOW rule only if every value does, a DENY or AUDIT rule if any
@@ -31,7 +33,8 @@
 //! an overlong `.` some decoders take), and a character, raw or encoded,
 //! that an app could fold into `.`, `/` or `\` (`%ef%bc%8e`, U+FF0E, is
 //! `.` after Unicode NFKC normalization). Other escapes (`%20`) are
-//! matched as sent, their hex digits in either case.
+//! matched as sent by an ALLOW rule, their hex digits in either case, and
+//! decoded by a DENY or AUDIT rule, as apps route them.
 
 use std::fmt;
 
@@ -133,9 +136,11 @@ impl PathPattern {
     /// Whether `path`, or a spelling of it that apps commonly route to
     /// the same handler, matches: without a trailing `/` (`/admin/` is
     /// `/admin` to many routers), without the parameters of its
-    /// segments (`/admin;x` is `/admin` to servlet containers), and in
-    /// any ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET
-    /// Core and other routers that ignore case). What a DENY or AUDIT rule
+    /// segments (`/admin;x` is `/admin` to servlet containers), in any
+    /// ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET Core
+    /// and other routers that ignore case), and with its escapes decoded
+    /// (`/items%3Apurge` is `/items:purge` to apps, which decode a path
+    /// before routing it). What a DENY or AUDIT rule
     /// matches, so that another spelling does not slip past it; an ALLOW
     /// rule matches only the path as sent. A pattern whose literal holds a
     /// `;` still matches the path it spells.
@@ -146,7 +151,7 @@ impl PathPattern {
     }
 
     /// Whether the segments `parts` match; with `any_case`, literals match
-    /// in any ASCII letter case.
+    /// as apps route them, escapes decoded and in any ASCII letter case.
     fn matches_segments<'a>(
         &self,
         mut parts: impl Iterator<Item = &'a str>,
@@ -161,7 +166,7 @@ impl PathPattern {
             };
             let ok = match segment {
                 Segment::Literal(lit) => match any_case {
-                    true => lit.eq_ignore_ascii_case(part),
+                    true => segment_routes_as(lit, part),
                     false => segment_is(lit, part),
                 },
                 Segment::Param => !part.is_empty(),
@@ -239,6 +244,41 @@ fn segment_is(lit: &str, part: &str) -> bool {
                         && a.eq_ignore_ascii_case(b)
                         && lit[i.saturating_sub(2)..i].contains(&b'%'))
             }))
+}
+
+/// Whether the request segment `part` is the literal `lit` as an app
+/// routes both: each `%XX` escape read as the byte it stands for (apps
+/// decode a path before routing it, so `/items%3Apurge` is
+/// `/items:purge` to them), and ASCII letters in either case. What a DENY
+/// or AUDIT rule's literal matches ([`PathPattern::matches_as_routed`]).
+/// The escapes that could stand for a separator or a dot are refused
+/// before rules see a path ([`check_path`]). Allocates nothing.
+fn segment_routes_as(lit: &str, part: &str) -> bool {
+    if !lit.contains('%') && !part.contains('%') {
+        return lit.eq_ignore_ascii_case(part);
+    }
+    let lit = decoded_bytes(lit).map(|b| b.to_ascii_lowercase());
+    lit.eq(decoded_bytes(part).map(|b| b.to_ascii_lowercase()))
+}
+
+/// The bytes of `text` with each well-formed `%XX` escape decoded; any
+/// other `%` is itself.
+fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let byte = *bytes.get(at)?;
+        if byte == b'%'
+            && let Some(&[h, l]) = bytes.get(at + 1..at + 3)
+            && h.is_ascii_hexdigit()
+            && l.is_ascii_hexdigit()
+        {
+            at += 3;
+            return Some(decode(&[byte, h, l]));
+        }
+        at += 1;
+        Some(byte)
+    })
 }
 
 /// Why the proxy will not decide on a request path: an app could read it
@@ -1024,6 +1064,42 @@ mod tests {
         assert!(!matches("/admin", "/admin;x"));
         assert!(!matches("/public/*", "/PUBLIC/x"));
         assert!(!matches("/public/*", "/Public"));
+    }
+
+    /// Apps decode a path before routing it: a DENY of a path with a
+    /// character that may be sent escaped (`:` of a custom method, a
+    /// letter past ASCII) must not be passed by sending it escaped, nor a
+    /// DENY written escaped by sending it raw. An ALLOW keeps to the path
+    /// as sent.
+    #[test]
+    fn a_deny_matches_a_segment_sent_with_its_characters_escaped() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/v1/items:purge", "/v1/items%3Apurge"),
+            ("/v1/items:purge", "/v1/items%3apurge"),
+            ("/v1/items:purge", "/V1/ITEMS%3APURGE;x/"),
+            ("/v1/items%3Apurge", "/v1/items:purge"),
+            ("/caf\u{e9}/*", "/caf%C3%A9/menu"),
+            ("/caf%c3%a9", "/caf\u{e9}"),
+            ("/users/{id}/a@b", "/users/7/a%40b"),
+            ("/a%20b", "/a%20B"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [
+            ("/v1/items:purge", "/v1/items%3Bpurge"),
+            ("/v1/items:purge", "/v1/items%3A"),
+            ("/a%20b", "/a%2520b"),
+            ("/caf\u{e9}", "/caf%C3%89"),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        assert!(!matches("/v1/items:purge", "/v1/items%3Apurge"));
     }
 
     #[test]
