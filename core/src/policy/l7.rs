@@ -261,9 +261,11 @@ fn segment_routes_as(lit: &str, part: &str) -> bool {
     lit.eq(decoded_bytes(part).map(|b| b.to_ascii_lowercase()))
 }
 
-/// The bytes of `text` with each well-formed `%XX` escape decoded; any
-/// other `%` is itself.
-fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
+/// The bytes of `text` with each well-formed `%XX` escape decoded, as an
+/// app reads a path segment before routing it; any other `%` is itself.
+/// What DENY, AUDIT and rate-limit path matches compare, and what a rate
+/// limit keys a route's bucket by. Allocates nothing.
+pub fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
     let bytes = text.as_bytes();
     let mut at = 0;
     std::iter::from_fn(move || {

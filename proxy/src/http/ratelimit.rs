@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
-    counts_path, routed_segments, validate_rate_limit_with,
+    counts_path, decoded_bytes, routed_segments, validate_rate_limit_with,
 };
 use trellis_core::refusal::token;
 use trellis_proto::policy::v1 as pb;
@@ -250,8 +250,9 @@ impl Limit {
 /// trailing `/` and without the parameters of its segments (`/search/q/`
 /// and `/search/q;1` are `/search/q` to many routers), and in lower case
 /// (ASCII letters only), so `/LOGIN` and `/login` (one path to routers
-/// that ignore case, and to the path matches of a limit), or `/a%3ab` and
-/// `/a%3Ab`, share a route's bucket instead of counting apart: a caller
+/// that ignore case, and to the path matches of a limit), or `/a%3ab`,
+/// `/a%3Ab` and `/a:b` (its escapes decoded, as apps read it), share a
+/// route's bucket instead of counting apart: a caller
 /// cannot get a fresh bucket by spelling a path another way. Escapes an
 /// app could read as another path altogether (`%2F`, an encoded
 /// unreserved character) never get here: they are refused while a limit
@@ -265,15 +266,20 @@ fn hash_path(path: &str, hasher: &mut impl Hasher) {
     hasher.write_u8(0xff);
 }
 
-/// Feeds `text` to `hasher` with its ASCII letters in lower case.
+/// Feeds `text` to `hasher` with its escapes decoded and its ASCII
+/// letters in lower case.
 fn hash_lower_case(text: &str, hasher: &mut impl Hasher) {
     let mut buf = [0u8; 64];
-    for chunk in text.as_bytes().chunks(buf.len()) {
-        let lower = &mut buf[..chunk.len()];
-        lower.copy_from_slice(chunk);
-        lower.make_ascii_lowercase();
-        hasher.write(lower);
+    let mut len = 0;
+    for byte in decoded_bytes(text) {
+        buf[len] = byte.to_ascii_lowercase();
+        len += 1;
+        if len == buf.len() {
+            hasher.write(&buf);
+            len = 0;
+        }
     }
+    hasher.write(&buf[..len]);
 }
 
 /// The longest wait a refused caller is told: a day, what the slowest rate
@@ -411,6 +417,8 @@ mod tests {
             "/search/caf%C3%A9",
             "/search/caf%c3%A9",
             "/search/caf%C3%a9",
+            "/search/caf\u{e9}",
+            "/Search/CAF%c3%a9;x/",
         ] {
             assert!(l.check(&a, spelling).is_err(), "{spelling} counted apart");
         }
@@ -419,6 +427,10 @@ mod tests {
             "another path has its own bucket"
         );
         for spelling in ["/SEARCH/CAFE", "/Search/Cafe;x/"] {
+            assert!(l.check(&a, spelling).is_err(), "{spelling} counted apart");
+        }
+        assert!(l.check(&a, "/search/a:b").is_ok());
+        for spelling in ["/search/a%3Ab", "/SEARCH/A%3ab"] {
             assert!(l.check(&a, spelling).is_err(), "{spelling} counted apart");
         }
         let long = format!("/search/{}", "a".repeat(100));
