@@ -31,8 +31,8 @@
 //! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
 //! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
 //! an overlong `.` some decoders take), and a character, raw or encoded,
-//! that an app could fold into `.`, `/` or `\` (`%ef%bc%8e`, U+FF0E, is
-//! `.` after Unicode NFKC normalization). Other escapes (`%20`) are
+//! that an app could fold into `.`, `..`, `/` or `\` (`%ef%bc%8e`, U+FF0E, is
+//! `.` after Unicode NFKC normalization, and U+2025 is `..`). Other escapes (`%20`) are
 //! matched as sent by an ALLOW rule, their hex digits in either case, and
 //! decoded by a DENY or AUDIT rule, as apps route them.
 
@@ -307,8 +307,8 @@ pub enum PathProblem {
     /// byte that starts no character).
     NotUtf8,
     /// A character, raw or encoded, that an app could fold into the ASCII
-    /// one it looks like (`.`, `/` or `\`).
-    LookAlike(char, char),
+    /// it looks like (`.`, `..`, `/` or `\`).
+    LookAlike(char, &'static str),
 }
 
 impl fmt::Display for PathProblem {
@@ -368,23 +368,25 @@ fn decode(escape: &[u8; 3]) -> u8 {
     digit(escape[1]) << 4 | digit(escape[2])
 }
 
-/// Characters apps may fold into `.`, `/` or `\` (Unicode NFKC
+/// Characters apps may fold into `.`, `..`, `/` or `\` (Unicode NFKC
 /// normalization, as Python's IDNA and some frameworks apply it, or the
 /// "best fit" mapping of Windows code pages), with the character each
 /// becomes.
-const LOOK_ALIKES: [(char, char); 12] = [
-    ('\u{FF0E}', '.'),  // FULLWIDTH FULL STOP
-    ('\u{FE52}', '.'),  // SMALL FULL STOP
-    ('\u{2024}', '.'),  // ONE DOT LEADER
-    ('\u{FF0F}', '/'),  // FULLWIDTH SOLIDUS
-    ('\u{2215}', '/'),  // DIVISION SLASH
-    ('\u{2044}', '/'),  // FRACTION SLASH
-    ('\u{29F8}', '/'),  // BIG SOLIDUS
-    ('\u{FF3C}', '\\'), // FULLWIDTH REVERSE SOLIDUS
-    ('\u{FE68}', '\\'), // SMALL REVERSE SOLIDUS
-    ('\u{2216}', '\\'), // SET MINUS
-    ('\u{29F5}', '\\'), // REVERSE SOLIDUS OPERATOR
-    ('\u{29F9}', '\\'), // BIG REVERSE SOLIDUS
+const LOOK_ALIKES: [(char, &str); 14] = [
+    ('\u{FF0E}', "."),  // FULLWIDTH FULL STOP
+    ('\u{FE52}', "."),  // SMALL FULL STOP
+    ('\u{2024}', "."),  // ONE DOT LEADER
+    ('\u{2025}', ".."), // TWO DOT LEADER: a whole `..` segment
+    ('\u{FE30}', ".."), // PRESENTATION FORM FOR VERTICAL TWO DOT LEADER
+    ('\u{FF0F}', "/"),  // FULLWIDTH SOLIDUS
+    ('\u{2215}', "/"),  // DIVISION SLASH
+    ('\u{2044}', "/"),  // FRACTION SLASH
+    ('\u{29F8}', "/"),  // BIG SOLIDUS
+    ('\u{FF3C}', "\\"), // FULLWIDTH REVERSE SOLIDUS
+    ('\u{FE68}', "\\"), // SMALL REVERSE SOLIDUS
+    ('\u{2216}', "\\"), // SET MINUS
+    ('\u{29F5}', "\\"), // REVERSE SOLIDUS OPERATOR
+    ('\u{29F9}', "\\"), // BIG REVERSE SOLIDUS
 ];
 
 /// What a `CONNECT` request is answered, with 501, whatever the rules: a
@@ -1220,6 +1222,18 @@ mod tests {
             (
                 "/public/\u{ff0e}\u{ff0e}/admin",
                 "path contains U+FF0E, which an app could read as '.'",
+            ),
+            (
+                "/public/%e2%80%a5/admin",
+                "path contains U+2025, which an app could read as '..'",
+            ),
+            (
+                "/public/\u{2025}/admin",
+                "path contains U+2025, which an app could read as '..'",
+            ),
+            (
+                "/public/%EF%B8%B0/admin",
+                "path contains U+FE30, which an app could read as '..'",
             ),
             (
                 "/public%EF%BC%8Fadmin",

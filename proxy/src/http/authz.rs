@@ -232,8 +232,9 @@ fn path_problem(problem: PathProblem) -> &'static str {
              read another path"
         }
         PathProblem::NotUtf8 => "path has percent escapes that do not decode to UTF-8",
-        PathProblem::LookAlike(_, '.') => "path contains a character an app could read as '.'",
-        PathProblem::LookAlike(_, '/') => "path contains a character an app could read as '/'",
+        PathProblem::LookAlike(_, ".") => "path contains a character an app could read as '.'",
+        PathProblem::LookAlike(_, "..") => "path contains a character an app could read as '..'",
+        PathProblem::LookAlike(_, "/") => "path contains a character an app could read as '/'",
         PathProblem::LookAlike(..) => "path contains a character an app could read as '\\'",
     }
 }
