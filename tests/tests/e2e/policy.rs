@@ -65,14 +65,21 @@ impl Setup {
     }
 
     /// `caller`'s request is refused by api's sidecar, and the caller is
-    /// told so by `policy` (`default:deny`, or `NS/NAME rule N`).
+    /// told so by `policy` (`default:deny`, told that no policy allows the
+    /// request, or `NS/NAME rule N`).
     async fn assert_denied(&self, caller: &Sidecar, policy: &str) {
         let addr = caller.route_addr(self.api_id());
         let response = http::get(addr, "/").await;
+        let answer = match policy {
+            "default:deny" => {
+                "trellis: denied by policy default:deny: no policy allows this request\n".to_owned()
+            }
+            named => format!("trellis: denied by policy {named}\n"),
+        };
         match response {
             Ok(r) if r.status == ::http::StatusCode::FORBIDDEN => assert_eq!(
                 r.body,
-                format!("trellis: denied by policy {policy}\n"),
+                answer,
                 "{} was refused by another policy",
                 caller.name()
             ),
