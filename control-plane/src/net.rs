@@ -41,7 +41,8 @@ pub fn is_namespace_local(address: &str) -> bool {
 /// listener closes: closing it with them queued would reset them. One whose
 /// client has begun to send (more than empty lines, which a server ignores
 /// before a request line, RFC 9112 section 2.2; a TLS ClientHello is
-/// more), found by a read of what waits that does not wait, is returned, to
+/// more), found by a look at what waits that does not wait
+/// ([`trellis_core::http1::begun_in_socket`]), is returned, to
 /// be served its first request as its last; one with nothing received is
 /// closed at once, as a connection accepted before the stop is. Must be
 /// called inside a tokio runtime.
@@ -65,14 +66,7 @@ pub fn queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
             // `WouldBlock`: none is left.
             Err(_) => return begun,
         };
-        let mut waiting = [0u8; 64];
-        let sent = match tcp
-            .set_nonblocking(true)
-            .and_then(|()| tcp.peek(&mut waiting))
-        {
-            Ok(n) => !trellis_core::http1::skip_empty_lines(&waiting[..n]).is_empty(),
-            Err(_) => false,
-        };
+        let sent = tcp.set_nonblocking(true).is_ok() && trellis_core::http1::begun_in_socket(&tcp);
         if let (true, Ok(tcp)) = (sent, TcpStream::from_std(tcp)) {
             begun.push((tcp, peer));
         }

@@ -42,6 +42,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use trellis_core::connections::{serve_http1_for, serve_http1_last};
 use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Heads};
 use trellis_core::policy::l7::MAX_REQUEST_HEAD;
@@ -93,7 +94,7 @@ pub(crate) async fn serve<S, E, D, Svc>(
     last: bool,
     service: Svc,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + OnTcp,
     E: Future<Output = ()>,
     D: Future<Output = ()>,
     Svc: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
@@ -109,6 +110,7 @@ pub(crate) async fn serve<S, E, D, Svc>(
         timeout,
         evicted.as_mut(),
         drain.as_mut(),
+        |io: &S| http1::begun_in_socket(io.tcp()),
     );
     let (first, drained) = first.await;
     let (io, read, fault) = match first {
@@ -162,6 +164,24 @@ pub(crate) async fn serve<S, E, D, Svc>(
     // it has its answer finds it counted.
     refused(client, &fault, true, refusals, message);
     http1::refuse(io, read, &fault, timeout).await;
+}
+
+/// A port's connection, over a TCP stream its stop may look at directly
+/// ([`http1::begun_in_socket`]): for a TLS one, the records waiting.
+pub(crate) trait OnTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OnTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl OnTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
 }
 
 /// A port's service, for a port that switches protocols for nothing: its
@@ -369,6 +389,35 @@ mod tests {
             .await
             .expect("the connection ended after its last answer")
             .unwrap();
+    }
+
+    /// A head waiting in a socket the runtime has not yet seen readable
+    /// when the port stops (a connection accepted just before the stop,
+    /// its task first run after it) is answered, as the connection's last,
+    /// not closed unread as one with nothing received.
+    #[tokio::test]
+    async fn a_head_waiting_unseen_at_the_stop_is_answered_as_the_last() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        for _ in 0..8 {
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            client.write_all(HEAD).await.unwrap();
+            let (port, _) = listener.accept().unwrap();
+            // In the port's socket, unread, tokio not told.
+            assert_eq!(port.peek(&mut [0u8; 1]).unwrap(), 1);
+            port.set_nonblocking(true).unwrap();
+            serving(TcpStream::from_std(port).unwrap(), async {}).await;
+            let answer = rest(&mut client).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("ok"),
+                "a head waiting at the stop was closed unanswered: {answer:?}"
+            );
+            assert!(
+                answer.to_ascii_lowercase().contains("connection: close"),
+                "{answer}"
+            );
+        }
     }
 
     /// A kept-alive connection idle at the stop (nothing of a next head

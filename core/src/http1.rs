@@ -752,6 +752,25 @@ pub fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
     }
 }
 
+/// Whether `socket` has bytes waiting to be read other than empty lines
+/// (a request head begun; a TLS record is one too), as the kernel says now,
+/// looking at no more than the first 64 bytes and taking none: unlike a
+/// read through tokio, which finds nothing on a socket its runtime has not
+/// yet seen readable, as with one accepted and not yet polled.
+pub fn begun_in_socket(socket: impl std::os::fd::AsFd) -> bool {
+    let mut waiting = [0u8; 64];
+    peek_now(socket, &mut waiting).is_ok_and(|n| !skip_empty_lines(&waiting[..n]).is_empty())
+}
+
+/// The bytes waiting in `socket` copied into `buf`, taking none and not
+/// waiting for any (`WouldBlock` when none wait; `Ok(0)` at the end of the
+/// stream), whatever tokio knows of the socket's readiness.
+pub fn peek_now(socket: impl std::os::fd::AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    use rustix::net::RecvFlags;
+    let (n, _) = rustix::net::recv(socket, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
+    Ok(n)
+}
+
 /// How reading a connection's first request head ended ([`first_head`]).
 pub enum FirstHead<S, F> {
     /// A whole head the check passed: the connection, with what was read
@@ -792,7 +811,9 @@ where
     P: Future<Output = ()>,
 {
     let mut never = std::pin::pin!(std::future::pending::<()>());
-    first_head_or_drain(io, check, max_head, timeout, stop, never.as_mut())
+    // Never asked: there is no drain.
+    let waiting = |_: &S| false;
+    first_head_or_drain(io, check, max_head, timeout, stop, never.as_mut(), waiting)
         .await
         .0
 }
@@ -802,9 +823,13 @@ where
 /// `drain` resolves, a connection the client has begun its head on is
 /// read on, as hyper's graceful shutdown serves a connection it has read
 /// part of a request from: one with any byte of it read, or with bytes
-/// waiting to be read then (a single read that does not wait: a client
-/// that sent its request just before the stop, as the Kubernetes API
-/// server sends its review as soon as its handshake is done). Its head
+/// waiting to be read then (a single read that does not wait, and, if it
+/// finds no head begun, `waiting`, which looks at the socket itself:
+/// tokio's read finds nothing on a socket its runtime has not yet seen
+/// readable, as with one accepted just before the stop; [`begun_in_socket`]
+/// for a TCP stream). Such is a client that sent its request just before
+/// the stop, as the Kubernetes API server sends its review as soon as its
+/// handshake is done. Its head
 /// then has what is left of `timeout`, as any other. A connection with
 /// nothing received, or only empty lines (which a server ignores before
 /// a request line, RFC 9112 section 2.2, as [`Heads`] does before a later
@@ -812,19 +837,21 @@ where
 ///
 /// The `bool` says whether `drain` resolved (it is not polled again): the
 /// caller is then to serve the request as the connection's last.
-pub async fn first_head_or_drain<S, F, C, P, D>(
+pub async fn first_head_or_drain<S, F, C, P, D, W>(
     mut io: S,
     mut check: C,
     max_head: usize,
     timeout: Duration,
     mut stop: Pin<&mut P>,
     mut drain: Pin<&mut D>,
+    waiting: W,
 ) -> (FirstHead<S, F>, bool)
 where
     S: AsyncRead + Unpin,
     C: FnMut(&[u8]) -> Result<Option<usize>, F>,
     P: Future<Output = ()>,
     D: Future<Output = ()>,
+    W: Fn(&S) -> bool,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(1024);
@@ -867,13 +894,18 @@ where
                 }
                 // Nothing of a head read yet: only bytes already waiting,
                 // more than empty lines, keep it.
-                let waiting = tokio::select! {
+                let read_now = tokio::select! {
                     biased;
                     read = io.read_buf(&mut buf) => Some(read),
                     () = std::future::ready(()) => None,
                 };
-                match waiting {
+                match read_now {
                     Some(Ok(n)) if n > 0 && !skip_empty_lines(&buf).is_empty() => continue,
+                    Some(Ok(0) | Err(_)) => return (FirstHead::Closed, drained),
+                    // Nothing read, or empty lines alone: the socket itself
+                    // may hold more, unseen by tokio yet. Then read on,
+                    // waiting: it is readable.
+                    _ if waiting(&io) => continue,
                     _ => return (FirstHead::Closed, drained),
                 }
             }
@@ -1303,6 +1335,7 @@ mod tests {
                 timeout,
                 stop.as_mut(),
                 drain.as_mut(),
+                |port: &tokio::net::TcpStream| begun_in_socket(port),
             )
             .await;
             (first, drained, started.elapsed())
@@ -1364,9 +1397,38 @@ mod tests {
             Duration::from_secs(5),
             stop.as_mut(),
             drain.as_mut(),
+            |port: &tokio::net::TcpStream| begun_in_socket(port),
         )
         .await;
         (first, drained, started.elapsed())
+    }
+
+    /// A head waiting in a socket the runtime has not yet seen readable
+    /// (a connection accepted just before a port's stop whose task first
+    /// runs after it): read and passed whole, not closed unread as one with
+    /// nothing received.
+    #[tokio::test]
+    async fn a_head_waiting_in_a_socket_not_yet_seen_readable_at_a_ports_stop_is_read() {
+        use std::io::Write;
+        const HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        for _ in 0..8 {
+            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            client.write_all(HEAD).unwrap();
+            let (port, _) = listener.accept().unwrap();
+            // In the port's socket, unread, tokio not told.
+            assert_eq!(port.peek(&mut [0u8; 1]).unwrap(), 1);
+            port.set_nonblocking(true).unwrap();
+            let port = tokio::net::TcpStream::from_std(port).unwrap();
+            match first_head_at_stop(port, async {}).await {
+                (FirstHead::Whole(io), true, _) => assert_eq!(io.prefix(), HEAD),
+                (other, drained, _) => panic!(
+                    "a head waiting at the stop, unseen by the runtime, was not read \
+                     (drained: {drained}): {}",
+                    name(&other)
+                ),
+            }
+        }
     }
 
     /// Part of a head read before the stop, the rest sent after it: read

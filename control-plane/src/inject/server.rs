@@ -42,7 +42,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -539,10 +538,13 @@ async fn handshake<D: Future<Output = ()>>(
     let (peeked, drained) = tokio::select! {
         peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => (peeked, false),
         () = drain.as_mut() => {
-            // Nothing received yet: only a byte already waiting keeps it.
-            match tcp.peek(&mut first).now_or_never() {
-                Some(peeked) => (Ok(peeked), true),
-                None => return (None, true),
+            // Nothing received yet: only a byte already waiting keeps it,
+            // looked for in the socket itself (tokio finds none in one it
+            // has not yet seen readable, as one accepted just before the
+            // stop).
+            match trellis_core::http1::peek_now(&tcp, &mut first) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (None, true),
+                peeked => (Ok(peeked), true),
             }
         }
     };
@@ -969,6 +971,65 @@ mod tests {
                 .await;
         });
         (addr, stop, dir)
+    }
+
+    /// A ClientHello waiting in a socket the runtime has not yet seen
+    /// readable when the port stops (a connection accepted just before the
+    /// stop, its task first run after it): the handshake is finished, said
+    /// to be after the stop, not closed as a connection with nothing
+    /// received.
+    #[tokio::test]
+    async fn a_client_hello_waiting_unseen_at_the_stop_is_handshaken() {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let acceptor = TlsAcceptor::from(tls_config(files).unwrap());
+        let failures = Refusals::new(
+            Arc::new(Metrics::default()),
+            Metrics::webhook_handshake_failed,
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(generated.cert.der().clone()).unwrap();
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+                .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The client on a runtime of its own: this one must not turn its
+        // IO driver before the handshake is first polled.
+        let client = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await
+                    .map(drop)
+            })
+        });
+        let (port, peer) = listener.accept().unwrap();
+        // The ClientHello is in the port's socket, unread, tokio not told.
+        assert_eq!(port.peek(&mut [0u8; 1]).unwrap(), 1);
+        port.set_nonblocking(true).unwrap();
+        let port = TcpStream::from_std(port).unwrap();
+        let stopped = std::pin::pin!(async {});
+        let (tls, drained) = handshake(&acceptor, port, peer, &failures, stopped).await;
+        assert!(drained, "the stop was seen");
+        assert!(
+            tls.is_some(),
+            "a ClientHello waiting at the stop was closed unanswered"
+        );
+        client.join().unwrap().expect("the client's handshake");
     }
 
     /// The webhook certificate's recheck ends when the control plane shuts
