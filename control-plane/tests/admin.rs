@@ -1682,3 +1682,56 @@ async fn the_admin_http_port_ends_a_connection_after_an_upgrade_or_connect() {
         .unwrap();
     assert_eq!(read.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{read}");
 }
+
+/// A request whose head had begun to arrive on the admin port (part of it
+/// written, read by the port) when SIGTERM came is answered once the rest
+/// comes, after the port stopped accepting, as the connection's last
+/// (`connection: close`), and the control plane exits 0; a connection
+/// that sent nothing is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_begun_before_sigterm_is_answered_as_the_last() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.clone();
+    let mut silent = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    let mut begun = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    begun.write_all(b"GET /live HTTP/1.1\r\nho").await.unwrap();
+    // Read by the port before the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let log = cp.log.clone();
+    let exit = tokio::spawn(cp.stop_async());
+    eventually_async("the ports to stop accepting", || {
+        let stopped = log.lock().unwrap().contains("no new connections");
+        async move { stopped.then_some(()) }
+    })
+    .await;
+    let patience = Duration::from_secs(2);
+    assert!(
+        closed_within(&mut silent, patience).await.is_some(),
+        "a connection that sent nothing was still open {patience:?} after the port stopped"
+    );
+
+    begun
+        .write_all(b"st: a\r\n\r\n")
+        .await
+        .expect("the connection whose head had begun is still open after SIGTERM");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), begun.read_to_end(&mut answer))
+        .await
+        .expect("the request begun before SIGTERM was answered, and the connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nlive\n"),
+        "the request begun before SIGTERM was not answered: {answer:?}\n{}",
+        log.lock().unwrap()
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "the answer says the connection closes: {answer}"
+    );
+    assert!(exit.await.unwrap().success(), "SIGTERM exits 0");
+}

@@ -1237,3 +1237,115 @@ async fn a_handshake_begun_before_sigterm_is_finished_and_its_review_answered() 
 
     stopping.exits_cleanly().await;
 }
+
+/// Sends `signal` (a name `kill` knows: `STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Connections still queued in the webhook port's listener when SIGTERM
+/// comes (connected, their ClientHello sent, not yet accepted) are taken
+/// rather than reset with the listener: each handshake is finished and the
+/// review its client then sends answered, as the connection's last, and
+/// the control plane exits 0. The process is held (SIGSTOP) while the
+/// clients connect and send their ClientHello, and sent SIGTERM before it
+/// goes on (SIGCONT), so that the stop meets the connections in the
+/// listener's queue, or just taken from it and not yet read. A connection
+/// queued with nothing sent is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_queued_at_sigterm_are_handshaken_and_answered() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    // From two addresses, within the port's limits (64 from one address,
+    // 128 in all, an address holding fewer taking the slots of one holding
+    // more).
+    const QUEUED: usize = 120;
+    const AHEAD: usize = 600;
+    let (certs, cp, addr) = start_webhook();
+    let (head, review) = review_post();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&certs)));
+    let pid = cp.pid();
+
+    signal(pid, "STOP");
+    // First in the queue, connections from an address past its cap, which
+    // the port closes one by one as it takes them: the stop reaches it
+    // before it has taken the clients queued behind them.
+    let mut ahead = Vec::new();
+    for _ in 0..AHEAD {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 3], 0)))
+            .unwrap();
+        ahead.push(socket.connect(addr).await.unwrap());
+    }
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut clients = Vec::new();
+    for i in 0..QUEUED {
+        // Connected while the process is held: in the listener's queue.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from((
+                [127, 0, 0, 1 + (i % 2) as u8],
+                0,
+            )))
+            .unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let connector = connector.clone();
+        let (head, review) = (head.clone(), review.clone());
+        clients.push(tokio::spawn(async move {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("its handshake failed: {e}"))?;
+            tls.write_all(head.as_bytes()).await.unwrap();
+            tls.write_all(&review).await.unwrap();
+            tls.flush().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), read_answer(&mut tls))
+                .await
+                .map_err(|_| "its review was not answered in time".to_owned())?
+                .ok_or_else(|| "its review was cut unanswered".to_owned())
+        }));
+    }
+    // Every ClientHello is in the port's socket before the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Stopping::sigterm(cp);
+    // The signal is sent (pending while the process is held), then the
+    // process goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(pid, "CONT");
+    stopping.until_not_accepting().await;
+
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, answer_head, body) = client.await.unwrap().unwrap_or_else(|why| {
+            panic!(
+                "connection {i}, queued at SIGTERM: {why}\n{}",
+                stopping.log.lock().unwrap()
+            )
+        });
+        assert_eq!(status, 200, "{i}: {answer_head}");
+        assert!(
+            answer_head
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "{i}: the answer says the connection closes: {answer_head}"
+        );
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert!(answer["response"]["patch"].is_string(), "{i}: {answer}");
+    }
+    let patience = Duration::from_secs(2);
+    assert!(
+        common::connections::closed_within(&mut silent, patience)
+            .await
+            .is_some(),
+        "a connection queued with nothing sent was still open {patience:?} after the stop"
+    );
+    drop(ahead);
+    stopping.exits_cleanly().await;
+}

@@ -437,6 +437,11 @@ impl ControlPlane {
             .unwrap()
     }
 
+    /// The process's id, to send it signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(mut self) -> ExitStatus {
         let status = Command::new("kill")
