@@ -31,7 +31,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,7 +43,7 @@ use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use trellis_core::connections::{serve_http1_for, serve_http1_last};
-use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Heads};
+use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, HeadSignals, Heads};
 use trellis_core::policy::l7::MAX_REQUEST_HEAD;
 
 use crate::server::Refusals;
@@ -100,9 +99,6 @@ pub(crate) async fn serve<S, E, D, Svc>(
     Svc: Service<Request<Incoming>, Response = Response<Full<Bytes>>>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Set at the port's stop: every answer from then on is the last.
-    let stopped = Arc::new(AtomicBool::new(false));
-    let service = SwitchesNothing(service, stopped.clone());
     let first = http1::first_head_or_drain(
         io,
         http1::check_head,
@@ -116,20 +112,23 @@ pub(crate) async fn serve<S, E, D, Svc>(
     let (io, read, fault) = match first {
         FirstHead::Whole(io) => {
             let mut heads = Heads::after_first(io, http1::check_head, MAX_REQUEST_HEAD);
+            // Told the port's stop (`HeadSignals::stop`): every answer from
+            // then on is the last.
+            let signals = heads.signals();
+            let service = SwitchesNothing(service, signals.clone());
             let ended = if drained || last {
                 // Past the port's stop: the first request is the last.
                 serve_http1_last(&mut heads, service, timeout).await
             } else {
                 // A later head refused ends hyper's service as a stop
                 // does, after the answer in progress.
-                let signals = heads.signals();
                 let stop = async move {
                     tokio::select! {
                         () = evicted => {}
                         () = signals.refused() => {}
                         () = async {
                             drain.await;
-                            stopped.store(true, Ordering::Release);
+                            signals.stop();
                             // hyper reads the connection once more first
                             // (`serve_http1_for` polls it while this waits),
                             // so bytes waiting at the stop are held too.
@@ -193,11 +192,11 @@ impl OnTcp for tokio_rustls::server::TlsStream<TcpStream> {
 /// would read on after any other answer, serving heads no check read (a
 /// raw `#` in a target among them).
 ///
-/// Once the port stops (the flag), every answer is marked so: a request
-/// begun then is served as the connection's last.
-struct SwitchesNothing<S>(S, Arc<AtomicBool>);
+/// Once the port stops ([`HeadSignals::stopped`]), every answer is marked
+/// so: a request begun then is served as the connection's last.
+struct SwitchesNothing<S>(S, Arc<HeadSignals>);
 
-/// Marks an answer to a request hyper may switch protocols for.
+/// Marks an answer as the connection's last ([`ends`]).
 type Ends<E> = fn(Result<Response<Full<Bytes>>, E>) -> Result<Response<Full<Bytes>>, E>;
 
 impl<S> Service<Request<Incoming>> for SwitchesNothing<S>
@@ -209,35 +208,32 @@ where
     type Future = Either<S::Future, Map<S::Future, Ends<S::Error>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        if !http1::may_switch(&req) && !self.1.load(Ordering::Acquire) {
+        if !http1::may_switch(&req) && !self.1.stopped() {
             return Either::Left(self.0.call(req));
         }
         let ends: Ends<S::Error> = if req.version() == Version::HTTP_10 {
-            ends_in_http_1_0
+            ends::<_, true>
         } else {
-            ends_in_http_1_1
+            ends::<_, false>
         };
         Either::Right(self.0.call(req).map(ends))
     }
 }
 
-/// The answer to an HTTP/1.1 request, marked as the connection's last.
-fn ends_in_http_1_1<E>(
+/// The answer to a request, marked as the connection's last in the
+/// request's version: HTTP/1.0 when `HTTP_1_0`, else HTTP/1.1. The version
+/// is a parameter of the function, not a value it captures, so that each
+/// is a plain `fn` ([`Ends`]), which a closure holding it could not be.
+fn ends<E, const HTTP_1_0: bool>(
     answer: Result<Response<Full<Bytes>>, E>,
 ) -> Result<Response<Full<Bytes>>, E> {
+    let version = if HTTP_1_0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
     answer.map(|mut answer| {
-        http1::end_connection(&mut answer, Version::HTTP_11);
-        answer
-    })
-}
-
-/// The answer to an HTTP/1.0 `CONNECT`, marked as the connection's last
-/// (in HTTP/1.0).
-fn ends_in_http_1_0<E>(
-    answer: Result<Response<Full<Bytes>>, E>,
-) -> Result<Response<Full<Bytes>>, E> {
-    answer.map(|mut answer| {
-        http1::end_connection(&mut answer, Version::HTTP_10);
+        http1::end_connection(&mut answer, version);
         answer
     })
 }
@@ -289,7 +285,7 @@ impl fmt::Display for Answered<'_> {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Poll;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -215,10 +215,7 @@ where
     S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout)
-        .serve_connection(TokioIo::new(io), service);
+    let conn = http1_server(head_timeout).serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         served = tokio::time::timeout(lifetime, conn.as_mut()) => if let Ok(served) = served {
@@ -244,12 +241,20 @@ where
     S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
+    let conn = http1_server(timeout)
         .keep_alive(false)
         .serve_connection(TokioIo::new(io), service);
     tokio::time::timeout(timeout, conn).await.ok()?.err()
+}
+
+/// hyper's HTTP/1.1 server as the ports run it: a request's head must
+/// arrive within `head_timeout`, timed by tokio.
+fn http1_server(head_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut server = hyper::server::conn::http1::Builder::new();
+    server
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
+    server
 }
 
 #[cfg(test)]

@@ -222,11 +222,15 @@ pub struct Heads<S> {
 /// request head its client has begun (not only empty lines) and hyper has
 /// not yet been given whole, as of its last read: hyper, idle between
 /// requests, knows nothing of such a head, and its graceful shutdown would
-/// close the connection with it unread.
+/// close the connection with it unread. And the other way, what the stop
+/// tells the connection's service: that its port stopped
+/// ([`HeadSignals::stop`]), which `Heads` itself does not heed.
 #[derive(Debug, Default)]
 pub struct HeadSignals {
     refused: Notify,
     held: AtomicBool,
+    /// Beside `held`, in room the allocation has anyway.
+    stopped: AtomicBool,
     given: Notify,
 }
 
@@ -258,6 +262,17 @@ impl HeadSignals {
             }
             given.await;
         }
+    }
+
+    /// Says that the connection's port stopped: for its service to make
+    /// every answer from then on the connection's last ([`Self::stopped`]).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection's port stopped ([`Self::stop`]).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// Kept up to date at each read: a plain load when nothing changed.
