@@ -501,8 +501,28 @@ async fn passthrough_retries_on_plain_tcp_and_after_a_mesh_backend() {
 /// app awaiting an answer does, and says how the call ended for the app:
 /// `fin` or `reset`, after the bytes that came back.
 async fn how_it_ends(shared: &Arc<Shared>, dst: &str) -> (&'static str, Vec<u8>) {
+    how_it_ends_after(shared, dst, &[MESSAGE], false).await
+}
+
+/// [`how_it_ends`] for an app that sends `segments` one after another,
+/// each in a write of its own, and half-closes after them if `half_close`.
+async fn how_it_ends_after(
+    shared: &Arc<Shared>,
+    dst: &str,
+    segments: &[&[u8]],
+    half_close: bool,
+) -> (&'static str, Vec<u8>) {
     let (mut app, task) = call(shared, dst).await;
-    app.write_all(MESSAGE).await.unwrap();
+    app.set_nodelay(true).unwrap();
+    for (i, segment) in segments.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app.write_all(segment).await.unwrap();
+    }
+    if half_close {
+        app.shutdown().await.unwrap();
+    }
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     let end = loop {
@@ -559,6 +579,34 @@ async fn an_opaque_call_that_fails_before_an_answer_is_reset_at_the_app() {
         ("reset", Vec::new())
     );
     assert_eq!(outcome(&shared, "denied"), 2);
+}
+
+/// An app whose first bytes only may begin an HTTP request, which
+/// detection takes for HTTP (a text protocol pausing mid-line, `ping`; or
+/// the start of a method and the end of its stream, `GE`), but that sends
+/// no whole request head, cannot be answered when its call is refused: it
+/// is reset, never ended with a FIN it could take for its server's
+/// orderly close. An HTTP/1.0 request that comes in pieces and is
+/// half-closed after it is still answered.
+#[tokio::test]
+async fn an_app_taken_for_http_that_sends_no_request_head_is_reset_when_refused() {
+    let ca = Ca::new();
+    let shared = sidecar(&ca, "deny", &[], &[]);
+    let outside = "192.0.2.7:80";
+    let paused = how_it_ends_after(&shared, outside, &[b"ping"], false).await;
+    assert_eq!(paused, ("reset", Vec::new()), "an app paused mid-line");
+    assert_eq!(outcome(&shared, "denied"), 1);
+    let ended = how_it_ends_after(&shared, outside, &[b"GE"], true).await;
+    assert_eq!(ended, ("reset", Vec::new()), "an app that half-closed");
+    assert_eq!(outcome(&shared, "denied"), 2);
+
+    let pieces: [&[u8]; 3] = [b"GET /orders HT", b"TP/1.0\r\nhost: api", b".shop\r\n\r\n"];
+    let (end, answer) = how_it_ends_after(&shared, outside, &pieces, true).await;
+    let answer = String::from_utf8(answer).unwrap();
+    assert_eq!(end, "fin", "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert_eq!(proxy_error(&answer), Some("denied"), "{answer}");
+    assert_eq!(outcome(&shared, "denied"), 3);
 }
 
 /// Sends an HTTP/1 request on a call to `dst` and returns what came back,
