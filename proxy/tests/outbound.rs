@@ -318,6 +318,7 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
 
 #[tokio::test]
 async fn transparent_refuses_a_connection_that_was_not_redirected() {
+    use tokio::io::AsyncWriteExt;
     let ca = Ca::new();
     let client = shared(&ca, &id("/ns/a/sa/client"), &[]);
     let (shutdown, drain) = drain::channel();
@@ -336,6 +337,12 @@ async fn transparent_refuses_a_connection_that_was_not_redirected() {
             .contains("trellis_connections_total{direction=\"outbound\",outcome=\"refused\"} 1")
     })
     .await;
+    // An app that does not speak HTTP, waiting for an answer, has no
+    // answer to be told why in: it is reset, not ended as if its server
+    // had closed in order.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"\x01\x02 opaque\n").await.unwrap();
+    assert_eq!(read_end(&mut tcp).await, End::Reset(Vec::new()));
     drop(shutdown);
 }
 
