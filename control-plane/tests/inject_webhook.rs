@@ -3381,6 +3381,117 @@ fn an_init_given_an_injections_arguments_keeps_to_the_sidecar_it_runs_beside() {
     }
 }
 
+/// Where a reinvocation writes `trellis-init`'s arguments whole, the UID
+/// and ports are what the sidecar runs with, read as the kubelet reads
+/// them: a sidecar without its own `runAsUser` runs as the pod's, and it
+/// listens where its `TRELLIS_INBOUND` and `TRELLIS_OUTBOUND` say (its
+/// `trellis-inbound` port renamed changes nothing). An entry whose port
+/// the injector cannot read (`valueFrom`, not `ip:port`, two ports) is
+/// refused, naming it, whatever the failure policy, rather than init
+/// given the current settings' port, where the sidecar may not listen.
+/// Real AdmissionReview documents; no API server here.
+#[test]
+fn an_init_given_an_injections_arguments_reads_the_sidecar_as_the_kubelet_runs_it() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let then = InjectConfig {
+        proxy_uid: 2102,
+        inbound_port: 16006,
+        outbound_port: 16001,
+        ..config()
+    };
+    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &then);
+    let first = apply(
+        &review["request"]["object"],
+        &patch_of(&reply).expect("a patch"),
+    );
+    let args = first["spec"]["initContainers"][0]["args"].clone();
+    let proxy_at = 1;
+    assert_eq!(
+        first["spec"]["initContainers"][proxy_at]["name"],
+        "trellis-proxy"
+    );
+    let without_args = |pod: &Value| {
+        let mut pod = pod.clone();
+        pod["spec"]["initContainers"][0]["args"] = json!(["sleep", "3600"]);
+        pod
+    };
+
+    // The sidecar's UID set on the pod, not on it; its inbound port
+    // declared under another name.
+    let mut pod = without_args(&first);
+    pod["spec"]["initContainers"][proxy_at]["securityContext"]
+        .as_object_mut()
+        .unwrap()
+        .remove("runAsUser");
+    pod["spec"]["securityContext"] = json!({"runAsUser": 2102, "runAsGroup": 2102});
+    for field in ["containers", "initContainers"] {
+        for container in pod["spec"][field].as_array_mut().unwrap() {
+            if !OURS.contains(&container["name"].as_str().unwrap()) {
+                container["securityContext"]["runAsUser"] = json!(1000);
+            }
+        }
+    }
+    let ports = pod["spec"]["initContainers"][proxy_at]["ports"]
+        .as_array_mut()
+        .unwrap();
+    let inbound = ports
+        .iter_mut()
+        .find(|p| p["name"] == "trellis-inbound")
+        .unwrap();
+    inbound["name"] = json!("mtls");
+    let again = apply(&pod, &reinvocation_patch(&review, &pod));
+    assert_eq!(again["spec"]["initContainers"][0]["args"], args);
+
+    // An entry whose port cannot be read is refused, naming it.
+    let outbound_at = env_index(&first, "TRELLIS_OUTBOUND");
+    for (entry, problem) in [
+        (
+            json!({"name": "TRELLIS_OUTBOUND", "valueFrom": {"configMapKeyRef": {"name": "mesh", "key": "outbound"}}}),
+            "is set by valueFrom, which the injector cannot read".to_owned(),
+        ),
+        (
+            json!({"name": "TRELLIS_OUTBOUND", "value": "127.0.0.1:16001,[::1]:16002"}),
+            "is \"127.0.0.1:16001,[::1]:16002\", not `ip:port` for each address with one \
+             port other than 0"
+                .to_owned(),
+        ),
+        (
+            json!({"name": "TRELLIS_OUTBOUND", "value": "16001"}),
+            "is \"16001\", not `ip:port` for each address with one port other than 0".to_owned(),
+        ),
+    ] {
+        let mut pod = without_args(&first);
+        pod["spec"]["initContainers"][proxy_at]["env"][outbound_at] = entry;
+        for policy in [FailurePolicy::Fail, FailurePolicy::Ignore] {
+            let settings = InjectConfig {
+                failure_policy: policy,
+                ..config()
+            };
+            let reply = answer(
+                &with_object(&review, pod.clone()),
+                NamespaceScope::SelectedByWebhook,
+                &settings,
+            );
+            assert_eq!(
+                denial(&reply),
+                format!(
+                    "trellis: cannot inject: the trellis-proxy container's environment \
+                     variable TRELLIS_OUTBOUND {problem}, so the port trellis-init must \
+                     redirect the pod's traffic to is not known: trellis-init's args, which \
+                     would say it, are missing or do not start with \"init\"; give \
+                     trellis-init the args an injection wrote, or TRELLIS_OUTBOUND as an \
+                     injection writes it"
+                )
+            );
+        }
+        // With init's own arguments, which say the port, it is admitted.
+        let mut pod = pod;
+        pod["spec"]["initContainers"][0]["args"] = args.clone();
+        let reply = answer_for(&with_object(&review, pod));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+    }
+}
+
 /// A settings annotation refused on reinvocation says that the pod was
 /// changed since injection (its author submitted one that was admitted),
 /// and names the containers the injection saw that are gone: a mutating

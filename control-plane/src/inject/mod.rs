@@ -248,7 +248,11 @@
 //! `securityContext.runAsUser`, and would bypass it; under passthrough the
 //! pod is injected with a warning; [`InjectError::InitWithoutProxy`]: our
 //! init container without the sidecar; [`InjectError::ProxyWithoutInit`]:
-//! the sidecar without our init, so nothing reaches it). A pod that cannot
+//! the sidecar without our init, so nothing reaches it;
+//! [`InjectError::SidecarAddress`]: reviewed with its sidecar, a
+//! `trellis-init` whose arguments are missing or not `init`'s, beside a
+//! sidecar whose `TRELLIS_INBOUND` or `TRELLIS_OUTBOUND` does not say its
+//! port as an injection writes it, so init's could only be a guess). A pod that cannot
 //! be injected for another reason (no trust bundle configured, not a Pod,
 //! a sidecar environment a reinvocation cannot add checks to)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
@@ -766,7 +770,8 @@ fn deny_or_warn(
         | InjectError::PortNameClash { .. }
         | InjectError::ProxyUid { .. }
         | InjectError::InitWithoutProxy
-        | InjectError::ProxyWithoutInit) => {
+        | InjectError::ProxyWithoutInit
+        | InjectError::SidecarAddress { .. }) => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
         // Not a pod (a webhook rule widened by hand): nothing runs outside

@@ -160,6 +160,13 @@ pub enum InjectError {
          {PROXY_CONTAINER} to have both injected"
     )]
     ProxyWithoutInit,
+    #[error(
+        "the {PROXY_CONTAINER} container's environment variable {name} {problem}, so the port \
+         {INIT_CONTAINER} must redirect the pod's traffic to is not known: {INIT_CONTAINER}'s \
+         args, which would say it, are missing or do not start with \"init\"; give \
+         {INIT_CONTAINER} the args an injection wrote, or {name} as an injection writes it"
+    )]
+    SidecarAddress { name: &'static str, problem: String },
 }
 
 /// What helps a pod refused with [`InjectError::ProxyUid`]: before
@@ -430,7 +437,7 @@ fn rewrite_added(
     // The pod runs with the sidecar it was injected with, whose ports and
     // UID may be other settings' (its manifest copied, or restored, since
     // they changed): its checks and rewritten probes are held to that one.
-    let config = &injected_settings(spec, config);
+    let config = &injected_settings(spec, config)?;
     // The checks of the pod as it will run, of every container of its own,
     // seen or new: they rewrite nothing, and a container that passed them
     // at injection passes them again. A container the rule below takes as
@@ -795,13 +802,18 @@ fn located<'a>(
 /// `config` with the ports and UID of the sidecar the pod was injected
 /// with: as its `trellis-init` arguments (`--proxy-uid`, `--inbound-port`,
 /// `--outbound-port`) say them, when they are `init`'s; else as
-/// `trellis-proxy` itself runs (its `securityContext.runAsUser`, its port
-/// named [`INBOUND_PORT_NAME`], its `TRELLIS_OUTBOUND` or the sidecar's
-/// default outbound port without one), as an injection derives both from
-/// one setting; its admin port is its port named [`ADMIN_PORT_NAME`]. What
-/// neither says (hand-written, or not a number) is the current settings'.
-/// The outbound policy is the mesh's, and stays the current one.
-fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> InjectConfig {
+/// `trellis-proxy` itself runs ([`sidecar_uid`], [`sidecar_port`]), as an
+/// injection derives both from one setting; its admin port is its port
+/// named [`ADMIN_PORT_NAME`]. What neither says (hand-written, or not a
+/// number) is the current settings'. The outbound policy is the mesh's,
+/// and stays the current one. An error when init's arguments do not say a
+/// port and the sidecar's environment gives it in a form the injector
+/// does not write ([`InjectError::SidecarAddress`]): init would be given a
+/// guess, and redirect the pod's traffic where the sidecar may not listen.
+fn injected_settings(
+    spec: &Map<String, Value>,
+    config: &InjectConfig,
+) -> Result<InjectConfig, InjectError> {
     let named = |name: &str| {
         all_containers(spec).find(|c| c.get("name").and_then(Value::as_str) == Some(name))
     };
@@ -822,6 +834,7 @@ fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> Inject
                 value => value.strip_prefix('=')?.parse::<u32>().ok(),
             })
     };
+    let port_flag = |name: &str| flag(name).and_then(|port| u16::try_from(port).ok());
     let proxy = named(PROXY_CONTAINER);
     let port_named = |name: &str| {
         slice(proxy?.get("ports"))
@@ -830,39 +843,79 @@ fn injected_settings(spec: &Map<String, Value>, config: &InjectConfig) -> Inject
             .and_then(|p| p.get("containerPort")?.as_u64())
             .and_then(|port| u16::try_from(port).ok())
     };
-    let runs_as = proxy
-        .and_then(|p| p.get("securityContext")?.get("runAsUser")?.as_u64())
-        .and_then(|uid| u32::try_from(uid).ok());
-    // `TRELLIS_OUTBOUND` is `ip:port` for each family, one port; without
-    // it the sidecar listens on its default.
-    let outbound = proxy.and_then(|p| {
-        let env = slice(p.get("env"));
-        match env
-            .iter()
-            .find(|e| e.get("name").and_then(Value::as_str) == Some("TRELLIS_OUTBOUND"))
-        {
-            None => p.get("env").map(|_| SIDECAR_OUTBOUND_PORT),
-            Some(entry) => entry
-                .get("value")?
-                .as_str()?
-                .rsplit_once(':')?
-                .1
-                .parse()
-                .ok(),
-        }
-    });
-    InjectConfig {
-        proxy_uid: flag("--proxy-uid").or(runs_as).unwrap_or(config.proxy_uid),
-        inbound_port: flag("--inbound-port")
-            .and_then(|port| u16::try_from(port).ok())
-            .or_else(|| port_named(INBOUND_PORT_NAME))
-            .unwrap_or(config.inbound_port),
-        outbound_port: flag("--outbound-port")
-            .and_then(|port| u16::try_from(port).ok())
-            .or(outbound)
-            .unwrap_or(config.outbound_port),
+    let inbound_port = match port_flag("--inbound-port") {
+        Some(port) => Some(port),
+        None => sidecar_port(proxy, "TRELLIS_INBOUND", SIDECAR_INBOUND_PORT)?
+            .or_else(|| port_named(INBOUND_PORT_NAME)),
+    };
+    let outbound_port = match port_flag("--outbound-port") {
+        Some(port) => Some(port),
+        None => sidecar_port(proxy, "TRELLIS_OUTBOUND", SIDECAR_OUTBOUND_PORT)?,
+    };
+    Ok(InjectConfig {
+        proxy_uid: flag("--proxy-uid")
+            .or_else(|| sidecar_uid(spec, proxy))
+            .unwrap_or(config.proxy_uid),
+        inbound_port: inbound_port.unwrap_or(config.inbound_port),
+        outbound_port: outbound_port.unwrap_or(config.outbound_port),
         admin_port: port_named(ADMIN_PORT_NAME).unwrap_or(config.admin_port),
         ..config.clone()
+    })
+}
+
+/// The UID `proxy` runs as: its own `securityContext.runAsUser`, else the
+/// pod's, as the kubelet applies them; `None` where neither says one.
+fn sidecar_uid(spec: &Map<String, Value>, proxy: Option<&Value>) -> Option<u32> {
+    let run_as = |context: Option<&Value>| {
+        context?
+            .get("runAsUser")?
+            .as_u64()
+            .and_then(|uid| u32::try_from(uid).ok())
+    };
+    run_as(proxy.and_then(|p| p.get("securityContext")))
+        .or_else(|| run_as(spec.get("securityContext")))
+}
+
+/// The port the sidecar `proxy` listens on as its environment entry `name`
+/// (`TRELLIS_INBOUND`, `TRELLIS_OUTBOUND`) says: `ip:port` for each of the
+/// cluster's families, one port, as an injection writes it; `default`, the
+/// sidecar's own, without the entry; `None` for a sidecar without an
+/// environment (written by hand), or no sidecar. Of several entries of
+/// the name the kubelet uses the last, and so does this. An error, naming
+/// the entry, for one set by `valueFrom` (its port is not in the pod) or
+/// not of that form.
+fn sidecar_port(
+    proxy: Option<&Value>,
+    name: &'static str,
+    default: u16,
+) -> Result<Option<u16>, InjectError> {
+    let Some(env) = proxy.and_then(|p| p.get("env")) else {
+        return Ok(None);
+    };
+    let Some(entry) = slice(Some(env))
+        .iter()
+        .rev()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
+    else {
+        return Ok(Some(default));
+    };
+    let refused = |problem: String| InjectError::SidecarAddress { name, problem };
+    let Some(value) = entry.get("value").and_then(Value::as_str) else {
+        return Err(refused(if entry.get("valueFrom").is_some() {
+            "is set by valueFrom, which the injector cannot read".to_owned()
+        } else {
+            "has no value".to_owned()
+        }));
+    };
+    let mut ports = value
+        .split(',')
+        .map(|addr| addr.trim().parse::<SocketAddr>().map(|addr| addr.port()));
+    let first = ports.next().and_then(Result::ok);
+    match first {
+        Some(port) if port != 0 && ports.all(|p| p == Ok(port)) => Ok(Some(port)),
+        _ => Err(refused(format!(
+            "is {value:?}, not `ip:port` for each address with one port other than 0"
+        ))),
     }
 }
 
