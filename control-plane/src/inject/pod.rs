@@ -30,49 +30,14 @@ const XTABLES_DIR: &str = "/run/trellis-xtables";
 const TRELLIS_APP_PROBES: &str = "TRELLIS_APP_PROBES";
 const TRELLIS_HOOK_TOKEN: &str = "TRELLIS_HOOK_TOKEN";
 
-/// The names of the sidecar's environment entries in the order an
-/// injection writes them ([`proxy_container`]): a review of a pod with its
-/// sidecar puts an entry it adds in that place, so that the sidecar is
-/// entry for entry the one a first injection of the pod would give.
-const PROXY_ENV_ORDER: [&str; 22] = [
-    "TRELLIS_POD_NAME",
-    "TRELLIS_POD_NAMESPACE",
-    "TRELLIS_SERVICE_ACCOUNT",
-    "TRELLIS_POD_IP",
-    "TRELLIS_POD_IPS",
-    "TRELLIS_IDENTITY",
-    "TRELLIS_CONTROL_PLANE",
-    "TRELLIS_TRUST_BUNDLE",
-    "TRELLIS_TOKEN_FILE",
-    "TRELLIS_TOKEN_TYPE",
-    "TRELLIS_ADMIN",
-    "TRELLIS_ADVERTISE_ADDRESS",
-    "TRELLIS_LOG_FORMAT",
-    // What the annotations decide ([`Annotated`]), in its order.
-    "TRELLIS_ACCESS_LOG",
-    "TRELLIS_TCP_USER_TIMEOUT",
-    "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
-    "TRELLIS_MAX_H2_CONNECTIONS",
-    "TRELLIS_OPAQUE_PORTS",
-    "TRELLIS_INBOUND",
-    "TRELLIS_OUTBOUND",
-    TRELLIS_APP_PROBES,
-    TRELLIS_HOOK_TOKEN,
-];
-
-/// Where the entry `entry` comes in [`PROXY_ENV_ORDER`]; `None` for one the
-/// injector never writes.
-fn env_rank(entry: &Value) -> Option<usize> {
-    let name = entry.get("name").and_then(Value::as_str)?;
-    PROXY_ENV_ORDER.iter().position(|known| *known == name)
-}
-
-/// The index at which `entry` joins the sidecar's environment `env`:
-/// right after the last entry an injection writes before it, else before
-/// the first it writes after it, else at the end. Entries the injector
-/// does not write (a later webhook's) are passed over.
-fn env_place(env: &[Option<usize>], entry: &Value) -> usize {
-    let Some(rank) = env_rank(entry) else {
+/// The index at which an entry of rank `rank` (its place among the
+/// entries an injection writes, [`env_order`]) joins the sidecar's
+/// environment, whose entries have the ranks `env`: right after the last
+/// entry an injection writes before it, else before the first it writes
+/// after it, else at the end. Entries the injector does not write (a later
+/// webhook's, `None`) are passed over.
+fn env_place(env: &[Option<usize>], rank: Option<usize>) -> usize {
+    let Some(rank) = rank else {
         return env.len();
     };
     match env.iter().rposition(|r| r.is_some_and(|r| r < rank)) {
@@ -82,6 +47,25 @@ fn env_place(env: &[Option<usize>], entry: &Value) -> usize {
             .position(|r| r.is_some_and(|r| r > rank))
             .unwrap_or(env.len()),
     }
+}
+
+/// The sidecar's environment as an injection of a pod with `annotated`
+/// under `config` writes it, with a check and a hook token, so that every
+/// entry it may write is there: the order a review of a pod with its
+/// sidecar puts an entry it adds in. It is [`proxy_env`]'s own, not a list
+/// kept beside it, so an entry added there has its place here.
+fn env_order(config: &InjectConfig, annotated: &[(&'static str, Option<String>)]) -> Vec<Value> {
+    let check = BTreeMap::from([(String::new(), Value::Null)]);
+    proxy_env(config, &check, Some(""), annotated)
+}
+
+/// Where the entry `entry` comes in `order` ([`env_order`]); `None` for one
+/// the injector does not write.
+fn env_rank(order: &[Value], entry: &Value) -> Option<usize> {
+    let name = entry.get("name").and_then(Value::as_str)?;
+    order
+        .iter()
+        .position(|known| known.get("name").and_then(Value::as_str) == Some(name))
 }
 
 /// Why a pod cannot be injected.
@@ -674,7 +658,7 @@ fn rewrite_added(
     // a pod's first rewritten hook brings it the token. Entries are
     // replaced where they are, then the ones to go taken out from the last
     // (so no index moves before it is used), then new ones added where an
-    // injection writes them ([`PROXY_ENV_ORDER`]).
+    // injection writes them ([`env_order`]).
     let env_path = format!("/spec/{field}/{at}/env");
     for (at, value) in env_replaced {
         patch.push(PatchOp::replace(format!("{env_path}/{at}"), value));
@@ -719,9 +703,15 @@ fn rewrite_added(
     for at in &removed {
         patch.push(PatchOp::remove(format!("{env_path}/{at}")));
     }
-    // Each added entry where an injection writes it, in that order, so
-    // that each one's index is right for the environment the operations
-    // before it left.
+    // Each added entry where an injection writes it ([`env_order`]), in
+    // that order, so that each one's index is right for the environment
+    // the operations before it left.
+    let order = if added.is_empty() {
+        Vec::new()
+    } else {
+        env_order(config, &annotated.env)
+    };
+    let env_rank = |entry: &Value| env_rank(&order, entry);
     added.sort_by_key(env_rank);
     if proxy.get("env").is_none() && !added.is_empty() {
         patch.push(PatchOp::add(env_path, Value::Array(added)));
@@ -733,7 +723,7 @@ fn rewrite_added(
             .map(|(_, e)| env_rank(e))
             .collect();
         for value in added {
-            let at = env_place(&ranks, &value);
+            let at = env_place(&ranks, env_rank(&value));
             let path = if at == ranks.len() {
                 format!("{env_path}/-")
             } else {
@@ -1512,6 +1502,62 @@ fn proxy_container(
     hook_token: Option<&str>,
     annotated: &[(&'static str, Option<String>)],
 ) -> Value {
+    let admin = config.admin_port;
+    let ports: Vec<Value> = sidecar_ports(config)
+        .into_iter()
+        .filter_map(|p| Some(json!({"name": p.name?, "containerPort": p.port, "protocol": "TCP"})))
+        .collect();
+    let env = proxy_env(config, app_probes, hook_token, annotated);
+    let mut container = json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "command": ["trellis-proxy"],
+        "restartPolicy": "Always",
+        "ports": ports,
+        "env": env,
+        "volumeMounts": [{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}],
+        "resources": resources(&config.proxy_resources),
+        // Up to two minutes for the first certificate and snapshot.
+        "startupProbe": {
+            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 120,
+        },
+        // The admin port answers until the sidecar exits: while it
+        // drains after SIGTERM, /ready is 503 (saying why) and /live 200,
+        // so a draining sidecar is neither probed "connection refused"
+        // nor restarted.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
+        },
+        "securityContext": {
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    pull_policy(&mut container, config);
+    container
+}
+
+/// The sidecar's environment as an injection writes it, in its order: what
+/// every sidecar has, what the pod's annotations decide ([`Annotated`]),
+/// its ports when not its defaults, the app's checks and the hook token.
+fn proxy_env(
+    config: &InjectConfig,
+    app_probes: &BTreeMap<String, Value>,
+    hook_token: Option<&str>,
+    annotated: &[(&'static str, Option<String>)],
+) -> Vec<Value> {
     let td = config.trust_domain.as_str();
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, value: String| json!({"name": name, "value": value});
@@ -1569,50 +1615,7 @@ fn proxy_container(
     if let Some(token) = hook_token {
         env.push(value(TRELLIS_HOOK_TOKEN, token.to_owned()));
     }
-    let admin = config.admin_port;
-    let ports: Vec<Value> = sidecar_ports(config)
-        .into_iter()
-        .filter_map(|p| Some(json!({"name": p.name?, "containerPort": p.port, "protocol": "TCP"})))
-        .collect();
-    let mut container = json!({
-        "name": PROXY_CONTAINER,
-        "image": config.image,
-        "command": ["trellis-proxy"],
-        "restartPolicy": "Always",
-        "ports": ports,
-        "env": env,
-        "volumeMounts": [{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}],
-        "resources": resources(&config.proxy_resources),
-        // Up to two minutes for the first certificate and snapshot.
-        "startupProbe": {
-            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
-            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 120,
-        },
-        // The admin port answers until the sidecar exits: while it
-        // drains after SIGTERM, /ready is 503 (saying why) and /live 200,
-        // so a draining sidecar is neither probed "connection refused"
-        // nor restarted.
-        "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
-            "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/live", "port": admin, "scheme": "HTTP"},
-            "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
-        },
-        "securityContext": {
-            "runAsUser": config.proxy_uid,
-            "runAsGroup": config.proxy_uid,
-            "runAsNonRoot": true,
-            "privileged": false,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    });
-    pull_policy(&mut container, config);
-    container
+    env
 }
 
 /// Every address of the primary family, which the kubelet's probes reach:
@@ -1725,55 +1728,28 @@ fn log_format(format: trellis_core::logging::Format) -> String {
 mod tests {
     use super::*;
 
-    /// Every entry an injection writes on the sidecar, each setting and
-    /// port other than the default's, a check and a hook token among
-    /// them, is in [`PROXY_ENV_ORDER`] in its order: the order a review
-    /// of an injected pod puts the entries it adds in.
-    #[test]
-    fn the_sidecars_entries_come_in_the_order_a_reinvocation_adds_them() {
-        let config = InjectConfig {
-            inbound_port: 16006,
-            outbound_port: 16001,
-            ..InjectConfig::default()
-        };
-        // Each entry the annotations decide, set.
-        let annotated: Vec<(&'static str, Option<String>)> =
-            Annotated::read(&BTreeMap::new(), &Map::new(), &config)
-                .unwrap()
-                .env
-                .iter()
-                .map(|(name, _)| (*name, Some("x".to_owned())))
-                .collect();
-        let probes = BTreeMap::from([("/app-health/web/readiness".to_owned(), json!({}))]);
-        let proxy = proxy_container(&config, &probes, Some("token"), &annotated);
-        let ranks: Vec<Option<usize>> = proxy["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(env_rank)
-            .collect();
-        assert_eq!(
-            ranks,
-            (0..PROXY_ENV_ORDER.len()).map(Some).collect::<Vec<_>>()
-        );
-    }
-
     /// An entry joins after the last one an injection writes before it,
     /// a later webhook's entries passed over; else before the first it
-    /// writes after it; else at the end.
+    /// writes after it; else at the end. The order is the injection's own
+    /// ([`env_order`]): the checks and hook token come after what the
+    /// annotations decide, and an entry it does not write has no place.
     #[test]
     fn an_added_entry_goes_where_an_injection_writes_it() {
-        let entry = |name: &str| json!({"name": name, "value": "x"});
-        let ranks = |names: &[&str]| -> Vec<Option<usize>> {
-            names.iter().map(|name| env_rank(&entry(name))).collect()
-        };
-        let env = ranks(&["TRELLIS_LOG_FORMAT", "VAULT_ADDR", "TRELLIS_APP_PROBES"]);
-        assert_eq!(env_place(&env, &entry("TRELLIS_OPAQUE_PORTS")), 1);
-        assert_eq!(env_place(&env, &entry(TRELLIS_HOOK_TOKEN)), 3);
-        let env = ranks(&["VAULT_ADDR", "TRELLIS_APP_PROBES"]);
-        assert_eq!(env_place(&env, &entry("TRELLIS_ACCESS_LOG")), 1);
-        assert_eq!(env_place(&[], &entry("TRELLIS_ACCESS_LOG")), 0);
-        assert_eq!(env_place(&env, &entry("OTHER")), 2);
+        let order = env_order(
+            &InjectConfig::default(),
+            &[("TRELLIS_OPAQUE_PORTS", Some("9100".to_owned()))],
+        );
+        let rank = |name: &str| env_rank(&order, &json!({"name": name, "value": "x"}));
+        let ranks =
+            |names: &[&str]| -> Vec<Option<usize>> { names.iter().map(|n| rank(n)).collect() };
+        assert_eq!(rank("OTHER"), None);
+        let env = ranks(&["TRELLIS_LOG_FORMAT", "VAULT_ADDR", TRELLIS_APP_PROBES]);
+        assert_eq!(env_place(&env, rank("TRELLIS_OPAQUE_PORTS")), 1);
+        assert_eq!(env_place(&env, rank(TRELLIS_HOOK_TOKEN)), 3);
+        let env = ranks(&["VAULT_ADDR", TRELLIS_APP_PROBES]);
+        assert_eq!(env_place(&env, rank("TRELLIS_OPAQUE_PORTS")), 1);
+        assert_eq!(env_place(&[], rank("TRELLIS_OPAQUE_PORTS")), 0);
+        assert_eq!(env_place(&env, rank("OTHER")), 2);
     }
 
     /// Flags are set in the form the arguments have them, a missing one
