@@ -3263,6 +3263,87 @@ fn trellis_entries_a_later_webhook_writes_on_the_sidecar_are_the_annotations() {
     settled(&review, again);
 }
 
+/// Several entries added in one patch beside entries a later webhook put
+/// on the sidecar (one in the middle of the injector's, one at the end),
+/// in the same patch as an entry replaced, duplicates taken out, the
+/// checks of an added container joining `TRELLIS_APP_PROBES` (or that
+/// entry added, on a sidecar without checks) and its hook's token added:
+/// RFC 6902 applies the operations in order, and `json-patch`, applying
+/// them as the API server does, gives the sidecar of an injection with
+/// the annotations and the container from the start, the later webhook's
+/// entries kept in their order. Real AdmissionReview documents
+/// (fixtures/k8s); no Kubernetes API server here.
+#[test]
+fn entries_added_beside_a_later_webhooks_are_each_in_an_injections_place() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let theirs = |name: &str| name == "VAULT_ADDR" || name == "OTEL_ENDPOINT";
+    let names = |pod: &Value| -> Vec<String> {
+        container(pod, "initContainers", "trellis-proxy")["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = [("trellis.io/max-h2-connections", "2048")];
+    let after = [
+        ("trellis.io/access-log", "false"),
+        ("trellis.io/tcp-user-timeout", "10m"),
+        ("trellis.io/max-h2-connections-per-peer", "64"),
+        ("trellis.io/max-h2-connections", "4096"),
+        ("trellis.io/opaque-ports", "3306"),
+    ];
+    for object in [review["request"]["object"].clone(), without_checks(&review)] {
+        let review = with_object(&review, object.clone());
+        let first = injected_annotated(&review, &before);
+        // A later webhook's entries, one after `TRELLIS_LOG_FORMAT`, one
+        // last, and a second `TRELLIS_MAX_H2_CONNECTIONS` of its own.
+        let mut pod = annotated(&first, &after);
+        let log_format = env_index(&first, "TRELLIS_LOG_FORMAT");
+        let proxy = pod["spec"]["initContainers"][1]["env"]
+            .as_array_mut()
+            .unwrap();
+        proxy.insert(
+            log_format + 1,
+            json!({"name": "VAULT_ADDR", "value": "https://vault:8200"}),
+        );
+        proxy.push(json!({"name": "TRELLIS_MAX_H2_CONNECTIONS", "value": "1"}));
+        proxy.push(json!({"name": "OTEL_ENDPOINT", "value": "http://otel:4317"}));
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(vault_agent());
+        let patch = reinvocation_patch(&review, &pod);
+        let ops = ops(&patch);
+        let adds = ops
+            .iter()
+            .filter(|op| op.starts_with("add /spec/initContainers/1/env/"))
+            .count();
+        assert!(adds >= 4, "{ops:?}");
+        let again = apply(&pod, &patch);
+
+        let mut direct = annotated(&object, &after);
+        direct["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(vault_agent());
+        let direct = injected(&with_object(&review, direct));
+        let (init, mut proxy) = ours(&again);
+        let (direct_init, direct_proxy) = ours(&direct);
+        assert_eq!(init, direct_init);
+        let env = proxy["env"].as_array_mut().unwrap();
+        let kept: Vec<&str> = env
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .filter(|name| theirs(name))
+            .collect();
+        assert_eq!(kept, ["VAULT_ADDR", "OTEL_ENDPOINT"], "{:?}", names(&again));
+        env.retain(|e| !theirs(e["name"].as_str().unwrap()));
+        assert_eq!(proxy, direct_proxy, "{ops:?}\n{:?}", names(&again));
+        settled(&review, again);
+    }
+}
+
 /// A `trellis-init` without arguments (a manifest written by hand) would
 /// run the sidecar's command with none but the exclusions, as a proxy
 /// that never exits: on reinvocation it gets all the arguments an
