@@ -3558,10 +3558,10 @@ fn an_init_given_an_injections_arguments_reads_the_sidecar_as_the_kubelet_runs_i
                 format!(
                     "trellis: cannot inject: the trellis-proxy container's environment \
                      variable TRELLIS_OUTBOUND {problem}, so the port trellis-init must \
-                     redirect the pod's traffic to is not known: trellis-init's args, which \
-                     would say it, are missing or do not start with \"init\"; give \
-                     trellis-init the args an injection wrote, or TRELLIS_OUTBOUND as an \
-                     injection writes it"
+                     redirect the pod's traffic to is not known, and trellis-init's args do \
+                     not name it (they are missing, do not start with \"init\", or lack the \
+                     port's flag); give trellis-init the args an injection wrote, or \
+                     TRELLIS_OUTBOUND as an injection writes it"
                 )
             );
         }

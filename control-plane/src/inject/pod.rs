@@ -146,9 +146,10 @@ pub enum InjectError {
     ProxyWithoutInit,
     #[error(
         "the {PROXY_CONTAINER} container's environment variable {name} {problem}, so the port \
-         {INIT_CONTAINER} must redirect the pod's traffic to is not known: {INIT_CONTAINER}'s \
-         args, which would say it, are missing or do not start with \"init\"; give \
-         {INIT_CONTAINER} the args an injection wrote, or {name} as an injection writes it"
+         {INIT_CONTAINER} must redirect the pod's traffic to is not known, and {INIT_CONTAINER}'s \
+         args do not name it (they are missing, do not start with \"init\", or lack the \
+         port's flag); give {INIT_CONTAINER} the args an injection wrote, or {name} as an \
+         injection writes it"
     )]
     SidecarAddress { name: &'static str, problem: String },
 }
@@ -441,9 +442,9 @@ fn rewrite_added(
     // has run: what differs is patched, and an invalid value refused.
     let annotated = Annotated::read(annotations, spec, config)
         .map_err(|e| changed_since_injection(e, recorded.as_ref(), spec))?;
-    let (field, at, proxy) = located(spec, PROXY_CONTAINER).ok_or(InjectError::ProxyWithoutInit)?;
+    let (field, at, proxy) = located(spec, PROXY_CONTAINER).ok_or(InjectError::InitWithoutProxy)?;
     let (init_field, init_at, init) =
-        located(spec, INIT_CONTAINER).ok_or(InjectError::InitWithoutProxy)?;
+        located(spec, INIT_CONTAINER).ok_or(InjectError::ProxyWithoutInit)?;
     let init_args = slice(init.get("args"));
     // An init whose arguments do not start with `init` does not run what
     // the injector wrote: without arguments (written by hand) it would run
