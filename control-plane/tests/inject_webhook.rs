@@ -3566,7 +3566,6 @@ fn an_init_given_an_injections_arguments_reads_the_sidecar_as_the_kubelet_runs_i
             );
         }
         // With init's own arguments, which say the port, it is admitted.
-        let mut pod = pod;
         pod["spec"]["initContainers"][0]["args"] = args.clone();
         let reply = answer_for(&with_object(&review, pod));
         assert_eq!(reply["response"]["allowed"], true, "{reply}");
