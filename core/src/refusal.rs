@@ -479,32 +479,110 @@ pub fn local_answer(
     proxy_error: Option<&'static str>,
     message: Bytes,
 ) -> Response<Full<Bytes>> {
-    let mut response = Response::builder();
-    let body = if grpc {
-        response = response
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", grpc_code);
+    let (body, grpc_message) = if grpc {
         let message = match proxy_error {
             Some(_) => Bytes::from([SIDECAR_PREFIX.as_bytes(), &message].concat()),
             None => message,
         };
-        if let Ok(value) = HeaderValue::from_maybe_shared(grpc_message(message)) {
+        (Bytes::new(), grpc_message_value(message))
+    } else {
+        (body_text(&message, proxy_error.is_some()).into(), None)
+    };
+    respond(grpc, status, grpc_code, proxy_error, body, grpc_message)
+}
+
+/// The text of a sidecar's answer given many times over (a denial by one
+/// rule), built once: its body and its `grpc-message`, each starting with
+/// [`SIDECAR_PREFIX`], so that answering with it ([`prepared_answer`])
+/// copies and allocates nothing for the text.
+#[derive(Debug, Clone)]
+pub struct AnswerText {
+    body: Bytes,
+    grpc_message: Option<HeaderValue>,
+}
+
+impl AnswerText {
+    /// The text of a sidecar's answer with `message` (after `trellis: `).
+    pub fn new(message: &str) -> Self {
+        let text = [SIDECAR_PREFIX.as_bytes(), message.as_bytes()].concat();
+        Self {
+            body: body_text(message.as_bytes(), true).into(),
+            grpc_message: grpc_message_value(text.into()),
+        }
+    }
+
+    /// The text body of an HTTP answer: the message after `trellis: `, and
+    /// a newline.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The `grpc-message` of a gRPC answer, percent-encoded; `None` for a
+    /// message no header value can hold.
+    pub fn grpc_message(&self) -> Option<&HeaderValue> {
+        self.grpc_message.as_ref()
+    }
+}
+
+/// [`local_answer`] of a sidecar (naming `proxy_error`) whose text was
+/// built before: the answer shares it.
+pub fn prepared_answer(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u16,
+    proxy_error: &'static str,
+    text: &AnswerText,
+) -> Response<Full<Bytes>> {
+    let (body, grpc_message) = match grpc {
+        true => (Bytes::new(), text.grpc_message.clone()),
+        false => (text.body.clone(), None),
+    };
+    respond(
+        grpc,
+        status,
+        grpc_code,
+        Some(proxy_error),
+        body,
+        grpc_message,
+    )
+}
+
+/// The answer of [`local_answer`], its text made: `body` for HTTP, or
+/// `grpc_message` for gRPC.
+fn respond(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u16,
+    proxy_error: Option<&'static str>,
+    body: Bytes,
+    grpc_message: Option<HeaderValue>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::builder();
+    if grpc {
+        response = response
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", grpc_code);
+        if let Some(value) = grpc_message {
             response = response.header("grpc-message", value);
         }
-        Bytes::new()
     } else {
         response = response
             .status(status)
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
-        body_text(&message, proxy_error.is_some()).into()
-    };
+    }
     if let Some(reason) = proxy_error {
         response = response.header(PROXY_ERROR, HeaderValue::from_static(reason));
     }
     response
         .body(Full::new(body))
         .expect("static headers are valid")
+}
+
+/// [`grpc_message`] as a header value; `None` for one no header value can
+/// hold (none after encoding, which leaves printable ASCII only).
+fn grpc_message_value(message: Bytes) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(grpc_message(message)).ok()
 }
 
 /// `message` as a `grpc-message` value: percent-encoded, as gRPC clients

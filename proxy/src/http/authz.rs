@@ -23,7 +23,8 @@
 //!
 //! [`PolicySet::decide_request`]: trellis_core::policy::PolicySet::decide_request
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -31,9 +32,9 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::l7::PathProblem;
 use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
-use trellis_core::refusal::token;
+use trellis_core::refusal::{AnswerText, token};
 
-use super::proxy::{Exchange, GrpcCode, LocalBody, local};
+use super::proxy::{Exchange, GrpcCode, LocalBody, local, local_prepared};
 use super::{Check, Guard, GuardLayer};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
@@ -189,12 +190,12 @@ impl Check for Authorization {
             if decision.reason == Reason::NoSnapshot {
                 entry.problem = Some(NO_SNAPSHOT_DENIAL);
             }
-            local(
+            local_prepared(
                 *grpc,
                 StatusCode::FORBIDDEN,
                 GrpcCode::PermissionDenied,
                 token::DENIED,
-                denial(&decision),
+                &denial(current, &decision),
             )
         });
         entry.decision = Some(decision);
@@ -242,14 +243,28 @@ fn path_problem(problem: PathProblem) -> &'static str {
 /// What a refused caller is told: the deciding policy and rule
 /// (`denied by policy NS/NAME rule N`), the mesh default's label and that
 /// no policy allowed the request ([`DefaultPolicy::denial`]), or
-/// [`NO_SNAPSHOT_DENIAL`].
+/// [`NO_SNAPSHOT_DENIAL`]. Each text is built once (when the policies are
+/// compiled, or on first use for [`NO_SNAPSHOT_DENIAL`]), so a denial
+/// costs no allocation for it; one the policies lack, which they never
+/// do, is built for the request.
 ///
 /// [`DefaultPolicy::denial`]: trellis_core::policy::DefaultPolicy::denial
-fn denial(decision: &Decision) -> Bytes {
-    match &decision.reason {
-        Reason::NoSnapshot => Bytes::from_static(NO_SNAPSHOT_DENIAL.as_bytes()),
-        Reason::Default(mode) => Bytes::from_static(mode.denial().as_bytes()),
-        Reason::Rule(rule) => format!("denied by policy {rule}").into(),
+fn denial<'a>(current: Option<&'a Policies>, decision: &Decision) -> Cow<'a, AnswerText> {
+    static NO_SNAPSHOT: LazyLock<AnswerText> =
+        LazyLock::new(|| AnswerText::new(NO_SNAPSHOT_DENIAL));
+    if decision.reason == Reason::NoSnapshot {
+        return Cow::Borrowed(&NO_SNAPSHOT);
+    }
+    match current.and_then(|p| p.denial(decision)) {
+        Some(text) => Cow::Borrowed(text),
+        None => {
+            let message = match &decision.reason {
+                Reason::Rule(rule) => format!("denied by policy {rule}"),
+                Reason::Default(mode) => mode.denial().to_owned(),
+                Reason::NoSnapshot => NO_SNAPSHOT_DENIAL.to_owned(),
+            };
+            Cow::Owned(AnswerText::new(&message))
+        }
     }
 }
 
@@ -305,6 +320,50 @@ mod tests {
             2,
             "the service was called for a refused request"
         );
+    }
+
+    /// A denial by a rule is answered with the text built for that rule
+    /// when the policies were compiled: each answer shares it (the same
+    /// bytes, no copy made), HTTP body and `grpc-message` alike.
+    #[tokio::test]
+    async fn a_denial_by_a_rule_shares_the_text_built_for_it() {
+        use http_body_util::BodyExt;
+
+        let metrics = Arc::new(Metrics::new());
+        let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let web = id("/ns/a/sa/web");
+        let conn = connection(&metrics, &web, &policies);
+        let mut authorize = AuthorizeLayer::new(web, 8080, policies, metrics).layer(());
+        let mut deny = |(path, host): (&str, &str), grpc: bool| {
+            let request = Request::get(path).header("host", host);
+            let mut exchange = exchange(&conn, request.body(()).unwrap(), grpc);
+            let answer = authorize.check(&mut exchange).expect("denied");
+            answer
+        };
+        let body = async |answer: Response<LocalBody>| match answer.into_body() {
+            http_body_util::Either::Right(full) => full.collect().await.unwrap().to_bytes(),
+            http_body_util::Either::Left(_) => panic!("the app answered"),
+        };
+        for (request, rule) in [(("/admin/x", "api"), 0), (("/x", "admin"), 1)] {
+            let text = format!("trellis: denied by policy b/no-admin rule {rule}");
+            let first = body(deny(request, false)).await;
+            let again = body(deny(request, false)).await;
+            assert_eq!(first, format!("{text}\n"));
+            assert_eq!(first, again);
+            assert_eq!(first.as_ptr(), again.as_ptr(), "a body built per request");
+            let first = deny(request, true);
+            let again = deny(request, true);
+            let (first, again) = (
+                &first.headers()["grpc-message"],
+                &again.headers()["grpc-message"],
+            );
+            assert_eq!(first, text.as_str());
+            assert_eq!(
+                first.as_bytes().as_ptr(),
+                again.as_bytes().as_ptr(),
+                "a grpc-message built per request"
+            );
+        }
     }
 
     /// Every request refused as `invalid` has its access-log line say why,

@@ -465,3 +465,16 @@ pub fn local(
     let answer = refusal::local_answer(grpc, status, code as u16, Some(reason), message.into());
     answer.map(Either::Right)
 }
+
+/// [`local`] with a text built once for many answers (a denial by one
+/// rule, [`refusal::prepared_answer`]): the answer shares it, no copy made.
+pub fn local_prepared(
+    grpc: bool,
+    status: StatusCode,
+    code: GrpcCode,
+    reason: &'static str,
+    text: &refusal::AnswerText,
+) -> Response<LocalBody> {
+    let answer = refusal::prepared_answer(grpc, status, code as u16, reason, text);
+    answer.map(Either::Right)
+}
