@@ -128,6 +128,13 @@ use target::{Resolved, Target, resolve};
 /// are verified by SPIFFE ID, so its value carries no meaning.
 const SNI: &str = "trellis.mesh";
 
+/// What decided an outbound connection denied for its destination being
+/// outside the mesh, as its log line names it (`policy=`): the mesh's
+/// outbound policy `deny`, named as `policy=default:deny` names the mesh
+/// default inbound. Not an authorization policy, so not counted in
+/// `trellis_decisions_total`, only in `trellis_connections_total`.
+pub const OUTBOUND_DENY: &str = "outbound:deny";
+
 /// The TLS server name a peer at `addr` is dialled with: its address and
 /// port under [`SNI`] (`10-0-0-7-15006.trellis.mesh`). It names nothing to
 /// the peer, but the sidecar's session tickets are kept by name, and each
@@ -1526,7 +1533,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 return;
             }
             Target::NoMeshBackend { backends } => {
-                tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
+                tracing::info!(%client, %dst, service = name, backends, decision = %"deny", policy = %OUTBOUND_DENY, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
                 metrics.connection(OUTBOUND, Outcome::NoMeshBackend);
                 let why = format!(
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
@@ -1566,6 +1573,8 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     %dst,
                     service = name,
                     backend = backend(*addr),
+                    decision = %"deny",
+                    policy = %OUTBOUND_DENY,
                     "outbound connection denied: destination outside the mesh, and the outbound \
                      policy is deny (let it out with the pod annotation \
                      trellis.io/exclude-outbound-cidrs or -ports, or the mesh's outbound policy \

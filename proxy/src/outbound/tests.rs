@@ -943,6 +943,44 @@ async fn a_service_without_a_mesh_backend_is_answered_no_mesh_backend() {
     assert_eq!(outcome(&shared, "no_mesh_backend"), 1);
 }
 
+/// A call denied for its destination being outside the mesh under
+/// outbound `deny` (itself, or every ready backend of its service) is
+/// logged naming what decided, `policy=outbound:deny`, as an inbound
+/// denial names its policy; it is counted as a denied connection, not as
+/// a decision of an authorization policy.
+#[tokio::test]
+async fn an_outbound_denial_names_the_outbound_policy_in_its_log() {
+    let (logs, _guard) = Logged::capture();
+    let ca = Ca::new();
+    let outside: SocketAddr = "192.0.2.9:8080".parse().unwrap();
+    let shared = sidecar(&ca, "deny", &[outside], &[]);
+    let answer = http_round_trip(&shared, "192.0.2.7:80").await;
+    assert_eq!(proxy_error(&answer), Some("denied"), "{answer}");
+    let line = logs.line("outbound connection denied: destination outside the mesh");
+    assert!(
+        line.contains(" decision=deny policy=outbound:deny"),
+        "{line}"
+    );
+    assert_eq!(outcome(&shared, "denied"), 1);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(proxy_error(&answer), Some("no_mesh_backend"), "{answer}");
+    let line = logs.line("no ready backend is in the mesh");
+    assert!(
+        line.contains(" decision=deny policy=outbound:deny"),
+        "{line}"
+    );
+    let metrics = shared.metrics.encode();
+    let decisions = metrics
+        .lines()
+        .filter(|l| l.starts_with("trellis_decisions_total{"));
+    for series in decisions {
+        assert!(
+            series.ends_with(" 0"),
+            "an outbound denial counted as a policy's decision: {series}"
+        );
+    }
+}
+
 /// A transparent call to one of the sidecar's own listeners, directly or
 /// as a service's backend, is a loop: refused, and the app told so.
 #[tokio::test]
