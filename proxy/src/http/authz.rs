@@ -337,8 +337,7 @@ mod tests {
         let mut deny = |(path, host): (&str, &str), grpc: bool| {
             let request = Request::get(path).header("host", host);
             let mut exchange = exchange(&conn, request.body(()).unwrap(), grpc);
-            let answer = authorize.check(&mut exchange).expect("denied");
-            answer
+            authorize.check(&mut exchange).expect("denied")
         };
         let body = async |answer: Response<LocalBody>| match answer.into_body() {
             http_body_util::Either::Right(full) => full.collect().await.unwrap().to_bytes(),
