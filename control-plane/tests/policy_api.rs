@@ -606,9 +606,10 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
     assert!(explained.status.success(), "{text}");
     assert!(
         text.starts_with(&format!(
-            "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed per \
-             request by default/reads rule 0\n  a connection that is not HTTP: deny by \
-             default:deny (the connection is admitted for HTTP requests only)\n"
+            "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, \
+             except HTTP requests allowed per request by default/reads rule 0\n  a connection \
+             that is not HTTP: deny by default:deny: no policy allows this connection (the \
+             connection is admitted for HTTP requests only)\n"
         )),
         "{text}"
     );
@@ -616,6 +617,10 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
     assert!(json.status.success(), "{json:?}");
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(json["verdict"], "deny", "{json}");
+    assert_eq!(
+        json["denied_because"], "no policy allows this connection",
+        "{json}"
+    );
     assert_eq!(
         json["per_request"],
         serde_json::json!({
@@ -627,6 +632,7 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
                 "decided_by": "default:deny",
                 "deciding_rule": null,
                 "audits": [],
+                "denied_because": "no policy allows this connection",
             },
         }),
         "{json}"
@@ -641,7 +647,8 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
     let trace = opaque["trace"].as_str().unwrap();
     assert!(
         trace.starts_with(&format!(
-            "{WEB} -> {API} port 8080: deny by default:deny\n  port"
+            "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this \
+             connection\n  port"
         )),
         "{trace}"
     );

@@ -1347,11 +1347,11 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
     // An ALLOW path matches only as sent.
     assert_eq!(
         request_line(&["--path", "/API/x"]),
-        "  request GET /API/x: deny by default:deny (answered 403)"
+        "  request GET /API/x: deny by default:deny: no policy allows this request (answered 403)"
     );
     assert_eq!(
         request_line(&["--method", "POST", "--path", "/api/x", "--header", "x-a: 1"]),
-        "  request POST /api/x: deny by default:deny (answered 403)"
+        "  request POST /api/x: deny by default:deny: no policy allows this request (answered 403)"
     );
     let refused = text(&["--method", "GET", "--path", "/api/%2e%2e/admin/x"]);
     assert!(
@@ -1534,7 +1534,7 @@ fn explain_says_the_http2_layer_refuses_a_header_list_past_its_bound() {
     // The same as HTTP/1.1 is decided: its bounds are other.
     assert_eq!(
         request_line(&cp, &["--path", &at_bound]),
-        "  request GET /x: deny by default:deny (answered 403)"
+        "  request GET /x: deny by default:deny: no policy allows this request (answered 403)"
     );
 
     // Over 256 KiB, in headers each short enough for a command line.

@@ -1298,7 +1298,8 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
             "allowed_by": p.allowed_by.as_ref().map(rule_json),
             "denied_by": p.denied_by().map(rule_json),
             "audited_by": p.audited_by.iter().map(rule_json).collect::<Vec<_>>(),
-            "not_http": e.not_http().map(|d| serde_json::Value::Object(decision_json(&d))),
+            "not_http": e.not_http()
+            .map(|d| serde_json::Value::Object(decision_json(&d, "connection"))),
         })),
         // The replicas whose sidecars' opaque ports are not known.
         "unanswered_replicas": unanswered.iter().map(|r| serde_json::json!({
@@ -1342,15 +1343,17 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
         })).collect::<Vec<_>>(),
     });
     if let Some(fields) = out.as_object_mut() {
-        fields.extend(decision_json(&e.decision));
+        fields.extend(decision_json(&e.decision, "connection"));
     }
     pretty(&out)
 }
 
 /// The fields saying one decision, in an explanation and in its verdict on
 /// a connection that is not HTTP alike: the verdict, the policy that
-/// decided (or the default), the rule (null for a default) and the audits.
-fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
+/// decided (or the default), the rule (null for a default), the audits,
+/// and for a denial by the mesh default why, in the words the sidecar's
+/// answer has, of a `what` (`request`, `connection`; null otherwise).
+fn decision_json(d: &Decision, what: &str) -> serde_json::Map<String, serde_json::Value> {
     let rule = match &d.reason {
         Reason::Rule(r) => Some(rule_json(r)),
         Reason::Default(_) | Reason::NoSnapshot => None,
@@ -1361,6 +1364,7 @@ fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
         ("decided_by".to_owned(), d.policy_label().into()),
         ("deciding_rule".to_owned(), rule.into()),
         ("audits".to_owned(), audits.into()),
+        ("denied_because".to_owned(), d.denied_because(what).into()),
     ])
 }
 
@@ -1376,7 +1380,7 @@ fn request_json(r: &RequestAnswer) -> serde_json::Value {
     });
     let fields = match &r.outcome {
         RequestOutcome::Decided(d) => {
-            let mut fields = decision_json(d);
+            let mut fields = decision_json(d, "request");
             let status = (!d.is_allowed()).then_some(403);
             fields.insert("outcome".to_owned(), d.verdict.as_str().into());
             fields.insert("status".to_owned(), status.into());

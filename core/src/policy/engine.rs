@@ -100,6 +100,20 @@ impl DefaultPolicy {
         }
     }
 
+    /// Why this default denies what it denies, in plain words, of a
+    /// `what` (`request`, `connection`): no policy allows it, and, for a
+    /// mode that allows some callers, why this caller is not one of them.
+    /// The words [`denial`](Self::denial) answers a request with, for
+    /// `policy explain` to say.
+    pub fn denied_because(self, what: &str) -> String {
+        let caller = match self {
+            Self::Deny => "",
+            Self::AllowSameNamespace => ", and its caller is not of this workload's namespace",
+            Self::AllowMesh => ", and its caller is not of this mesh's trust domain",
+        };
+        format!("no policy allows this {what}{caller}")
+    }
+
     /// What a request this default denies is answered (after `trellis: `):
     /// its label, as a deciding policy is named, then in plain words that
     /// no policy allowed the request, and, for a mode that allows some
@@ -217,6 +231,16 @@ impl Decision {
 
     pub fn is_allowed(&self) -> bool {
         self.verdict == Verdict::Allow
+    }
+
+    /// For a denial by the mesh default, why, in plain words, of a `what`
+    /// (`request`, `connection`): [`DefaultPolicy::denied_because`].
+    /// `None` for any other decision.
+    pub fn denied_because(&self, what: &str) -> Option<String> {
+        match (self.verdict, &self.reason) {
+            (Verdict::Deny, Reason::Default(mode)) => Some(mode.denied_because(what)),
+            _ => None,
+        }
     }
 }
 
@@ -742,6 +766,23 @@ impl PolicySet {
 mod tests {
     use super::super::rules::{CompiledDestination, SourceMatch};
     use super::*;
+
+    /// `policy explain` says why the mesh default denied in the words
+    /// the sidecar answers a request it denies with.
+    #[test]
+    fn a_default_denial_is_explained_in_the_sidecar_s_words() {
+        for mode in [
+            DefaultPolicy::Deny,
+            DefaultPolicy::AllowSameNamespace,
+            DefaultPolicy::AllowMesh,
+        ] {
+            let why = mode.denied_because("request");
+            assert_eq!(
+                mode.denial(),
+                format!("denied by policy {}: {why}", mode.label())
+            );
+        }
+    }
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()

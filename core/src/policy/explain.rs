@@ -297,7 +297,7 @@ impl fmt::Display for RequestAnswer {
         write!(f, "request {} {}: ", self.method, self.path)?;
         match &self.outcome {
             RequestOutcome::Decided(d) if d.is_allowed() => write!(f, "{d} (passed to the app)"),
-            RequestOutcome::Decided(d) => write!(f, "{d} (answered 403)"),
+            RequestOutcome::Decided(d) => write!(f, "{} (answered 403)", Told(d, "request")),
             RequestOutcome::Refused { status: 0, why } => write!(f, "refused (no answer): {why}"),
             RequestOutcome::Refused { status, why } => {
                 write!(f, "refused (answered {status}): {why}")?;
@@ -314,6 +314,23 @@ impl fmt::Display for RequestAnswer {
                 "not decided: the port is opaque (never parsed as HTTP), the connection's \
                  verdict applies",
             ),
+        }
+    }
+}
+
+/// A decision as `policy explain` tells it of a `.1` (`request`,
+/// `connection`): as [`Decision`] displays, and for a denial by the mesh
+/// default, as the sidecar's answer says, that no policy allows it
+/// ([`Decision::denied_because`]).
+struct Told<'a>(&'a Decision, &'static str);
+
+impl fmt::Display for Told<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self(decision, what) = *self;
+        match decision.denied_because(what) {
+            // A denied decision names no audits.
+            Some(why) => write!(f, "{decision}: {why}"),
+            None => write!(f, "{decision}"),
         }
     }
 }
@@ -742,6 +759,9 @@ impl fmt::Display for Explanation {
             Reason::Rule(r) => write!(f, "{r}")?,
             Reason::Default(_) | Reason::NoSnapshot => f.write_str(decision.policy_label())?,
         }
+        if let Some(why) = decision.denied_because("connection") {
+            write!(f, ": {why}")?;
+        }
         if let Some(per_request) = &self.per_request {
             match (&per_request.allowed_by, per_request.denied_by()) {
                 (Some(allowed), Some(denied)) => write!(
@@ -783,6 +803,7 @@ impl fmt::Display for Explanation {
             } else {
                 "its HTTP conditions cannot be checked on bytes"
             };
+            let not_http = Told(&not_http, "connection");
             writeln!(f, "  a connection that is not HTTP: {not_http} ({why})")?;
         }
         if let Some(origin) = &self.opaque {
@@ -1431,9 +1452,10 @@ spec:
         assert_eq!(
             first_lines(&explained),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
-                 per request by b/reads rule 0\n  a connection that is not HTTP: deny by \
-                 default:deny (the connection is admitted for HTTP requests only)"
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this \
+                 connection, except HTTP requests allowed per request by b/reads rule 0\n  a \
+                 connection that is not HTTP: deny by default:deny: no policy allows this \
+                 connection (the connection is admitted for HTTP requests only)"
             )
         );
         // Read back from the Admin API's answer, it says the same.
@@ -1493,7 +1515,7 @@ spec:
         assert_eq!(explained.not_http().as_deref(), Some(&explained.decision));
         assert!(
             explained.to_string().starts_with(&format!(
-                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
                  per request by b/reads rule 0 (unless denied per request by b/no-admin rule 1)\n"
             )),
             "{explained}"
@@ -1514,7 +1536,7 @@ spec:
         assert_eq!(
             first_lines(&denied),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny\n  b/watch (AUDIT): selects the destination"
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection\n  b/watch (AUDIT): selects the destination"
             )
         );
 
@@ -1523,9 +1545,9 @@ spec:
         assert_eq!(
             first_lines(&admitted),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
                  per request by b/reads rule 0; HTTP requests audited per request by b/watch \
-                 rule 0\n  a connection that is not HTTP: deny by default:deny (the connection \
+                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy allows this connection (the connection \
                  is admitted for HTTP requests only)"
             )
         );
@@ -1589,9 +1611,9 @@ spec:
         assert_eq!(
             first_lines(&admitted),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
                  per request by b/reads rule 0; HTTP requests audited per request by b/watch \
-                 rule 0\n  a connection that is not HTTP: deny by default:deny (the connection \
+                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy allows this connection (the connection \
                  is admitted for HTTP requests only)"
             )
         );
@@ -1628,7 +1650,11 @@ spec:
         let reads = allow_from_web("reads", "{paths: [/api]}");
         let no_admin = policy("no-admin", "DENY", "    - to: [{paths: [/admin]}]\n");
         let cases = [
-            (&reads, DefaultPolicy::Deny, "default:deny"),
+            (
+                &reads,
+                DefaultPolicy::Deny,
+                "default:deny: no policy allows this connection",
+            ),
             (&no_admin, DefaultPolicy::AllowMesh, "b/no-admin rule 0"),
         ];
         for (policy, default, by) in cases {
@@ -1661,7 +1687,7 @@ spec:
         assert_eq!(unnamed.per_request, None, "{unnamed}");
         assert!(
             unnamed.to_string().starts_with(&format!(
-                "{WEB} -> {API} port 8080: deny by default:deny\n  b/reads"
+                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection\n  b/reads"
             )),
             "{unnamed}"
         );
