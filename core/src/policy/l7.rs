@@ -31,8 +31,9 @@
 //! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
 //! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
 //! an overlong `.` some decoders take), and a character, raw or encoded,
-//! that an app could fold into `.`, `..`, `/` or `\` (`%ef%bc%8e`, U+FF0E, is
-//! `.` after Unicode NFKC normalization, and U+2025 is `..`). Other escapes (`%20`) are
+//! that an app could fold into `.`, `..`, `/` or `\`, or into text with a
+//! `/` in it (`%ef%bc%8e`, U+FF0E, is `.` after Unicode NFKC normalization,
+//! U+2025 is `..` and U+2100 is `a/c`). Other escapes (`%20`) are
 //! matched as sent by an ALLOW rule, their hex digits in either case, and
 //! decoded by a DENY or AUDIT rule, as apps route them.
 
@@ -368,25 +369,30 @@ fn decode(escape: &[u8; 3]) -> u8 {
     digit(escape[1]) << 4 | digit(escape[2])
 }
 
-/// Characters apps may fold into `.`, `..`, `/` or `\` (Unicode NFKC
-/// normalization, as Python's IDNA and some frameworks apply it, or the
-/// "best fit" mapping of Windows code pages), with the character each
-/// becomes.
-const LOOK_ALIKES: [(char, &str); 14] = [
-    ('\u{FF0E}', "."),  // FULLWIDTH FULL STOP
-    ('\u{FE52}', "."),  // SMALL FULL STOP
-    ('\u{2024}', "."),  // ONE DOT LEADER
-    ('\u{2025}', ".."), // TWO DOT LEADER: a whole `..` segment
-    ('\u{FE30}', ".."), // PRESENTATION FORM FOR VERTICAL TWO DOT LEADER
-    ('\u{FF0F}', "/"),  // FULLWIDTH SOLIDUS
-    ('\u{2215}', "/"),  // DIVISION SLASH
-    ('\u{2044}', "/"),  // FRACTION SLASH
-    ('\u{29F8}', "/"),  // BIG SOLIDUS
-    ('\u{FF3C}', "\\"), // FULLWIDTH REVERSE SOLIDUS
-    ('\u{FE68}', "\\"), // SMALL REVERSE SOLIDUS
-    ('\u{2216}', "\\"), // SET MINUS
-    ('\u{29F5}', "\\"), // REVERSE SOLIDUS OPERATOR
-    ('\u{29F9}', "\\"), // BIG REVERSE SOLIDUS
+/// Characters apps may fold into `.`, `..`, `/` or `\`, or into text with
+/// a `/` in it (Unicode NFKC normalization, as Python's IDNA and some
+/// frameworks apply it, or the "best fit" mapping of Windows code pages),
+/// with what each becomes. Every character whose NFKC form is `.` or
+/// `..`, or holds a `/` or `\`, is here.
+const LOOK_ALIKES: [(char, &str); 18] = [
+    ('\u{FF0E}', "."),   // FULLWIDTH FULL STOP
+    ('\u{FE52}', "."),   // SMALL FULL STOP
+    ('\u{2024}', "."),   // ONE DOT LEADER
+    ('\u{2025}', ".."),  // TWO DOT LEADER: a whole `..` segment
+    ('\u{FE30}', ".."),  // PRESENTATION FORM FOR VERTICAL TWO DOT LEADER
+    ('\u{FF0F}', "/"),   // FULLWIDTH SOLIDUS
+    ('\u{2215}', "/"),   // DIVISION SLASH
+    ('\u{2044}', "/"),   // FRACTION SLASH
+    ('\u{29F8}', "/"),   // BIG SOLIDUS
+    ('\u{2100}', "a/c"), // ACCOUNT OF: a separator between two letters
+    ('\u{2101}', "a/s"), // ADDRESSED TO THE SUBJECT
+    ('\u{2105}', "c/o"), // CARE OF
+    ('\u{2106}', "c/u"), // CADA UNA
+    ('\u{FF3C}', "\\"),  // FULLWIDTH REVERSE SOLIDUS
+    ('\u{FE68}', "\\"),  // SMALL REVERSE SOLIDUS
+    ('\u{2216}', "\\"),  // SET MINUS
+    ('\u{29F5}', "\\"),  // REVERSE SOLIDUS OPERATOR
+    ('\u{29F9}', "\\"),  // BIG REVERSE SOLIDUS
 ];
 
 /// What a `CONNECT` request is answered, with 501, whatever the rules: a
@@ -1250,6 +1256,36 @@ mod tests {
         ] {
             assert_eq!(check_path(path).unwrap_err().to_string(), problem, "{path}");
         }
+    }
+
+    /// NFKC turns U+2100 ACCOUNT OF into `a/c`, a separator between two
+    /// letters: an app normalizing `/\u{2100}/keys` routes `/a/c/keys`,
+    /// which a DENY of `/a/c/*` must not miss. Each such character, raw
+    /// or escaped, is refused like the other look-alikes.
+    #[test]
+    fn characters_that_fold_into_text_with_a_slash_are_refused() {
+        for (c, like) in [
+            ('\u{2100}', "a/c"),
+            ('\u{2101}', "a/s"),
+            ('\u{2105}', "c/o"),
+            ('\u{2106}', "c/u"),
+        ] {
+            let mut utf8 = [0; 4];
+            let raw = c.encode_utf8(&mut utf8);
+            let escaped: String = raw.bytes().map(|b| format!("%{b:02X}")).collect();
+            let problem = PathProblem::LookAlike(c, like);
+            for path in [format!("/{raw}/keys"), format!("/x{escaped}y")] {
+                assert_eq!(check_path(&path), Err(problem), "{path}");
+            }
+            assert_eq!(
+                problem.to_string(),
+                format!(
+                    "path contains U+{:04X}, which an app could read as '{like}'",
+                    u32::from(c)
+                )
+            );
+        }
+        assert_eq!(check_path("/a/c/keys"), Ok(()));
     }
 
     #[test]

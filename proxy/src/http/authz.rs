@@ -236,6 +236,9 @@ fn path_problem(problem: PathProblem) -> &'static str {
         PathProblem::LookAlike(_, ".") => "path contains a character an app could read as '.'",
         PathProblem::LookAlike(_, "..") => "path contains a character an app could read as '..'",
         PathProblem::LookAlike(_, "/") => "path contains a character an app could read as '/'",
+        PathProblem::LookAlike(_, like) if like.contains('/') => {
+            "path contains a character an app could read as letters around a '/'"
+        }
         PathProblem::LookAlike(..) => "path contains a character an app could read as '\\'",
     }
 }
