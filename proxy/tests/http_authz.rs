@@ -360,6 +360,72 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
     );
 }
 
+/// Apps decode a path before routing it, and Windows file systems (so
+/// IIS) drop the `.`s a segment ends in: a DENY written one way catches
+/// the other spellings, over HTTP/1.1 and HTTP/2 alike, raw UTF-8
+/// included, and none reaches the app. A character NFKC folds into
+/// letters around a `/` is refused with 400 naming it.
+#[tokio::test]
+async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
+    let (cp, app, s) = app_behind_sidecar().await;
+    let policies = vec![
+        policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
+        policy(
+            "no-purge",
+            "DENY",
+            "[{paths: [\"/v1/items:purge\", \"/caf%C3%A9/*\", \"/admin/*\"]}]",
+        ),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let denied = "trellis: denied by policy b/no-purge rule 0\n";
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    for http2 in [false, true] {
+        let mut send = async |path: &str| {
+            let (c1, c2) = (&mut c1, &mut c2);
+            let answer = match http2 {
+                false => c1.send_request(get(path, &[])).await,
+                true => {
+                    let mut req = get(&format!("http://api{path}"), &[]);
+                    *req.version_mut() = ::http::Version::HTTP_2;
+                    c2.send_request(req).await
+                }
+            };
+            let (status, body) = text(answer.unwrap()).await;
+            (status.as_u16(), body)
+        };
+        for path in [
+            "/v1/items%3Apurge",
+            "/V1/Items%3apurge",
+            "/caf\u{e9}/menu",
+            "/CAF%c3%a9",
+            "/admin.",
+            "/admin../keys",
+        ] {
+            assert_eq!(
+                send(path).await,
+                (403, denied.into()),
+                "{path}, HTTP/2: {http2}"
+            );
+        }
+        for path in ["/\u{2100}/keys", "/x%E2%84%85y"] {
+            let (status, body) = send(path).await;
+            assert_eq!(status, 400, "{path}, HTTP/2: {http2}");
+            assert!(
+                body.contains("which an app could read as "),
+                "{path}: {body}"
+            );
+        }
+        assert_eq!(send("/v1/items").await.0, 200, "HTTP/2: {http2}");
+    }
+    assert_eq!(
+        app.seen.paths(),
+        ["/v1/items", "/v1/items"],
+        "the app saw a denied request"
+    );
+}
+
 /// A rate limit on `/search/*` cannot be escaped by spelling the path
 /// another way, even with no L7 rule in force.
 #[tokio::test]

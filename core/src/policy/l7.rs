@@ -9,9 +9,10 @@
 //! `/users/{id}/*` matches both of the first two). A DENY or AUDIT rule
 //! also matches the spellings routers commonly take for the same path,
 //! with a trailing `/`, with segment parameters (`/admin;x`), in any
-//! ASCII letter case (`/ADMIN`) and with characters escaped or not
-//! (`/items%3Apurge` is `/items:purge`); an ALLOW rule only the path as
-//! sent. A
+//! ASCII letter case (`/ADMIN`), with characters escaped or not
+//! (`/items%3Apurge` is `/items:purge`) and with `.`s ending a segment
+//! (`/admin.`, which Windows file systems drop); an ALLOW rule only the
+//! path as sent. A
 //! gRPC match is a path match on `/<service>/<method>`. Header names are
 //! case-insensitive and values exact; a header sent more than once matches
 //! an ALLOW rule only if every value does, a DENY or AUDIT rule if any
@@ -139,9 +140,11 @@ impl PathPattern {
     /// `/admin` to many routers), without the parameters of its
     /// segments (`/admin;x` is `/admin` to servlet containers), in any
     /// ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET Core
-    /// and other routers that ignore case), and with its escapes decoded
+    /// and other routers that ignore case), with its escapes decoded
     /// (`/items%3Apurge` is `/items:purge` to apps, which decode a path
-    /// before routing it). What a DENY or AUDIT rule
+    /// before routing it), and without the `.`s ending a segment
+    /// (`/admin.` is `/admin` to Windows file systems, and so to IIS).
+    /// What a DENY or AUDIT rule
     /// matches, so that another spelling does not slip past it; an ALLOW
     /// rule matches only the path as sent. A pattern whose literal holds a
     /// `;` still matches the path it spells.
@@ -182,8 +185,9 @@ impl PathPattern {
 
 /// The segments of `path` (after its leading `/`) as apps commonly route
 /// it: without a final empty one, so `/admin/` is `/admin` and `/` has
-/// none, and with `without_parameters`, each without what follows a `;`
-/// in it, so `/admin;x/` is `/admin` too. What DENY and AUDIT rules
+/// none, each without the `.`s it ends in, so `/admin.` is `/admin`, and
+/// with `without_parameters`, each without what follows a `;` in it, so
+/// `/admin;x/` is `/admin` too. What DENY and AUDIT rules
 /// match (in any ASCII letter case, [`PathPattern::matches_as_routed`]),
 /// and what a rate limit keys a route's bucket by (likewise), so that
 /// another spelling neither slips past a rule nor gets a fresh bucket.
@@ -195,6 +199,7 @@ pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<It
             true => segment.split(';').next().unwrap_or_default(),
             false => segment,
         })
+        .map(without_trailing_dots)
         .peekable();
     std::iter::from_fn(move || {
         let segment = segments.next()?;
@@ -203,6 +208,17 @@ pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<It
             false => Some(segment),
         }
     })
+}
+
+/// `segment` without the `.`s it ends in, as Windows file systems (and
+/// so IIS and apps serving files from them) read it: `admin.` and
+/// `admin..` are `admin`. A segment of dots alone is left whole, so that a
+/// template's `{name}` still matches it.
+fn without_trailing_dots(segment: &str) -> &str {
+    match segment.trim_end_matches('.') {
+        "" => segment,
+        trimmed => trimmed,
+    }
 }
 
 fn parse_segment(text: &str, segment: &str) -> Result<Segment, String> {
@@ -250,11 +266,13 @@ fn segment_is(lit: &str, part: &str) -> bool {
 /// Whether the request segment `part` is the literal `lit` as an app
 /// routes both: each `%XX` escape read as the byte it stands for (apps
 /// decode a path before routing it, so `/items%3Apurge` is
-/// `/items:purge` to them), and ASCII letters in either case. What a DENY
+/// `/items:purge` to them), ASCII letters in either case, and `.`s ending
+/// either left out. What a DENY
 /// or AUDIT rule's literal matches ([`PathPattern::matches_as_routed`]).
 /// The escapes that could stand for a separator or a dot are refused
 /// before rules see a path ([`check_path`]). Allocates nothing.
 fn segment_routes_as(lit: &str, part: &str) -> bool {
+    let lit = without_trailing_dots(lit);
     if !lit.contains('%') && !part.contains('%') {
         return lit.eq_ignore_ascii_case(part);
     }
@@ -1286,6 +1304,44 @@ mod tests {
             );
         }
         assert_eq!(check_path("/a/c/keys"), Ok(()));
+    }
+
+    /// Windows file systems, and so IIS and apps serving files from them,
+    /// drop the `.`s a segment ends in: `/admin.` is `/admin` to them. A
+    /// DENY (and a limit's path match) takes such a segment for the one
+    /// without them; an ALLOW matches only the path as sent.
+    #[test]
+    fn a_deny_matches_a_segment_with_trailing_dots_left_out() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/admin."),
+            ("/admin", "/ADMIN../"),
+            ("/admin", "/admin.;x"),
+            ("/admin/*", "/admin./keys"),
+            ("/admin/keys", "/admin/keys..."),
+            ("/v1/items:purge", "/v1/items%3Apurge."),
+            ("/admin.", "/admin"),
+            ("/users/{id}", "/users/..."),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [
+            ("/admin", "/admin.x"),
+            ("/admin", "/admin./x"),
+            ("/a", "/..."),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        assert!(!matches("/admin", "/admin."));
+        assert_eq!(
+            routed_segments("/a../b.;x/.../", true).collect::<Vec<_>>(),
+            ["a", "b", "..."]
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub struct LimitMatch {
 /// Whether a limit matching `paths` (none: every request) counts a
 /// request to `path`: one of them matches it as apps route it
 /// ([`PathPattern::matches_as_routed`]), so that another spelling of a
-/// path it names (`/login/`, `/login;x`, `/LOGIN`, `/a%3Ab` for `/a:b`)
+/// path it names (`/login/`, `/login;x`, `/LOGIN`, `/login.`, `/a%3Ab` for `/a:b`)
 /// does not escape it. The
 /// sidecar's limiter and `policy explain` both ask this.
 pub fn counts_path(paths: &[PathPattern], path: &str) -> bool {

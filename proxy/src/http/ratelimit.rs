@@ -247,8 +247,9 @@ impl Limit {
 }
 
 /// Feeds `path` to `hasher` as apps read it for routing: without a
-/// trailing `/` and without the parameters of its segments (`/search/q/`
-/// and `/search/q;1` are `/search/q` to many routers), and in lower case
+/// trailing `/`, without the parameters of its segments and without the
+/// `.`s a segment ends in (`/search/q/`, `/search/q;1` and `/search/q.`
+/// are `/search/q` to many routers and file systems), and in lower case
 /// (ASCII letters only), so `/LOGIN` and `/login` (one path to routers
 /// that ignore case, and to the path matches of a limit), or `/a%3ab`,
 /// `/a%3Ab` and `/a:b` (its escapes decoded, as apps read it), share a
@@ -439,10 +440,17 @@ mod tests {
             l.check(&a, &long.to_ascii_uppercase()).is_err(),
             "a segment longer than the buffer counts as one too"
         );
+        let escaped = format!("/search/{}%3A{}", "a".repeat(62), "b".repeat(70));
+        assert!(l.check(&a, &escaped.replace("%3A", ":")).is_ok());
+        assert!(
+            l.check(&a, &escaped).is_err(),
+            "an escape across the buffer's end counts decoded"
+        );
     }
 
-    /// A trailing `/` or a segment parameter is the same path to many
-    /// routers: it neither escapes a limit nor gets a bucket of its own.
+    /// A trailing `/`, a segment parameter or `.`s ending a segment is the
+    /// same path to many routers (Windows file systems drop those `.`s):
+    /// it neither escapes a limit nor gets a bucket of its own.
     #[test]
     fn another_spelling_of_a_path_is_limited_as_the_path() {
         let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
@@ -450,7 +458,14 @@ mod tests {
         login.matches[0].paths = vec!["/login".into()];
         let l = RateLimits::compile(&[login], &api(), &Metrics::new()).unwrap();
         assert!(l.check(&a, "/login").is_ok());
-        for spelling in ["/login/", "/login;jsessionid=1", "/LOGIN", "/Login/"] {
+        for spelling in [
+            "/login/",
+            "/login;jsessionid=1",
+            "/LOGIN",
+            "/Login/",
+            "/login.",
+            "/LOGIN../",
+        ] {
             assert!(
                 l.check(&a, spelling).is_err(),
                 "{spelling} escaped the limit"
@@ -465,6 +480,9 @@ mod tests {
             "/search/q;2",
             "/search;x/q",
             "/search/q/;x",
+            "/search/q.",
+            "/search/q..;x",
+            "/search./q",
         ] {
             assert!(
                 l.check(&a, spelling).is_err(),
