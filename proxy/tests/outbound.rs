@@ -318,7 +318,6 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
 
 #[tokio::test]
 async fn transparent_refuses_a_connection_that_was_not_redirected() {
-    use tokio::io::AsyncWriteExt;
     let ca = Ca::new();
     let client = shared(&ca, &id("/ns/a/sa/client"), &[]);
     let (shutdown, drain) = drain::channel();
@@ -340,9 +339,10 @@ async fn transparent_refuses_a_connection_that_was_not_redirected() {
     // An app that does not speak HTTP, waiting for an answer, has no
     // answer to be told why in: it is reset, not ended as if its server
     // had closed in order.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"\x01\x02 opaque\n").await.unwrap();
-    assert_eq!(read_end(&mut tcp).await, End::Reset(Vec::new()));
+    assert_eq!(
+        end_after_sending(addr, b"\x01\x02 opaque\n").await,
+        End::Reset(Vec::new())
+    );
     drop(shutdown);
 }
 
@@ -830,20 +830,9 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
     let app = echo_app().await;
     let server = id("/ns/b/sa/server");
     let inbound = inbound_as(&ca, &server, app.addr).await;
-    // Signed by a root the server does not trust (another trust domain's,
-    // one it no longer holds), the caller trusting the server's.
-    let other = Ca::new();
-    let me = id("/ns/a/sa/client");
-    let state = trellis_proxy::tls::TlsState::build(
-        Some(&other.svid(&me)),
-        &[ca.root()],
-        &td(),
-        std::slice::from_ref(&server),
-    )
-    .unwrap();
     let client = Arc::new(Shared {
         user_timeout: None,
-        ..holding(Arc::new(state))
+        ..untrusted_caller(&ca, &server)
     });
     let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
 
@@ -861,6 +850,22 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
     assert_eq!(proxy_error(&answer), Some("peer_refused"), "{answer}");
     assert_refused_by_peer(&logs, &client, to, "UnknownCA", "alert_unknown_ca").await;
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// The outbound side of the sidecar `spiffe://td.test/ns/a/sa/client`
+/// calling `server`, whose sidecar trusts only `ca`: its certificate is
+/// signed by a root the server does not trust (another trust domain's, one
+/// it no longer holds), while it trusts `ca`'s root to verify the server.
+fn untrusted_caller(ca: &Ca, server: &SpiffeId) -> Shared {
+    let other = Ca::new();
+    let state = TlsState::build(
+        Some(&other.svid(&id("/ns/a/sa/client"))),
+        &[ca.root()],
+        &td(),
+        std::slice::from_ref(server),
+    )
+    .unwrap();
+    holding(Arc::new(state))
 }
 
 /// Asserts that `client` logged the refusal of its call to `to` by the
@@ -1350,7 +1355,6 @@ async fn the_last_bytes_before_a_reset_reach_the_other_app_first() {
 /// before any answer, and nothing stays open.
 #[tokio::test]
 async fn a_tcp_call_whose_server_app_is_down_is_reset_and_counted_on_both_sides() {
-    use tokio::io::AsyncWriteExt;
     let ca = Ca::new();
     let server = id("/ns/b/sa/server");
     let down = common::ports::free_addr();
@@ -1358,9 +1362,10 @@ async fn a_tcp_call_whose_server_app_is_down_is_reset_and_counted_on_both_sides(
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
     let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
 
-    let mut app = TcpStream::connect(local).await.unwrap();
-    app.write_all(b"hello\n").await.unwrap();
-    assert_eq!(read_end(&mut app).await, End::Reset(Vec::new()));
+    assert_eq!(
+        end_after_sending(local, b"hello\n").await,
+        End::Reset(Vec::new())
+    );
     eventually("both sides count the call", || {
         inbound.metrics.encode().contains(
             "trellis_connections_total{direction=\"inbound\",outcome=\"app_unreachable\"} 1",
@@ -1388,7 +1393,6 @@ async fn a_tcp_call_whose_server_app_is_down_is_reset_and_counted_on_both_sides(
 /// the connection.
 #[tokio::test]
 async fn a_tcp_call_the_server_s_sidecar_denies_is_reset_at_the_calling_app() {
-    use tokio::io::AsyncWriteExt;
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
@@ -1402,9 +1406,10 @@ async fn a_tcp_call_the_server_s_sidecar_denies_is_reset_at_the_calling_app() {
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
     let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
 
-    let mut caller = TcpStream::connect(local).await.unwrap();
-    caller.write_all(b"hello\n").await.unwrap();
-    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+    assert_eq!(
+        end_after_sending(local, b"hello\n").await,
+        End::Reset(Vec::new())
+    );
     logs.wait_for(&[
         "WARN",
         "outbound connection closed by the server's sidecar before any answer",
@@ -1427,27 +1432,18 @@ async fn a_tcp_call_the_server_s_sidecar_denies_is_reset_at_the_calling_app() {
 /// and counted as the refusal it is.
 #[tokio::test]
 async fn a_tcp_call_the_server_s_sidecar_refuses_with_an_alert_is_reset_at_the_calling_app() {
-    use tokio::io::AsyncWriteExt;
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
     let server = id("/ns/b/sa/server");
     let inbound = inbound_as(&ca, &server, app.addr).await;
-    let other = Ca::new();
-    let me = id("/ns/a/sa/client");
-    let state = trellis_proxy::tls::TlsState::build(
-        Some(&other.svid(&me)),
-        &[ca.root()],
-        &td(),
-        std::slice::from_ref(&server),
-    )
-    .unwrap();
-    let client = Arc::new(holding(Arc::new(state)));
+    let client = Arc::new(untrusted_caller(&ca, &server));
     let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
 
-    let mut caller = TcpStream::connect(local).await.unwrap();
-    caller.write_all(b"hello\n").await.unwrap();
-    assert_eq!(read_end(&mut caller).await, End::Reset(Vec::new()));
+    assert_eq!(
+        end_after_sending(local, b"hello\n").await,
+        End::Reset(Vec::new())
+    );
     let to = inbound.addr;
     assert_refused_by_peer(&logs, &client, to, "UnknownCA", "alert_unknown_ca").await;
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
@@ -1631,6 +1627,16 @@ async fn an_http2_connection_closed_by_new_policies_is_reset_for_the_caller_only
         app_socket.take_error().unwrap().is_none(),
         "the app's connection {app_local} <- {app_peer} was reset"
     );
+}
+
+/// How a TCP connection to `addr` that sends `sent` and then waits for
+/// an answer ends, as its app sees it (the bytes it read, then a FIN or a
+/// reset), within 5 s.
+async fn end_after_sending(addr: std::net::SocketAddr, sent: &[u8]) -> End {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(sent).await.unwrap();
+    read_end(&mut tcp).await
 }
 
 /// `future`'s output, within 5 s.
