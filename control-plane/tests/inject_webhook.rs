@@ -3435,11 +3435,7 @@ fn an_init_given_an_injections_arguments_keeps_to_the_sidecar_it_runs_beside() {
         admin_port: 16020,
         ..config()
     };
-    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &then);
-    let first = apply(
-        &review["request"]["object"],
-        &patch_of(&reply).expect("a patch"),
-    );
+    let first = injected_under(&review, &then);
     let args = first["spec"]["initContainers"][0]["args"].clone();
     for arg in ["2102", "16006", "16001", "16020,9100"] {
         assert!(args.as_array().unwrap().contains(&json!(arg)), "{args}");
@@ -3462,6 +3458,16 @@ fn an_init_given_an_injections_arguments_keeps_to_the_sidecar_it_runs_beside() {
     }
 }
 
+/// The pod of `review` patched as the webhook answers it in a namespace
+/// it selects, under the settings `settings`.
+fn injected_under(review: &Value, settings: &InjectConfig) -> Value {
+    let reply = answer(review, NamespaceScope::SelectedByWebhook, settings);
+    apply(
+        &review["request"]["object"],
+        &patch_of(&reply).expect("a patch"),
+    )
+}
+
 /// Where a reinvocation writes `trellis-init`'s arguments whole, the UID
 /// and ports are what the sidecar runs with, read as the kubelet reads
 /// them: a sidecar without its own `runAsUser` runs as the pod's, and it
@@ -3480,11 +3486,7 @@ fn an_init_given_an_injections_arguments_reads_the_sidecar_as_the_kubelet_runs_i
         outbound_port: 16001,
         ..config()
     };
-    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &then);
-    let first = apply(
-        &review["request"]["object"],
-        &patch_of(&reply).expect("a patch"),
-    );
+    let first = injected_under(&review, &then);
     let args = first["spec"]["initContainers"][0]["args"].clone();
     let proxy_at = 1;
     assert_eq!(
