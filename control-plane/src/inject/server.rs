@@ -939,6 +939,24 @@ mod tests {
     use super::*;
     use crate::server::REFUSAL_LOG_PAUSE;
 
+    /// A self-signed certificate for `localhost` loaded as a webhook port
+    /// serves it, from files in a new temporary directory: the files, the
+    /// certificate (a client's root to trust it), and the directory, which
+    /// keeps the files.
+    fn self_signed_files() -> (
+        Arc<ServingFiles>,
+        rustls_pki_types::CertificateDer<'static>,
+        tempfile::TempDir,
+    ) {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        (files, generated.cert.der().clone(), dir)
+    }
+
     /// A webhook port on loopback serving a self-signed certificate for
     /// `localhost`, counting in `metrics`: its address, and what keeps it
     /// (and its certificate files) alive.
@@ -949,12 +967,7 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tempfile::TempDir,
     ) {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let (files, _, dir) = self_signed_files();
         let server =
             WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
                 .await
@@ -980,19 +993,14 @@ mod tests {
     /// received.
     #[tokio::test]
     async fn a_client_hello_waiting_unseen_at_the_stop_is_handshaken() {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let (files, root, _dir) = self_signed_files();
         let acceptor = TlsAcceptor::from(tls_config(files).unwrap());
         let failures = Refusals::new(
             Arc::new(Metrics::default()),
             Metrics::webhook_handshake_failed,
         );
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(generated.cert.der().clone()).unwrap();
+        roots.add(root).unwrap();
         let config = Arc::new(
             rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
                 .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
@@ -1037,12 +1045,7 @@ mod tests {
     /// checking.
     #[tokio::test(start_paused = true)]
     async fn the_certificate_recheck_ends_at_shutdown() {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let (files, _, _dir) = self_signed_files();
         let rechecking = files.clone();
         crate::run::assert_runs_until_shutdown(Duration::from_secs(60), |shutdown| {
             rechecking.recheck_every(shutdown)
@@ -1339,13 +1342,7 @@ mod tests {
 
     impl Budgeted {
         async fn start() -> Self {
-            let generated =
-                rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-            std::fs::write(&cert, generated.cert.pem()).unwrap();
-            std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-            let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+            let (files, root, dir) = self_signed_files();
             let server =
                 WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
                     .await
@@ -1364,7 +1361,7 @@ mod tests {
                     .await
             });
             let mut roots = rustls::RootCertStore::empty();
-            roots.add(generated.cert.der().clone()).unwrap();
+            roots.add(root).unwrap();
             let client = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
                 .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
                 .unwrap()
