@@ -360,11 +360,13 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
     );
 }
 
-/// Apps decode a path before routing it, and Windows file systems (so
-/// IIS) drop the `.`s a segment ends in: a DENY written one way catches
-/// the other spellings, over HTTP/1.1 and HTTP/2 alike, raw UTF-8
-/// included, and none reaches the app. A character NFKC folds into
-/// letters around a `/` is refused with 400 naming it.
+/// Apps decode a path before routing it (`%3B` then starting a segment's
+/// parameters), some fold fullwidth ASCII into ASCII, and Windows file
+/// systems (so IIS) drop the `.`s and spaces a segment ends in: a DENY
+/// written one way catches the other spellings, over HTTP/1.1 and HTTP/2
+/// alike, raw UTF-8 included, and none reaches the app. A character NFKC
+/// folds into letters around a `/`, `;`, `...` or `%` is refused with 400
+/// naming it.
 #[tokio::test]
 async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
     let (cp, app, s) = app_behind_sidecar().await;
@@ -402,6 +404,12 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
             "/CAF%c3%a9",
             "/admin.",
             "/admin../keys",
+            "/\u{FF41}\u{FF44}\u{FF4D}\u{FF49}\u{FF4E}",
+            "/%EF%BC%A1DMIN/keys",
+            "/admin%3Bx",
+            "/admin%3bx/keys",
+            "/admin%20",
+            "/admin.%20/keys",
         ] {
             assert_eq!(
                 send(path).await,
@@ -409,7 +417,14 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
                 "{path}, HTTP/2: {http2}"
             );
         }
-        for path in ["/\u{2100}/keys", "/x%E2%84%85y"] {
+        for path in [
+            "/\u{2100}/keys",
+            "/x%E2%84%85y",
+            "/admin%CD%BEx",
+            "/admin\u{FF1B}x",
+            "/admin%E2%80%A6",
+            "/%EF%BC%8561dmin",
+        ] {
             let (status, body) = send(path).await;
             assert_eq!(status, 400, "{path}, HTTP/2: {http2}");
             assert!(

@@ -8,11 +8,13 @@
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
 //! `/users/{id}/*` matches both of the first two). A DENY or AUDIT rule
 //! also matches the spellings routers commonly take for the same path,
-//! with a trailing `/`, with segment parameters (`/admin;x`), in any
-//! ASCII letter case (`/ADMIN`), with characters escaped or not
-//! (`/items%3Apurge` is `/items:purge`) and with `.`s ending a segment
-//! (`/admin.`, which Windows file systems drop); an ALLOW rule only the
-//! path as sent. A
+//! with a trailing `/`, with segment parameters (`/admin;x`, and
+//! `/admin%3Bx`, as apps that decode first read it), in any ASCII letter
+//! case (`/ADMIN`), with characters escaped or not (`/items%3Apurge` is
+//! `/items:purge`), with fullwidth forms of ASCII (`/\u{FF41}dmin`, which
+//! NFKC folds into `/admin`) and with `.`s or spaces ending a segment
+//! (`/admin.`, `/admin%20`, which Windows file systems drop); an ALLOW
+//! rule only the path as sent. A
 //! gRPC match is a path match on `/<service>/<method>`. Header names are
 //! case-insensitive and values exact; a header sent more than once matches
 //! an ALLOW rule only if every value does, a DENY or AUDIT rule if any
@@ -32,9 +34,10 @@
 //! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
 //! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
 //! an overlong `.` some decoders take), and a character, raw or encoded,
-//! that an app could fold into `.`, `..`, `/` or `\`, or into text with a
-//! `/` in it (`%ef%bc%8e`, U+FF0E, is `.` after Unicode NFKC normalization,
-//! U+2025 is `..` and U+2100 is `a/c`). Other escapes (`%20`) are
+//! that an app could fold into `.`, `..`, `...`, `/`, `\`, `;`, `%`, `?`
+//! or `#`, or into text with a `/` in it (`%ef%bc%8e`, U+FF0E, is `.`
+//! after Unicode NFKC normalization, U+2025 is `..`, U+037E is `;` and
+//! U+2100 is `a/c`). Other escapes (`%20`) are
 //! matched as sent by an ALLOW rule, their hex digits in either case, and
 //! decoded by a DENY or AUDIT rule, as apps route them.
 
@@ -142,8 +145,11 @@ impl PathPattern {
     /// ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET Core
     /// and other routers that ignore case), with its escapes decoded
     /// (`/items%3Apurge` is `/items:purge` to apps, which decode a path
-    /// before routing it), and without the `.`s ending a segment
-    /// (`/admin.` is `/admin` to Windows file systems, and so to IIS).
+    /// before routing it, and `/admin%3Bx` is `/admin;x`), with fullwidth
+    /// forms of ASCII read as ASCII (`/\u{FF41}dmin` is `/admin` to apps
+    /// applying NFKC), and without the `.`s and spaces ending a segment
+    /// (`/admin.` and `/admin%20` are `/admin` to Windows file systems, and
+    /// so to IIS).
     /// What a DENY or AUDIT rule
     /// matches, so that another spelling does not slip past it; an ALLOW
     /// rule matches only the path as sent. A pattern whose literal holds a
@@ -151,7 +157,8 @@ impl PathPattern {
     pub fn matches_as_routed(&self, path: &str) -> bool {
         path.starts_with('/')
             && (self.matches_segments(routed_segments(path, false), true)
-                || (path.contains(';') && self.matches_segments(routed_segments(path, true), true)))
+                || (parameters_at(path).is_some()
+                    && self.matches_segments(routed_segments(path, true), true)))
     }
 
     /// Whether the segments `parts` match; with `any_case`, literals match
@@ -185,9 +192,10 @@ impl PathPattern {
 
 /// The segments of `path` (after its leading `/`) as apps commonly route
 /// it: without a final empty one, so `/admin/` is `/admin` and `/` has
-/// none, each without the `.`s it ends in, so `/admin.` is `/admin`, and
-/// with `without_parameters`, each without what follows a `;` in it, so
-/// `/admin;x/` is `/admin` too. What DENY and AUDIT rules
+/// none, each without the `.`s and spaces it ends in, so `/admin.` and
+/// `/admin%20` are `/admin`, and with `without_parameters`, each without
+/// what follows a `;` (raw or `%3B`) in it, so `/admin;x/` and
+/// `/admin%3Bx` are `/admin` too. What DENY and AUDIT rules
 /// match (in any ASCII letter case, [`PathPattern::matches_as_routed`]),
 /// and what a rate limit keys a route's bucket by (likewise), so that
 /// another spelling neither slips past a rule nor gets a fresh bucket.
@@ -196,7 +204,7 @@ pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<It
     let mut segments = rest
         .split('/')
         .map(move |segment| match without_parameters {
-            true => segment.split(';').next().unwrap_or_default(),
+            true => self::without_parameters(segment),
             false => segment,
         })
         .map(without_trailing_dots)
@@ -210,15 +218,47 @@ pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<It
     })
 }
 
-/// `segment` without the `.`s it ends in, as Windows file systems (and
-/// so IIS and apps serving files from them) read it: `admin.` and
-/// `admin..` are `admin`. A segment of dots alone is left whole, so that a
-/// template's `{name}` still matches it.
+/// `segment` without the `.`s and spaces (raw or `%20`) it ends in, as
+/// Windows file systems (and so IIS and apps serving files from them) read
+/// it: `admin.`, `admin..` and `admin%20` are `admin`. A segment of dots
+/// and spaces alone is left whole, so that a template's `{name}` still
+/// matches it.
 fn without_trailing_dots(segment: &str) -> &str {
-    match segment.trim_end_matches('.') {
+    let mut rest = segment;
+    loop {
+        let trimmed = rest.trim_end_matches(['.', ' ']);
+        let trimmed = trimmed.strip_suffix("%20").unwrap_or(trimmed);
+        if trimmed.len() == rest.len() {
+            break;
+        }
+        rest = trimmed;
+    }
+    match rest {
         "" => segment,
         trimmed => trimmed,
     }
+}
+
+/// `segment` without its parameters: what follows its first `;`, raw or
+/// escaped (`%3B`), as servlet containers read it (`admin;x` is `admin`)
+/// and, for `%3B`, apps that decode a path before they drop parameters
+/// (`admin%3Bx` is `admin` to them).
+fn without_parameters(segment: &str) -> &str {
+    match parameters_at(segment) {
+        Some(at) => &segment[..at],
+        None => segment,
+    }
+}
+
+/// Where the first `;` of `text` is, raw or escaped as `%3B` (either case).
+fn parameters_at(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().find_map(|(at, &b)| {
+        let escaped = b == b'%'
+            && bytes.get(at + 1) == Some(&b'3')
+            && matches!(bytes.get(at + 2), Some(b'b' | b'B'));
+        (b == b';' || escaped).then_some(at)
+    })
 }
 
 fn parse_segment(text: &str, segment: &str) -> Result<Segment, String> {
@@ -266,18 +306,72 @@ fn segment_is(lit: &str, part: &str) -> bool {
 /// Whether the request segment `part` is the literal `lit` as an app
 /// routes both: each `%XX` escape read as the byte it stands for (apps
 /// decode a path before routing it, so `/items%3Apurge` is
-/// `/items:purge` to them), ASCII letters in either case, and `.`s ending
-/// either left out. What a DENY
+/// `/items:purge` to them), each fullwidth form of ASCII as that ASCII
+/// ([`routed_bytes`]), ASCII letters in either case, and `.`s and spaces
+/// ending either left out. What a DENY
 /// or AUDIT rule's literal matches ([`PathPattern::matches_as_routed`]).
 /// The escapes that could stand for a separator or a dot are refused
 /// before rules see a path ([`check_path`]). Allocates nothing.
 fn segment_routes_as(lit: &str, part: &str) -> bool {
     let lit = without_trailing_dots(lit);
-    if !lit.contains('%') && !part.contains('%') {
+    let plain = |text: &str| text.is_ascii() && !text.contains('%');
+    if plain(lit) && plain(part) {
         return lit.eq_ignore_ascii_case(part);
     }
-    let lit = decoded_bytes(lit).map(|b| b.to_ascii_lowercase());
-    lit.eq(decoded_bytes(part).map(|b| b.to_ascii_lowercase()))
+    let lit = routed_bytes(lit).map(|b| b.to_ascii_lowercase());
+    lit.eq(routed_bytes(part).map(|b| b.to_ascii_lowercase()))
+}
+
+/// The bytes of `text` as an app that decodes and normalizes a path
+/// reads them: [`decoded_bytes`], with each fullwidth form of ASCII
+/// (U+FF01 to U+FF5E, raw or escaped: `\u{FF41}` or `%EF%BD%81`, which
+/// Unicode NFKC normalization folds into `a`) read as the ASCII character
+/// it folds into. The fullwidth forms that would fold into `.`, `/`, `\`,
+/// `;`, `%`, `?` or `#` never get here: a path with one is refused while
+/// rules or limits read paths ([`check_path`]). What DENY, AUDIT and
+/// rate-limit path matches compare, and what a rate limit keys a route's
+/// bucket by. Allocates nothing.
+pub fn routed_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
+    let mut bytes = decoded_bytes(text);
+    // Bytes read ahead that turned out not to be a fullwidth form, in order.
+    let mut ahead = [0u8; 2];
+    let mut ahead_len = 0;
+    std::iter::from_fn(move || {
+        if ahead_len > 0 {
+            let byte = ahead[0];
+            ahead = [ahead[1], 0];
+            ahead_len -= 1;
+            return Some(byte);
+        }
+        let first = bytes.next()?;
+        if first != 0xEF {
+            return Some(first);
+        }
+        let Some(second) = bytes.next() else {
+            return Some(first);
+        };
+        let Some(third) = bytes.next() else {
+            (ahead, ahead_len) = ([second, 0], 1);
+            return Some(first);
+        };
+        match fullwidth_ascii(second, third) {
+            Some(ascii) => Some(ascii),
+            None => {
+                (ahead, ahead_len) = ([second, third], 2);
+                Some(first)
+            }
+        }
+    })
+}
+
+/// The ASCII character that the fullwidth form `EF second third` (UTF-8
+/// of U+FF01 to U+FF5E) folds into, if it is one.
+fn fullwidth_ascii(second: u8, third: u8) -> Option<u8> {
+    if second & 0xC0 != 0x80 || third & 0xC0 != 0x80 {
+        return None;
+    }
+    let c = 0xF000 | u32::from(second & 0x3F) << 6 | u32::from(third & 0x3F);
+    (0xFF01..=0xFF5E).contains(&c).then(|| (c - 0xFEE0) as u8)
 }
 
 /// The bytes of `text` with each well-formed `%XX` escape decoded, as an
@@ -387,17 +481,24 @@ fn decode(escape: &[u8; 3]) -> u8 {
     digit(escape[1]) << 4 | digit(escape[2])
 }
 
-/// Characters apps may fold into `.`, `..`, `/` or `\`, or into text with
-/// a `/` in it (Unicode NFKC normalization, as Python's IDNA and some
-/// frameworks apply it, or the "best fit" mapping of Windows code pages),
-/// with what each becomes. Every character whose NFKC form is `.` or
-/// `..`, or holds a `/` or `\`, is here.
-const LOOK_ALIKES: [(char, &str); 18] = [
+/// Characters apps may fold into `.`, `..`, `...`, `/`, `\`, `;`, `%`,
+/// `?` or `#`, or into text with a `/` or `?` in it (Unicode NFKC
+/// normalization, as Python's IDNA and some frameworks apply it, or the
+/// "best fit" mapping of Windows code pages), with what each becomes: a
+/// separator or dot segment, a segment parameter (`/admin\u{FF1B}x` is
+/// `/admin;x`, `/admin` to a servlet container), an escape decoded again
+/// (`\u{FF05}61` is `%61`, `a`), or the end of the path (`?`, `#`). Every
+/// character whose NFKC form is one of those, or holds a `/`, `\` or `?`,
+/// is here; the other fullwidth forms of ASCII are matched as the ASCII
+/// they fold into by DENY, AUDIT and limit paths ([`routed_bytes`]).
+const LOOK_ALIKES: [(char, &str); 34] = [
     ('\u{FF0E}', "."),   // FULLWIDTH FULL STOP
     ('\u{FE52}', "."),   // SMALL FULL STOP
     ('\u{2024}', "."),   // ONE DOT LEADER
     ('\u{2025}', ".."),  // TWO DOT LEADER: a whole `..` segment
     ('\u{FE30}', ".."),  // PRESENTATION FORM FOR VERTICAL TWO DOT LEADER
+    ('\u{2026}', "..."), // HORIZONTAL ELLIPSIS: dots a segment may end in
+    ('\u{FE19}', "..."), // PRESENTATION FORM FOR VERTICAL HORIZONTAL ELLIPSIS
     ('\u{FF0F}', "/"),   // FULLWIDTH SOLIDUS
     ('\u{2215}', "/"),   // DIVISION SLASH
     ('\u{2044}', "/"),   // FRACTION SLASH
@@ -411,6 +512,20 @@ const LOOK_ALIKES: [(char, &str); 18] = [
     ('\u{2216}', "\\"),  // SET MINUS
     ('\u{29F5}', "\\"),  // REVERSE SOLIDUS OPERATOR
     ('\u{29F9}', "\\"),  // BIG REVERSE SOLIDUS
+    ('\u{037E}', ";"),   // GREEK QUESTION MARK: a segment parameter
+    ('\u{FE14}', ";"),   // PRESENTATION FORM FOR VERTICAL SEMICOLON
+    ('\u{FE54}', ";"),   // SMALL SEMICOLON
+    ('\u{FF1B}', ";"),   // FULLWIDTH SEMICOLON
+    ('\u{FE6A}', "%"),   // SMALL PERCENT SIGN: an escape decoded again
+    ('\u{FF05}', "%"),   // FULLWIDTH PERCENT SIGN
+    ('\u{FE16}', "?"),   // PRESENTATION FORM FOR VERTICAL QUESTION MARK
+    ('\u{FE56}', "?"),   // SMALL QUESTION MARK
+    ('\u{FF1F}', "?"),   // FULLWIDTH QUESTION MARK
+    ('\u{2047}', "??"),  // DOUBLE QUESTION MARK
+    ('\u{2048}', "?!"),  // QUESTION EXCLAMATION MARK
+    ('\u{2049}', "!?"),  // EXCLAMATION QUESTION MARK
+    ('\u{FE5F}', "#"),   // SMALL NUMBER SIGN
+    ('\u{FF03}', "#"),   // FULLWIDTH NUMBER SIGN
 ];
 
 /// What a `CONNECT` request is answered, with 501, whatever the rules: a
@@ -667,8 +782,10 @@ pub fn request_path_problem(method: &str, path: &str, reads_paths: bool) -> Opti
 
 /// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
 /// segments (a trailing `/` is fine), what follows a `;` in a segment left
-/// out (`..;x` is `..` to a servlet container), and no escapes, characters
-/// or backslashes an app could read as another path (see the module docs).
+/// out (`..;x` is `..` to a servlet container, and `..%3Bx` to an app that
+/// decodes first), and the spaces it ends in (`..%20` is `..` to Windows
+/// file systems), and no escapes, characters or backslashes an app could
+/// read as another path (see the module docs).
 pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathProblem::Segment);
@@ -677,13 +794,24 @@ pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if !rest.is_empty()
         && rest.split('/').any(|segment| {
-            let s = segment.split(';').next().unwrap_or_default();
-            s.is_empty() || s == "." || s == ".."
+            let s = without_parameters(segment);
+            let spaced = without_trailing_spaces(s);
+            s.is_empty() || matches!(spaced, "." | "..")
         })
     {
         return Err(PathProblem::Segment);
     }
     Ok(())
+}
+
+/// `segment` without the spaces (raw or `%20`) it ends in, which Windows
+/// file systems drop: `..%20` is `..` to them.
+fn without_trailing_spaces(segment: &str) -> &str {
+    let mut rest = segment;
+    while let Some(trimmed) = rest.strip_suffix(' ').or_else(|| rest.strip_suffix("%20")) {
+        rest = trimmed;
+    }
+    rest
 }
 
 /// The first escape, character or backslash in `path` that an app could
@@ -1306,6 +1434,51 @@ mod tests {
         assert_eq!(check_path("/a/c/keys"), Ok(()));
     }
 
+    /// NFKC turns U+037E GREEK QUESTION MARK into `;` (a segment parameter
+    /// to a servlet container: `/admin\u{37E}x` is `/admin`), U+2026 into
+    /// `...` (dots a segment may end in), U+FF05 into `%` (an escape read
+    /// again: `\u{FF05}61` is `a`) and U+FF1F into `?` (the end of the
+    /// path). Each such character, raw or escaped, is refused like the
+    /// other look-alikes, and the refusal names it.
+    #[test]
+    fn characters_that_fold_into_a_parameter_an_ellipsis_an_escape_or_an_end_are_refused() {
+        for (c, like) in [
+            ('\u{037E}', ";"),
+            ('\u{FE14}', ";"),
+            ('\u{FE54}', ";"),
+            ('\u{FF1B}', ";"),
+            ('\u{2026}', "..."),
+            ('\u{FE19}', "..."),
+            ('\u{FE6A}', "%"),
+            ('\u{FF05}', "%"),
+            ('\u{FE16}', "?"),
+            ('\u{FE56}', "?"),
+            ('\u{FF1F}', "?"),
+            ('\u{2047}', "??"),
+            ('\u{2048}', "?!"),
+            ('\u{2049}', "!?"),
+            ('\u{FE5F}', "#"),
+            ('\u{FF03}', "#"),
+        ] {
+            let mut utf8 = [0; 4];
+            let raw = c.encode_utf8(&mut utf8);
+            let escaped: String = raw.bytes().map(|b| format!("%{b:02x}")).collect();
+            for path in [format!("/admin{raw}x"), format!("/admin/{escaped}")] {
+                assert_eq!(
+                    check_path(&path).unwrap_err().to_string(),
+                    format!(
+                        "path contains U+{:04X}, which an app could read as '{like}'",
+                        u32::from(c)
+                    ),
+                    "{path}"
+                );
+            }
+        }
+        for fine in ["/admin;x", "/admin...", "/a%20b", "/x%3F", "/x%23"] {
+            assert_eq!(check_path(fine), Ok(()), "{fine}");
+        }
+    }
+
     /// Windows file systems, and so IIS and apps serving files from them,
     /// drop the `.`s a segment ends in: `/admin.` is `/admin` to them. A
     /// DENY (and a limit's path match) takes such a segment for the one
@@ -1342,6 +1515,107 @@ mod tests {
             routed_segments("/a../b.;x/.../", true).collect::<Vec<_>>(),
             ["a", "b", "..."]
         );
+    }
+
+    /// NFKC folds the fullwidth forms of ASCII (U+FF01 to U+FF5E) into
+    /// ASCII: an app normalizing `/\u{FF41}dmin` routes `/admin`. A DENY
+    /// reads them, raw or escaped, as the ASCII they fold into; an ALLOW
+    /// matches only the path as sent.
+    #[test]
+    fn a_deny_matches_fullwidth_ascii_as_the_ascii_it_folds_into() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/\u{FF41}\u{FF44}\u{FF4D}\u{FF49}\u{FF4E}"),
+            ("/admin/*", "/%EF%BC%A1DMIN/keys"),
+            ("/admin/*", "/a%ef%bd%84min"),
+            ("/v1/items:purge", "/v1/items\u{FF1A}purge"),
+            ("/v1/items:purge", "/v1/\u{FF49}tems%3Apurge."),
+            ("/\u{FF41}dmin", "/ADMIN"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [
+            ("/admin", "/\u{FF41}dmi"),
+            ("/admin", "/\u{FF41}\u{FF41}dmin"),
+            ("/caf\u{e9}", "/caf\u{FF45}"),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        assert!(!matches("/admin", "/\u{FF41}dmin"));
+        let bytes = |text: &str| routed_bytes(text).collect::<Vec<_>>();
+        assert_eq!(bytes("x\u{FF01}%EF%BD%9E"), b"x!~");
+        for outside in ["\u{FF00}", "\u{FF5F}", "\u{FFE0}", "\u{e9}", "\u{EFBF}"] {
+            assert_eq!(bytes(outside), outside.as_bytes(), "{outside:?}");
+        }
+    }
+
+    /// Apps that decode a path before they drop its segment parameters
+    /// read `/admin%3Bx` as `/admin;x`, so `/admin`: a DENY reads an
+    /// escaped `;` as a raw one, and a dot segment with parameters so
+    /// written (`..%3B`) is refused as `..;` is.
+    #[test]
+    fn a_deny_reads_an_escaped_semicolon_as_the_start_of_parameters() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/admin%3Bx"),
+            ("/admin", "/admin%3bjsessionid=1/"),
+            ("/admin/*", "/ADMIN%3Bx/keys"),
+            ("/admin/keys", "/admin/keys.%3B"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [
+            ("/admin", "/x%3B/admin"),
+            ("/admin", "/admin%3Cx"),
+            ("/admin", "/admin%253Bx"),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        assert!(!matches("/admin", "/admin%3Bx"));
+        for path in ["/public/..%3B/admin", "/public/..%3bx/admin", "/a/%3Bx/b"] {
+            assert_eq!(check_path(path), Err(PathProblem::Segment), "{path}");
+        }
+        assert_eq!(check_path("/admin%3Bx"), Ok(()));
+    }
+
+    /// Windows file systems drop the spaces a segment ends in, as they do
+    /// its trailing dots: `/admin%20` is `/admin` to IIS. A DENY takes such
+    /// a segment for the one without them, and `..%20` is refused as `..`.
+    #[test]
+    fn a_deny_matches_a_segment_with_trailing_spaces_left_out() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/admin%20"),
+            ("/admin", "/ADMIN%20%20/"),
+            ("/admin/*", "/admin.%20./keys"),
+            ("/admin", "/admin%20;x"),
+            ("/users/{id}", "/users/%20"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [("/admin", "/admin%20x"), ("/admin", "/%20admin")] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        assert!(!matches("/admin", "/admin%20"));
+        for path in ["/public/..%20/admin", "/public/.%20%20/admin"] {
+            assert_eq!(check_path(path), Err(PathProblem::Segment), "{path}");
+        }
+        assert_eq!(check_path("/a/%20/b"), Ok(()));
     }
 
     #[test]

@@ -236,8 +236,15 @@ fn path_problem(problem: PathProblem) -> &'static str {
         PathProblem::LookAlike(_, ".") => "path contains a character an app could read as '.'",
         PathProblem::LookAlike(_, "..") => "path contains a character an app could read as '..'",
         PathProblem::LookAlike(_, "/") => "path contains a character an app could read as '/'",
+        PathProblem::LookAlike(_, "...") => "path contains a character an app could read as '...'",
+        PathProblem::LookAlike(_, ";") => "path contains a character an app could read as ';'",
+        PathProblem::LookAlike(_, "%") => "path contains a character an app could read as '%'",
+        PathProblem::LookAlike(_, "#") => "path contains a character an app could read as '#'",
         PathProblem::LookAlike(_, like) if like.contains('/') => {
             "path contains a character an app could read as letters around a '/'"
+        }
+        PathProblem::LookAlike(_, like) if like.contains('?') => {
+            "path contains a character an app could read as '?'"
         }
         PathProblem::LookAlike(..) => "path contains a character an app could read as '\\'",
     }
@@ -410,6 +417,46 @@ mod tests {
                 "path encodes '/': an app could read it as a separator",
             ),
             ("/admin%x", "path has a '%' not followed by two hex digits"),
+            (
+                "/public/%ef%bc%8e%ef%bc%8e/admin",
+                "path contains a character an app could read as '.'",
+            ),
+            (
+                "/public/%E2%80%A5/admin",
+                "path contains a character an app could read as '..'",
+            ),
+            (
+                "/admin%E2%80%A6",
+                "path contains a character an app could read as '...'",
+            ),
+            (
+                "/admin%CD%BEx",
+                "path contains a character an app could read as ';'",
+            ),
+            (
+                "/%EF%BC%8561dmin",
+                "path contains a character an app could read as '%'",
+            ),
+            (
+                "/admin%EF%BC%9Fx",
+                "path contains a character an app could read as '?'",
+            ),
+            (
+                "/admin%E2%81%88",
+                "path contains a character an app could read as '?'",
+            ),
+            (
+                "/admin%EF%BC%83x",
+                "path contains a character an app could read as '#'",
+            ),
+            (
+                "/%E2%84%80/keys",
+                "path contains a character an app could read as letters around a '/'",
+            ),
+            (
+                "/admin%EF%BC%BCx",
+                "path contains a character an app could read as '\\'",
+            ),
         ] {
             let request = Request::get(path).header("host", "api").body(()).unwrap();
             cases.push((request, StatusCode::BAD_REQUEST, problem));

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
-    counts_path, decoded_bytes, routed_segments, validate_rate_limit_with,
+    counts_path, routed_bytes, routed_segments, validate_rate_limit_with,
 };
 use trellis_core::refusal::token;
 use trellis_proto::policy::v1 as pb;
@@ -247,12 +247,15 @@ impl Limit {
 }
 
 /// Feeds `path` to `hasher` as apps read it for routing: without a
-/// trailing `/`, without the parameters of its segments and without the
-/// `.`s a segment ends in (`/search/q/`, `/search/q;1` and `/search/q.`
-/// are `/search/q` to many routers and file systems), and in lower case
+/// trailing `/`, without the parameters of its segments (`;` raw or
+/// `%3B`) and without the `.`s and spaces a segment ends in (`/search/q/`,
+/// `/search/q;1`, `/search/q%3B1`, `/search/q.` and `/search/q%20` are
+/// `/search/q` to many routers and file systems), and in lower case
 /// (ASCII letters only), so `/LOGIN` and `/login` (one path to routers
 /// that ignore case, and to the path matches of a limit), or `/a%3ab`,
-/// `/a%3Ab` and `/a:b` (its escapes decoded, as apps read it), share a
+/// `/a%3Ab` and `/a:b` (its escapes decoded, as apps read it), or
+/// `/\u{FF41}` and `/a` (fullwidth forms of ASCII read as the ASCII
+/// they fold into, as apps normalizing Unicode read them), share a
 /// route's bucket instead of counting apart: a caller
 /// cannot get a fresh bucket by spelling a path another way. Escapes an
 /// app could read as another path altogether (`%2F`, an encoded
@@ -267,12 +270,12 @@ fn hash_path(path: &str, hasher: &mut impl Hasher) {
     hasher.write_u8(0xff);
 }
 
-/// Feeds `text` to `hasher` with its escapes decoded and its ASCII
-/// letters in lower case.
+/// Feeds `text` to `hasher` with its escapes decoded, its fullwidth forms
+/// of ASCII folded into ASCII and its ASCII letters in lower case.
 fn hash_lower_case(text: &str, hasher: &mut impl Hasher) {
     let mut buf = [0u8; 64];
     let mut len = 0;
-    for byte in decoded_bytes(text) {
+    for byte in routed_bytes(text) {
         buf[len] = byte.to_ascii_lowercase();
         len += 1;
         if len == buf.len() {
@@ -448,9 +451,11 @@ mod tests {
         );
     }
 
-    /// A trailing `/`, a segment parameter or `.`s ending a segment is the
-    /// same path to many routers (Windows file systems drop those `.`s):
-    /// it neither escapes a limit nor gets a bucket of its own.
+    /// A trailing `/`, a segment parameter (`;` raw or `%3B`), `.`s or
+    /// spaces ending a segment, or fullwidth forms of ASCII, is the same
+    /// path to many routers (Windows file systems drop those `.`s and
+    /// spaces; NFKC folds fullwidth forms into ASCII): it neither escapes a
+    /// limit nor gets a bucket of its own.
     #[test]
     fn another_spelling_of_a_path_is_limited_as_the_path() {
         let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
@@ -465,6 +470,10 @@ mod tests {
             "/Login/",
             "/login.",
             "/LOGIN../",
+            "/login%3Bx",
+            "/login%20",
+            "/\u{FF4C}\u{FF4F}\u{FF47}\u{FF49}\u{FF4E}",
+            "/%EF%BC%ACOGIN",
         ] {
             assert!(
                 l.check(&a, spelling).is_err(),
@@ -483,6 +492,9 @@ mod tests {
             "/search/q.",
             "/search/q..;x",
             "/search./q",
+            "/search/q%3b1",
+            "/search/q%20.",
+            "/search/\u{FF51}",
         ] {
             assert!(
                 l.check(&a, spelling).is_err(),
