@@ -323,7 +323,8 @@ fn segment_routes_as(lit: &str, part: &str) -> bool {
 }
 
 /// The bytes of `text` as an app that decodes and normalizes a path
-/// reads them: [`decoded_bytes`], with each fullwidth form of ASCII
+/// reads them: each well-formed `%XX` escape decoded (any other `%` is
+/// itself), and each fullwidth form of ASCII
 /// (U+FF01 to U+FF5E, raw or escaped: `\u{FF41}` or `%EF%BD%81`, which
 /// Unicode NFKC normalization folds into `a`) read as the ASCII character
 /// it folds into. The fullwidth forms that would fold into `.`, `/`, `\`,
@@ -333,34 +334,31 @@ fn segment_routes_as(lit: &str, part: &str) -> bool {
 /// bucket by. Allocates nothing.
 pub fn routed_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
     let mut bytes = decoded_bytes(text);
-    // Bytes read ahead that turned out not to be a fullwidth form, in order.
-    let mut ahead = [0u8; 2];
+    // The next bytes, read ahead to see whether they are a fullwidth form;
+    // each is looked at as the start of one in its turn, so an `EF` that
+    // is not one (`%EF` before a raw U+FF41) leaves the next `EF` free to be.
+    let mut ahead = [0u8; 3];
     let mut ahead_len = 0;
     std::iter::from_fn(move || {
-        if ahead_len > 0 {
-            let byte = ahead[0];
-            ahead = [ahead[1], 0];
-            ahead_len -= 1;
-            return Some(byte);
+        while ahead_len < ahead.len() {
+            let Some(byte) = bytes.next() else { break };
+            ahead[ahead_len] = byte;
+            ahead_len += 1;
         }
-        let first = bytes.next()?;
-        if first != 0xEF {
-            return Some(first);
+        if ahead_len == 0 {
+            return None;
         }
-        let Some(second) = bytes.next() else {
-            return Some(first);
-        };
-        let Some(third) = bytes.next() else {
-            (ahead, ahead_len) = ([second, 0], 1);
-            return Some(first);
-        };
-        match fullwidth_ascii(second, third) {
-            Some(ascii) => Some(ascii),
-            None => {
-                (ahead, ahead_len) = ([second, third], 2);
-                Some(first)
-            }
+        if let [0xEF, second, third] = ahead
+            && ahead_len == 3
+            && let Some(ascii) = fullwidth_ascii(second, third)
+        {
+            ahead_len = 0;
+            return Some(ascii);
         }
+        let byte = ahead[0];
+        ahead = [ahead[1], ahead[2], 0];
+        ahead_len -= 1;
+        Some(byte)
     })
 }
 
@@ -376,9 +374,8 @@ fn fullwidth_ascii(second: u8, third: u8) -> Option<u8> {
 
 /// The bytes of `text` with each well-formed `%XX` escape decoded, as an
 /// app reads a path segment before routing it; any other `%` is itself.
-/// What DENY, AUDIT and rate-limit path matches compare, and what a rate
-/// limit keys a route's bucket by. Allocates nothing.
-pub fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
+/// What [`routed_bytes`] folds fullwidth forms in. Allocates nothing.
+fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
     let bytes = text.as_bytes();
     let mut at = 0;
     std::iter::from_fn(move || {
@@ -1552,6 +1549,59 @@ mod tests {
         for outside in ["\u{FF00}", "\u{FF5F}", "\u{FFE0}", "\u{e9}", "\u{EFBF}"] {
             assert_eq!(bytes(outside), outside.as_bytes(), "{outside:?}");
         }
+    }
+
+    /// The read-ahead folding fullwidth forms looks at each byte as the
+    /// start of one, raw or escaped alike: an `EF` that starts none (a lone
+    /// `%EF`, U+FFFD, U+FEFF) is itself, and the form after it still folds.
+    #[test]
+    fn routed_bytes_looks_at_each_byte_as_the_start_of_a_fullwidth_form() {
+        let bytes = |text: &str| routed_bytes(text).collect::<Vec<_>>();
+        assert_eq!(bytes("%EF%bd%81"), b"a");
+        assert_eq!(bytes("%EF\u{FF41}"), [0xEF, b'a']);
+        assert_eq!(bytes("%EF%EF%BD%81x"), [0xEF, b'a', b'x']);
+        assert_eq!(bytes("%EF%EF%EF%BD%81"), [0xEF, 0xEF, b'a']);
+        assert_eq!(bytes("x%EF%BD"), [b'x', 0xEF, 0xBD]);
+        assert_eq!(bytes("%EF"), [0xEF]);
+        assert_eq!(bytes("\u{FFFD}\u{FF41}"), [0xEF, 0xBF, 0xBD, b'a']);
+        assert_eq!(bytes("\u{FEFF}%EF%BD%81"), [0xEF, 0xBB, 0xBF, b'a']);
+        assert_eq!(bytes("\u{FF41}\u{FF41}"), b"aa");
+    }
+
+    /// An ALLOW matches only the path as sent: none of the spellings a
+    /// DENY takes for a path it names is allowed by an ALLOW of that path.
+    #[test]
+    fn an_allow_matches_none_of_the_spellings_a_deny_takes_for_its_path() {
+        for path in [
+            "/public.",
+            "/public..",
+            "/public%20",
+            "/public.%20",
+            "/public%3Bx",
+            "/public%3b",
+            "/public;x",
+            "/public/",
+            "/PUBLIC",
+            "/\u{FF50}ublic",
+            "/%EF%BD%90ublic",
+        ] {
+            assert!(
+                PathPattern::parse("/public")
+                    .unwrap()
+                    .matches_as_routed(path),
+                "a DENY of /public must match {path}"
+            );
+            assert!(
+                !matches("/public", path),
+                "an ALLOW of /public allowed {path}"
+            );
+            let under = format!("{path}/x");
+            if !path.ends_with('/') {
+                assert!(!matches("/public/*", &under), "/public/* allowed {under}");
+            }
+        }
+        assert!(matches("/public", "/public"));
+        assert!(matches("/public/*", "/public/x"));
     }
 
     /// Apps that decode a path before they drop its segment parameters

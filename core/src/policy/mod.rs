@@ -99,7 +99,7 @@ pub use explain::{
     ExplainedHttp, Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RequestAnswer,
     RequestOutcome, RuleTrace, explain, explain_http, rate_limits_counting,
 };
-pub use l7::{HttpRequest, PathPattern, decoded_bytes, routed_bytes, routed_segments};
+pub use l7::{HttpRequest, PathPattern, routed_bytes, routed_segments};
 pub use lint::{
     Diagnostic, GivenText, Loaded, LoadedPolicy, LoadedRateLimit, PolicyFiles, Walk,
     find_policy_files, has_errors, lint_paths, lint_source, load_files_in, load_given_in,
