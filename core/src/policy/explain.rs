@@ -1522,6 +1522,59 @@ spec:
         );
     }
 
+    /// `policy explain` reads a path as the sidecar's rules do: a DENY of
+    /// `/admin` denies the spellings apps route to it (trailing dots and
+    /// spaces, `%3B` parameters, fullwidth forms of ASCII, raw or
+    /// escaped), an ALLOW of `/public` allows none of them, and a
+    /// character an app could fold into `;` is refused naming it.
+    #[test]
+    fn explain_reads_path_spellings_as_the_sidecars_rules_do() {
+        let allow = allow_from_web("public", "{paths: [/public, /admin/*]}");
+        let deny = policy("no-admin", "DENY", "    - to: [{paths: [/admin]}]\n");
+        let policies = [allow, deny];
+        let answer = |path: &str| {
+            Ask {
+                path,
+                ..Ask::default()
+            }
+            .answer(&policies)
+        };
+        for path in [
+            "/admin.",
+            "/admin%20",
+            "/admin.%20.",
+            "/admin%3Bx",
+            "/admin%3b",
+            "/\u{FF41}dmin",
+            "/%EF%BD%81DMIN",
+        ] {
+            assert_eq!(
+                answer(path),
+                format!("request GET {path}: deny by b/no-admin rule 0 (answered 403)")
+            );
+        }
+        assert_eq!(
+            answer("/admin/x"),
+            "request GET /admin/x: allow by b/public rule 0 (passed to the app)"
+        );
+        assert_eq!(
+            answer("/public"),
+            "request GET /public: allow by b/public rule 0 (passed to the app)"
+        );
+        for path in ["/public.", "/public%20", "/public%3Bx", "/\u{FF50}ublic"] {
+            let said = answer(path);
+            assert!(
+                said.starts_with(&format!("request GET {path}: deny by default")),
+                "{said}"
+            );
+        }
+        assert_eq!(
+            answer("/admin%EF%BC%9Bx"),
+            "request GET /admin%EF%BC%9Bx: refused (answered 400): path contains U+FF1B, \
+             which an app could read as ';'"
+        );
+    }
+
     /// An AUDIT rule reports what it would deny that is allowed today: a
     /// connection denied anyway names none, its requests answered 403 by
     /// the denying policy alone; one admitted for HTTP only names those
