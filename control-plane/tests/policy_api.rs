@@ -606,10 +606,10 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
     assert!(explained.status.success(), "{text}");
     assert!(
         text.starts_with(&format!(
-            "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, \
-             except HTTP requests allowed per request by default/reads rule 0\n  a connection \
-             that is not HTTP: deny by default:deny: no policy allows this connection (the \
-             connection is admitted for HTTP requests only)\n"
+            "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed per \
+             request by default/reads rule 0\n  a connection that is not HTTP: deny by \
+             default:deny: no policy allows this connection (the connection is admitted for \
+             HTTP requests only)\n"
         )),
         "{text}"
     );

@@ -759,7 +759,13 @@ impl fmt::Display for Explanation {
             Reason::Rule(r) => write!(f, "{r}")?,
             Reason::Default(_) | Reason::NoSnapshot => f.write_str(decision.policy_label())?,
         }
-        if let Some(why) = decision.denied_because("connection") {
+        // A denial by the mesh default says why in the sidecar's words,
+        // unless the connection is admitted for HTTP requests: then no
+        // policy allows it as bytes, which its not-HTTP line below says,
+        // while some of its requests are allowed, which this line says.
+        if self.per_request.is_none()
+            && let Some(why) = decision.denied_because("connection")
+        {
             write!(f, ": {why}")?;
         }
         if let Some(per_request) = &self.per_request {
@@ -1452,10 +1458,10 @@ spec:
         assert_eq!(
             first_lines(&explained),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this \
-                 connection, except HTTP requests allowed per request by b/reads rule 0\n  a \
-                 connection that is not HTTP: deny by default:deny: no policy allows this \
-                 connection (the connection is admitted for HTTP requests only)"
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                 per request by b/reads rule 0\n  a connection that is not HTTP: deny by \
+                 default:deny: no policy allows this connection (the connection is admitted \
+                 for HTTP requests only)"
             )
         );
         // Read back from the Admin API's answer, it says the same.
@@ -1515,7 +1521,7 @@ spec:
         assert_eq!(explained.not_http().as_deref(), Some(&explained.decision));
         assert!(
             explained.to_string().starts_with(&format!(
-                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
                  per request by b/reads rule 0 (unless denied per request by b/no-admin rule 1)\n"
             )),
             "{explained}"
@@ -1598,10 +1604,10 @@ spec:
         assert_eq!(
             first_lines(&admitted),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
                  per request by b/reads rule 0; HTTP requests audited per request by b/watch \
-                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy allows this connection (the connection \
-                 is admitted for HTTP requests only)"
+                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy \
+                 allows this connection (the connection is admitted for HTTP requests only)"
             )
         );
     }
@@ -1664,10 +1670,10 @@ spec:
         assert_eq!(
             first_lines(&admitted),
             format!(
-                "{WEB} -> {API} port 8080: deny by default:deny: no policy allows this connection, except HTTP requests allowed \
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
                  per request by b/reads rule 0; HTTP requests audited per request by b/watch \
-                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy allows this connection (the connection \
-                 is admitted for HTTP requests only)"
+                 rule 0\n  a connection that is not HTTP: deny by default:deny: no policy \
+                 allows this connection (the connection is admitted for HTTP requests only)"
             )
         );
 
