@@ -586,6 +586,24 @@ async fn new_policies_decide_the_next_request_on_an_open_connection() {
         status, 200,
         "the open connections still serve what is allowed"
     );
+
+    // The policy renamed, its rule now second: a denial on the open
+    // connections names the policy and rule that decided it now, not
+    // the text of the set before, HTTP/1.1 and HTTP/2 alike.
+    let web_admin = format!("{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}], to: [{{paths: [\"/admin/*\"]}}]}}");
+    let rules = format!("{{to: [{{paths: [/metrics]}}]}}\n    - {web_admin}");
+    let policies = vec![api_policy("admin-off", "DENY", &rules)];
+    push_to(&cp, snapshot(3, "allow-mesh", policies), 1).await;
+    let denied = "trellis: denied by policy b/admin-off rule 1\n";
+    let (status, body) = send(&mut c1, "/admin/x", &[]).await;
+    assert_eq!((status.as_u16(), body.as_str()), (403, denied));
+    let (status, body) = text(c2.send_request(h2_get("/admin/x")).await.unwrap()).await;
+    assert_eq!((status.as_u16(), body.as_str()), (403, denied));
+    let (status, body) = send(&mut c1, "/metrics", &[]).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "trellis: denied by policy b/admin-off rule 0\n")
+    );
 }
 
 /// Writes `request` raw on a fresh mTLS connection and reads the answer.
