@@ -590,7 +590,9 @@ async fn new_policies_decide_the_next_request_on_an_open_connection() {
     // The policy renamed, its rule now second: a denial on the open
     // connections names the policy and rule that decided it now, not
     // the text of the set before, HTTP/1.1 and HTTP/2 alike.
-    let web_admin = format!("{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}], to: [{{paths: [\"/admin/*\"]}}]}}");
+    let web_admin = format!(
+        "{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}], to: [{{paths: [\"/admin/*\"]}}]}}"
+    );
     let rules = format!("{{to: [{{paths: [/metrics]}}]}}\n    - {web_admin}");
     let policies = vec![api_policy("admin-off", "DENY", &rules)];
     push_to(&cp, snapshot(3, "allow-mesh", policies), 1).await;
