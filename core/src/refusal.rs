@@ -13,6 +13,8 @@
 //! allowed" and a gRPC client as a closed connection or a timeout.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -102,7 +104,8 @@ async fn peek_plaintext(tcp: &TcpStream, patience: Duration) -> Option<Version> 
 /// request in its own protocol ([`answer`]): `400 Bad Request` with
 /// `message` as the body, or for a gRPC call `UNAVAILABLE` with `message`.
 /// Gives the connection back, untouched, when it is not plaintext HTTP (or
-/// sent nothing in time); `None` when it was answered. `found` is called
+/// sent nothing in time); `None` when it was plaintext: answered, or, with
+/// no whole request in `patience`, reset ([`Answered::Nothing`]). `found` is called
 /// once plaintext is seen, before the answer: a refusal counted and logged
 /// there is on record by the time the client reads its answer (the answer
 /// then lingers, [`answer`]).
@@ -120,7 +123,8 @@ pub async fn refuse_plaintext(
 }
 
 /// Like [`refuse_plaintext`], on a connection the caller keeps: returns
-/// whether it answered; the connection is then done. A sidecar's answer
+/// whether it found plaintext; the connection is then done (answered, or
+/// set to be reset when closed: [`Answered::Nothing`]). A sidecar's answer
 /// names `proxy_error` in [`PROXY_ERROR`] ([`Refusal::proxy_error`]).
 pub async fn refuse_plaintext_briefly(
     tcp: &mut TcpStream,
@@ -140,8 +144,17 @@ pub async fn refuse_plaintext_briefly(
         proxy_error,
     };
     // Boxed: a caller's future keeps room only for the pointer.
-    Box::pin(answer(tcp, version, &refusal, patience)).await;
+    if Box::pin(answer(tcp, version, &refusal, patience)).await == Answered::Nothing {
+        reset_on_close(tcp);
+    }
     true
+}
+
+/// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
+/// ending it with a FIN: for a client left unanswered ([`Answered::Nothing`]).
+pub fn reset_on_close(tcp: &TcpStream) {
+    // A socket already gone has nothing left to reset.
+    let _ = tcp.set_zero_linger();
 }
 
 /// The HTTP/2 error codes a refusal's GOAWAY carries (RFC 9113, section
@@ -322,31 +335,117 @@ const ANSWER_H1_HEAD: usize = 16 * 1024;
 /// of it); HTTP/2 gets the server preface and, for its
 /// first request, the same answer ([`local_answer`]; a gRPC call gets
 /// `grpc-status` and `grpc-message` in a trailers-only response), then
-/// GOAWAY naming that stream as the last. A client whose request has not
-/// come within `patience` is closed unanswered. An answered connection is
+/// GOAWAY naming that stream as the last. An answered connection is
 /// then read from for [`ANSWER_LINGER`] or [`ANSWER_LINGER_BYTES`],
 /// whichever comes first, or until the client closes it ([`linger`]).
-pub async fn answer<S>(io: &mut S, version: Version, refusal: &Refusal<'_>, patience: Duration)
+///
+/// A client whose request has not come within `patience` (or that ended
+/// or failed first) is left unanswered, its write side still open: ended
+/// with a FIN, it would take the close for its server's orderly one, so
+/// the caller resets it instead. [`Answered::Nothing`] says so: not one
+/// byte was written to it. Once a byte was written (an HTTP/2 client's
+/// server preface is one), the connection is shut down as usual and no
+/// reset may throw the answer away.
+#[must_use = "a client left unanswered is to be reset, not ended with a FIN"]
+pub async fn answer<S>(
+    io: &mut S,
+    version: Version,
+    refusal: &Refusal<'_>,
+    patience: Duration,
+) -> Answered
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::new();
+    let mut io = Writing { io, wrote: false };
     let answered = async {
         let answered = match version {
             Version::Http1 => {
-                let answered = read_h1_head(&mut *io, &mut buf).await;
+                let answered = read_h1_head(&mut io, &mut buf).await;
                 if answered {
                     let _ = io.write_all(&h1_answer(refusal)).await;
                 }
                 answered
             }
-            Version::Http2 => answer_first_h2_request(&mut *io, refusal).await,
+            Version::Http2 => answer_first_h2_request(&mut io, refusal).await,
         };
-        let _ = io.shutdown().await;
+        if io.wrote {
+            let _ = io.shutdown().await;
+        }
         answered
     };
     if tokio::time::timeout(patience, answered).await == Ok(true) {
-        linger(io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
+        linger(&mut io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
+    }
+    match io.wrote {
+        true => Answered::Written,
+        false => Answered::Nothing,
+    }
+}
+
+/// What [`answer`] did to a refused connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// At least a byte of an answer was written, and the connection shut
+    /// down after it.
+    Written,
+    /// Nothing was written, and the write side is still open: the client
+    /// sent no request in time, or ended first. Its caller resets it.
+    Nothing,
+}
+
+/// A refused connection as [`answer`] writes to it, noting whether any
+/// byte was written.
+struct Writing<'a, S> {
+    io: &'a mut S,
+    wrote: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Writing<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Writing<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut *self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.wrote |= n > 0;
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.wrote |= n > 0;
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
@@ -687,6 +786,44 @@ mod tests {
         assert!(
             server.await.unwrap().is_none(),
             "the connection was not answered"
+        );
+    }
+
+    /// A plaintext client that sends no whole request head in time, or
+    /// ends its side mid-head, is reset, not ended with a FIN it would
+    /// take for its server's orderly close after an answer it never got;
+    /// one whose head comes is answered, and ended with a FIN.
+    #[tokio::test]
+    async fn a_plaintext_client_with_no_whole_head_is_reset() {
+        async fn how_it_ends(sends: &[u8], half_close: bool) -> (&'static str, Vec<u8>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let patience = Duration::from_millis(300);
+                refuse_plaintext(tcp, "speaks only TLS", patience, || {}).await
+            });
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(sends).await.unwrap();
+            if half_close {
+                client.shutdown().await.unwrap();
+            }
+            assert!(server.await.unwrap().is_none(), "plaintext was not seen");
+            let mut got = Vec::new();
+            match client.read_to_end(&mut got).await {
+                Ok(_) => ("fin", got),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => ("reset", got),
+                Err(e) => panic!("reading: {e}"),
+            }
+        }
+        assert_eq!(how_it_ends(b"GET / HT", false).await, ("reset", vec![]));
+        assert_eq!(how_it_ends(b"GET / HT", true).await, ("reset", vec![]));
+        let (end, answer) = how_it_ends(b"GET / HTTP/1.1\r\n\r\n", true).await;
+        assert_eq!(end, "fin");
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
         );
     }
 

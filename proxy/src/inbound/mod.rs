@@ -1033,8 +1033,10 @@ fn instead_of_preface(stream: &http::Rewind<PeerStream>) -> Option<NotPreface> {
 /// Refuses a caller that settled HTTP/2 by ALPN and sent `sent` in place
 /// of the client preface (hyper's server would close it without a word):
 /// an HTTP/1 request is answered `400` in HTTP/1.1, saying so, as
-/// plaintext is on this port; anything else gets the server preface and
-/// a GOAWAY with PROTOCOL_ERROR saying the same.
+/// plaintext is on this port (one that sends no whole head in time, or
+/// ends first, is reset: [`trellis_core::refusal::Answered::Nothing`]); anything else
+/// gets the server preface and a GOAWAY with PROTOCOL_ERROR saying the
+/// same.
 async fn refuse_not_h2(mut stream: http::Rewind<PeerStream>, sent: NotPreface) {
     use trellis_core::refusal::{self, Refusal};
     match sent {
@@ -1046,7 +1048,14 @@ async fn refuse_not_h2(mut stream: http::Rewind<PeerStream>, sent: NotPreface) {
                 proxy_error: Some(token::INVALID_REQUEST),
             };
             let version = refusal::Version::Http1;
-            refusal::answer(&mut stream, version, &refusal, net::HANDSHAKE_TIMEOUT).await;
+            let patience = net::HANDSHAKE_TIMEOUT;
+            if refusal::answer(&mut stream, version, &refusal, patience).await
+                == refusal::Answered::Nothing
+            {
+                // No whole request head in time: reset, as a plaintext
+                // caller left unanswered is, not ended as if answered.
+                net::reset_on_close(stream.get_ref().get_ref().0.get_ref());
+            }
         }
         NotPreface::Other => {
             let message = format!("{}{NOT_H2_ANSWER}", refusal::SIDECAR_PREFIX);

@@ -977,82 +977,11 @@ async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str),
         proxy_error: Some(reason),
     };
     // What detection read is the start of the app's request.
-    let mut io = Answering {
-        io: http::Rewind::with_prefix(first, &mut app.tcp),
-        wrote: false,
-    };
-    refusal::answer(&mut io, version, &refused, ANSWER_PATIENCE).await;
-    let wrote = io.wrote;
+    let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
+    let answered = refusal::answer(&mut io, version, &refused, ANSWER_PATIENCE).await;
     drop(io);
-    if !wrote {
+    if answered == refusal::Answered::Nothing {
         net::reset_on_close(&app.tcp);
-    }
-}
-
-/// The app's side of a refusal's answer ([`answer_app`]), noting whether
-/// any byte of the answer was written to it. Until one is, shutting it
-/// down does nothing: an app left unanswered is reset, and a FIN sent
-/// ahead of the reset would pass for its server's orderly close. Once one
-/// is, the answer ends as usual, and no reset throws it away.
-struct Answering<S> {
-    io: S,
-    wrote: bool,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Answering<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Answering<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let written = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            self.wrote |= n > 0;
-        }
-        written
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let written = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            self.wrote |= n > 0;
-        }
-        written
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.wrote {
-            return Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
