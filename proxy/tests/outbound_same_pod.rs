@@ -125,6 +125,11 @@ async fn same_pod_checks(pod: IpAddr) {
         .wait_for(&["outbound connection refused: this sidecar has no snapshot yet"])
         .await;
     assert!(line.contains(&format!("dst={APP_VIP}")), "{line}");
+    // Named as an inbound denial before the first snapshot is.
+    assert!(
+        line.contains("decision=deny policy=default:no-snapshot"),
+        "{line}"
+    );
     eventually("the call counted denied", || outcome(&s, "denied") == 1).await;
     let snapshot = pb::Snapshot {
         version: 1,

@@ -1479,7 +1479,15 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 policy: OutboundPolicy::Deny,
                 ..
             } if !known => {
-                tracing::info!(%client, %dst, "outbound connection refused: {NO_SNAPSHOT}");
+                // Named as the inbound side names its denials before the
+                // first snapshot: whatever the outbound policy will be.
+                tracing::info!(
+                    %client,
+                    %dst,
+                    decision = %"deny",
+                    policy = %trellis_core::policy::NO_SNAPSHOT,
+                    "outbound connection refused: {NO_SNAPSHOT}"
+                );
                 metrics.connection(OUTBOUND, Outcome::Denied);
                 let refused = (SERVICE_UNAVAILABLE, token::NOT_READY);
                 Box::pin(answer_refused(
