@@ -220,6 +220,36 @@ async fn an_unknown_trellis_annotation_is_warned_of_and_counted_over_https() {
     }
 }
 
+/// A server-side dry run (`kubectl apply --dry-run=server`, the review's
+/// `request.dryRun: true`) of a pod with a mistyped `trellis.io/`
+/// annotation is warned as the pod itself would be, but creates no pod, so
+/// it is not counted; the pod's real creation then is, once.
+#[tokio::test]
+async fn a_dry_run_is_warned_of_an_unknown_trellis_name_but_not_counted() {
+    let webhook = start().await;
+    let mut review: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
+    annotations["trellis.io/acces-log"] = json!("false");
+    let mut dry_run = review.clone();
+    dry_run["request"]["dryRun"] = json!(true);
+    let warned = json!([
+        "trellis: metadata.annotations[trellis.io/acces-log] is not a Trellis annotation and is \
+         ignored; did you mean trellis.io/access-log?",
+    ]);
+    let reply = inject(&webhook, &dry_run).await;
+    assert_eq!(reply["response"]["warnings"], warned, "{reply}");
+    let rendered = webhook.metrics.render();
+    let none = "trellis_inject_unknown_names_total{reason=\"pod_annotation\"} 0\n";
+    assert!(rendered.contains(none), "{none}in\n{rendered}");
+
+    let reply = inject(&webhook, &review).await;
+    assert_eq!(reply["response"]["warnings"], warned, "{reply}");
+    let rendered = webhook.metrics.render();
+    let one = "trellis_inject_unknown_names_total{reason=\"pod_annotation\"} 1\n";
+    assert!(rendered.contains(one), "{one}in\n{rendered}");
+}
+
 /// `/inject` posted `review` over HTTPS: the AdmissionReview answered.
 async fn inject(webhook: &Webhook, review: &Value) -> Value {
     let (status, body) = call(

@@ -854,8 +854,12 @@ pub fn respond(
             for found in review.unknown {
                 metrics.inject_unknown_value(found.reason());
             }
-            for found in review.unknown_names {
-                metrics.inject_unknown_name(found.reason());
+            // A server-side dry run (`kubectl apply --dry-run=server`)
+            // creates no pod: warned of, as the pod would be, not counted.
+            if !request.dry_run {
+                for found in review.unknown_names {
+                    metrics.inject_unknown_name(found.reason());
+                }
             }
             // With the sidecar, injected now or before (re-submitted, or
             // injected by hand): the owner's pods admitted without one
