@@ -275,8 +275,22 @@ async fn rejects_malformed_requests_and_keeps_the_token() {
                 &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
                 WEB,
             ),
-            "P-256",
+            "found an EC key on curve P-384 (1.3.132.0.34)",
         ),
+        (
+            "an RSA key",
+            csr_for(
+                &rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap(),
+                WEB,
+            ),
+            "must be ECDSA P-256, found a key of algorithm RSA (1.2.840.113549.1.1.1)",
+        ),
+        (
+            "the CSR as PEM text",
+            pem_of(&csr_for(&key, WEB)),
+            "it is PEM text; send the DER bytes",
+        ),
+        ("an empty csr", Vec::new(), "the csr field is empty"),
     ];
     for (what, csr, names) in cases {
         let err = cp.certify(csr, Some(&token), None, "").await.unwrap_err();
@@ -291,6 +305,19 @@ async fn rejects_malformed_requests_and_keeps_the_token() {
     cp.certify(csr_for(&key, WEB), Some(&token), None, "")
         .await
         .expect("a refused CSR leaves the token usable");
+}
+
+/// `der` as the PEM text `openssl req` writes.
+fn pem_of(der: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE REQUEST-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE REQUEST-----\n");
+    pem.into_bytes()
 }
 
 #[tokio::test]

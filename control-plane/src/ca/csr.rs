@@ -73,6 +73,16 @@ pub fn is_reserved(id: &SpiffeId) -> bool {
 }
 
 pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrError> {
+    // What a parser says of these two mistakes names neither.
+    if der.is_empty() {
+        return Err(CsrError::Malformed("the csr field is empty".to_owned()));
+    }
+    if der.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return Err(CsrError::Malformed(
+            "it is PEM text; send the DER bytes (the base64 between the PEM lines, decoded)"
+                .to_owned(),
+        ));
+    }
     let (rest, csr) =
         X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -90,9 +100,13 @@ pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrE
     if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
         let found = match curve {
             Some(curve) if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY => {
-                format!("EC key on curve {curve}")
+                let curve = curve.to_id_string();
+                format!("an EC key on curve {}", named(&curve, CURVES))
             }
-            _ => format!("key algorithm {}", spki.algorithm.algorithm),
+            _ => {
+                let algorithm = spki.algorithm.algorithm.to_id_string();
+                format!("a key of algorithm {}", named(&algorithm, KEY_ALGORITHMS))
+            }
         };
         return Err(CsrError::KeyType(found));
     }
@@ -138,6 +152,30 @@ pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrE
         spiffe_id,
         public_key_der: spki.raw.to_vec(),
     })
+}
+
+/// The curves a CSR is likeliest to name in place of P-256, by OID.
+const CURVES: &[(&str, &str)] = &[
+    ("1.3.132.0.34", "P-384"),
+    ("1.3.132.0.35", "P-521"),
+    ("1.3.132.0.10", "secp256k1"),
+];
+
+/// The key algorithms a CSR is likeliest to carry in place of EC, by OID.
+const KEY_ALGORITHMS: &[(&str, &str)] = &[
+    ("1.2.840.113549.1.1.1", "RSA"),
+    ("1.2.840.113549.1.1.10", "RSA-PSS"),
+    ("1.3.101.112", "Ed25519"),
+    ("1.3.101.113", "Ed448"),
+    ("1.2.840.10040.4.1", "DSA"),
+];
+
+/// `oid` by its name in `names`, with the OID; the OID alone if unnamed.
+fn named(oid: &str, names: &[(&str, &str)]) -> String {
+    match names.iter().find(|(known, _)| *known == oid) {
+        Some((_, name)) => format!("{name} ({oid})"),
+        None => oid.to_owned(),
+    }
 }
 
 fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
