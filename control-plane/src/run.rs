@@ -371,11 +371,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let dir = StateDir::open(&config.state_dir)?;
     // Only the embedded database stops the control plane when it fails.
     let mut write_failure = None;
+    // With the Kubernetes store, what keeps another control plane's writes
+    // out of the state dir while this one runs.
+    let mut _dir_lock = None;
     let (ca, store, store_changes, watches): (_, Arc<dyn Store>, _, _) = match (
         config.store,
         &config.kube,
     ) {
         (StoreKind::Kubernetes, Some(api)) => {
+            // Before this process writes here: no database's lock keeps
+            // another control plane off the directory, so its own lock does.
+            match dir.try_lock()? {
+                Some(lock) => {
+                    remove_stale_temp_files(&dir)?;
+                    _dir_lock = Some(lock);
+                }
+                None => tracing::warn!(
+                    state_dir = %crate::escape::shown(dir.root()),
+                    "another process holds the state dir: its temporary files, if a crash \
+                     left any, are left for the start that finds it free"
+                ),
+            }
             let client = kubernetes::client(api)?;
             let (namespace, secret) = (
                 config.namespace.as_deref().unwrap_or_default(),
@@ -867,7 +883,9 @@ fn refuse_a_lost_root(dir: &StateDir, new_root: bool) -> Result<Option<MeshHisto
 
 /// Removes the temporary files of the state dir's writes that a process
 /// killed mid-write left (one per write cut short, never reused by a
-/// restart's new pid), saying which. Only while the database's lock is held.
+/// restart's new pid, or a container's same pid 1), saying which. Only
+/// before this process writes there, while the database's lock, or the
+/// state dir's own, is held.
 fn remove_stale_temp_files(dir: &StateDir) -> Result<(), crate::state_dir::StateDirError> {
     let names = [CA_CERT, CA_KEY, BUNDLE, ADMIN_CERT, ADMIN_KEY];
     for name in dir.remove_stale_temp_files(&names)? {

@@ -164,18 +164,18 @@ impl StateDir {
     /// Removes the temporary files that writes of an earlier process left
     /// here when it was killed between creating one and renaming it into
     /// place: each is named `.NAME.tmp-PID` after the file it was to
-    /// replace, so a restart (a new pid) never reuses the name. Only names
-    /// of that exact pattern, for one of `names`, regular files, are
-    /// removed, and only names of other pids than this one. Call it only
-    /// while holding what keeps other processes off this directory (the
-    /// database's lock): a live one's temporary file would go too.
-    /// Returns the names removed.
+    /// replace. Only names of that exact pattern, for one of `names`,
+    /// regular files, are removed: this process's pid included, as a
+    /// container's process has the same pid (1) at every restart. Call it
+    /// only before this process writes here, and while holding what keeps
+    /// other processes off this directory (the database's lock, or
+    /// [`try_lock`](Self::try_lock)): a live one's temporary file would go
+    /// too. Returns the names removed.
     pub fn remove_stale_temp_files(&self, names: &[&str]) -> Result<Vec<String>, StateDirError> {
         let io = |source| StateDirError::Io {
             path: self.root.clone(),
             source,
         };
-        let own = std::process::id().to_string();
         let mut removed = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(io)? {
             let entry = entry.map_err(io)?;
@@ -191,7 +191,7 @@ impl StateDir {
             }) else {
                 continue;
             };
-            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
             if !entry.file_type().map_err(io)?.is_file() {
@@ -209,6 +209,23 @@ impl StateDir {
             }
         }
         Ok(removed)
+    }
+
+    /// An advisory lock on the directory, held for as long as the file
+    /// returned lives; `None` when another process holds it. Where no
+    /// database is opened here (the Kubernetes store), this is what tells
+    /// a start that no other control plane writes in the directory.
+    pub fn try_lock(&self) -> Result<Option<fs::File>, StateDirError> {
+        let io = |source| StateDirError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        let dir = fs::File::open(&self.root).map_err(io)?;
+        match dir.try_lock() {
+            Ok(()) => Ok(Some(dir)),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(io(e)),
+        }
     }
 
     /// Replaces `name` atomically with `contents`.
@@ -623,15 +640,15 @@ mod tests {
 
     /// A start removes what writes killed before their rename left (named
     /// after the file and the pid of the process that died), and nothing
-    /// else: not this process's own, not a name of another pattern.
+    /// else: not a name of another pattern. This process's own pid is
+    /// stale too at a start (a container's process is pid 1 each time).
     #[test]
     fn removes_stale_temp_files_of_its_own_pattern_only() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("state")).unwrap();
         let own = format!(".ca.key.tmp-{}", std::process::id());
-        let stale = [".ca.key.tmp-1", ".bundle.pem.tmp-4194304"];
+        let stale = [".ca.key.tmp-1", ".bundle.pem.tmp-4194304", own.as_str()];
         let kept = [
-            own.as_str(),
             ".ca.key.tmp-",
             ".ca.key.tmp-12x",
             ".other.tmp-7",
@@ -651,7 +668,9 @@ mod tests {
             .remove_stale_temp_files(&["ca.key", "ca.crt", "bundle.pem", "admin.key"])
             .unwrap();
         removed.sort();
-        assert_eq!(removed, [".bundle.pem.tmp-4194304", ".ca.key.tmp-1"]);
+        let mut expected = stale.map(str::to_owned);
+        expected.sort();
+        assert_eq!(removed, expected);
         for name in stale {
             assert!(!dir.path(name).exists(), "{name}");
         }

@@ -242,6 +242,44 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     cp.stop_async().await;
 }
 
+/// No API server can run here: with `--store kubernetes`, a start on a
+/// state dir where a killed control plane left the temporary files of its
+/// writes (one of another pid, one of pid 1 as a container's process has
+/// at every restart, whose file the start finds unchanged and so does
+/// not write again) removes them, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_the_kubernetes_store_removes_the_temp_files_a_crash_left() {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    fake.first_install();
+    let flags = fake.control_plane_flags();
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let start = |tmp: Arc<tempfile::TempDir>, flags: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            ControlPlane::start_in(tmp, &flags)
+        })
+    };
+    let cp = start(tmp.clone(), flags.clone()).await.unwrap();
+    let state = cp.state_dir.clone();
+    drop(cp);
+    let left = [".bundle.pem.tmp-1", ".admin.key.tmp-4194304"];
+    for name in left {
+        std::fs::write(state.join(name), b"half written").unwrap();
+    }
+    std::fs::write(state.join(".notes.tmp-7"), b"not ours").unwrap();
+    let cp = start(tmp.clone(), flags).await.unwrap();
+    for name in left {
+        assert!(!state.join(name).exists(), "{name} left in {state:?}");
+    }
+    assert!(state.join(".notes.tmp-7").exists());
+    let log = cp.log.lock().unwrap().clone();
+    assert!(
+        log.contains("removed a temporary file a write cut short by a crash left"),
+        "{log}"
+    );
+}
+
 /// No API server can run here: the fake lists a policy object with an L7
 /// rule on port 5432, written past the webhook. Started with
 /// `--opaque-ports 5432`, which every sidecar would then refuse that
