@@ -1530,13 +1530,19 @@ spec:
 
     /// `policy explain` reads a path as the sidecar's rules do: a DENY of
     /// `/admin` denies the spellings apps route to it (trailing dots and
-    /// spaces, `%3B` parameters, fullwidth forms of ASCII, raw or
-    /// escaped), an ALLOW of `/public` allows none of them, and a
-    /// character an app could fold into `;` is refused naming it.
+    /// spaces, `%3B` parameters, characters apps read as ASCII, raw or
+    /// escaped: fullwidth, mathematical and circled letters, `\u{017F}`,
+    /// `\u{0131}` and `\u{0130}`, U+00A0 ending a segment), an ALLOW of
+    /// `/public` allows none of them, and a character an app could fold
+    /// into `;` or text with a `.` is refused naming it.
     #[test]
     fn explain_reads_path_spellings_as_the_sidecars_rules_do() {
-        let allow = allow_from_web("public", "{paths: [/public, /admin/*]}");
-        let deny = policy("no-admin", "DENY", "    - to: [{paths: [/admin]}]\n");
+        let allow = allow_from_web("public", "{paths: [/public, /admin/*, /secret]}");
+        let deny = policy(
+            "no-admin",
+            "DENY",
+            "    - to: [{paths: [/admin, /secret]}]\n",
+        );
         let policies = [allow, deny];
         let answer = |path: &str| {
             Ask {
@@ -1553,6 +1559,14 @@ spec:
             "/admin%3b",
             "/\u{FF41}dmin",
             "/%EF%BD%81DMIN",
+            "/\u{1D41A}dmin",
+            "/%F0%9D%90%9Admin",
+            "/\u{24D0}dmin",
+            "/adm\u{0131}n",
+            "/ADM\u{0130}N",
+            "/\u{017F}ecret",
+            "/admin\u{00A0}",
+            "/admin%C2%A0",
         ] {
             assert_eq!(
                 answer(path),
@@ -1567,7 +1581,15 @@ spec:
             answer("/public"),
             "request GET /public: allow by b/public rule 0 (passed to the app)"
         );
-        for path in ["/public.", "/public%20", "/public%3Bx", "/\u{FF50}ublic"] {
+        for path in [
+            "/public.",
+            "/public%20",
+            "/public%3Bx",
+            "/\u{FF50}ublic",
+            "/\u{1D429}ublic",
+            "/publ\u{0131}c",
+            "/public\u{00A0}",
+        ] {
             let said = answer(path);
             assert!(
                 said.starts_with(&format!("request GET {path}: deny by default")),
@@ -1578,6 +1600,11 @@ spec:
             answer("/admin%EF%BC%9Bx"),
             "request GET /admin%EF%BC%9Bx: refused (answered 400): path contains U+FF1B, \
              which an app could read as ';'"
+        );
+        assert_eq!(
+            answer("/admin\u{2488}"),
+            "request GET /admin\u{2488}: refused (answered 400): path contains U+2488, \
+             which an app could read as '1.'"
         );
     }
 

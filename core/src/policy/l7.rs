@@ -11,10 +11,13 @@
 //! with a trailing `/`, with segment parameters (`/admin;x`, and
 //! `/admin%3Bx`, as apps that decode first read it), in any ASCII letter
 //! case (`/ADMIN`), with characters escaped or not (`/items%3Apurge` is
-//! `/items:purge`), with fullwidth forms of ASCII (`/\u{FF41}dmin`, which
-//! NFKC folds into `/admin`) and with `.`s or spaces ending a segment
-//! (`/admin.`, `/admin%20`, which Windows file systems drop); an ALLOW
-//! rule only the path as sent. A
+//! `/items:purge`), with characters apps read as ASCII (`/\u{FF41}dmin`
+//! and `/\u{1D41A}dmin`, which Unicode NFKC folds into `/admin`,
+//! `/\u{FB01}les`, which it folds into `/files`, and `/adm\u{0131}n` and
+//! `/ADM\u{0130}N`, which Unicode case rules read as `/admin`) and with
+//! `.`s or spaces ending a segment (`/admin.`, `/admin%20`, and
+//! `/admin\u{00A0}`, a space once normalized, which Windows file systems
+//! drop); an ALLOW rule only the path as sent. A
 //! gRPC match is a path match on `/<service>/<method>`. Header names are
 //! case-insensitive and values exact; a header sent more than once matches
 //! an ALLOW rule only if every value does, a DENY or AUDIT rule if any
@@ -34,9 +37,9 @@
 //! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
 //! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
 //! an overlong `.` some decoders take), and a character, raw or encoded,
-//! that an app could fold into `.`, `..`, `...`, `/`, `\`, `;`, `%`, `?`
-//! or `#`, or into text with a `/` in it (`%ef%bc%8e`, U+FF0E, is `.`
-//! after Unicode NFKC normalization, U+2025 is `..`, U+037E is `;` and
+//! that an app could fold into text holding a `.`, `/`, `\`, `;`, `%`,
+//! `?` or `#` (`%ef%bc%8e`, U+FF0E, is `.` after Unicode NFKC
+//! normalization, U+2025 is `..`, U+2488 is `1.`, U+037E is `;` and
 //! U+2100 is `a/c`). Other escapes (`%20`) are
 //! matched as sent by an ALLOW rule, their hex digits in either case, and
 //! decoded by a DENY or AUDIT rule, as apps route them.
@@ -45,6 +48,7 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderValue};
 
+use super::ascii_folds::ASCII_FOLDS;
 use super::document::{Action, Destination, GrpcMatch};
 
 /// The attributes of one HTTP request that rules match on.
@@ -145,11 +149,13 @@ impl PathPattern {
     /// ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET Core
     /// and other routers that ignore case), with its escapes decoded
     /// (`/items%3Apurge` is `/items:purge` to apps, which decode a path
-    /// before routing it, and `/admin%3Bx` is `/admin;x`), with fullwidth
-    /// forms of ASCII read as ASCII (`/\u{FF41}dmin` is `/admin` to apps
-    /// applying NFKC), and without the `.`s and spaces ending a segment
-    /// (`/admin.` and `/admin%20` are `/admin` to Windows file systems, and
-    /// so to IIS).
+    /// before routing it, and `/admin%3Bx` is `/admin;x`), with the
+    /// characters apps read as ASCII read as that ASCII (`/\u{FF41}dmin`
+    /// and `/\u{1D41A}dmin` are `/admin` to apps applying NFKC,
+    /// `/adm\u{0131}n` to apps ignoring case with Unicode rules:
+    /// [`routed_bytes`]), and without the `.`s and spaces ending a segment
+    /// (`/admin.`, `/admin%20` and `/admin\u{00A0}` are `/admin` to Windows
+    /// file systems, and so to IIS).
     /// What a DENY or AUDIT rule
     /// matches, so that another spelling does not slip past it; an ALLOW
     /// rule matches only the path as sent. A pattern whose literal holds a
@@ -192,8 +198,9 @@ impl PathPattern {
 
 /// The segments of `path` (after its leading `/`) as apps commonly route
 /// it: without a final empty one, so `/admin/` is `/admin` and `/` has
-/// none, each without the `.`s and spaces it ends in, so `/admin.` and
-/// `/admin%20` are `/admin`, and with `without_parameters`, each without
+/// none, each without the `.`s and spaces it ends in (and the characters
+/// folding into a space, like U+00A0), so `/admin.`, `/admin%20` and
+/// `/admin%C2%A0` are `/admin`, and with `without_parameters`, each without
 /// what follows a `;` (raw or `%3B`) in it, so `/admin;x/` and
 /// `/admin%3Bx` are `/admin` too. What DENY and AUDIT rules
 /// match (in any ASCII letter case, [`PathPattern::matches_as_routed`]),
@@ -218,9 +225,11 @@ pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<It
     })
 }
 
-/// `segment` without the `.`s and spaces (raw or `%20`) it ends in, as
-/// Windows file systems (and so IIS and apps serving files from them) read
-/// it: `admin.`, `admin..` and `admin%20` are `admin`. A segment of dots
+/// `segment` without the `.`s and spaces (raw or `%20`, or a character an
+/// app normalizing the path reads as a space, [`without_a_folded_space`])
+/// it ends in, as Windows file systems (and so IIS and apps serving files
+/// from them) read it: `admin.`, `admin..`, `admin%20` and
+/// `admin\u{00A0}` are `admin`. A segment of dots
 /// and spaces alone is left whole, so that a template's `{name}` still
 /// matches it.
 fn without_trailing_dots(segment: &str) -> &str {
@@ -228,6 +237,7 @@ fn without_trailing_dots(segment: &str) -> &str {
     loop {
         let trimmed = rest.trim_end_matches(['.', ' ']);
         let trimmed = trimmed.strip_suffix("%20").unwrap_or(trimmed);
+        let trimmed = without_a_folded_space(trimmed);
         if trimmed.len() == rest.len() {
             break;
         }
@@ -306,8 +316,8 @@ fn segment_is(lit: &str, part: &str) -> bool {
 /// Whether the request segment `part` is the literal `lit` as an app
 /// routes both: each `%XX` escape read as the byte it stands for (apps
 /// decode a path before routing it, so `/items%3Apurge` is
-/// `/items:purge` to them), each fullwidth form of ASCII as that ASCII
-/// ([`routed_bytes`]), ASCII letters in either case, and `.`s and spaces
+/// `/items:purge` to them), each character apps read as ASCII as that
+/// ASCII ([`routed_bytes`]), ASCII letters in either case, and `.`s and spaces
 /// ending either left out. What a DENY
 /// or AUDIT rule's literal matches ([`PathPattern::matches_as_routed`]).
 /// The escapes that could stand for a separator or a dot are refused
@@ -324,57 +334,100 @@ fn segment_routes_as(lit: &str, part: &str) -> bool {
 
 /// The bytes of `text` as an app that decodes and normalizes a path
 /// reads them: each well-formed `%XX` escape decoded (any other `%` is
-/// itself), and each fullwidth form of ASCII
-/// (U+FF01 to U+FF5E, raw or escaped: `\u{FF41}` or `%EF%BD%81`, which
-/// Unicode NFKC normalization folds into `a`) read as the ASCII character
-/// it folds into. The fullwidth forms that would fold into `.`, `/`, `\`,
-/// `;`, `%`, `?` or `#` never get here: a path with one is refused while
-/// rules or limits read paths ([`check_path`]). What DENY, AUDIT and
-/// rate-limit path matches compare, and what a rate limit keys a route's
-/// bucket by. Allocates nothing.
+/// itself), and each character past ASCII, raw or escaped, that an app
+/// could read as ASCII text read as that text (`ascii_fold`):
+/// `\u{FF41}`, `%EF%BD%81` (fullwidth) and `\u{1D41A}` (mathematical
+/// bold) as `a`, `\u{0131}` (dotless i) as `i`, `\u{FB01}` (a ligature)
+/// as `fi`. The characters that would fold into text with a `.`, `/`,
+/// `\`, `;`, `%`, `?` or `#` never get here: a path with one is refused
+/// while rules or limits read paths ([`check_path`]). What DENY, AUDIT
+/// and rate-limit path matches compare, and what a rate limit keys a
+/// route's bucket by. ASCII bytes go through as they are, with no look-up;
+/// allocates nothing.
 pub fn routed_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
     let mut bytes = decoded_bytes(text);
-    // The next bytes, read ahead to see whether they are a fullwidth form;
-    // each is looked at as the start of one in its turn, so an `EF` that
-    // is not one (`%EF` before a raw U+FF41) leaves the next `EF` free to be.
-    let mut ahead = [0u8; 3];
+    // The bytes read ahead to see whether they are a character that folds;
+    // each is looked at as the start of one in its turn, so a byte that
+    // starts none (`%EF` before a raw U+FF41) leaves the next free to.
+    let mut ahead = [0u8; 4];
     let mut ahead_len = 0;
+    // What is left to yield of the last character folded.
+    let mut folded: &'static [u8] = &[];
     std::iter::from_fn(move || {
-        while ahead_len < ahead.len() {
+        if let Some((&byte, rest)) = folded.split_first() {
+            folded = rest;
+            return Some(byte);
+        }
+        if ahead_len == 0 {
+            let byte = bytes.next()?;
+            if byte.is_ascii() {
+                return Some(byte);
+            }
+            ahead[0] = byte;
+            ahead_len = 1;
+        }
+        let need = utf8_len(ahead[0]);
+        while ahead_len < need {
             let Some(byte) = bytes.next() else { break };
             ahead[ahead_len] = byte;
             ahead_len += 1;
         }
-        if ahead_len == 0 {
-            return None;
-        }
-        if let [0xEF, second, third] = ahead
-            && ahead_len == 3
-            && let Some(ascii) = fullwidth_ascii(second, third)
+        if need > 1
+            && ahead_len >= need
+            && let Ok(utf8) = std::str::from_utf8(&ahead[..need])
+            && let Some(fold) = utf8.chars().next().and_then(ascii_fold)
+            && let Some((&byte, rest)) = fold.as_bytes().split_first()
         {
-            ahead_len = 0;
-            return Some(ascii);
+            ahead.copy_within(need.., 0);
+            ahead_len -= need;
+            folded = rest;
+            return Some(byte);
         }
         let byte = ahead[0];
-        ahead = [ahead[1], ahead[2], 0];
+        ahead.copy_within(1.., 0);
         ahead_len -= 1;
         Some(byte)
     })
 }
 
-/// The ASCII character that the fullwidth form `EF second third` (UTF-8
-/// of U+FF01 to U+FF5E) folds into, if it is one.
-fn fullwidth_ascii(second: u8, third: u8) -> Option<u8> {
-    if second & 0xC0 != 0x80 || third & 0xC0 != 0x80 {
-        return None;
+/// How many bytes the UTF-8 character starting with `lead` has; 0 if
+/// `lead` starts none.
+fn utf8_len(lead: u8) -> usize {
+    match lead {
+        0x00..=0x7F => 1,
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 0,
     }
-    let c = 0xF000 | u32::from(second & 0x3F) << 6 | u32::from(third & 0x3F);
-    (0xFF01..=0xFF5E).contains(&c).then(|| (c - 0xFEE0) as u8)
+}
+
+/// The ASCII text an app could read the character `c` past ASCII as, if
+/// any: its Unicode NFKC form when that is all ASCII (`\u{FF41}`,
+/// `\u{1D41A}`, `\u{24D0}` and `\u{00AA}` are `a`, `\u{017F}` is `s`,
+/// U+212A KELVIN SIGN is `K`, U+00A0 and U+2000 to U+200A are a space,
+/// `\u{FB01}` is `fi`, `\u{338F}` is `kg`, `\u{216B}` is `XII`), or its
+/// upper or lower case when that is (`\u{0131}` upper-cases to `I`,
+/// `\u{00DF}` to `SS`, and `\u{0130}` lower-cases to `i` in the simple
+/// mapping of Java's `equalsIgnoreCase` and .NET). A binary search of a
+/// table generated from Unicode's data (and checked against it by a test
+/// walking every code point); allocates nothing.
+///
+/// A character folding into several ASCII characters is read as all of
+/// them rather than refused: refusing would deny real paths holding a
+/// ligature or a unit sign (`/\u{FB01}les`, `/2\u{338F}`) outright,
+/// while reading them lets a DENY of `/files` deny `/\u{FB01}les` and
+/// nothing else.
+fn ascii_fold(c: char) -> Option<&'static str> {
+    let at = ASCII_FOLDS
+        .binary_search_by_key(&c, |&(folds, _)| folds)
+        .ok()?;
+    Some(ASCII_FOLDS[at].1)
 }
 
 /// The bytes of `text` with each well-formed `%XX` escape decoded, as an
 /// app reads a path segment before routing it; any other `%` is itself.
-/// What [`routed_bytes`] folds fullwidth forms in. Allocates nothing.
+/// What [`routed_bytes`] folds characters in. Allocates nothing.
 fn decoded_bytes(text: &str) -> impl Iterator<Item = u8> + '_ {
     let bytes = text.as_bytes();
     let mut at = 0;
@@ -416,8 +469,8 @@ pub enum PathProblem {
     /// Escapes that do not decode to UTF-8 (overlong, cut short, or a
     /// byte that starts no character).
     NotUtf8,
-    /// A character, raw or encoded, that an app could fold into the ASCII
-    /// it looks like (`.`, `..`, `/` or `\`).
+    /// A character, raw or encoded, that an app could fold into ASCII
+    /// text holding a `.`, `/`, `\`, `;`, `%`, `?` or `#` (`look_alike`).
     LookAlike(char, &'static str),
 }
 
@@ -478,52 +531,41 @@ fn decode(escape: &[u8; 3]) -> u8 {
     digit(escape[1]) << 4 | digit(escape[2])
 }
 
-/// Characters apps may fold into `.`, `..`, `...`, `/`, `\`, `;`, `%`,
-/// `?` or `#`, or into text with a `/` or `?` in it (Unicode NFKC
-/// normalization, as Python's IDNA and some frameworks apply it, or the
-/// "best fit" mapping of Windows code pages), with what each becomes: a
-/// separator or dot segment, a segment parameter (`/admin\u{FF1B}x` is
-/// `/admin;x`, `/admin` to a servlet container), an escape decoded again
-/// (`\u{FF05}61` is `%61`, `a`), or the end of the path (`?`, `#`). Every
-/// character whose NFKC form is one of those, or holds a `/`, `\` or `?`,
-/// is here; the other fullwidth forms of ASCII are matched as the ASCII
-/// they fold into by DENY, AUDIT and limit paths ([`routed_bytes`]).
-const LOOK_ALIKES: [(char, &str); 34] = [
-    ('\u{FF0E}', "."),   // FULLWIDTH FULL STOP
-    ('\u{FE52}', "."),   // SMALL FULL STOP
-    ('\u{2024}', "."),   // ONE DOT LEADER
-    ('\u{2025}', ".."),  // TWO DOT LEADER: a whole `..` segment
-    ('\u{FE30}', ".."),  // PRESENTATION FORM FOR VERTICAL TWO DOT LEADER
-    ('\u{2026}', "..."), // HORIZONTAL ELLIPSIS: dots a segment may end in
-    ('\u{FE19}', "..."), // PRESENTATION FORM FOR VERTICAL HORIZONTAL ELLIPSIS
-    ('\u{FF0F}', "/"),   // FULLWIDTH SOLIDUS
-    ('\u{2215}', "/"),   // DIVISION SLASH
-    ('\u{2044}', "/"),   // FRACTION SLASH
-    ('\u{29F8}', "/"),   // BIG SOLIDUS
-    ('\u{2100}', "a/c"), // ACCOUNT OF: a separator between two letters
-    ('\u{2101}', "a/s"), // ADDRESSED TO THE SUBJECT
-    ('\u{2105}', "c/o"), // CARE OF
-    ('\u{2106}', "c/u"), // CADA UNA
-    ('\u{FF3C}', "\\"),  // FULLWIDTH REVERSE SOLIDUS
-    ('\u{FE68}', "\\"),  // SMALL REVERSE SOLIDUS
-    ('\u{2216}', "\\"),  // SET MINUS
-    ('\u{29F5}', "\\"),  // REVERSE SOLIDUS OPERATOR
-    ('\u{29F9}', "\\"),  // BIG REVERSE SOLIDUS
-    ('\u{037E}', ";"),   // GREEK QUESTION MARK: a segment parameter
-    ('\u{FE14}', ";"),   // PRESENTATION FORM FOR VERTICAL SEMICOLON
-    ('\u{FE54}', ";"),   // SMALL SEMICOLON
-    ('\u{FF1B}', ";"),   // FULLWIDTH SEMICOLON
-    ('\u{FE6A}', "%"),   // SMALL PERCENT SIGN: an escape decoded again
-    ('\u{FF05}', "%"),   // FULLWIDTH PERCENT SIGN
-    ('\u{FE16}', "?"),   // PRESENTATION FORM FOR VERTICAL QUESTION MARK
-    ('\u{FE56}', "?"),   // SMALL QUESTION MARK
-    ('\u{FF1F}', "?"),   // FULLWIDTH QUESTION MARK
-    ('\u{2047}', "??"),  // DOUBLE QUESTION MARK
-    ('\u{2048}', "?!"),  // QUESTION EXCLAMATION MARK
-    ('\u{2049}', "!?"),  // EXCLAMATION QUESTION MARK
-    ('\u{FE5F}', "#"),   // SMALL NUMBER SIGN
-    ('\u{FF03}', "#"),   // FULLWIDTH NUMBER SIGN
+/// The ASCII characters that make a character folding into text with
+/// one of them refused ([`look_alike`]): a separator or a dot segment
+/// (`.`, `/`, `\`), dots a segment ends in (`/admin\u{2488}` is
+/// `/admin1.`, `/admin1` on Windows), a segment parameter
+/// (`/admin\u{FF1B}x` is `/admin;x`, `/admin` to a servlet container), an
+/// escape decoded again (`\u{FF05}61` is `%61`, `a`), or the end of the
+/// path (`?`, `#`).
+const REFUSED_IN_FOLDS: [char; 7] = ['.', '/', '\\', ';', '%', '?', '#'];
+
+/// Characters that the "best fit" mapping of Windows code pages reads as
+/// `/` or `\`, which NFKC leaves as they are.
+const BEST_FIT_LOOK_ALIKES: [(char, &str); 6] = [
+    ('\u{2044}', "/"),  // FRACTION SLASH
+    ('\u{2215}', "/"),  // DIVISION SLASH
+    ('\u{2216}', "\\"), // SET MINUS
+    ('\u{29F5}', "\\"), // REVERSE SOLIDUS OPERATOR
+    ('\u{29F8}', "/"),  // BIG SOLIDUS
+    ('\u{29F9}', "\\"), // BIG REVERSE SOLIDUS
 ];
+
+/// What an app could read the character `c` past ASCII as, if that holds
+/// a `.`, `/`, `\`, `;`, `%`, `?` or `#` ([`REFUSED_IN_FOLDS`]): its ASCII
+/// fold ([`ascii_fold`]; Unicode NFKC normalization, as Python's IDNA and
+/// some frameworks apply it: U+FF0E and U+2024 are `.`, U+2025 is `..`,
+/// U+2100 is `a/c`, U+037E is `;`, U+2488 is `1.`), or what Windows "best
+/// fit" maps it to ([`BEST_FIT_LOOK_ALIKES`]). A path with one is refused
+/// while rules or limits read paths; every other character an app reads
+/// as ASCII is matched as that ASCII by DENY, AUDIT and limit paths
+/// ([`routed_bytes`]).
+fn look_alike(c: char) -> Option<&'static str> {
+    if let Some(&(_, like)) = BEST_FIT_LOOK_ALIKES.iter().find(|(look, _)| *look == c) {
+        return Some(like);
+    }
+    ascii_fold(c).filter(|fold| fold.contains(REFUSED_IN_FOLDS))
+}
 
 /// What a `CONNECT` request is answered, with 501, whatever the rules: a
 /// tunnel would carry requests no policy decides.
@@ -780,8 +822,8 @@ pub fn request_path_problem(method: &str, path: &str, reads_paths: bool) -> Opti
 /// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
 /// segments (a trailing `/` is fine), what follows a `;` in a segment left
 /// out (`..;x` is `..` to a servlet container, and `..%3Bx` to an app that
-/// decodes first), and the spaces it ends in (`..%20` is `..` to Windows
-/// file systems), and no escapes, characters or backslashes an app could
+/// decodes first), and the spaces it ends in (`..%20` and `..\u{00A0}` are
+/// `..` to Windows file systems), and no escapes, characters or backslashes an app could
 /// read as another path (see the module docs).
 pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let Some(rest) = path.strip_prefix('/') else {
@@ -801,14 +843,51 @@ pub fn check_path(path: &str) -> Result<(), PathProblem> {
     Ok(())
 }
 
-/// `segment` without the spaces (raw or `%20`) it ends in, which Windows
-/// file systems drop: `..%20` is `..` to them.
+/// `segment` without the spaces (raw or `%20`, or a character folding into
+/// one, [`without_a_folded_space`]) it ends in, which Windows file systems
+/// drop: `..%20` and `..%C2%A0` are `..` to them.
 fn without_trailing_spaces(segment: &str) -> &str {
     let mut rest = segment;
-    while let Some(trimmed) = rest.strip_suffix(' ').or_else(|| rest.strip_suffix("%20")) {
+    loop {
+        let trimmed = rest.strip_suffix(' ').or_else(|| rest.strip_suffix("%20"));
+        let trimmed = trimmed.unwrap_or_else(|| without_a_folded_space(rest));
+        if trimmed.len() == rest.len() {
+            return rest;
+        }
         rest = trimmed;
     }
-    rest
+}
+
+/// `text` without the character past ASCII it ends in, raw or escaped, if
+/// that folds into a space ([`ascii_fold`]: U+00A0 NO-BREAK SPACE, U+2000
+/// to U+200A, U+3000 and the like), which an app normalizing the path
+/// reads as a space and Windows file systems then drop: `admin\u{00A0}`
+/// and `admin%C2%A0` are `admin` to them. Allocates nothing.
+fn without_a_folded_space(text: &str) -> &str {
+    let is_space = |c: char| !c.is_ascii() && ascii_fold(c) == Some(" ");
+    if let Some(c) = text.chars().next_back()
+        && is_space(c)
+    {
+        return &text[..text.len() - c.len_utf8()];
+    }
+    let bytes = text.as_bytes();
+    let mut utf8 = [0u8; 4];
+    for escapes in 1..=utf8.len() {
+        let Some(at) = bytes.len().checked_sub(3 * escapes) else {
+            break;
+        };
+        let escape = match bytes[at..at + 3] {
+            [b'%', h, l] if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => [b'%', h, l],
+            _ => break,
+        };
+        utf8[utf8.len() - escapes] = decode(&escape);
+        if let Ok(decoded) = std::str::from_utf8(&utf8[utf8.len() - escapes..])
+            && decoded.chars().next().is_some_and(is_space)
+        {
+            return &text[..at];
+        }
+    }
+    text
 }
 
 /// The first escape, character or backslash in `path` that an app could
@@ -847,7 +926,7 @@ fn check_escapes(path: &str) -> Result<(), PathProblem> {
             .chars()
             .next()
             .expect("one character");
-        if let Some(&(_, like)) = LOOK_ALIKES.iter().find(|(look, _)| *look == c) {
+        if let Some(like) = look_alike(c) {
             return Err(PathProblem::LookAlike(c, like));
         }
     }
@@ -1548,6 +1627,257 @@ mod tests {
         assert_eq!(bytes("x\u{FF01}%EF%BD%9E"), b"x!~");
         for outside in ["\u{FF00}", "\u{FF5F}", "\u{FFE0}", "\u{e9}", "\u{EFBF}"] {
             assert_eq!(bytes(outside), outside.as_bytes(), "{outside:?}");
+        }
+    }
+
+    /// The folds an app could read a character past ASCII as, computed
+    /// from Unicode's data for every code point: its NFKC form when that is
+    /// all ASCII, else its upper or lower case when that is (the lower case
+    /// of U+0130 is `i` and a combining dot, which simple case mapping
+    /// drops). `ASCII_FOLDS` must be exactly those, sorted, so that one a
+    /// new Unicode adds, or one left out, fails here. With
+    /// `TRELLIS_WRITE_ASCII_FOLDS=1` the table is written again instead.
+    fn computed_ascii_folds() -> Vec<(char, String)> {
+        use unicode_normalization::UnicodeNormalization;
+        use unicode_normalization::char::is_combining_mark;
+        let mut folds = Vec::new();
+        for c in '\u{80}'..=char::MAX {
+            let nfkc: String = std::iter::once(c).nfkc().collect();
+            let upper: String = c.to_uppercase().collect();
+            let lower: String = c.to_lowercase().collect();
+            let mut rest = lower.chars();
+            let simple_lower = rest
+                .next()
+                .filter(|first| first.is_ascii() && rest.all(is_combining_mark));
+            let fold = if nfkc.is_ascii() {
+                nfkc
+            } else if lower.is_ascii() {
+                lower
+            } else if upper.is_ascii() {
+                upper.to_ascii_lowercase()
+            } else if let Some(first) = simple_lower {
+                first.to_string()
+            } else {
+                continue;
+            };
+            folds.push((c, fold));
+        }
+        folds
+    }
+
+    #[test]
+    fn ascii_folds_are_every_character_apps_read_as_ascii() {
+        let want = computed_ascii_folds();
+        if std::env::var_os("TRELLIS_WRITE_ASCII_FOLDS").is_some() {
+            let mut text = String::from(
+                "//! Generated by the test `policy::l7::tests::ascii_folds_are_every_character_apps_read_as_ascii`\n\
+                 //! (run it with `TRELLIS_WRITE_ASCII_FOLDS=1` to write this file again); do not edit.\n\n\
+                 /// Every character past ASCII that an app could read as ASCII text, with\n\
+                 /// that text, sorted by character: those whose Unicode NFKC form is all\n\
+                 /// ASCII, and those whose upper or lower case is.\n",
+            );
+            text += &format!(
+                "pub(super) static ASCII_FOLDS: [(char, &str); {}] = [\n",
+                want.len()
+            );
+            for (c, fold) in &want {
+                text += &format!("    ('\\u{{{:04X}}}', {fold:?}),\n", u32::from(*c));
+            }
+            text += "];\n";
+            let file = concat!(env!("CARGO_MANIFEST_DIR"), "/src/policy/ascii_folds.rs");
+            std::fs::write(file, text).unwrap();
+            return;
+        }
+        let have: Vec<(char, String)> = ASCII_FOLDS
+            .iter()
+            .map(|&(c, fold)| (c, fold.to_owned()))
+            .collect();
+        if let Some(at) = (0..want.len().max(have.len())).find(|&at| want.get(at) != have.get(at)) {
+            panic!(
+                "ASCII_FOLDS differs from Unicode's data at entry {at}: it has {:?}, Unicode gives {:?} \
+                 ({} entries, {} wanted); run this test with TRELLIS_WRITE_ASCII_FOLDS=1 to write it again",
+                have.get(at),
+                want.get(at),
+                have.len(),
+                want.len()
+            );
+        }
+        assert!(
+            ASCII_FOLDS.is_sorted_by_key(|&(c, _)| c),
+            "sorted for the binary search"
+        );
+        for (c, fold) in &want {
+            assert_eq!(ascii_fold(*c), Some(fold.as_str()), "{c:?}");
+            assert!(
+                fold == " " || !fold.contains(' '),
+                "U+{:04X} folds into {fold:?}: only a lone space is dropped at a segment's end",
+                u32::from(*c)
+            );
+        }
+        for c in ['a', '\u{e9}', '\u{FF00}', '\u{10FFFF}'] {
+            assert_eq!(ascii_fold(c), None, "{c:?}");
+        }
+    }
+
+    /// Every character an app could read as ASCII text with a `.`, `/`,
+    /// `\\`, `;`, `%`, `?` or `#` in it is refused, raw or escaped, naming
+    /// what it could be read as; every other one a DENY matches as the
+    /// ASCII it folds into, and is not refused.
+    #[test]
+    fn every_character_folding_into_a_refused_character_is_refused_and_the_rest_are_read() {
+        let mut refused = 0;
+        for (c, fold) in computed_ascii_folds() {
+            let mut utf8 = [0; 4];
+            let raw = c.encode_utf8(&mut utf8);
+            let escaped: String = raw.bytes().map(|b| format!("%{b:02X}")).collect();
+            for path in [format!("/x{raw}y"), format!("/x{escaped}y")] {
+                let problem = check_path(&path);
+                if fold.contains(REFUSED_IN_FOLDS) {
+                    assert_eq!(
+                        problem,
+                        Err(PathProblem::LookAlike(c, fold_static(c))),
+                        "{path}"
+                    );
+                } else {
+                    assert_eq!(problem, Ok(()), "{path}");
+                    let text = format!("x{fold}y");
+                    assert!(
+                        segment_routes_as(&text.replace(' ', "%20"), &path[1..]),
+                        "a DENY of /{text} must match {path}"
+                    );
+                }
+            }
+            refused += usize::from(fold.contains(REFUSED_IN_FOLDS));
+        }
+        for &(c, like) in &BEST_FIT_LOOK_ALIKES {
+            assert_eq!(
+                check_path(&format!("/x{c}y")),
+                Err(PathProblem::LookAlike(c, like))
+            );
+        }
+        assert_eq!(
+            refused, 52,
+            "the characters NFKC folds into ASCII text that is refused"
+        );
+    }
+
+    fn fold_static(c: char) -> &'static str {
+        ascii_fold(c).expect("a fold")
+    }
+
+    /// Apps applying NFKC read more than fullwidth forms as ASCII, and
+    /// apps ignoring case with Unicode rules read `\u{0131}` as `I` and
+    /// `\u{0130}` as `i`: a DENY reads each such character, raw or
+    /// escaped, as the ASCII it folds into, a ligature as its letters,
+    /// and a character folding into a space at a segment's end is dropped
+    /// as a space is. An ALLOW matches only the path as sent.
+    #[test]
+    fn a_deny_matches_characters_apps_read_as_ascii_as_that_ascii() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/\u{1D41A}dmin"),
+            ("/admin", "/%F0%9D%90%9Admin"),
+            ("/admin", "/\u{24D0}dmin"),
+            ("/admin", "/\u{24B6}DMIN"),
+            ("/admin", "/adm\u{0131}n"),
+            ("/admin", "/ADM\u{0130}N"),
+            ("/admin", "/adm%C4%B1n"),
+            ("/admin", "/\u{00AA}dmi\u{207F}"),
+            ("/secret", "/\u{017F}ecret"),
+            ("/kube", "/\u{212A}ube"),
+            ("/v2", "/v\u{00B2}"),
+            ("/admin", "/admin\u{00A0}"),
+            ("/admin", "/admin%C2%A0"),
+            ("/admin", "/admin\u{2003}.%E3%80%80/"),
+            ("/admin/*", "/admin\u{202F}/keys"),
+            ("/a%20b", "/a\u{00A0}b"),
+            ("/files", "/\u{FB01}les"),
+            ("/files", "/%EF%AC%81LES"),
+            ("/weight/2kg", "/weight/2\u{338F}"),
+            ("/xii", "/\u{216B}"),
+            ("/(a)", "/\u{249C}"),
+            ("/tel", "/\u{2121}"),
+            ("/strasse", "/stra\u{00DF}e"),
+            ("/\u{1D41A}dmin", "/ADMIN"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+            assert!(check_path(path).is_ok(), "{path} is refused");
+            assert!(
+                !matches(pattern, path),
+                "an ALLOW of {pattern} allowed {path}"
+            );
+        }
+        for (pattern, path) in [
+            ("/admin", "/\u{1D41A}dmi"),
+            ("/admin", "/admin\u{00A0}x"),
+            ("/admin", "/\u{00A0}admin"),
+            ("/fle", "/\u{FB01}le"),
+            ("/fi", "/\u{FB01}x"),
+            ("/admin", "/\u{1D41A}\u{1D41A}dmin"),
+            ("/caf\u{e9}", "/caf\u{1D41E}"),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        let bytes = |text: &str| routed_bytes(text).collect::<Vec<_>>();
+        assert_eq!(bytes("\u{1D41A}\u{FB01}%E2%85%AB\u{0131}"), b"afiXIIi");
+        assert_eq!(bytes("%F0\u{1D41A}"), [0xF0, b'a']);
+        assert_eq!(bytes("%F0%9D%90"), [0xF0, 0x9D, 0x90]);
+        assert_eq!(bytes("\u{1F600}\u{24D0}"), [0xF0, 0x9F, 0x98, 0x80, b'a']);
+        assert_eq!(
+            routed_segments("/a\u{00A0}/b%E2%80%8A.", true).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            routed_segments("/\u{00A0}", true).collect::<Vec<_>>(),
+            ["\u{00A0}"]
+        );
+    }
+
+    /// A character an app could read as a `.` or several (U+2024 ONE DOT
+    /// LEADER, U+FE52 SMALL FULL STOP, U+2488 `1.`, U+33C2 `a.m.`) is
+    /// refused, raw or escaped, naming it; and a character folding into a
+    /// space makes a dot segment before it one still (`..\u{00A0}` is `..`
+    /// to an app normalizing the path on Windows).
+    #[test]
+    fn characters_folding_into_dots_are_refused_and_folded_spaces_end_no_dot_segment() {
+        for (path, problem) in [
+            (
+                "/public/\u{2024}\u{2024}/admin",
+                "path contains U+2024, which an app could read as '.'",
+            ),
+            (
+                "/public/%EF%B9%92/admin",
+                "path contains U+FE52, which an app could read as '.'",
+            ),
+            (
+                "/admin\u{2488}",
+                "path contains U+2488, which an app could read as '1.'",
+            ),
+            (
+                "/x%E3%8F%82",
+                "path contains U+33C2, which an app could read as 'a.m.'",
+            ),
+            (
+                "/v%F0%9F%84%80",
+                "path contains U+1F100, which an app could read as '0.'",
+            ),
+        ] {
+            assert_eq!(check_path(path).unwrap_err().to_string(), problem, "{path}");
+        }
+        for path in [
+            "/public/..\u{00A0}/admin",
+            "/public/..%C2%A0/admin",
+            "/public/.\u{3000}%20/admin",
+        ] {
+            assert_eq!(check_path(path), Err(PathProblem::Segment), "{path}");
+        }
+        for fine in ["/a/\u{00A0}/b", "/a/..x\u{00A0}", "/a%C2%A0b"] {
+            assert_eq!(check_path(fine), Ok(()), "{fine}");
         }
     }
 

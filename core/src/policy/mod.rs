@@ -73,6 +73,7 @@ pub fn sidecar_port_warning(port: u16) -> Option<String> {
     ))
 }
 
+mod ascii_folds;
 pub mod convert;
 pub mod document;
 pub mod engine;

@@ -237,6 +237,9 @@ fn path_problem(problem: PathProblem) -> &'static str {
         PathProblem::LookAlike(_, "..") => "path contains a character an app could read as '..'",
         PathProblem::LookAlike(_, "/") => "path contains a character an app could read as '/'",
         PathProblem::LookAlike(_, "...") => "path contains a character an app could read as '...'",
+        PathProblem::LookAlike(_, like) if like.contains('.') => {
+            "path contains a character an app could read as text with a '.'"
+        }
         PathProblem::LookAlike(_, ";") => "path contains a character an app could read as ';'",
         PathProblem::LookAlike(_, "%") => "path contains a character an app could read as '%'",
         PathProblem::LookAlike(_, "#") => "path contains a character an app could read as '#'",
@@ -428,6 +431,10 @@ mod tests {
             (
                 "/admin%E2%80%A6",
                 "path contains a character an app could read as '...'",
+            ),
+            (
+                "/admin%E2%92%88",
+                "path contains a character an app could read as text with a '.'",
             ),
             (
                 "/admin%CD%BEx",

@@ -254,8 +254,8 @@ impl Limit {
 /// (ASCII letters only), so `/LOGIN` and `/login` (one path to routers
 /// that ignore case, and to the path matches of a limit), or `/a%3ab`,
 /// `/a%3Ab` and `/a:b` (its escapes decoded, as apps read it), or
-/// `/\u{FF41}` and `/a` (fullwidth forms of ASCII read as the ASCII
-/// they fold into, as apps normalizing Unicode read them), share a
+/// `/\u{FF41}`, `/\u{1D41A}` and `/a` (characters apps normalizing
+/// Unicode or ignoring its case read as ASCII read as that ASCII), share a
 /// route's bucket instead of counting apart: a caller
 /// cannot get a fresh bucket by spelling a path another way. Escapes an
 /// app could read as another path altogether (`%2F`, an encoded
@@ -270,8 +270,8 @@ fn hash_path(path: &str, hasher: &mut impl Hasher) {
     hasher.write_u8(0xff);
 }
 
-/// Feeds `text` to `hasher` with its escapes decoded, its fullwidth forms
-/// of ASCII folded into ASCII and its ASCII letters in lower case.
+/// Feeds `text` to `hasher` with its escapes decoded, the characters apps
+/// read as ASCII folded into it and its ASCII letters in lower case.
 fn hash_lower_case(text: &str, hasher: &mut impl Hasher) {
     let mut buf = [0u8; 64];
     let mut len = 0;
@@ -452,9 +452,10 @@ mod tests {
     }
 
     /// A trailing `/`, a segment parameter (`;` raw or `%3B`), `.`s or
-    /// spaces ending a segment, or fullwidth forms of ASCII, is the same
-    /// path to many routers (Windows file systems drop those `.`s and
-    /// spaces; NFKC folds fullwidth forms into ASCII): it neither escapes a
+    /// spaces ending a segment (U+00A0 among them), or characters apps
+    /// read as ASCII (fullwidth and mathematical letters, U+0131), is the
+    /// same path to many routers (Windows file systems drop those `.`s and
+    /// spaces; NFKC folds the characters into ASCII): it neither escapes a
     /// limit nor gets a bucket of its own.
     #[test]
     fn another_spelling_of_a_path_is_limited_as_the_path() {
@@ -474,6 +475,8 @@ mod tests {
             "/login%20",
             "/\u{FF4C}\u{FF4F}\u{FF47}\u{FF49}\u{FF4E}",
             "/%EF%BC%ACOGIN",
+            "/\u{1D425}og\u{0131}n",
+            "/login\u{00A0}",
         ] {
             assert!(
                 l.check(&a, spelling).is_err(),
@@ -495,6 +498,8 @@ mod tests {
             "/search/q%3b1",
             "/search/q%20.",
             "/search/\u{FF51}",
+            "/search/\u{1D42A}",
+            "/search/q%C2%A0",
         ] {
             assert!(
                 l.check(&a, spelling).is_err(),
