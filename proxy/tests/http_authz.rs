@@ -361,12 +361,15 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
 }
 
 /// Apps decode a path before routing it (`%3B` then starting a segment's
-/// parameters), some fold fullwidth ASCII into ASCII, and Windows file
-/// systems (so IIS) drop the `.`s and spaces a segment ends in: a DENY
+/// parameters), some read characters as the ASCII Unicode NFKC folds them
+/// into (fullwidth and mathematical letters, circled letters, `\u{017F}`,
+/// ligatures) or ignore case with Unicode rules (`\u{0131}` is `I`,
+/// `\u{0130}` is `i`), and Windows file systems (so IIS) drop the `.`s and
+/// spaces a segment ends in, U+00A0 among them once normalized: a DENY
 /// written one way catches the other spellings, over HTTP/1.1 and HTTP/2
 /// alike, raw UTF-8 included, and none reaches the app. A character NFKC
-/// folds into letters around a `/`, `;`, `...` or `%` is refused with 400
-/// naming it.
+/// folds into letters around a `/`, `;`, `.`, `...` or `%` is refused with
+/// 400 naming it.
 #[tokio::test]
 async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
     let (cp, app, s) = app_behind_sidecar().await;
@@ -375,7 +378,7 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
         policy(
             "no-purge",
             "DENY",
-            "[{paths: [\"/v1/items:purge\", \"/caf%C3%A9/*\", \"/admin/*\"]}]",
+            "[{paths: [\"/v1/items:purge\", \"/caf%C3%A9/*\", \"/admin/*\", \"/secret\", \"/files\"]}]",
         ),
     ];
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
@@ -410,6 +413,15 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
             "/admin%3bx/keys",
             "/admin%20",
             "/admin.%20/keys",
+            "/\u{1D41A}dmin",
+            "/%F0%9D%90%9Admin/keys",
+            "/\u{24D0}dmin",
+            "/adm\u{0131}n",
+            "/ADM\u{0130}N/keys",
+            "/\u{017F}ecret",
+            "/admin\u{00A0}",
+            "/admin%C2%A0/keys",
+            "/\u{FB01}les",
         ] {
             assert_eq!(
                 send(path).await,
@@ -424,6 +436,9 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
             "/admin\u{FF1B}x",
             "/admin%E2%80%A6",
             "/%EF%BC%8561dmin",
+            "/public/\u{2024}\u{2024}/admin",
+            "/admin%EF%B9%92",
+            "/admin\u{2488}",
         ] {
             let (status, body) = send(path).await;
             assert_eq!(status, 400, "{path}, HTTP/2: {http2}");
