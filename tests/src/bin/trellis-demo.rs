@@ -12,6 +12,9 @@
 //!        web sidecar (route) =mTLS=> api sidecar -> api app
 //! ```
 //!
+//! The caller's sidecar also has a route to api, which no policy allows, to
+//! show what a denial looks like.
+//!
 //! The programs are the real ones, run as child processes: this executable
 //! re-executes itself with a hidden first argument (`__trellis-control-plane`,
 //! `__trellisctl`, `__trellis-proxy`) that `main` hands to the programs' own
@@ -148,10 +151,12 @@ async fn start() -> anyhow::Result<Demo> {
         .await?;
     let _ = web_route.set(web.route_addr(api.identity()));
 
+    // client may call web but not api: its route to api shows a denial.
     let client = mesh
         .sidecar("client")
         .identity(&id("client"))
         .route_at(addr(15080), web.identity(), web.inbound_addr())
+        .route_at(addr(15082), api.identity(), api.inbound_addr())
         .preferred_addrs(addr(15206), addr(15201), addr(15220))
         .start()
         .await?;
@@ -220,9 +225,15 @@ fn web_handler(route: Arc<OnceLock<SocketAddr>>) -> Handler {
                     http::StatusCode::OK,
                     format!("hello from web; api answered: {}", answer.body),
                 ),
+                // What api's sidecar (or api) said, so that a denial on
+                // the second hop shows as the sidecar worded it.
                 Ok(answer) => (
                     http::StatusCode::BAD_GATEWAY,
-                    format!("web could not reach api: status {}", answer.status),
+                    format!(
+                        "web could not reach api: status {}: {}",
+                        answer.status,
+                        answer.body.trim_end()
+                    ),
                 ),
                 Err(e) => (
                     http::StatusCode::BAD_GATEWAY,
@@ -286,6 +297,7 @@ fn print_instructions(demo: &Demo) {
         mesh.state_dir().display()
     );
     let entry = demo.client.route_addr(demo.web.identity());
+    let denied = demo.client.route_addr(demo.api.identity());
     let web_route = demo.web.route_addr(demo.api.identity());
     println!();
     println!("The mesh (state and logs in {}):", mesh.dir().display());
@@ -295,7 +307,10 @@ fn print_instructions(demo: &Demo) {
         mesh.control_plane_admin().addr()
     );
     for (sidecar, role) in [
-        (&demo.client, format!("route {entry} -> web")),
+        (
+            &demo.client,
+            format!("route {entry} -> web, route {denied} -> api"),
+        ),
         (
             &demo.web,
             format!("app {}, route {web_route} -> api", demo.web_app.addr()),
@@ -322,6 +337,10 @@ fn print_instructions(demo: &Demo) {
             "web's route to api",
         ),
         (
+            format!("curl -i http://{denied}/hello"),
+            "denied (403): no policy lets client call api",
+        ),
+        (
             format!("curl http://{web_admin}/config"),
             "a sidecar's identity and certificate",
         ),
@@ -346,11 +365,12 @@ fn print_instructions(demo: &Demo) {
     println!("  {ctl} workloads");
     println!("  {ctl} check");
     println!("  {ctl} policy list");
+    // Why the denied call above was denied.
     println!(
         "  {ctl} policy explain --from {} --to {} --port {}",
-        mesh.spiffe_id(NAMESPACE, "api"),
-        mesh.spiffe_id(NAMESPACE, "web"),
-        demo.web_app.addr().port()
+        demo.client.identity(),
+        demo.api.identity(),
+        demo.api_app.addr().port()
     );
     println!(
         "  {ctl} token create --spiffe-id {}",

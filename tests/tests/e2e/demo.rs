@@ -198,3 +198,113 @@ async fn a_sidecar_whose_preferred_port_another_mesh_holds_starts_elsewhere() ->
     started.process().ensure_listening(admin)?;
     Ok(())
 }
+
+/// The URL (`http://ADDR/PATH`) of the `curl` line the demo prints with
+/// `comment` after its `#`.
+fn curl_line(printed: &str, comment: &str) -> Option<(std::net::SocketAddr, String)> {
+    let line = printed
+        .lines()
+        .find(|line| line.trim_start().starts_with("curl ") && line.contains(comment))?;
+    let url = line.split_whitespace().find(|w| w.starts_with("http://"))?;
+    let rest = url.strip_prefix("http://")?;
+    let (addr, path) = rest.split_at(rest.find('/')?);
+    Some((addr.parse().ok()?, path.to_string()))
+}
+
+/// The demo shows what a denial looks like: the `curl` it prints for a call
+/// no policy allows is answered 403 by the sidecar, in its own words, and a
+/// denial on the second hop (once `web-to-api` is deleted with the
+/// `trellisctl` command it prints) reaches the caller as api's sidecar
+/// worded it, not as a bare status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_shows_what_a_denial_looks_like() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use trellis_tests::http;
+
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-demo"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let demo_pid =
+        Pid::from_raw(demo.id().expect("the demo is running") as i32).expect("a pid is not zero");
+    let mut stdout = BufReader::new(demo.stdout.take().expect("stdout is piped")).lines();
+    let mut printed = String::new();
+    let up = tokio::time::timeout(patience(Duration::from_secs(120)), async {
+        while let Some(line) = stdout.next_line().await? {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Press Ctrl-C to stop.") {
+                return anyhow::Ok(true);
+            }
+        }
+        anyhow::Ok(false)
+    })
+    .await;
+    let checked = async {
+        anyhow::ensure!(
+            matches!(up, Ok(Ok(true))),
+            "the demo did not come up:\n{printed}"
+        );
+        let (denied, path) = curl_line(&printed, "denied (403)")
+            .ok_or_else(|| anyhow::anyhow!("no curl line for a denial in:\n{printed}"))?;
+        let answer = http::get(denied, &path).await?;
+        anyhow::ensure!(
+            answer.status == 403
+                && answer
+                    .headers
+                    .get("trellis-proxy-error")
+                    .map(|v| v.as_bytes())
+                    == Some(b"denied")
+                && answer
+                    .body
+                    .starts_with("trellis: denied by policy default:deny"),
+            "the denial line's call was answered {} {:?} {:?}",
+            answer.status,
+            answer.headers,
+            answer.body
+        );
+
+        let ctl_line = printed
+            .lines()
+            .find(|line| line.trim_end().ends_with(" policy list"))
+            .ok_or_else(|| anyhow::anyhow!("no `policy list` line in:\n{printed}"))?;
+        let mut ctl = ctl_line
+            .trim()
+            .strip_suffix(" policy list")
+            .unwrap_or_default()
+            .split_whitespace();
+        let program = ctl.next().unwrap_or_default();
+        let deleted = tokio::process::Command::new(program)
+            .args(ctl)
+            .args(["policy", "delete", "demo/web-to-api", "--wait"])
+            .output()
+            .await?;
+        anyhow::ensure!(
+            deleted.status.success(),
+            "policy delete failed: {}",
+            String::from_utf8_lossy(&deleted.stderr)
+        );
+        let (entry, path) = curl_line(&printed, "two mTLS hops")
+            .ok_or_else(|| anyhow::anyhow!("no two-hop curl line in:\n{printed}"))?;
+        let answer = http::get(entry, &path).await?;
+        anyhow::ensure!(
+            answer.status == 502
+                && answer
+                    .body
+                    .contains("403 Forbidden: trellis: denied by policy default:deny"),
+            "with web-to-api deleted the two-hop call was answered {} {:?}",
+            answer.status,
+            answer.body
+        );
+        anyhow::Ok(())
+    }
+    .await;
+
+    let _ = kill_process(demo_pid, Signal::INT);
+    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait()).await??;
+    checked?;
+    assert!(status.success(), "the demo failed ({status})");
+    Ok(())
+}
