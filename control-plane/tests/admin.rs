@@ -1735,3 +1735,43 @@ async fn an_admin_request_begun_before_sigterm_is_answered_as_the_last() {
     );
     assert!(exit.await.unwrap().success(), "SIGTERM exits 0");
 }
+
+/// A `--state-dir` with no `bundle.pem` (a typo, or the directory above
+/// the state dir) is refused saying what `--state-dir` must be, not only
+/// that a file is missing; a state dir that lost only `admin.crt` is
+/// named as it is.
+#[test]
+fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
+    let cp = ControlPlane::start(&[]);
+    let parent = cp.state_dir.parent().expect("the state dir has a parent");
+    let out = std::process::Command::new(CTL)
+        .args(["--control-plane", &cp.grpc, "--state-dir"])
+        .arg(parent)
+        .arg("workloads")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot read {}/bundle.pem: no such file or directory: --state-dir names no \
+             control plane's state dir: give the one the control plane was started with, where \
+             it writes bundle.pem, admin.crt and admin.key\n",
+            parent.display()
+        )
+    );
+
+    // The state dir itself, without its admin.crt.
+    std::fs::remove_file(cp.state_dir.join("admin.crt")).unwrap();
+    let out = cp.ctl(&["workloads"]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot read {}/admin.crt: no such file or directory\n",
+            cp.state_dir.display()
+        )
+    );
+}

@@ -220,7 +220,9 @@ fn lint_takes_no_control_plane_or_credential_flags() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "error: cannot read /nonexistent/bundle.pem: no such file or directory\n"
+        "error: cannot read /nonexistent/bundle.pem: no such file or directory: --state-dir names no \
+         control plane's state dir: give the one the control plane was started with, where it \
+         writes bundle.pem, admin.crt and admin.key\n"
     );
     let out = std::process::Command::new(CTL)
         .args(["policy", "list"])
@@ -229,7 +231,9 @@ fn lint_takes_no_control_plane_or_credential_flags() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "error: cannot read /nonexistent/bundle.pem: no such file or directory\n"
+        "error: cannot read /nonexistent/bundle.pem: no such file or directory: TRELLIS_STATE_DIR (--state-dir) names no \
+         control plane's state dir: give the one the control plane was started with, where it \
+         writes bundle.pem, admin.crt and admin.key\n"
     );
 }
 
@@ -318,7 +322,9 @@ fn lint_ignores_connection_variables_whatever_they_hold() {
         );
     }
     // The flag given, its variable is not read.
-    let unreadable = "error: cannot read /nonexistent/bundle.pem: no such file or directory\n";
+    let unreadable = "error: cannot read /nonexistent/bundle.pem: no such file or directory: --state-dir names no \
+         control plane's state dir: give the one the control plane was started with, where it \
+         writes bundle.pem, admin.crt and admin.key\n";
     for args in [
         &["--control-plane", "127.0.0.1:1", "policy", "list"][..],
         &["policy", "list", "--control-plane", "127.0.0.1:1"],

@@ -232,6 +232,21 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    /// `--state-dir` holds no `bundle.pem`: most likely a mistyped
+    /// directory, or one that is not the control plane's state dir.
+    #[error(
+        "cannot read {}: {}: {flag} names no control plane's state dir: give the one the \
+         control plane was started with, where it writes bundle.pem, admin.crt and admin.key",
+        shown(path),
+        trellis_core::io_error::IoWords(source)
+    )]
+    NotStateDir {
+        path: PathBuf,
+        /// `--state-dir`, or its variable when the value came from it.
+        flag: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{}: {reason}", shown(path))]
     Invalid { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
@@ -485,6 +500,25 @@ fn host_port(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
+    /// `error`, or, when it is that `--state-dir` holds no `bundle.pem`,
+    /// one that says what `--state-dir` must be. (A state dir that lost
+    /// only `admin.crt` or `admin.key` is named as it is.)
+    fn not_state_dir(&self, names: &dyn FlagNames, error: CtlError) -> CtlError {
+        match (error, &self.state_dir) {
+            (CtlError::Read { path, source }, Some(dir))
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && path == dir.join(crate::ca::files::BUNDLE) =>
+            {
+                CtlError::NotStateDir {
+                    path,
+                    flag: names.name("state-dir"),
+                    source,
+                }
+            }
+            (error, _) => error,
+        }
+    }
+
     /// The operator credential the flags give; a refusal names each flag
     /// as `names` does.
     fn credentials(&self, names: &dyn FlagNames) -> Result<AdminCredentials, CtlError> {
@@ -854,7 +888,10 @@ async fn connected(
     calls: impl AsyncFnOnce(&AdminCredentials, &mut AdminClient<Channel>) -> Result<Printed, CtlError>,
 ) -> Result<Printed, CtlError> {
     let credentials = cli.credentials(names)?;
-    let mut client = credentials.connect(&cli.control_plane).await?;
+    let mut client = credentials
+        .connect(&cli.control_plane)
+        .await
+        .map_err(|e| cli.not_state_dir(names, e))?;
     match calls(&credentials, &mut client).await {
         // A connection closed under the call: if the control plane refused
         // the operator certificate, say so rather than "canceled".
