@@ -67,6 +67,7 @@ use super::pattern::IdPattern;
 use super::rules::sorted_ports;
 pub(crate) use super::rules::{CompiledPolicy, CompiledRule};
 use super::validate::{ValidationContext, Violation, Violations};
+use crate::refusal::AnswerText;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What happens when no policy decides: the control plane's `--default-policy`.
@@ -259,6 +260,37 @@ impl fmt::Display for Decision {
     }
 }
 
+/// A [`Decision`] on one HTTP request, and for a denial what its caller
+/// is answered (after `trellis: `): the text built once, when the set that
+/// decided was compiled, so answering costs no allocation for it.
+#[derive(Debug, Clone)]
+pub enum Ruling<'a> {
+    Allowed(Decision),
+    /// `denied by policy NS/NAME rule N` for a rule of a DENY policy,
+    /// [`DefaultPolicy::denial`] for the mesh default.
+    Denied(Decision, &'a AnswerText),
+}
+
+impl<'a> Ruling<'a> {
+    /// The decision, and the text of a denial (`None` when allowed).
+    pub fn into_parts(self) -> (Decision, Option<&'a AnswerText>) {
+        match self {
+            Self::Allowed(decision) => (decision, None),
+            Self::Denied(decision, text) => (decision, Some(text)),
+        }
+    }
+
+    pub fn decision(&self) -> &Decision {
+        match self {
+            Self::Allowed(decision) | Self::Denied(decision, _) => decision,
+        }
+    }
+
+    pub fn into_decision(self) -> Decision {
+        self.into_parts().0
+    }
+}
+
 /// A rule with L7 matches on ports the sidecar treats as opaque, and how
 /// it is enforced there instead (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,15 +405,74 @@ struct RuleId {
     rule: u32,
 }
 
+/// One rule of a [`Table`]: where it is, and what else the table keeps
+/// of it.
+trait Entry {
+    fn id(&self) -> RuleId;
+}
+
+impl Entry for RuleId {
+    fn id(&self) -> RuleId {
+        *self
+    }
+}
+
+/// A rule of a DENY policy, with what a request it denies is answered:
+/// built with the set, so a denial by a rule always has its text.
+#[derive(Debug, Clone)]
+struct DenyRule {
+    id: RuleId,
+    denial: AnswerText,
+}
+
+impl Entry for DenyRule {
+    fn id(&self) -> RuleId {
+        self.id
+    }
+}
+
 /// The rules of one action, indexed by port.
-#[derive(Debug, Default)]
-struct Table {
-    by_port: HashMap<u16, Vec<RuleId>>,
-    any_port: Vec<RuleId>,
+#[derive(Debug)]
+struct Table<E = RuleId> {
+    by_port: HashMap<u16, Vec<E>>,
+    any_port: Vec<E>,
+}
+
+impl<E> Default for Table<E> {
+    fn default() -> Self {
+        Self {
+            by_port: HashMap::new(),
+            any_port: Vec::new(),
+        }
+    }
 }
 
 impl Table {
     fn build(policies: &[CompiledPolicy], action: Action) -> Self {
+        Self::build_with(policies, action, |id, _| id)
+    }
+}
+
+impl Table<DenyRule> {
+    /// The DENY rules, each with its answer text (`denied by policy
+    /// NS/NAME rule N`), made once per rule and shared by every port it
+    /// is indexed under.
+    fn deny(policies: &[CompiledPolicy]) -> Self {
+        Self::build_with(policies, Action::Deny, |id, key| DenyRule {
+            id,
+            denial: AnswerText::new(&format!("denied by policy {key} rule {}", id.rule)),
+        })
+    }
+}
+
+impl<E: Entry + Clone> Table<E> {
+    /// The rules of `action`, each made an entry by `entry` from its place
+    /// and its policy's `namespace/name`.
+    fn build_with(
+        policies: &[CompiledPolicy],
+        action: Action,
+        entry: impl Fn(RuleId, &str) -> E,
+    ) -> Self {
         let mut table = Self::default();
         for (p, policy) in policies.iter().enumerate() {
             if policy.action != action {
@@ -392,11 +483,12 @@ impl Table {
                     policy: p as u32,
                     rule: r as u32,
                 };
+                let entry = entry(id, &policy.key);
                 match &rule.ports {
-                    None => table.any_port.push(id),
+                    None => table.any_port.push(entry),
                     Some(ports) => {
                         for port in ports {
-                            table.by_port.entry(*port).or_default().push(id);
+                            table.by_port.entry(*port).or_default().push(entry.clone());
                         }
                     }
                 }
@@ -404,9 +496,11 @@ impl Table {
         }
         table
     }
+}
 
+impl<E> Table<E> {
     /// Matching rules for `port`, in evaluation order within each list.
-    fn candidates(&self, port: u16) -> [&[RuleId]; 2] {
+    fn candidates(&self, port: u16) -> [&[E]; 2] {
         let by_port = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
         [by_port, &self.any_port]
     }
@@ -419,13 +513,16 @@ pub struct PolicySet {
     mesh: TrustDomain,
     default: DefaultPolicy,
     policies: Vec<CompiledPolicy>,
-    deny: Table,
+    deny: Table<DenyRule>,
     allow: Table,
     audit: Table,
     /// Where an ALLOW or DENY rule matches request paths (paths or gRPC).
     path_ports: PathPorts,
     /// The rules enforced failing closed on opaque ports, by rule.
     opaque_fallbacks: Vec<OpaqueFallback>,
+    /// What a request the mesh default denies is answered:
+    /// [`DefaultPolicy::denial`], built once.
+    default_denial: AnswerText,
 }
 
 /// The ports on which some rule matches request paths, known once per set
@@ -519,12 +616,13 @@ impl PolicySet {
             mesh: local.trust_domain(),
             local,
             default,
-            deny: Table::build(&policies, Action::Deny),
+            deny: Table::deny(&policies),
             allow: Table::build(&policies, Action::Allow),
             audit: Table::build(&policies, Action::Audit),
             path_ports: PathPorts::build(&policies),
             policies,
             opaque_fallbacks: Vec::new(),
+            default_denial: AnswerText::new(default.denial()),
         })
     }
 
@@ -547,11 +645,19 @@ impl PolicySet {
     /// entries without any: see the module docs.
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
         self.decide_by(source, port, |rule, _| rule.l4_matches(port))
+            .into_decision()
     }
 
     /// The verdict on one HTTP request from `source` on `port`: every rule
     /// takes part, an entry with L7 matches only when they match `req`.
     pub fn decide_request(&self, source: &SpiffeId, port: u16, req: &HttpRequest<'_>) -> Decision {
+        self.rule_request(source, port, req).into_decision()
+    }
+
+    /// [`decide_request`](Self::decide_request), with what a denied
+    /// request is answered: the text this set built for the deciding DENY
+    /// rule or for the mesh default.
+    pub fn rule_request(&self, source: &SpiffeId, port: u16, req: &HttpRequest<'_>) -> Ruling<'_> {
         self.decide_by(source, port, |rule, action| {
             rule.request_matches(port, req, action)
         })
@@ -590,6 +696,7 @@ impl PolicySet {
             return None;
         }
         self.first_match(&self.allow, source, port, |rule| rule.l7_may_match(port))
+            .copied()
     }
 
     /// Whether an ALLOW or DENY rule in force matches the paths of requests
@@ -625,10 +732,10 @@ impl PolicySet {
     /// app accepts but detection does not take for HTTP (`HTTP/1.2`, two
     /// spaces, a tab) would reach the app past the DENY rule.
     pub fn denies_unless_http(&self, source: &SpiffeId, port: u16) -> Option<Decision> {
-        let id = self.first_match(&self.deny, source, port, |rule| rule.l7_may_match(port))?;
+        let deny = self.first_match(&self.deny, source, port, |rule| rule.l7_may_match(port))?;
         Some(Decision {
             verdict: Verdict::Deny,
-            reason: Reason::Rule(self.rule_ref(id)),
+            reason: Reason::Rule(self.rule_ref(deny.id)),
             audits: Vec::new(),
         })
     }
@@ -661,29 +768,32 @@ impl PolicySet {
         source: &SpiffeId,
         port: u16,
         matches: impl Fn(&CompiledRule, Action) -> bool + Copy,
-    ) -> Decision {
+    ) -> Ruling<'_> {
         let as_rule_of = |action| move |rule: &CompiledRule| matches(rule, action);
-        let (verdict, reason) = if let Some(id) =
-            self.first_match(&self.deny, source, port, as_rule_of(Action::Deny))
-        {
-            (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
-        } else if let Some(id) =
-            self.first_match(&self.allow, source, port, as_rule_of(Action::Allow))
-        {
-            (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
-        } else {
-            (self.default_verdict(source), Reason::Default(self.default))
+        let denied = |reason, text| {
+            // Denied anyway: nothing for a dry run of a DENY to report.
+            let decision = Decision {
+                verdict: Verdict::Deny,
+                reason,
+                audits: Vec::new(),
+            };
+            Ruling::Denied(decision, text)
         };
-        // Denied anyway: nothing for a dry run of a DENY to report.
-        let audits = match verdict {
-            Verdict::Allow => self.audits(source, port, as_rule_of(Action::Audit)),
-            Verdict::Deny => Vec::new(),
-        };
-        Decision {
-            verdict,
-            reason,
-            audits,
+        if let Some(deny) = self.first_match(&self.deny, source, port, as_rule_of(Action::Deny)) {
+            return denied(Reason::Rule(self.rule_ref(deny.id)), &deny.denial);
         }
+        let reason = match self.first_match(&self.allow, source, port, as_rule_of(Action::Allow)) {
+            Some(&id) => Reason::Rule(self.rule_ref(id)),
+            None if self.default_verdict(source) == Verdict::Deny => {
+                return denied(Reason::Default(self.default), &self.default_denial);
+            }
+            None => Reason::Default(self.default),
+        };
+        Ruling::Allowed(Decision {
+            verdict: Verdict::Allow,
+            reason,
+            audits: self.audits(source, port, as_rule_of(Action::Audit)),
+        })
     }
 
     fn rule(&self, id: RuleId) -> &CompiledRule {
@@ -702,22 +812,25 @@ impl PolicySet {
         rule.source_match(source, &self.mesh).is_some()
     }
 
-    fn first_match(
+    /// The first rule of `table`, in evaluation order, that `matches` and
+    /// names `source`.
+    fn first_match<'t, E: Entry>(
         &self,
-        table: &Table,
+        table: &'t Table<E>,
         source: &SpiffeId,
         port: u16,
         matches: impl Fn(&CompiledRule) -> bool + Copy,
-    ) -> Option<RuleId> {
+    ) -> Option<&'t E> {
         table
             .candidates(port)
             .into_iter()
-            .filter_map(|ids| {
-                ids.iter()
-                    .copied()
-                    .find(|&id| matches(self.rule(id)) && self.source_matches(id, source))
+            .filter_map(|entries| {
+                entries.iter().find(|entry| {
+                    let id = entry.id();
+                    matches(self.rule(id)) && self.source_matches(id, source)
+                })
             })
-            .min()
+            .min_by_key(|entry| entry.id())
     }
 
     /// The first matching rule of each AUDIT policy; allocates only on a match.
@@ -826,6 +939,59 @@ mod tests {
         let source = id("spiffe://td/ns/b/sa/y");
         assert_eq!(set.decide(&source, 80).to_string(), "allow by a/p rule 0");
         assert_eq!(set.decide(&source, 443).to_string(), "allow by a/p rule 1");
+    }
+
+    /// A denied request comes with what its caller is answered, built
+    /// with the set: the deciding DENY rule's text, the same bytes on
+    /// every port the rule names, or the mesh default's; an allowed one
+    /// comes with none.
+    #[test]
+    fn a_denied_request_comes_with_the_text_built_for_what_denied_it() {
+        let policies = vec![
+            policy(
+                "a/deny",
+                Action::Deny,
+                vec![rule(Some(&[80, 443])), rule(Some(&[8080]))],
+            ),
+            policy("b/allow", Action::Allow, vec![rule(Some(&[9090]))]),
+        ];
+        let set =
+            PolicySet::from_compiled(id("spiffe://td/ns/a/sa/x"), DefaultPolicy::Deny, policies)
+                .unwrap();
+        let source = id("spiffe://td/ns/b/sa/y");
+        let request = HttpRequest {
+            method: "GET",
+            path: "/",
+            headers: &http::HeaderMap::new(),
+        };
+        let denial = |port| match set.rule_request(&source, port, &request) {
+            Ruling::Denied(decision, text) => (decision.to_string(), text),
+            Ruling::Allowed(decision) => panic!("port {port}: {decision}"),
+        };
+        let body = |text: &AnswerText| String::from_utf8(text.body().to_vec()).unwrap();
+        let (on_80, on_443) = (denial(80), denial(443));
+        assert_eq!(on_80.0, "deny by a/deny rule 0");
+        assert_eq!(body(on_80.1), "trellis: denied by policy a/deny rule 0\n");
+        assert_eq!(
+            on_80.1.body().as_ptr(),
+            on_443.1.body().as_ptr(),
+            "a text built per port"
+        );
+        let on_8080 = denial(8080);
+        assert_eq!(on_8080.0, "deny by a/deny rule 1");
+        assert_eq!(body(on_8080.1), "trellis: denied by policy a/deny rule 1\n");
+        assert_eq!(
+            on_8080.1.grpc_message().unwrap(),
+            "trellis: denied by policy a/deny rule 1"
+        );
+        let by_default = denial(1234);
+        assert_eq!(by_default.0, "deny by default:deny");
+        assert_eq!(
+            body(by_default.1),
+            format!("trellis: {}\n", DefaultPolicy::Deny.denial())
+        );
+        let allowed = set.rule_request(&source, 9090, &request);
+        assert!(matches!(allowed, Ruling::Allowed(_)), "{allowed:?}");
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub use document::{
 };
 pub use engine::{
     CompileError, Decision, DefaultPolicy, NO_SNAPSHOT, OpaqueFallback, PolicySet, Reason, RuleRef,
-    UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
+    Ruling, UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
 };
 pub use explain::{
     ExplainedHttp, Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RequestAnswer,

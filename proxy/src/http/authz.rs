@@ -23,16 +23,15 @@
 //!
 //! [`PolicySet::decide_request`]: trellis_core::policy::PolicySet::decide_request
 
-use std::borrow::Cow;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::l7::PathProblem;
-use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
-use trellis_core::refusal::{AnswerText, token};
+use trellis_core::policy::{HttpRequest, Reason, l7};
+use trellis_core::refusal::token;
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, local, local_prepared};
 use super::{Check, Guard, GuardLayer};
@@ -171,7 +170,7 @@ impl Check for Authorization {
             headers: request.headers(),
         };
         let (peer, port) = (&self.peer, self.port);
-        let decision = policy::authorize_request(current, peer, port, &http);
+        let (decision, denial) = policy::authorize_request(current, peer, port, &http).into_parts();
         policy::count(current, &decision, &self.metrics);
         for audit in &decision.audits {
             tracing::warn!(
@@ -185,7 +184,12 @@ impl Check for Authorization {
                 "inbound request: would deny (AUDIT, not enforced)"
             );
         }
-        let refused = (!decision.is_allowed()).then(|| {
+        // What the caller is told: the deciding policy and rule (`denied
+        // by policy NS/NAME rule N`), the mesh default's label and that no
+        // policy allowed the request (`DefaultPolicy::denial`), or
+        // `NO_SNAPSHOT_DENIAL`: each built once, by the policies that
+        // decided (or for good), so a denial costs no allocation for it.
+        let refused = denial.map(|text| {
             entry.outcome = "deny";
             if decision.reason == Reason::NoSnapshot {
                 entry.problem = Some(NO_SNAPSHOT_DENIAL);
@@ -195,7 +199,7 @@ impl Check for Authorization {
                 StatusCode::FORBIDDEN,
                 GrpcCode::PermissionDenied,
                 token::DENIED,
-                &denial(current, &decision),
+                text,
             )
         });
         entry.decision = Some(decision);
@@ -250,34 +254,6 @@ fn path_problem(problem: PathProblem) -> &'static str {
             "path contains a character an app could read as '?'"
         }
         PathProblem::LookAlike(..) => "path contains a character an app could read as '\\'",
-    }
-}
-
-/// What a refused caller is told: the deciding policy and rule
-/// (`denied by policy NS/NAME rule N`), the mesh default's label and that
-/// no policy allowed the request ([`DefaultPolicy::denial`]), or
-/// [`NO_SNAPSHOT_DENIAL`]. Each text is built once (when the policies are
-/// compiled, or on first use for [`NO_SNAPSHOT_DENIAL`]), so a denial
-/// costs no allocation for it; one the policies lack, which they never
-/// do, is built for the request.
-///
-/// [`DefaultPolicy::denial`]: trellis_core::policy::DefaultPolicy::denial
-fn denial<'a>(current: Option<&'a Policies>, decision: &Decision) -> Cow<'a, AnswerText> {
-    static NO_SNAPSHOT: LazyLock<AnswerText> =
-        LazyLock::new(|| AnswerText::new(NO_SNAPSHOT_DENIAL));
-    if decision.reason == Reason::NoSnapshot {
-        return Cow::Borrowed(&NO_SNAPSHOT);
-    }
-    match current.and_then(|p| p.denial(decision)) {
-        Some(text) => Cow::Borrowed(text),
-        None => {
-            let message = match &decision.reason {
-                Reason::Rule(rule) => format!("denied by policy {rule}"),
-                Reason::Default(mode) => mode.denial().to_owned(),
-                Reason::NoSnapshot => NO_SNAPSHOT_DENIAL.to_owned(),
-            };
-            Cow::Owned(AnswerText::new(&message))
-        }
     }
 }
 

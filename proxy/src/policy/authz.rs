@@ -9,18 +9,19 @@
 //! logs; the listener logs each decision where it knows the connection.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use prometheus_client::metrics::counter::Counter;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     CompileError, Decision, DefaultPolicy, HttpRequest, OpaqueFallback, PolicySet, Reason, RuleRef,
-    SelectorScope, ValidationContext, Verdict, policy_key,
+    Ruling, SelectorScope, ValidationContext, Verdict, policy_key,
 };
 use trellis_core::refusal::AnswerText;
 use trellis_core::revocation::Revocations;
 use trellis_proto::policy::v1 as pb;
 
+use crate::http::authz::NO_SNAPSHOT_DENIAL;
 use crate::http::ratelimit::{InvalidRateLimit, RateLimits};
 use crate::metrics::{AUDIT, Metrics};
 
@@ -42,7 +43,6 @@ pub struct Policies {
     /// Whether a rate limit in force reads request paths.
     limits_read_paths: bool,
     counters: Counters,
-    denials: Denials,
     /// The mesh's revoked identities: a peer whose certificate one of them
     /// covers is refused whatever the policies say, and an open connection
     /// of one is closed when they arrive ([`Snapshot::compile_in`] sets
@@ -81,16 +81,6 @@ struct Counters {
     by_policy: HashMap<Arc<str>, Counter>,
     default_allow: Counter,
     default_deny: Counter,
-}
-
-/// What a request these policies deny is answered, built once per
-/// snapshot so that a denial allocates nothing for its text: one
-/// [`AnswerText`] per rule of each DENY policy in force, by policy, and
-/// the mesh default's.
-#[derive(Debug)]
-struct Denials {
-    by_rule: HashMap<Arc<str>, Box<[AnswerText]>>,
-    default: AnswerText,
 }
 
 impl Policies {
@@ -152,7 +142,6 @@ impl Policies {
         // Only the policies that select this workload are in force.
         let in_force: HashSet<&str> = set.policy_names().collect();
         let mut by_policy = HashMap::new();
-        let mut denials = HashMap::new();
         for policy in &policies {
             let label = policy_key(&policy.namespace, &policy.name);
             if !in_force.contains(label.as_str()) {
@@ -165,11 +154,6 @@ impl Policies {
                 _ => AUDIT,
             };
             let label: Arc<str> = label.into();
-            if action == Verdict::Deny.as_str() {
-                let rules = (0..policy.rules.len())
-                    .map(|rule| AnswerText::new(&format!("denied by policy {label} rule {rule}")));
-                denials.insert(label.clone(), rules.collect());
-            }
             let counter = metrics.decision_counter(action, &label);
             by_policy.insert(label, counter);
         }
@@ -188,10 +172,6 @@ impl Policies {
             opaque_ports,
             opaque: opaque.clone(),
             counters,
-            denials: Denials {
-                by_rule: denials,
-                default: AnswerText::new(default.denial()),
-            },
             revocations: Arc::default(),
         })
     }
@@ -241,19 +221,6 @@ impl Policies {
     /// `namespace/name` of each policy in force, in evaluation order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.set.policy_names()
-    }
-
-    /// What a request `decision` denied under these policies is answered,
-    /// built when they were compiled: `denied by policy NS/NAME rule N`
-    /// for a rule of a DENY policy, [`DefaultPolicy::denial`] for the
-    /// mesh default. `None` for any other reason, which these policies
-    /// never give.
-    pub fn denial(&self, decision: &Decision) -> Option<&AnswerText> {
-        match &decision.reason {
-            Reason::Rule(rule) => self.denials.by_rule.get(&*rule.policy)?.get(rule.rule),
-            Reason::Default(_) => Some(&self.denials.default),
-            Reason::NoSnapshot => None,
-        }
     }
 
     /// Counts `decision` in `trellis_decisions_total`: its verdict under its
@@ -368,15 +335,20 @@ pub fn audits_unless_http(policies: Option<&Policies>, peer: &SpiffeId, port: u1
 }
 
 /// Decides one HTTP request from `peer` on local `port` under the policies
-/// in force; with no snapshot yet, denied like a connection.
-pub fn authorize_request(
-    policies: Option<&Policies>,
+/// in force ([`PolicySet::rule_request`]): a denial comes with what its
+/// caller is answered, built when those policies were compiled. With no
+/// snapshot yet, denied like a connection and answered
+/// [`NO_SNAPSHOT_DENIAL`].
+pub fn authorize_request<'a>(
+    policies: Option<&'a Policies>,
     peer: &SpiffeId,
     port: u16,
     request: &HttpRequest<'_>,
-) -> Decision {
+) -> Ruling<'a> {
+    static NO_SNAPSHOT: LazyLock<AnswerText> =
+        LazyLock::new(|| AnswerText::new(NO_SNAPSHOT_DENIAL));
     match policies {
-        Some(policies) => policies.set.decide_request(peer, port, request),
-        None => authorize(None, peer, port),
+        Some(policies) => policies.set.rule_request(peer, port, request),
+        None => Ruling::Denied(authorize(None, peer, port), &NO_SNAPSHOT),
     }
 }
