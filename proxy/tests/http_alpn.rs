@@ -298,3 +298,62 @@ async fn openssl_s_client_sees_h2_settled_by_the_inbound() {
     assert!(seen.contains("ALPN protocol: h2"), "{seen}");
     settled(&s, "inbound", "h2", 1).await;
 }
+
+/// How a refused connection ends, as its TLS client sees it, with what
+/// it read: an orderly end (`close_notify`, then FIN), a FIN alone
+/// (which a client takes for its server's close), or a reset.
+async fn how_it_ends<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> (&'static str, String) {
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got))
+        .await
+        .expect("the connection still open after 30 s");
+    let end = match end {
+        Ok(_) => "orderly",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => "fin",
+        Err(e) => panic!("neither an orderly end nor a reset: {e} ({:?})", e.kind()),
+    };
+    (end, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A caller that settles `h2` by ALPN and starts an HTTP/1 request is
+/// answered `400` and ended in order once its head is whole; one whose
+/// head never ends (it stalls past the handshake timeout, or closes its
+/// side first) gets no answer, and is reset rather than ended as if
+/// answered.
+#[tokio::test]
+async fn an_http1_head_on_h2_left_unanswered_is_reset() {
+    let (cp, _app, s) = app_behind_sidecar().await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let config = client_offering(&cp, &[b"h2"]);
+    let h2_settled = async |head: &[u8]| {
+        let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(head).await.unwrap();
+        tls.flush().await.unwrap();
+        tls
+    };
+
+    let whole = async {
+        let mut tls = h2_settled(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n").await;
+        how_it_ends(&mut tls).await
+    };
+    let half_closed = async {
+        let mut tls = h2_settled(b"GET / HTTP/1.1\r\nhost: a").await;
+        // close_notify, then FIN: the head can never end.
+        tls.shutdown().await.unwrap();
+        how_it_ends(&mut tls).await
+    };
+    let stalled = async {
+        let mut tls = h2_settled(b"GET / HTTP/1.1\r\nhost: a").await;
+        how_it_ends(&mut tls).await
+    };
+    let (whole, half_closed, stalled) = tokio::join!(whole, half_closed, stalled);
+    assert_eq!(whole.0, "orderly", "{whole:?}");
+    assert!(
+        whole.1.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{whole:?}"
+    );
+    assert_eq!(half_closed, ("reset", String::new()));
+    assert_eq!(stalled, ("reset", String::new()));
+}
