@@ -345,7 +345,9 @@ const ANSWER_H1_HEAD: usize = 16 * 1024;
 /// the caller resets it instead. [`Answered::Nothing`] says so: not one
 /// byte was written to it. Once a byte was written (an HTTP/2 client's
 /// server preface is one), the connection is shut down as usual and no
-/// reset may throw the answer away.
+/// reset may throw the answer away; an HTTP/2 client sent the server
+/// preface whose request does not come within `patience` is left as it
+/// is, with no GOAWAY, for the caller to close.
 #[must_use = "a client left unanswered is to be reset, not ended with a FIN"]
 pub async fn answer<S>(
     io: &mut S,
@@ -387,7 +389,8 @@ where
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answered {
     /// At least a byte of an answer was written, and the connection shut
-    /// down after it.
+    /// down after it; or, for an HTTP/2 client whose request did not come
+    /// within the patience, the server preface was, and nothing more.
     Written,
     /// Nothing was written, and the write side is still open: the client
     /// sent no request in time, or ended first. Its caller resets it.
