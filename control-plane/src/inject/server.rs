@@ -60,7 +60,7 @@ use trellis_core::tls::{Described, rustls_error};
 
 use super::{
     AdmissionRequest, InjectConfig, LabelAdmission, NamespaceScope, Owner, UninjectedPods,
-    UnknownInjectValue, respond_pod_reporting, respond_unknown_label, review_policy,
+    UnknownInjectValue, respond_pod_reporting, respond_policy, respond_unknown_label,
 };
 use crate::api::quoted;
 use crate::handshake::HandshakeFailure;
@@ -832,7 +832,9 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 /// the answer denies or warns of is counted in `metrics`, as is a pod
 /// injected with a name under `trellis.io/` that is not Trellis's, a pod the
 /// warning-only paths admit without a sidecar recorded in `uninjected`,
-/// and the owner of a pod injected told to it.
+/// and the owner of a pod injected told to it; none of these for a
+/// server-side dry run (`request.dryRun`), which creates no pod, and whose
+/// log line says it is one.
 pub fn respond(
     method: &Method,
     path: &str,
@@ -841,6 +843,9 @@ pub fn respond(
     metrics: &Metrics,
     uninjected: &UninjectedPods,
 ) -> (StatusCode, &'static str, Vec<u8>) {
+    // Set by the review, once parsed: a dry run is answered as the pod
+    // would be, and leaves no count, record or entry behind.
+    let mut dry_run = false;
     let result = match path {
         INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH | VALIDATE_PATH
             if method != Method::POST =>
@@ -849,14 +854,16 @@ pub fn respond(
             return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", message.into());
         }
         INJECT_PATH => AdmissionRequest::parse(body).map(|request| {
+            dry_run = request.dry_run;
             let scope = NamespaceScope::SelectedByWebhook;
             let review = respond_pod_reporting(&request, scope, config);
-            for found in review.unknown {
-                metrics.inject_unknown_value(found.reason());
-            }
-            // A server-side dry run (`kubectl apply --dry-run=server`)
-            // creates no pod: warned of, as the pod would be, not counted.
+            // A server-side dry run (`kubectl apply --dry-run=server`, and
+            // tools that diff with it) creates no pod: warned of, or
+            // denied, as the pod would be, not counted.
             if !request.dry_run {
+                for found in review.unknown {
+                    metrics.inject_unknown_value(found.reason());
+                }
                 for found in review.unknown_names {
                     metrics.inject_unknown_name(found.reason());
                 }
@@ -881,14 +888,16 @@ pub fn respond(
                 UnknownInjectValue::NamespaceLabel
             };
             AdmissionRequest::parse(body).map(|request| {
+                dry_run = request.dry_run;
                 let now = crate::unix_now();
                 let (response, admitted) = respond_unknown_label(&request, found, now);
-                if let Some(admitted) = admitted {
+                // A dry run creates no pod: nothing runs, with a sidecar or
+                // without, and nothing is counted.
+                if let Some(admitted) = admitted
+                    && !request.dry_run
+                {
                     metrics.inject_unknown_value(found.reason());
-                    // A dry run creates no pod: nothing runs, with a
-                    // sidecar or without.
                     match admitted {
-                        _ if request.dry_run => {}
                         LabelAdmission::Uninjected(pod) => uninjected.record(pod, now),
                         // Injected before (by hand, or created again from
                         // a running pod's manifest): meshed all the same.
@@ -898,7 +907,10 @@ pub fn respond(
                 response
             })
         }
-        VALIDATE_PATH => review_policy(body, &config.trust_domain, &config.validation),
+        VALIDATE_PATH => AdmissionRequest::parse(body).map(|request| {
+            dry_run = request.dry_run;
+            respond_policy(&request, &config.trust_domain, &config.validation)
+        }),
         _ => {
             let message = format!(
                 "not found: {path} (try {INJECT_PATH}, {UNKNOWN_POD_LABEL_PATH}, \
@@ -917,6 +929,7 @@ pub fn respond(
                     path,
                     uid = %quoted(&response.uid),
                     allowed = response.allowed,
+                    dry_run,
                     detail = response.message.as_deref().unwrap_or_default(),
                     warnings = %trellis_core::logging::Sentences(&response.warnings),
                     "admission review"
@@ -1324,6 +1337,50 @@ mod tests {
         ] {
             assert!(rendered.contains(counted), "{counted}in\n{rendered}");
         }
+    }
+
+    /// A server-side dry run (`request.dryRun`) is answered as the pod
+    /// itself would be, denied or warned of, but creates no pod: no
+    /// unknown `trellis.io/inject` value is counted, on `/inject` or on
+    /// a warning-only path, and the log line says it was a dry run.
+    #[test]
+    fn a_dry_run_counts_no_unknown_value_and_is_logged_as_one() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/k8s/pod-deployment-http-probes.json"
+        );
+        let mut review: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] =
+            serde_json::json!("true");
+        review["request"]["dryRun"] = serde_json::json!(true);
+        let config = InjectConfig {
+            trust_bundle: super::super::TrustBundleSource::Annotation("PEM".into()),
+            ..InjectConfig::default()
+        };
+        let metrics = Metrics::default();
+        for (path, allowed) in [(INJECT_PATH, false), (UNKNOWN_POD_LABEL_PATH, true)] {
+            let (logs, guard) = crate::test_logs::capture(true);
+            let (status, _, body) = respond(
+                &Method::POST,
+                path,
+                review.to_string().as_bytes(),
+                &config,
+                &metrics,
+                &UninjectedPods::default(),
+            );
+            drop(guard);
+            assert_eq!(status, StatusCode::OK, "{path}");
+            let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(answer["response"]["allowed"], allowed, "{path}: {answer}");
+            let text = logs.text();
+            let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(line["fields"]["message"], "admission review", "{line}");
+            assert_eq!(line["fields"]["dry_run"], true, "{path}: {line}");
+        }
+        let rendered = metrics.render();
+        let none = "trellis_inject_unknown_values_total{reason=\"pod_label\"} 0\n";
+        assert!(rendered.contains(none), "{none}in\n{rendered}");
     }
 
     /// A webhook port on loopback holding at most `budget` bytes of
