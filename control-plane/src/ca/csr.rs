@@ -8,6 +8,7 @@
 use trellis_core::grpc::CertifyRefusal;
 use trellis_core::spiffe::InvalidSpiffeId;
 use trellis_core::{SpiffeId, TrustDomain};
+use x509_parser::asn1_rs::Tag;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
@@ -83,12 +84,22 @@ pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrE
                 .to_owned(),
         ));
     }
+    // A DER request begins with a SEQUENCE (0x30); its base64 with "MI".
+    if der.starts_with(b"MI")
+        && der
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=\r\n".contains(b))
+    {
+        return Err(CsrError::Malformed(
+            "it is base64 text; send the DER bytes it encodes".to_owned(),
+        ));
+    }
     let (rest, csr) =
         X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
+        let (n, bytes) = (rest.len(), if rest.len() == 1 { "byte" } else { "bytes" });
         return Err(CsrError::Malformed(format!(
-            "{} trailing bytes after the request",
-            rest.len()
+            "{n} trailing {bytes} after the request"
         )));
     }
     let spki = &csr.certification_request_info.subject_pki;
@@ -96,13 +107,25 @@ pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrE
         .algorithm
         .parameters
         .as_ref()
+        // `as_oid` reads any tag's bytes as an OID's: a SEQUENCE of
+        // explicit parameters would read as a curve of nonsense numbers.
+        .filter(|p| p.tag() == Tag::Oid)
         .and_then(|p| p.as_oid().ok());
-    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
-        let found = match curve {
-            Some(curve) if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY => {
+    let ec = spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY;
+    if !ec || curve != Some(OID_EC_P256) {
+        let found = match (&curve, &spki.algorithm.parameters) {
+            (Some(curve), _) if ec => {
                 let curve = curve.to_id_string();
                 format!("an EC key on curve {}", named(&curve, CURVES))
             }
+            // RFC 5480 allows only a named curve; `-param_enc explicit`
+            // writes the curve's numbers in its place.
+            (None, Some(params)) if ec && params.tag() == Tag::Sequence => {
+                "an EC key with explicit curve parameters, not the named curve P-256 \
+                 (1.2.840.10045.3.1.7)"
+                    .to_owned()
+            }
+            (None, _) if ec => "an EC key that names no curve".to_owned(),
             _ => {
                 let algorithm = spki.algorithm.algorithm.to_id_string();
                 format!("a key of algorithm {}", named(&algorithm, KEY_ALGORITHMS))
@@ -258,14 +281,94 @@ mod tests {
         ));
     }
 
+    /// The last byte of an ECDSA signature is the last of its `s`: the
+    /// request still parses, and only the signature is wrong.
     #[test]
     fn rejects_a_tampered_signature() {
         let mut der = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")], &p256());
         let last = der.len() - 1;
         der[last] ^= 0x01;
-        assert!(matches!(
-            validate(&der, &td()),
-            Err(CsrError::BadSignature | CsrError::Malformed(_))
-        ));
+        let refused = validate(&der, &td()).unwrap_err();
+        assert_eq!(refused, CsrError::BadSignature);
+        assert_eq!(
+            refused.to_string(),
+            "csr signature does not verify with the key it carries"
+        );
+    }
+
+    /// Each key a caller may send in place of a P-256 one is refused in
+    /// words naming it, with its OID.
+    #[test]
+    fn a_refused_key_is_named() {
+        let id = "spiffe://cluster.local/ns/a/sa/b";
+        let generated = |alg| csr(vec![uri(id)], &KeyPair::generate_for(alg).unwrap());
+        // The P-256 curve's OID, as a SEQUENCE of the same length in its
+        // place: how `openssl ecparam -param_enc explicit` writes a key.
+        let mut explicit = csr(vec![uri(id)], &p256());
+        let named = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let at = explicit
+            .windows(named.len())
+            .position(|w| w == named)
+            .expect("the P-256 OID in the request");
+        explicit[at..at + named.len()]
+            .copy_from_slice(&[0x30, 0x08, 0x02, 0x01, 0x01, 0x30, 0x03, 0x02, 0x01, 0x01]);
+        let cases = [
+            (
+                generated(&rcgen::PKCS_ED25519),
+                "csr key must be ECDSA P-256, found a key of algorithm Ed25519 (1.3.101.112)",
+            ),
+            (
+                generated(&rcgen::PKCS_ECDSA_P521_SHA512),
+                "csr key must be ECDSA P-256, found an EC key on curve P-521 (1.3.132.0.35)",
+            ),
+            (
+                generated(&rcgen::PKCS_ECDSA_P384_SHA384),
+                "csr key must be ECDSA P-256, found an EC key on curve P-384 (1.3.132.0.34)",
+            ),
+            (
+                explicit,
+                "csr key must be ECDSA P-256, found an EC key with explicit curve parameters, \
+                 not the named curve P-256 (1.2.840.10045.3.1.7)",
+            ),
+        ];
+        for (der, words) in cases {
+            let refused = validate(&der, &td()).unwrap_err();
+            assert!(matches!(refused, CsrError::KeyType(_)), "{refused:?}");
+            assert_eq!(refused.to_string(), words);
+        }
+    }
+
+    /// What is not one DER request is refused saying what it is: the
+    /// bytes past its end counted, PEM or base64 text named as such.
+    #[test]
+    fn a_request_that_is_not_der_alone_says_what_it_is() {
+        use base64::Engine;
+        let der = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")], &p256());
+        let base64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        let cases = [
+            (
+                [der.as_slice(), b"\n"].concat(),
+                "1 trailing byte after the request",
+            ),
+            (
+                [der.as_slice(), b"junk"].concat(),
+                "4 trailing bytes after the request",
+            ),
+            (
+                base64.clone().into_bytes(),
+                "it is base64 text; send the DER bytes it encodes",
+            ),
+            (
+                format!("{base64}\n").into_bytes(),
+                "it is base64 text; send the DER bytes it encodes",
+            ),
+            (Vec::new(), "the csr field is empty"),
+        ];
+        for (bytes, words) in cases {
+            assert_eq!(
+                validate(&bytes, &td()).unwrap_err().to_string(),
+                format!("csr is not a valid DER PKCS#10 request: {words}")
+            );
+        }
     }
 }
