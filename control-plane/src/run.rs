@@ -371,9 +371,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let dir = StateDir::open(&config.state_dir)?;
     // Only the embedded database stops the control plane when it fails.
     let mut write_failure = None;
-    // With the Kubernetes store, what keeps another control plane's writes
-    // out of the state dir while this one runs.
-    let mut _dir_lock = None;
+    // The state dir's own lock, held until `run` returns: what tells
+    // another control plane's start, whichever its store, that this one
+    // writes there.
+    let _dir_lock;
     let (ca, store, store_changes, watches): (_, Arc<dyn Store>, _, _) = match (
         config.store,
         &config.kube,
@@ -381,17 +382,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         (StoreKind::Kubernetes, Some(api)) => {
             // Before this process writes here: no database's lock keeps
             // another control plane off the directory, so its own lock does.
-            match dir.try_lock()? {
-                Some(lock) => {
-                    remove_stale_temp_files(&dir)?;
-                    _dir_lock = Some(lock);
-                }
-                None => tracing::warn!(
-                    state_dir = %crate::escape::shown(dir.root()),
-                    "another process holds the state dir: its temporary files, if a crash \
-                     left any, are left for the start that finds it free"
-                ),
-            }
+            _dir_lock = lock_and_clean(&dir, false)?;
             let client = kubernetes::client(api)?;
             let (namespace, secret) = (
                 config.namespace.as_deref().unwrap_or_default(),
@@ -442,8 +433,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 None => refuse_a_lost_root(&dir, config.new_root)?,
             };
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
-            // Under the database's lock: no other process writes here now.
-            remove_stale_temp_files(&dir)?;
+            // Under the database's lock no other control plane on the
+            // embedded store writes here now; under the directory's, none
+            // on the Kubernetes store either.
+            _dir_lock = lock_and_clean(&dir, true)?;
             let ca = open_ca(
                 &dir,
                 &config.trust_domain,
@@ -881,11 +874,55 @@ fn refuse_a_lost_root(dir: &StateDir, new_root: bool) -> Result<Option<MeshHisto
     })
 }
 
+/// Takes the state dir's lock and, holding it, removes the temporary files
+/// a crash left there ([`remove_stale_temp_files`]); returns the lock, to
+/// be held for as long as this process runs. Call it before this process
+/// writes in the directory. Where another process holds the lock its
+/// files may be live, and are left, with a warning; where the file system
+/// takes no locks they are left too, unless `database_locked` (the
+/// embedded database's lock, held, says no other control plane on that
+/// store runs here).
+fn lock_and_clean(
+    dir: &StateDir,
+    database_locked: bool,
+) -> Result<Option<std::fs::File>, crate::state_dir::StateDirError> {
+    use crate::state_dir::DirLock;
+    let state_dir = crate::escape::shown(dir.root());
+    match dir.try_lock()? {
+        DirLock::Held(lock) => {
+            remove_stale_temp_files(dir)?;
+            Ok(Some(lock))
+        }
+        DirLock::HeldElsewhere => {
+            tracing::warn!(
+                state_dir = %state_dir,
+                "another process holds the state dir's lock (is a second control plane running \
+                 with this --state-dir?): temporary files a crash left there are not removed, as \
+                 they may be its writes in progress"
+            );
+            Ok(None)
+        }
+        DirLock::Unsupported(e) => {
+            if database_locked {
+                remove_stale_temp_files(dir)?;
+            } else {
+                tracing::warn!(
+                    state_dir = %state_dir,
+                    error = %trellis_core::io_error::IoWords(&e),
+                    "the state dir's file system takes no locks: nothing keeps a second control \
+                     plane off it, and temporary files a crash left there are not removed"
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Removes the temporary files of the state dir's writes that a process
 /// killed mid-write left (one per write cut short, never reused by a
 /// restart's new pid, or a container's same pid 1), saying which. Only
-/// before this process writes there, while the database's lock, or the
-/// state dir's own, is held.
+/// before this process writes there, while what keeps other control
+/// planes off the directory is held ([`lock_and_clean`]).
 fn remove_stale_temp_files(dir: &StateDir) -> Result<(), crate::state_dir::StateDirError> {
     let names = [CA_CERT, CA_KEY, BUNDLE, ADMIN_CERT, ADMIN_KEY];
     for name in dir.remove_stale_temp_files(&names)? {

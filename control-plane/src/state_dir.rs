@@ -211,19 +211,20 @@ impl StateDir {
         Ok(removed)
     }
 
-    /// An advisory lock on the directory, held for as long as the file
-    /// returned lives; `None` when another process holds it. Where no
-    /// database is opened here (the Kubernetes store), this is what tells
-    /// a start that no other control plane writes in the directory.
-    pub fn try_lock(&self) -> Result<Option<fs::File>, StateDirError> {
+    /// Takes an advisory lock (`flock`) on the directory, held for as long
+    /// as the [`DirLock::Held`] file lives: what tells a start that no
+    /// other control plane writes in the directory, whichever store each
+    /// uses (the embedded database's own lock covers its file only).
+    pub fn try_lock(&self) -> Result<DirLock, StateDirError> {
         let io = |source| StateDirError::Io {
             path: self.root.clone(),
             source,
         };
         let dir = fs::File::open(&self.root).map_err(io)?;
         match dir.try_lock() {
-            Ok(()) => Ok(Some(dir)),
-            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Ok(()) => Ok(DirLock::Held(dir)),
+            Err(fs::TryLockError::WouldBlock) => Ok(DirLock::HeldElsewhere),
+            Err(fs::TryLockError::Error(e)) if locks_unsupported(&e) => Ok(DirLock::Unsupported(e)),
             Err(fs::TryLockError::Error(e)) => Err(io(e)),
         }
     }
@@ -250,6 +251,31 @@ impl StateDir {
         }
         self.write_atomic(name, contents, secrecy)
     }
+}
+
+/// What [`StateDir::try_lock`] found.
+#[derive(Debug)]
+pub enum DirLock {
+    /// The lock, held until this file is dropped.
+    Held(fs::File),
+    /// Another process holds it.
+    HeldElsewhere,
+    /// The directory's file system takes no locks (an NFS mount without
+    /// its lock service, some FUSE or SMB mounts): nothing is known of
+    /// other processes, and the start goes on without the lock.
+    Unsupported(std::io::Error),
+}
+
+/// Whether `e`, from `flock`, says the file system takes no locks rather
+/// than that taking this one failed.
+fn locks_unsupported(e: &std::io::Error) -> bool {
+    // ENOLCK: an NFS mount whose server runs no lock manager; ENOTSUP
+    // (EOPNOTSUPP on Linux) and ENOSYS: a file system with no flock.
+    const ENOSYS: i32 = 38;
+    const ENOLCK: i32 = 37;
+    const EOPNOTSUPP: i32 = 95;
+    e.kind() == std::io::ErrorKind::Unsupported
+        || matches!(e.raw_os_error(), Some(ENOLCK | ENOSYS | EOPNOTSUPP))
 }
 
 /// The ids this process acts with on files, from `/proc/self/status`.
@@ -636,6 +662,30 @@ mod tests {
         let mut unknown = ids(&[65534, 100]);
         unknown.drop_the_unmapped_group(None, None);
         assert_eq!(unknown.groups, [100]);
+    }
+
+    /// The directory's lock is one holder's at a time (a second open of
+    /// it, in this process too, is refused), freed when the holder drops
+    /// it; a file system that takes no locks is told from a lock that
+    /// failed.
+    #[test]
+    fn the_lock_is_one_holders_and_no_locks_is_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        let DirLock::Held(held) = dir.try_lock().unwrap() else {
+            panic!("a free state dir's lock is taken");
+        };
+        assert!(matches!(dir.try_lock().unwrap(), DirLock::HeldElsewhere));
+        drop(held);
+        assert!(matches!(dir.try_lock().unwrap(), DirLock::Held(_)));
+        for errno in [37, 38, 95] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(locks_unsupported(&e), "{e}");
+        }
+        for errno in [5, 13] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(!locks_unsupported(&e), "{e}");
+        }
     }
 
     /// A start removes what writes killed before their rename left (named

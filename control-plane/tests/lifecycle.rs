@@ -755,6 +755,43 @@ fn a_start_removes_temporary_files_crashed_writes_left() {
     assert!(cp.stop().success());
 }
 
+/// The state dir's lock (`flock` on the directory) is held by a running
+/// control plane on the embedded store for as long as it runs, and free
+/// once it stops, so that a control plane on the Kubernetes store, whose
+/// only guard it is, never starts there removing its live temporary
+/// files. One started while another process (this test) holds it leaves
+/// the temporary files it finds, which may be that process's writes in
+/// progress, and says why.
+#[test]
+fn the_state_dir_lock_is_held_while_running_and_a_held_one_keeps_temp_files() {
+    use std::fs::{File, TryLockError};
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    let state = tmp.path().join("state");
+    let probe = File::open(&state).unwrap();
+    assert!(
+        matches!(probe.try_lock(), Err(TryLockError::WouldBlock)),
+        "a running control plane holds the state dir's lock"
+    );
+    assert!(cp.stop().success());
+    probe.try_lock().expect("the lock freed at exit");
+
+    // Another process's write in progress, as a control plane on the
+    // Kubernetes store, holding the lock, would have it.
+    let live = ".bundle.pem.tmp-4194303";
+    std::fs::write(state.join(live), b"half").unwrap();
+    let cp = ControlPlane::start_in(tmp, &[]);
+    assert!(
+        state.join(live).exists(),
+        "{live} removed under a held lock"
+    );
+    let said = "another process holds the state dir's lock (is a second control plane running \
+                with this --state-dir?): temporary files a crash left there are not removed";
+    assert!(cp.log().contains(said), "{said} not in {}", cp.log());
+    drop(probe);
+    assert!(cp.stop().success());
+}
+
 /// A state dir another user owns (0700, so this one cannot even look in)
 /// is refused at once, naming both users and what to do, not with the
 /// database's "permission denied". The control plane runs as `nobody`
