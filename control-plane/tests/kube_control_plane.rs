@@ -262,7 +262,16 @@ async fn a_start_on_the_kubernetes_store_removes_the_temp_files_a_crash_left() {
     };
     let cp = start(tmp.clone(), flags.clone()).await.unwrap();
     let state = cp.state_dir.clone();
+    // The state dir's lock, its only guard on this store, is held while
+    // it runs and gone with the process.
+    let probe = std::fs::File::open(&state).unwrap();
+    assert!(
+        matches!(probe.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        "a running control plane holds the state dir's lock"
+    );
     drop(cp);
+    probe.try_lock().expect("the lock freed at exit");
+    drop(probe);
     let left = [".bundle.pem.tmp-1", ".admin.key.tmp-4194304"];
     for name in left {
         std::fs::write(state.join(name), b"half written").unwrap();
