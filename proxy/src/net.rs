@@ -333,6 +333,17 @@ pub struct Copied {
 /// on as a half-close (shutdown of the write side) of the other. The first
 /// error ends both ways; the bytes a side sent before it failed (was
 /// reset) are written on first, as far as they were read.
+///
+/// A write that fails one way does not throw away what the other way can
+/// still read: a peer that answers and closes while its caller is still
+/// sending (a server refusing an upload with `413`, or an error line, and
+/// closing with the upload unread, which resets the connection) had its
+/// answer queued before the reset, and the kernel hands it out before the
+/// reset. So the other way goes on until its reader ends, for at most
+/// [`AFTER_WRITE_FAILURE`] and with the buffer it has, and its bytes are
+/// written on; its reader's end is then not passed on as a half-close, as
+/// the connection it came from failed: the copy ends with the error, and
+/// the caller resets the other side after those bytes.
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -343,6 +354,12 @@ where
     copying.copied(error)
 }
 
+/// How long a [`copy`] whose write failed one way goes on reading the
+/// other way (the answer a peer sent before its connection was reset).
+/// What the kernel queued before a reset is read at once; this bounds an
+/// app that is slow to take it.
+pub const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(5);
+
 /// A [`copy`] polled by its owner, who may look at either side between
 /// polls (the copy borrows neither in between): what it moved so far is
 /// kept here.
@@ -350,21 +367,109 @@ where
 pub struct Copying {
     a_to_b: Direction,
     b_to_a: Direction,
+    /// A write failed one way: the other way is still read ([`copy`]).
+    write_failed: Option<WriteFailed>,
+}
+
+/// A way of a [`Copying`] whose write failed, while the other way is
+/// read to its end.
+struct WriteFailed {
+    error: io::Error,
+    /// Whether the way still read is b to a (the write to b failed).
+    b_to_a: bool,
+    /// When the other way is given up on. Boxed: made once, for a
+    /// connection whose write failed, and kept out of every other
+    /// connection's task.
+    until: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Copying {
     /// Moves what both sides have ready; ready once both ways are done, or
-    /// with the first error.
+    /// with the first error (after a failed write, once the other way is
+    /// read to its end).
     pub fn poll<A, B>(&mut self, cx: &mut Context<'_>, a: &mut A, b: &mut B) -> Poll<io::Result<()>>
     where
         A: AsyncRead + AsyncWrite + Unpin + ?Sized,
         B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        let there = self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let back = self.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
-        ready!(there);
-        ready!(back);
-        Poll::Ready(Ok(()))
+        if self.write_failed.is_none() {
+            let there = self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b));
+            let there = match self.fail(there, true) {
+                Some(there) => there?,
+                None => return self.poll_after_write_failure(cx, a, b),
+            };
+            let back = self.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a));
+            let back = match self.fail(back, false) {
+                Some(back) => back?,
+                None => return self.poll_after_write_failure(cx, a, b),
+            };
+            ready!(there);
+            ready!(back);
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_after_write_failure(cx, a, b)
+    }
+
+    /// `polled`, a way's poll, as an I/O result; `None` when its write
+    /// failed and the other way, not done yet, is now read on its own.
+    /// `to_b`: the way is a to b.
+    fn fail(
+        &mut self,
+        polled: Poll<Result<u64, Failure>>,
+        to_b: bool,
+    ) -> Option<Poll<io::Result<u64>>> {
+        let other = if to_b { &self.b_to_a } else { &self.a_to_b };
+        match polled {
+            Poll::Ready(Err(Failure::Write(error))) if !other.done => {
+                self.write_failed = Some(WriteFailed {
+                    error,
+                    b_to_a: to_b,
+                    until: Box::pin(tokio::time::sleep(AFTER_WRITE_FAILURE)),
+                });
+                let other = if to_b {
+                    &mut self.b_to_a
+                } else {
+                    &mut self.a_to_b
+                };
+                other.after_write_failure = true;
+                None
+            }
+            Poll::Ready(Err(failure)) => Some(Poll::Ready(Err(failure.into_error()))),
+            Poll::Ready(Ok(moved)) => Some(Poll::Ready(Ok(moved))),
+            Poll::Pending => Some(Poll::Pending),
+        }
+    }
+
+    /// Reads the way left after a write failed the other way, until its
+    /// reader ends or [`AFTER_WRITE_FAILURE`] is over; ends with the error
+    /// its reader ended with, if it did (a TLS alert, a reset), or else
+    /// with the failed write's.
+    fn poll_after_write_failure<A, B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        a: &mut A,
+        b: &mut B,
+    ) -> Poll<io::Result<()>>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let Some(failed) = &mut self.write_failed else {
+            return Poll::Ready(Ok(()));
+        };
+        let polled = if failed.b_to_a {
+            self.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))
+        } else {
+            self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))
+        };
+        let ended = match polled {
+            Poll::Ready(Err(failure)) => Some(failure.into_error()),
+            Poll::Ready(Ok(_)) => None,
+            Poll::Pending if failed.until.as_mut().poll(cx).is_ready() => None,
+            Poll::Pending => return Poll::Pending,
+        };
+        let failed = self.write_failed.take().expect("checked above");
+        Poll::Ready(Err(ended.unwrap_or(failed.error)))
     }
 
     /// What was moved, ended by `error` if one did.
@@ -373,6 +478,21 @@ impl Copying {
             there: self.a_to_b.moved,
             back: self.b_to_a.moved,
             error,
+        }
+    }
+}
+
+/// How one way of a copy failed: reading its reader, or writing (or
+/// flushing, or shutting down) its writer.
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Failure {
+    fn into_error(self) -> io::Error {
+        match self {
+            Failure::Read(e) | Failure::Write(e) => e,
         }
     }
 }
@@ -393,6 +513,9 @@ struct Direction {
     /// The reader failed (was reset) after `buf[pos..cap]` was read: the
     /// error is passed on once those bytes are written.
     failed: Option<io::Error>,
+    /// The other way's write failed: the reader's end is not passed on as
+    /// a half-close, only the bytes before it.
+    after_write_failure: bool,
     moved: u64,
 }
 
@@ -402,7 +525,7 @@ impl Direction {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-    ) -> Poll<io::Result<u64>>
+    ) -> Poll<Result<u64, Failure>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -448,11 +571,11 @@ impl Direction {
                             self.failed = Some(e);
                             break;
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                         Poll::Pending if self.cap > 0 => break,
                         Poll::Pending => {
                             if self.unflushed {
-                                ready!(writer.as_mut().poll_flush(cx))?;
+                                ready!(writer.as_mut().poll_flush(cx)).map_err(Failure::Write)?;
                                 self.unflushed = false;
                             }
                             return Poll::Pending;
@@ -462,9 +585,11 @@ impl Direction {
             }
             if let Some(buf) = &self.buf {
                 while self.pos < self.cap {
-                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap]))
+                        .map_err(Failure::Write)?;
                     if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        let e = io::ErrorKind::WriteZero.into();
+                        return Poll::Ready(Err(Failure::Write(e)));
                     }
                     self.pos += n;
                     self.moved += n as u64;
@@ -472,14 +597,16 @@ impl Direction {
                 }
             }
             if self.failed.is_some() {
-                ready!(writer.as_mut().poll_flush(cx))?;
+                ready!(writer.as_mut().poll_flush(cx)).map_err(Failure::Write)?;
                 if let Some(e) = self.failed.take() {
-                    return Poll::Ready(Err(e));
+                    return Poll::Ready(Err(Failure::Read(e)));
                 }
             }
             if self.eof {
-                ready!(writer.as_mut().poll_flush(cx))?;
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                ready!(writer.as_mut().poll_flush(cx)).map_err(Failure::Write)?;
+                if !self.after_write_failure {
+                    ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failure::Write)?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(self.moved));
             }
@@ -971,6 +1098,90 @@ mod tests {
         assert_eq!((moved.there, moved.back), (5, 0));
     }
 
+    /// Both ends of a TCP connection on loopback.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Closes `tcp` with bytes of the peer's still unread: Linux resets
+    /// the connection rather than ending it.
+    fn close_unread(tcp: TcpStream) {
+        drop(tcp);
+    }
+
+    /// What Linux does, on which the copy relies: a peer that answers
+    /// and then closes with bytes of ours unread resets the connection;
+    /// writing to it fails, and its answer, queued before the reset, is
+    /// still read after that failure.
+    #[tokio::test]
+    async fn an_answer_queued_before_a_reset_is_read_after_a_failed_write() {
+        let (mut near, mut far) = tcp_pair().await;
+        near.write_all(b"upload").await.unwrap();
+        far.write_all(b"answer").await.unwrap();
+        close_unread(far);
+        let failed = loop {
+            match near.write(b"more").await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(
+                failed.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{failed}"
+        );
+        let mut got = [0; 6];
+        near.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"answer");
+    }
+
+    /// A server that answers while its client is still sending and
+    /// closes with the upload unread (`413`, an error line) resets the
+    /// connection; the copy's write to it fails, and the answer still
+    /// reaches the client, then the reset (not a FIN: the upload was cut).
+    #[tokio::test]
+    async fn an_answer_sent_before_a_reset_reaches_a_client_still_sending() {
+        let (client, mut a) = tcp_pair().await;
+        let (mut b, mut server) = tcp_pair().await;
+        let proxy = tokio::spawn(async move {
+            let copied = copy(&mut a, &mut b).await;
+            if copied.error.is_some() {
+                reset_on_close(&a);
+                reset_on_close(&b);
+            }
+            copied
+        });
+        let (mut from_client, mut to_server) = client.into_split();
+        let uploading = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            while to_server.write_all(&chunk).await.is_ok() {}
+        });
+        let mut part = vec![0; 100_000];
+        server.read_exact(&mut part).await.unwrap();
+        // Written and closed at once, before the copy runs again: the
+        // reset is in when it next writes to the server.
+        server.write_all(b"ERR upload too large\n").await.unwrap();
+        close_unread(server);
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), from_client.read_to_end(&mut got))
+            .await
+            .expect("the client's connection did not end");
+        assert_eq!(String::from_utf8_lossy(&got), "ERR upload too large\n");
+        let error = end.expect_err("the cut upload ended with a FIN");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        let copied = proxy.await.unwrap();
+        assert!(copied.error.is_some(), "{copied:?}");
+        assert_eq!(copied.back, 21);
+        uploading.await.unwrap();
+    }
+
     /// A reader that hands out `last` and then fails with a reset, and
     /// counts the reads asked of it after that.
     struct ResetAfter {
@@ -1041,7 +1252,9 @@ mod tests {
         let mut writer = SlowFlush::default();
         let mut way = Direction::default();
         let ended = poll_fn(|cx| way.poll(cx, Pin::new(&mut reader), Pin::new(&mut writer))).await;
-        let error = ended.expect_err("a reset ends the way");
+        let error = ended
+            .map_err(Failure::into_error)
+            .expect_err("a reset ends the way");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(writer.written, b"last words");
         assert_eq!(
