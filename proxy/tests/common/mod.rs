@@ -503,8 +503,8 @@ pub enum End {
     Reset(Vec<u8>),
 }
 
-/// Reads `tcp` until it ends, within 5 s.
-pub async fn read_end(tcp: &mut TcpStream) -> End {
+/// Reads `tcp` (a connection, or its read half) until it ends, within 5 s.
+pub async fn read_end<R: tokio::io::AsyncRead + Unpin>(tcp: &mut R) -> End {
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
