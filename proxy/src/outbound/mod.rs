@@ -84,6 +84,9 @@
 //! passed on after its last byte, and a reset or a failure of one side
 //! resets the other (`net::reset_on_close`), the peer's sidecar resetting
 //! its app in turn, so no app takes a cut connection for a finished one.
+//! A write to one side that fails (its peer answered and reset the
+//! connection while the app was still sending) does not throw away the
+//! answer: the other way is read to its end first ([`net::copy`]).
 //!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
