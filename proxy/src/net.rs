@@ -441,9 +441,10 @@ impl Copying {
     }
 
     /// Reads the way left after a write failed the other way, until its
-    /// reader ends or [`AFTER_WRITE_FAILURE`] is over; ends with the error
-    /// its reader ended with, if it did (a TLS alert, a reset), or else
-    /// with the failed write's.
+    /// reader ends (or fails) or [`AFTER_WRITE_FAILURE`] is over; ends with
+    /// the failed write's error, whatever ended the reader: that is what
+    /// cut the connection, and its reader's end after the reset (an EOF
+    /// without `close_notify`, once the write took the reset) says less.
     fn poll_after_write_failure<A, B>(
         &mut self,
         cx: &mut Context<'_>,
@@ -462,14 +463,11 @@ impl Copying {
         } else {
             self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))
         };
-        let ended = match polled {
-            Poll::Ready(Err(failure)) => Some(failure.into_error()),
-            Poll::Ready(Ok(_)) => None,
-            Poll::Pending if failed.until.as_mut().poll(cx).is_ready() => None,
-            Poll::Pending => return Poll::Pending,
-        };
+        if polled.is_pending() && failed.until.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
         let failed = self.write_failed.take().expect("checked above");
-        Poll::Ready(Err(ended.unwrap_or(failed.error)))
+        Poll::Ready(Err(failed.error))
     }
 
     /// What was moved, ended by `error` if one did.

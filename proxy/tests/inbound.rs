@@ -1032,3 +1032,49 @@ async fn a_caller_that_settles_h2_and_sends_no_preface_is_told_why() {
     .await;
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
+
+/// A caller still sending to an app that answers and closes with the
+/// upload unread (which resets the app's connection): the server's
+/// sidecar, its write to the app failed, still reads the answer the app
+/// sent before the reset and passes it on, then ends the caller's
+/// connection without `close_notify`, as cut.
+#[tokio::test]
+async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_caller() {
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new();
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.local_addr().unwrap()).await;
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+    let mut stream = tls_connect(inbound.addr, config).await.unwrap();
+    // A whole line first: a text protocol paused mid-line is taken for HTTP.
+    stream.write_all(b"upload\n").await.unwrap();
+    let (mut from_app, mut to_app) = tokio::io::split(stream);
+    let uploading = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        while to_app.write_all(&chunk).await.is_ok() {}
+    });
+    let (mut server, _) = app.accept().await.unwrap();
+    let mut part = vec![0; 200_000];
+    server.read_exact(&mut part).await.unwrap();
+    server.write_all(b"ERR upload too large\n").await.unwrap();
+    drop(server);
+
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), from_app.read(&mut buf))
+            .await
+            .expect("the connection neither ended nor failed within 5 s");
+        match read {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e),
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&got), "ERR upload too large\n");
+    assert!(end.is_some(), "the cut upload ended with close_notify");
+    tokio::time::timeout(Duration::from_secs(5), uploading)
+        .await
+        .expect("the upload went on")
+        .unwrap();
+}
