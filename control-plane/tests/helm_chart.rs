@@ -1301,3 +1301,118 @@ fn the_schemas_word_lists_are_the_control_planes_flags() {
         );
     }
 }
+
+/// Maps of values.yaml the README names as a whole (`resources`), not key by
+/// key.
+const VALUES_NAMED_WHOLE: [&str; 3] = [
+    "resources",
+    "injection.proxy.resources",
+    "injection.init.resources",
+];
+
+/// The paths of values.yaml an operator sets: each key whose value is not a
+/// map, or is an empty one (`nodeSelector: {}`), or one of
+/// [`VALUES_NAMED_WHOLE`].
+fn value_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    let Value::Object(map) = value else { return };
+    for (key, child) in map {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match child {
+            Value::Object(inner)
+                if !inner.is_empty() && !VALUES_NAMED_WHOLE.contains(&path.as_str()) =>
+            {
+                value_paths(child, &path, out)
+            }
+            _ => out.push(path),
+        }
+    }
+}
+
+/// The value paths written in `text`: the start of each `code` span
+/// (`injection.failurePolicy: Fail`, `replicas`, or words that are no
+/// value), and apart, what each `--set` or `--set-file` sets (`--set
+/// 'imagePullSecrets[0].name=regcred'`), which must be a value.
+fn written_value_paths(text: &str) -> (Vec<String>, Vec<String>) {
+    let path_of = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || ".[]".contains(*c))
+            .collect::<String>()
+            .trim_end_matches('.')
+            .to_owned()
+    };
+    let mut spans: Vec<String> = text.split('`').skip(1).step_by(2).map(path_of).collect();
+    let mut sets = Vec::new();
+    for flag in ["--set ", "--set-file "] {
+        for (at, _) in text.match_indices(flag) {
+            let rest = text[at + flag.len()..].trim_start_matches([' ', '\'', '"']);
+            sets.push(path_of(rest));
+        }
+    }
+    spans.retain(|p| p.starts_with(|c: char| c.is_ascii_alphabetic()));
+    sets.retain(|p| p.starts_with(|c: char| c.is_ascii_alphabetic()));
+    (spans, sets)
+}
+
+/// Whether `path` (list indices such as `[0]` allowed) leads somewhere in
+/// `values`: through maps to any value, or into a list or an empty map,
+/// whose entries are the operator's.
+fn value_exists(values: &Value, path: &str) -> bool {
+    let mut at = values;
+    for segment in path.split('.') {
+        let key = segment.split('[').next().unwrap_or(segment);
+        match at {
+            Value::Object(map) if map.is_empty() => return true,
+            Value::Object(map) => match map.get(key) {
+                Some(next) => at = next,
+                None => return false,
+            },
+            _ => return true,
+        }
+    }
+    true
+}
+
+/// An operator reads the README (and docs/ARCHITECTURE.md) to choose the
+/// chart's values: every value of values.yaml is named there, and every
+/// value named there (`injection.failurePolicy`, `--set trustDomain=...`)
+/// is one the chart has: its schema refuses any other, so a `--set` copied
+/// from the docs would fail the install. Reads the files; no helm.
+#[test]
+fn the_docs_name_every_chart_value_and_only_values_the_chart_has() {
+    let read = |path: &str| {
+        std::fs::read_to_string(workspace().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let values = to_json(
+        &yaml_rust2::YamlLoader::load_from_str(&read("deploy/helm/trellis/values.yaml"))
+            .expect("values.yaml is YAML")[0],
+    );
+    let docs = read("README.md") + &read("docs/ARCHITECTURE.md");
+    let (spans, sets) = written_value_paths(&docs);
+
+    let mut paths = Vec::new();
+    value_paths(&values, "", &mut paths);
+    assert!(paths.len() > 20, "values.yaml read: {paths:?}");
+    let unnamed: Vec<&String> = paths
+        .iter()
+        .filter(|p| !spans.contains(p) && !sets.contains(p))
+        .collect();
+    let top: Vec<&String> = values.as_object().unwrap().keys().collect();
+    let unknown: Vec<&String> = spans
+        .iter()
+        .filter(|p| {
+            top.iter()
+                .any(|t| p.split(['.', '[']).next() == Some(t.as_str()))
+        })
+        .chain(&sets)
+        .filter(|p| !value_exists(&values, p))
+        .collect();
+    assert!(
+        unnamed.is_empty() && unknown.is_empty(),
+        "values.yaml has values the README and docs/ARCHITECTURE.md do not name: {unnamed:?}; \
+         they name values values.yaml does not have: {unknown:?}"
+    );
+}
