@@ -1177,6 +1177,10 @@ fn notes_name_the_next_steps() {
         let notes = &install_notes(&helm, &chart, &["--set", sets]);
         for step in [
             "kubectl label namespace NAMESPACE trellis.io/inject=enabled",
+            // Pod Security baseline and restricted reject every meshed
+            // pod (trellis-init's NET_ADMIN and NET_RAW): the notes say so
+            // before the user finds FailedCreate events.
+            "kubectl label --overwrite namespace NAMESPACE pod-security.kubernetes.io/enforce=privileged",
             "kind: AuthorizationPolicy",
             "trellisctl --control-plane 127.0.0.1:15012",
             "belongs in the root namespace trellis-system",
