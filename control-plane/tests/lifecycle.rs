@@ -1434,3 +1434,119 @@ fn refused_flag_values_are_said_with_control_characters_escaped() {
         );
     }
 }
+
+/// The commands of the README's `sh` block under `heading`, each split into
+/// words as a shell splits them (single quotes, a backslash before a
+/// newline, `#` comments), with each command's comment.
+fn readme_commands(heading: &str) -> Vec<(Vec<String>, String)> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("read README.md");
+    let after = &readme[readme
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("the README has no heading {heading:?}"))..];
+    let block = &after[after.find("```sh\n").expect("a sh block") + 6..];
+    let block = &block[..block.find("```").expect("the sh block ends")];
+    let mut commands = Vec::new();
+    let (mut words, mut word, mut comment) = (Vec::new(), None::<String>, String::new());
+    let mut chars = block.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                for q in chars.by_ref() {
+                    if q == '\'' {
+                        break;
+                    }
+                    w.push(q);
+                }
+            }
+            '\\' if chars.peek() == Some(&'\n') => {
+                chars.next();
+                words.extend(word.take());
+            }
+            '#' if word.is_none() => {
+                for q in chars.by_ref() {
+                    if q == '\n' {
+                        break;
+                    }
+                    comment.push(q);
+                }
+                commands.push((std::mem::take(&mut words), std::mem::take(&mut comment)));
+            }
+            '\n' => {
+                words.extend(word.take());
+                if !words.is_empty() {
+                    commands.push((std::mem::take(&mut words), String::new()));
+                }
+            }
+            c if c.is_whitespace() => words.extend(word.take()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    commands.retain(|(words, _)| !words.is_empty());
+    commands
+}
+
+/// The README's grpcurl examples (The gRPC API), run as written against a
+/// real control plane, its state dir for `state` and its port for 15012:
+/// each succeeds, `list` names the services its comment names, and the
+/// Admin calls answer what they are for; without the operator credential
+/// an Admin call is `Unauthenticated`, as the README says.
+#[test]
+fn the_readmes_grpcurl_examples_run_as_written() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        common::machine::skip("skipped: grpcurl not installed");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let commands = readme_commands("### The gRPC API");
+    assert!(commands.len() >= 4, "{commands:?}");
+    let run = |words: &[String]| {
+        assert_eq!(words[0], "grpcurl", "{words:?}");
+        let args: Vec<String> = words[1..]
+            .iter()
+            .map(|w| match w.strip_prefix("state/") {
+                Some(file) => cp.state_dir.join(file).display().to_string(),
+                None => w.replace("127.0.0.1:15012", &cp.grpc),
+            })
+            .collect();
+        let out = Command::new("grpcurl").args(&args).output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
+    };
+    for (words, comment) in &commands {
+        let (ok, said) = run(words);
+        assert!(ok, "{words:?} failed: {said}");
+        let call = words.last().unwrap();
+        if call == "list" {
+            for service in comment.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                assert!(
+                    said.lines().any(|l| l.ends_with(&format!(".{service}"))),
+                    "`list` does not name {service}, as the README's comment says: {said}"
+                );
+            }
+        }
+        if call.ends_with("/ListWorkloads") {
+            assert!(said.contains("\"snapshotVersion\""), "{said}");
+            // Without the operator credential.
+            // Each word but `-cert`, `-key` and the file after each.
+            let credential = |i: usize| ["-cert", "-key"].contains(&words[i].as_str());
+            let anonymous: Vec<String> = (0..words.len())
+                .filter(|&i| !credential(i) && (i == 0 || !credential(i - 1)))
+                .map(|i| words[i].clone())
+                .collect();
+            let (ok, said) = run(&anonymous);
+            assert!(
+                !ok && said.contains("Code: Unauthenticated"),
+                "{anonymous:?}: {said}"
+            );
+        }
+        if call.ends_with("/Explain") {
+            assert!(said.contains("\"verdict\": \"deny\""), "{said}");
+        }
+    }
+}
