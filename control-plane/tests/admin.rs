@@ -1737,9 +1737,9 @@ async fn an_admin_request_begun_before_sigterm_is_answered_as_the_last() {
 }
 
 /// A `--state-dir` with no `bundle.pem` (a typo, or the directory above
-/// the state dir) is refused saying what `--state-dir` must be, not only
-/// that a file is missing; a state dir that lost only `admin.crt` is
-/// named as it is.
+/// the state dir, or a file) is refused saying what `--state-dir` must
+/// be, not only that a file is missing; a state dir that lost only
+/// `bundle.pem` or `admin.crt` is named as it is.
 #[test]
 fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
     let cp = ControlPlane::start(&[]);
@@ -1759,6 +1759,43 @@ fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
              control plane's state dir: give the one the control plane was started with, where \
              it writes bundle.pem, admin.crt and admin.key\n",
             parent.display()
+        )
+    );
+
+    // A file given for the state dir is no state dir either.
+    let file = cp.state_dir.join("admin.crt");
+    let out = std::process::Command::new(CTL)
+        .args(["--control-plane", &cp.grpc, "--state-dir"])
+        .arg(&file)
+        .arg("workloads")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot read {}/bundle.pem: not a directory: --state-dir names no control \
+             plane's state dir: give the one the control plane was started with, where it \
+             writes bundle.pem, admin.crt and admin.key\n",
+            file.display()
+        )
+    );
+
+    // The state dir itself, without its bundle.pem: it is the control
+    // plane's, and only that file is missing.
+    let bundle = cp.state_dir.join("bundle.pem");
+    let kept = cp.state_dir.join("bundle.pem.kept");
+    std::fs::rename(&bundle, &kept).unwrap();
+    let out = cp.ctl(&["workloads"]);
+    std::fs::rename(&kept, &bundle).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot read {}: no such file or directory\n",
+            bundle.display()
         )
     );
 

@@ -500,14 +500,21 @@ fn host_port(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
-    /// `error`, or, when it is that `--state-dir` holds no `bundle.pem`,
-    /// one that says what `--state-dir` must be. (A state dir that lost
-    /// only `admin.crt` or `admin.key` is named as it is.)
+    /// `error`, or, when it is that `--state-dir` holds no `bundle.pem`
+    /// and no `admin.crt` either (or is no directory), one that says what
+    /// `--state-dir` must be. A state dir that lost only some of its files
+    /// (`bundle.pem`, `admin.crt` or `admin.key`), or whose `bundle.pem`
+    /// cannot be read, is named as it is.
     fn not_state_dir(&self, names: &dyn FlagNames, error: CtlError) -> CtlError {
+        use std::io::ErrorKind;
         match (error, &self.state_dir) {
             (CtlError::Read { path, source }, Some(dir))
-                if source.kind() == std::io::ErrorKind::NotFound
-                    && path == dir.join(crate::ca::files::BUNDLE) =>
+                if path == dir.join(crate::ca::files::BUNDLE)
+                    && match source.kind() {
+                        ErrorKind::NotADirectory => true,
+                        ErrorKind::NotFound => !dir.join(crate::ca::files::ADMIN_CERT).exists(),
+                        _ => false,
+                    } =>
             {
                 CtlError::NotStateDir {
                     path,
