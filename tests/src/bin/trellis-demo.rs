@@ -210,6 +210,28 @@ fn greeter(name: &str) -> Handler {
     })
 }
 
+/// At most this many characters of what api answered are passed on.
+const PASSED_ON: usize = 512;
+
+/// What api (or its sidecar) answered, as web passes it on in its own
+/// answer: its first [`PASSED_ON`] characters, on one line, control
+/// characters escaped, so that no answer from upstream can make web's
+/// unbounded or write to the caller's terminal what it did not mean to.
+fn passed_on(body: &str) -> String {
+    let body = body.trim_end();
+    let mut text = String::with_capacity(body.len().min(PASSED_ON * 2));
+    for c in body.chars().take(PASSED_ON) {
+        match c {
+            c if c.is_control() => text.extend(c.escape_default()),
+            c => text.push(c),
+        }
+    }
+    if body.chars().nth(PASSED_ON).is_some() {
+        text.push_str(" ...");
+    }
+    text
+}
+
 fn web_handler(route: Arc<OnceLock<SocketAddr>>) -> Handler {
     Arc::new(move |request| {
         let route = route.get().copied();
@@ -232,7 +254,7 @@ fn web_handler(route: Arc<OnceLock<SocketAddr>>) -> Handler {
                     format!(
                         "web could not reach api: status {}: {}",
                         answer.status,
-                        answer.body.trim_end()
+                        passed_on(&answer.body)
                     ),
                 ),
                 Err(e) => (
@@ -484,4 +506,24 @@ async fn run(exit_after_check: bool) -> anyhow::Result<()> {
         "interrupted before the check finished"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// api's text is passed on as it is when short and plain, bounded
+    /// and on one line otherwise.
+    #[test]
+    fn what_api_answered_is_passed_on_bounded_and_on_one_line() {
+        assert_eq!(
+            passed_on("trellis: denied by policy default:deny: no policy allows this request\n"),
+            "trellis: denied by policy default:deny: no policy allows this request"
+        );
+        assert_eq!(passed_on("a\r\nb\u{1b}[2J"), "a\\r\\nb\\u{1b}[2J");
+        let long = "é".repeat(PASSED_ON + 1);
+        let shown = passed_on(&long);
+        assert_eq!(shown, format!("{} ...", "é".repeat(PASSED_ON)));
+        assert_eq!(passed_on(&"x".repeat(PASSED_ON)), "x".repeat(PASSED_ON));
+    }
 }
