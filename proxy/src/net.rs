@@ -368,7 +368,9 @@ pub struct Copying {
     a_to_b: Direction,
     b_to_a: Direction,
     /// A write failed one way: the other way is still read ([`copy`]).
-    write_failed: Option<WriteFailed>,
+    /// Boxed, with its deadline: made once, for a connection whose write
+    /// failed, and one pointer in every other connection's task.
+    write_failed: Option<Box<WriteFailed>>,
 }
 
 /// A way of a [`Copying`] whose write failed, while the other way is
@@ -377,9 +379,7 @@ struct WriteFailed {
     error: io::Error,
     /// Whether the way still read is b to a (the write to b failed).
     b_to_a: bool,
-    /// When the other way is given up on. Boxed: made once, for a
-    /// connection whose write failed, and kept out of every other
-    /// connection's task.
+    /// When the other way is given up on.
     until: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -421,11 +421,11 @@ impl Copying {
         let other = if to_b { &self.b_to_a } else { &self.a_to_b };
         match polled {
             Poll::Ready(Err(Failure::Write(error))) if !other.done => {
-                self.write_failed = Some(WriteFailed {
+                self.write_failed = Some(Box::new(WriteFailed {
                     error,
                     b_to_a: to_b,
                     until: Box::pin(tokio::time::sleep(AFTER_WRITE_FAILURE)),
-                });
+                }));
                 let other = if to_b {
                     &mut self.b_to_a
                 } else {
@@ -1094,6 +1094,17 @@ mod tests {
         let moved = proxy.await.unwrap();
         assert!(moved.error.is_some(), "{moved:?}");
         assert_eq!((moved.there, moved.back), (5, 0));
+    }
+
+    /// A copy's state lives in the task of every connection for its whole
+    /// life: what only a copy whose write failed needs costs the others one
+    /// pointer, no more.
+    #[test]
+    fn a_copy_that_never_failed_a_write_holds_one_pointer_for_it() {
+        assert_eq!(
+            size_of::<Copying>(),
+            2 * size_of::<Direction>() + size_of::<usize>(),
+        );
     }
 
     /// Both ends of a TCP connection on loopback.
