@@ -3,8 +3,9 @@
 
 /// Every character past ASCII that an app could read as ASCII text, with
 /// that text, sorted by character: those whose Unicode NFKC form is all
-/// ASCII, and those whose upper or lower case is.
-pub(super) static ASCII_FOLDS: [(char, &str); 1446] = [
+/// ASCII, those whose upper or lower case is, and those whose NFKC form
+/// or case is a character one of those reads as ASCII.
+pub(super) static ASCII_FOLDS: [(char, &str); 1450] = [
     ('\u{00A0}', " "),
     ('\u{00AA}', "a"),
     ('\u{00B2}', "2"),
@@ -72,6 +73,7 @@ pub(super) static ASCII_FOLDS: [(char, &str); 1446] = [
     ('\u{1D9C}', "c"),
     ('\u{1DA0}', "f"),
     ('\u{1DBB}', "z"),
+    ('\u{1E9E}', "ss"),
     ('\u{1FEF}', "`"),
     ('\u{2000}', " "),
     ('\u{2001}', " "),
@@ -1314,6 +1316,8 @@ pub(super) static ASCII_FOLDS: [(char, &str); 1446] = [
     ('\u{1D6A1}', "x"),
     ('\u{1D6A2}', "y"),
     ('\u{1D6A3}', "z"),
+    ('\u{1D6A4}', "i"),
+    ('\u{1D6A6}', "ss"),
     ('\u{1D7CE}', "0"),
     ('\u{1D7CF}', "1"),
     ('\u{1D7D0}', "2"),
@@ -1364,6 +1368,7 @@ pub(super) static ASCII_FOLDS: [(char, &str); 1446] = [
     ('\u{1D7FD}', "7"),
     ('\u{1D7FE}', "8"),
     ('\u{1D7FF}', "9"),
+    ('\u{1DF95}', "ss"),
     ('\u{1F100}', "0."),
     ('\u{1F101}', "0,"),
     ('\u{1F102}', "1,"),
