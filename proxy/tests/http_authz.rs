@@ -364,7 +364,8 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
 /// parameters), some read characters as the ASCII Unicode NFKC folds them
 /// into (fullwidth and mathematical letters, circled letters, `\u{017F}`,
 /// ligatures) or ignore case with Unicode rules (`\u{0131}` is `I`,
-/// `\u{0130}` is `i`), and Windows file systems (so IIS) drop the `.`s and
+/// `\u{0130}` is `i`, and so is `\u{1D6A4}`, `\u{0131}` once normalized),
+/// and Windows file systems (so IIS) drop the `.`s and
 /// spaces a segment ends in, U+00A0 among them once normalized: a DENY
 /// written one way catches the other spellings, over HTTP/1.1 and HTTP/2
 /// alike, raw UTF-8 included, and none reaches the app. A character NFKC
@@ -422,6 +423,8 @@ async fn a_deny_catches_an_escaped_spelling_over_http1_and_http2() {
             "/admin\u{00A0}",
             "/admin%C2%A0/keys",
             "/\u{FB01}les",
+            "/adm\u{1D6A4}n/keys",
+            "/ADM%F0%9D%9A%A4N",
         ] {
             assert_eq!(
                 send(path).await,
