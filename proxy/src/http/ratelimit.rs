@@ -449,11 +449,31 @@ mod tests {
             l.check(&a, &escaped).is_err(),
             "an escape across the buffer's end counts decoded"
         );
+        // U+FB01 folds into two bytes across the buffer's end, and each
+        // U+247D (3 bytes) into four, `(10)`: a fold longer than what it
+        // stands for still counts as the text it folds into.
+        let folded = format!(
+            "/search/{}\u{FB01}{}",
+            "a".repeat(63),
+            "\u{247D}".repeat(30)
+        );
+        assert!(
+            l.check(
+                &a,
+                &format!("/search/{}fi{}", "a".repeat(63), "(10)".repeat(30))
+            )
+            .is_ok()
+        );
+        assert!(
+            l.check(&a, &folded).is_err(),
+            "a fold across the buffer's end counts as its text"
+        );
     }
 
     /// A trailing `/`, a segment parameter (`;` raw or `%3B`), `.`s or
     /// spaces ending a segment (U+00A0 among them), or characters apps
-    /// read as ASCII (fullwidth and mathematical letters, U+0131), is the
+    /// read as ASCII (fullwidth and mathematical letters, U+0131, and
+    /// U+1D6A4, which NFKC reads as U+0131), is the
     /// same path to many routers (Windows file systems drop those `.`s and
     /// spaces; NFKC folds the characters into ASCII): it neither escapes a
     /// limit nor gets a bucket of its own.
@@ -476,6 +496,7 @@ mod tests {
             "/\u{FF4C}\u{FF4F}\u{FF47}\u{FF49}\u{FF4E}",
             "/%EF%BC%ACOGIN",
             "/\u{1D425}og\u{0131}n",
+            "/log\u{1D6A4}n",
             "/login\u{00A0}",
         ] {
             assert!(
