@@ -305,6 +305,11 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
              twice could read another path",
         ),
         (
+            "/public/%25\u{FF12}\u{FF45}%25\u{FF12}\u{FF45}/admin/users",
+            "path encodes '%' as %25 before two hex digits (%252e): an app that decodes \
+             twice could read another path",
+        ),
+        (
             "/public/%c0%ae%c0%ae/admin/users",
             "path has percent escapes that do not decode to UTF-8",
         ),

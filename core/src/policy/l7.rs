@@ -35,7 +35,8 @@
 //! `%` not followed by two hex digits, an encoded control character
 //! (`%00`-`%1F`, `%7F`: `/admin%00.png` is `/admin` to an app cutting at
 //! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
-//! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
+//! that decodes twice), or before characters NFKC folds into them
+//! (`%25\u{FF12}\u{FF45}` is `%252e` once normalized), escapes that do not decode to UTF-8 (`%c0%ae`,
 //! an overlong `.` some decoders take), and a character, raw or encoded,
 //! that an app could fold into text holding a `.`, `/`, `\`, `;`, `%`,
 //! `?` or `#` (`%ef%bc%8e`, U+FF0E, is `.` after Unicode NFKC
@@ -468,7 +469,8 @@ pub enum PathProblem {
     BadEscape,
     /// `%00`-`%1F` or `%7F`: an encoded control character.
     EncodedControl([u8; 3]),
-    /// `%25` and two hex digits: a `%` escape encoded again.
+    /// `%25` and two hex digits, as an app normalizing the path reads
+    /// them (`%25\u{FF12}\u{FF45}` is `%252e`): a `%` escape encoded again.
     DoubleEncoded([u8; 5]),
     /// Escapes that do not decode to UTF-8 (overlong, cut short, or a
     /// byte that starts no character).
@@ -902,7 +904,7 @@ fn check_escapes(path: &str) -> Result<(), PathProblem> {
     let bytes = path.as_bytes();
     let mut at = 0;
     while at < bytes.len() {
-        let (byte, len) = decoded_at(bytes, at)?;
+        let (byte, len) = decoded_at(path, at)?;
         at += len;
         if byte.is_ascii() {
             continue;
@@ -919,7 +921,7 @@ fn check_escapes(path: &str) -> Result<(), PathProblem> {
             if at >= bytes.len() {
                 return Err(PathProblem::NotUtf8);
             }
-            let (next, len) = decoded_at(bytes, at)?;
+            let (next, len) = decoded_at(path, at)?;
             *slot = next;
             at += len;
         }
@@ -937,10 +939,13 @@ fn check_escapes(path: &str) -> Result<(), PathProblem> {
     Ok(())
 }
 
-/// The byte at `at` in `bytes` as an app decodes it, and how many bytes of
-/// `bytes` it took: itself, or a `%XX` escape; or why an app could read
-/// it as another path.
-fn decoded_at(bytes: &[u8], at: usize) -> Result<(u8, usize), PathProblem> {
+/// The byte at `at` in `path` as an app decodes it, and how many bytes of
+/// `path` it took: itself, or a `%XX` escape; or why an app could read
+/// it as another path. An encoded `%` is refused before two hex digits as
+/// an app normalizing the path reads what follows ([`routed_bytes`]):
+/// `%25\u{FF12}\u{FF46}` is `%252f` to NFKC, `/` decoded twice.
+fn decoded_at(path: &str, at: usize) -> Result<(u8, usize), PathProblem> {
+    let bytes = path.as_bytes();
     match bytes[at] {
         b'\\' => Err(PathProblem::Backslash),
         b'%' => {
@@ -955,14 +960,18 @@ fn decoded_at(bytes: &[u8], at: usize) -> Result<(u8, usize), PathProblem> {
                     Err(PathProblem::EncodedUnreserved(escape))
                 }
                 c if c.is_ascii_control() => Err(PathProblem::EncodedControl(escape)),
-                b'%' => match bytes.get(at + 3..at + 5) {
-                    Some(&[h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
-                        Err(PathProblem::DoubleEncoded([
-                            escape[0], escape[1], escape[2], h, l,
-                        ]))
+                b'%' => {
+                    // The escape is ASCII, so a character starts after it.
+                    let mut next = routed_bytes(&path[at + 3..]);
+                    match (next.next(), next.next()) {
+                        (Some(h), Some(l)) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                            Err(PathProblem::DoubleEncoded([
+                                escape[0], escape[1], escape[2], h, l,
+                            ]))
+                        }
+                        _ => Ok((b'%', 3)),
                     }
-                    _ => Ok((b'%', 3)),
-                },
+                }
                 c => Ok((c, 3)),
             }
         }
@@ -1922,6 +1931,43 @@ mod tests {
             assert_eq!(check_path(path), Err(PathProblem::Segment), "{path}");
         }
         for fine in ["/a/\u{00A0}/b", "/a/..x\u{00A0}", "/a%C2%A0b"] {
+            assert_eq!(check_path(fine), Ok(()), "{fine}");
+        }
+    }
+
+    /// An encoded `%` before characters an app reads as two hex digits
+    /// once normalized (`%25\u{FF12}\u{FF46}` is `%252f` to NFKC, and `/`
+    /// decoded twice) is refused as `%252f` is, raw or escaped, and so
+    /// is one before a character folding into two (`\u{FB00}` is `ff`);
+    /// one before anything else is a `%` as before.
+    #[test]
+    fn an_encoded_percent_before_characters_folding_into_hex_digits_is_refused() {
+        for (path, digits) in [
+            ("/%25\u{FF12}\u{FF46}/admin", *b"2f"),
+            ("/%252\u{FF45}%252\u{FF45}/admin", *b"2e"),
+            ("/%25%EF%BC%96%EF%BC%91dmin", *b"61"),
+            ("/%25\u{1D7D3}\u{1D41C}", *b"5c"),
+            ("/%25\u{FB00}", *b"ff"),
+            ("/%25\u{00B2}F", *b"2F"),
+        ] {
+            let [h, l] = digits;
+            assert_eq!(
+                check_path(path),
+                Err(PathProblem::DoubleEncoded([b'%', b'2', b'5', h, l])),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            check_path("/%25\u{FF12}\u{FF46}").unwrap_err().to_string(),
+            "path encodes '%' as %25 before two hex digits (%252f): an app that decodes \
+             twice could read another path"
+        );
+        for fine in [
+            "/50%25\u{FF47}",
+            "/%25\u{FF12}x",
+            "/%25\u{FF12}",
+            "/%25\u{00AA}",
+        ] {
             assert_eq!(check_path(fine), Ok(()), "{fine}");
         }
     }
