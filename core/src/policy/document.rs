@@ -130,8 +130,8 @@ pub struct Destination {
     /// Request paths: exact `/x`, prefix `/x/*`, templates `/users/{id}`,
     /// matched as sent by an ALLOW rule, and also in any ASCII letter case
     /// (and with a trailing `/`, segment parameters, escapes decoded,
-    /// characters whose NFKC form or Unicode case is ASCII read as that
-    /// ASCII, or the `.`s and spaces ending
+    /// characters whose NFKC form or Unicode case is ASCII, or is a
+    /// character that is, read as that ASCII, or the `.`s and spaces ending
     /// a segment left out) by a DENY or AUDIT rule; paths an app could read as another one are refused before
     /// matching ([`check_path`](super::l7::check_path)).
     #[serde(default, skip_serializing_if = "Option::is_none")]

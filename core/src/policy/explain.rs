@@ -1532,7 +1532,7 @@ spec:
     /// `/admin` denies the spellings apps route to it (trailing dots and
     /// spaces, `%3B` parameters, characters apps read as ASCII, raw or
     /// escaped: fullwidth, mathematical and circled letters, `\u{017F}`,
-    /// `\u{0131}` and `\u{0130}`, U+00A0 ending a segment), an ALLOW of
+    /// `\u{0131}`, `\u{1D6A4}` and `\u{0130}`, U+00A0 ending a segment), an ALLOW of
     /// `/public` allows none of them, and a character an app could fold
     /// into `;` or text with a `.` is refused naming it.
     #[test]
@@ -1563,6 +1563,7 @@ spec:
             "/%F0%9D%90%9Admin",
             "/\u{24D0}dmin",
             "/adm\u{0131}n",
+            "/adm\u{1D6A4}n",
             "/ADM\u{0130}N",
             "/\u{017F}ecret",
             "/admin\u{00A0}",
