@@ -164,13 +164,15 @@ pub const H2_REFUSED_STREAM: u32 = 0x7;
 /// The client is asking for more than its share (too many connections).
 pub const H2_ENHANCE_YOUR_CALM: u32 = 0xb;
 
+/// An empty SETTINGS frame: the server preface of a refusal.
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+
 /// An empty SETTINGS frame (the server preface), then GOAWAY: last stream
 /// 0 (no stream of the connection was processed, so a client may send its
 /// requests again elsewhere), `code`, `message` as debug data.
 pub fn goaway(code: u32, message: &str) -> Vec<u8> {
-    const SETTINGS: u8 = 0x4;
     const GOAWAY: u8 = 0x7;
-    let mut frames = vec![0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
+    let mut frames = EMPTY_SETTINGS.to_vec();
     let length = (8 + message.len()) as u32;
     frames.extend_from_slice(&length.to_be_bytes()[1..]);
     frames.extend_from_slice(&[GOAWAY, 0, 0, 0, 0, 0]);
@@ -339,15 +341,26 @@ const ANSWER_H1_HEAD: usize = 16 * 1024;
 /// then read from for [`ANSWER_LINGER`] or [`ANSWER_LINGER_BYTES`],
 /// whichever comes first, or until the client closes it ([`linger`]).
 ///
-/// A client whose request has not come within `patience` (or that ended
-/// or failed first) is left unanswered, its write side still open: ended
-/// with a FIN, it would take the close for its server's orderly one, so
-/// the caller resets it instead. [`Answered::Nothing`] says so: not one
-/// byte was written to it. Once a byte was written (an HTTP/2 client's
-/// server preface is one), the connection is shut down as usual and no
-/// reset may throw the answer away; an HTTP/2 client sent the server
-/// preface whose request does not come within `patience` is left as it
-/// is, with no GOAWAY, for the caller to close.
+/// `patience` is one deadline for the whole answer: the request, the
+/// answer and the shutdown of the write side get until then, and what is
+/// left undone at it is given up, but for the one step the deadline itself
+/// calls for: an HTTP/2 client that sent no request by then has had the server
+/// preface already, and is closed as an HTTP/2 server closes a connection
+/// it will not serve, with a GOAWAY of last stream 0 and `REFUSED_STREAM`
+/// (nothing was processed), the message as its debug data (after
+/// [`SIDECAR_PREFIX`] for a sidecar's, as its answer's text); that GOAWAY and
+/// the shutdown after it get [`ANSWER_LINGER`] more, and the connection is
+/// then read from as an answered one is.
+///
+/// An HTTP/1.x client whose request head has not come by the deadline (or
+/// that ended or failed first) is left unanswered, its write side still
+/// open: ended with a FIN, it would take the close for its server's
+/// orderly one, so the caller resets it instead. [`Answered::Nothing`]
+/// says so: not one byte was written to it. Once a byte was written (an
+/// HTTP/2 client's server preface is one), the write side is shut down,
+/// once, and no reset may throw the answer away ([`Answered::Written`]);
+/// an HTTP/2 client that ended before any request is shut down so too,
+/// with no GOAWAY, and not read from.
 #[must_use = "a client left unanswered is to be reset, not ended with a FIN"]
 pub async fn answer<S>(
     io: &mut S,
@@ -358,25 +371,62 @@ pub async fn answer<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let deadline = tokio::time::Instant::now() + patience;
     let mut buf = BytesMut::new();
-    let mut io = Writing { io, wrote: false };
-    let answered = async {
-        let answered = match version {
-            Version::Http1 => {
+    let mut io = Writing {
+        io,
+        wrote: false,
+        shut: false,
+    };
+    // Whether to linger, and by when the write side is to be shut down.
+    let (answered, close_by) = match version {
+        Version::Http1 => {
+            let answering = async {
                 let answered = read_h1_head(&mut io, &mut buf).await;
                 if answered {
                     let _ = io.write_all(&h1_answer(refusal)).await;
                 }
                 answered
-            }
-            Version::Http2 => answer_first_h2_request(&mut io, refusal).await,
-        };
-        if io.wrote {
-            let _ = io.shutdown().await;
+            };
+            let answered = tokio::time::timeout_at(deadline, answering).await == Ok(true);
+            (answered, deadline)
         }
-        answered
+        Version::Http2 => match answer_first_h2_request(&mut io, refusal, deadline).await {
+            H2Request::Answered => (true, deadline),
+            H2Request::Ended => (false, deadline),
+            H2Request::NoRequest => {
+                // The server preface is out (unless writing it failed, and
+                // this fails too): the GOAWAY alone follows it. A few dozen
+                // bytes, it goes at once unless the client stopped reading.
+                let close_by = tokio::time::Instant::now() + ANSWER_LINGER;
+                let sidecar;
+                let says = match refusal.proxy_error {
+                    Some(_) => {
+                        sidecar = format!("{SIDECAR_PREFIX}{}", refusal.message);
+                        &sidecar
+                    }
+                    None => refusal.message,
+                };
+                let frames = goaway(H2_REFUSED_STREAM, says);
+                let frames = match io.wrote {
+                    true => &frames[EMPTY_SETTINGS.len()..],
+                    false => &frames[..],
+                };
+                let sent = tokio::time::timeout_at(close_by, io.write_all(frames)).await;
+                (matches!(sent, Ok(Ok(()))), close_by)
+            }
+        },
     };
-    if tokio::time::timeout(patience, answered).await == Ok(true) {
+    // Once, and only after a byte: the HTTP/2 server's graceful close shut
+    // the write side down itself.
+    let shut = match io.wrote && !io.shut {
+        true => matches!(
+            tokio::time::timeout_at(close_by, io.shutdown()).await,
+            Ok(Ok(()))
+        ),
+        false => io.shut,
+    };
+    if answered && shut {
         linger(&mut io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
     }
     match io.wrote {
@@ -388,20 +438,26 @@ where
 /// What [`answer`] did to a refused connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answered {
-    /// At least a byte of an answer was written, and the connection shut
-    /// down after it; or, for an HTTP/2 client whose request did not come
-    /// within the patience, the server preface was, and nothing more.
+    /// At least a byte was written: an HTTP/1.x answer, or an HTTP/2 server
+    /// preface, followed by the answer to the first request and GOAWAY
+    /// naming it as the last stream, or by GOAWAY with last stream 0 and
+    /// `REFUSED_STREAM` when no request came in time, or by nothing when
+    /// the client ended first. The write side was then shut down, unless
+    /// that could not be done in time (a client that stopped reading).
     Written,
     /// Nothing was written, and the write side is still open: the client
-    /// sent no request in time, or ended first. Its caller resets it.
+    /// sent no request in time, or ended first (an HTTP/2 client has had
+    /// the server preface by then, unless writing it failed). Its caller
+    /// resets it.
     Nothing,
 }
 
 /// A refused connection as [`answer`] writes to it, noting whether any
-/// byte was written.
+/// byte was written and whether the write side was shut down.
 struct Writing<'a, S> {
     io: &'a mut S,
     wrote: bool,
+    shut: bool,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Writing<'_, S> {
@@ -448,7 +504,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Writing<'_, S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
+        let shut = Pin::new(&mut *self.io).poll_shutdown(cx);
+        if let Poll::Ready(Ok(())) = shut {
+            self.shut = true;
+        }
+        shut
     }
 }
 
@@ -489,12 +549,29 @@ fn h1_answer(refusal: &Refusal<'_>) -> Vec<u8> {
     text
 }
 
+/// How [`answer_first_h2_request`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Request {
+    /// The first request came and was answered (the graceful close over,
+    /// or given up at the deadline).
+    Answered,
+    /// The client ended or failed first, with no request.
+    Ended,
+    /// No request came by the deadline.
+    NoRequest,
+}
+
 /// Serves `io` as HTTP/2 until its first request has been answered with
 /// `refusal`, then shuts it down gracefully: GOAWAY, the last stream being
 /// that request's, once its answer is sent. Nothing is read past what the
 /// request's head needs; a head over [`ANSWER_H2_HEADERS`] is refused by
-/// the HTTP/2 server itself. Whether a request came.
-async fn answer_first_h2_request<S>(io: S, refusal: &Refusal<'_>) -> bool
+/// the HTTP/2 server itself. Given up at `deadline`, with or without a
+/// request.
+async fn answer_first_h2_request<S>(
+    io: S,
+    refusal: &Refusal<'_>,
+    deadline: tokio::time::Instant,
+) -> H2Request
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -523,10 +600,11 @@ where
         // A request answered as the client closed is answered all the same.
         biased;
         () = answered.notified() => conn.as_mut().graceful_shutdown(),
-        _ = conn.as_mut() => return false,
+        _ = conn.as_mut() => return H2Request::Ended,
+        () = tokio::time::sleep_until(deadline) => return H2Request::NoRequest,
     }
-    let _ = conn.await;
-    true
+    let _ = tokio::time::timeout_at(deadline, conn).await;
+    H2Request::Answered
 }
 
 /// After an answer that closes a connection, its write side shut down:
@@ -830,22 +908,125 @@ mod tests {
         );
     }
 
+    /// The frames of a refusal to an HTTP/2 client that sent no request:
+    /// the server preface, then GOAWAY with last stream 0,
+    /// `REFUSED_STREAM` and `says` as debug data, and nothing else.
+    #[track_caller]
+    fn assert_goaway_alone(frames: &[(u8, Vec<u8>)], says: &str) {
+        const SETTINGS: u8 = 0x4;
+        const GOAWAY: u8 = 0x7;
+        let mut goaway = vec![0, 0, 0, 0];
+        goaway.extend_from_slice(&H2_REFUSED_STREAM.to_be_bytes());
+        goaway.extend_from_slice(says.as_bytes());
+        const WINDOW_UPDATE: u8 = 0x8;
+        let kinds: Vec<u8> = frames.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(kinds.first(), Some(&SETTINGS), "{frames:?}");
+        assert_eq!(frames.last(), Some(&(GOAWAY, goaway)), "{frames:?}");
+        // Before it, the server's SETTINGS and its acknowledgement of the
+        // client's, perhaps a window; no answer (HEADERS, DATA).
+        let before = &kinds[..kinds.len() - 1];
+        assert!(
+            before.iter().all(|k| [SETTINGS, WINDOW_UPDATE].contains(k)),
+            "{frames:?}"
+        );
+    }
+
+    /// An HTTP/2 client that sent its preface and no request within the
+    /// patience has had the server preface, and is closed as an HTTP/2
+    /// server closes a connection it will not serve: GOAWAY, last stream
+    /// 0 and `REFUSED_STREAM`, the message as debug data (a sidecar's
+    /// after `trellis: `), then a FIN, not a bare FIN after the SETTINGS,
+    /// which says nothing of why.
+    #[tokio::test]
+    async fn an_http2_client_that_sends_no_request_in_time_gets_a_goaway() {
+        const SAYS: &str = "outbound call refused";
+        const SIDECAR_SAYS: &str = "trellis: outbound call refused";
+        let patience = Duration::from_millis(300);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let refusal = Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                grpc_code: GRPC_UNAVAILABLE,
+                message: SAYS,
+                proxy_error: Some(token::CONNECT_FAILED),
+            };
+            answer(&mut tcp, Version::Http2, &refusal, patience).await
+        });
+
+        let started = tokio::time::Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(H2_PREFACE).await.unwrap();
+        client.write_all(&EMPTY_SETTINGS).await.unwrap();
+        let (frames, end) =
+            tokio::time::timeout(Duration::from_secs(5), h2_frames_and_end(&mut client))
+                .await
+                .expect("the connection was not closed");
+        assert!(started.elapsed() >= patience, "{:?}", started.elapsed());
+        assert_goaway_alone(&frames, SIDECAR_SAYS);
+        assert_eq!(end, "fin", "{frames:?}");
+        drop(client);
+        assert_eq!(server.await.unwrap(), Answered::Written);
+    }
+
+    /// Plaintext HTTP/2 sent to a TLS port, the preface and no request, is
+    /// refused alike, with the GOAWAY and a FIN: the server preface went
+    /// out, so the client is not reset as one left unanswered is.
+    #[tokio::test]
+    async fn a_plaintext_http2_client_with_no_request_gets_a_goaway_not_a_reset() {
+        const SAYS: &str = "this port speaks only TLS";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let patience = Duration::from_millis(300);
+            refuse_plaintext(tcp, SAYS, patience, || {}).await
+        });
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(H2_PREFACE).await.unwrap();
+        client.write_all(&EMPTY_SETTINGS).await.unwrap();
+        let (frames, end) =
+            tokio::time::timeout(Duration::from_secs(5), h2_frames_and_end(&mut client))
+                .await
+                .expect("the connection was not closed");
+        assert_goaway_alone(&frames, SAYS);
+        assert_eq!(end, "fin", "{frames:?}");
+        drop(client);
+        assert!(server.await.unwrap().is_none(), "plaintext was not seen");
+    }
+
     /// The frames a server sends, type and payload, until it closes (or
     /// sends what is not a frame); its PINGs are acknowledged, as a
     /// client's HTTP/2 library does.
     async fn h2_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+        h2_frames_and_end(tcp).await.0
+    }
+
+    /// [`h2_frames`], and how the connection ended after them: `"fin"`,
+    /// `"reset"`, or what else ended the reading.
+    async fn h2_frames_and_end(tcp: &mut TcpStream) -> (Vec<(u8, Vec<u8>)>, String) {
         const PING: u8 = 0x6;
         const ACK: u8 = 0x1;
+        let ended = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "fin".to_owned(),
+            std::io::ErrorKind::ConnectionReset => "reset".to_owned(),
+            _ => format!("reading: {e}"),
+        };
         let mut frames = Vec::new();
         let mut head = [0u8; 9];
-        while tcp.read_exact(&mut head).await.is_ok() {
+        loop {
+            if let Err(e) = tcp.read_exact(&mut head).await {
+                return (frames, ended(e));
+            }
             let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
             if length > 16 * 1024 {
-                break;
+                return (frames, format!("not a frame: {head:?}"));
             }
             let mut payload = vec![0; length];
-            if tcp.read_exact(&mut payload).await.is_err() {
-                break;
+            if let Err(e) = tcp.read_exact(&mut payload).await {
+                return (frames, ended(e));
             }
             if head[3] == PING && head[4] & ACK == 0 {
                 let mut pong = [0, 0, 8, PING, ACK, 0, 0, 0, 0].to_vec();
@@ -854,7 +1035,6 @@ mod tests {
             }
             frames.push((head[3], payload));
         }
-        frames
     }
 
     #[test]
