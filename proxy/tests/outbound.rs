@@ -1108,6 +1108,53 @@ async fn a_call_to_an_unreachable_remote_is_marked_as_the_sidecar_s_answer() {
     }
 }
 
+/// An HTTP/2 app whose call is refused (its remote cannot be reached) and
+/// that sends its preface and no request within the sidecar's patience
+/// is closed as an HTTP/2 server closes a connection it will not serve:
+/// after the server preface, GOAWAY processing no stream, with
+/// `REFUSED_STREAM` and the refusal's words, then a FIN; not a bare FIN
+/// after the SETTINGS, which said nothing of why, nor a reset.
+#[tokio::test]
+async fn an_http2_app_that_sends_no_request_to_a_refused_call_gets_a_goaway() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new();
+    let server = id("/ns/b/sa/server");
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let closed = common::ports::free_addr();
+    let (local, _shutdown) = route(client, server, closed).await;
+
+    let mut app = TcpStream::connect(local).await.unwrap();
+    app.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    app.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let got = match read_end(&mut app).await {
+        End::Fin(got) => got,
+        End::Reset(got) => panic!("reset after {got:?}"),
+    };
+    // The frames the sidecar sent, type and payload.
+    let mut frames = Vec::new();
+    let mut rest = &got[..];
+    while let [a, b, c, kind, _, _, _, _, _, after @ ..] = rest {
+        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        assert!(after.len() >= length, "a frame cut short: {got:?}");
+        frames.push((*kind, after[..length].to_vec()));
+        rest = &after[length..];
+    }
+    assert!(rest.is_empty(), "not frames: {got:?}");
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    assert_eq!(frames.first().map(|f| f.0), Some(SETTINGS), "{frames:?}");
+    let (kind, goaway) = frames.last().unwrap();
+    assert_eq!(*kind, GOAWAY, "{frames:?}");
+    // Last stream 0, REFUSED_STREAM, then why.
+    assert_eq!(goaway[..8], [0, 0, 0, 0, 0, 0, 0, 7], "{frames:?}");
+    let says = String::from_utf8_lossy(&goaway[8..]);
+    let refused =
+        format!("trellis: outbound call to {closed} refused: dialling {closed}: connect:");
+    assert!(says.starts_with(&refused), "{says}");
+}
+
 /// A server certificate this sidecar refuses is logged with what it
 /// claims, read unverified and never trusted: the SPIFFE ID it names
 /// (`claimed_peer`), and what it was refused for: the notAfter of an

@@ -956,6 +956,8 @@ async fn answer_refused(
 /// request head in time, or ended first (detection takes a text protocol
 /// paused mid-line, `ping`, for the start of one): nothing of an answer
 /// was written to it, and its write side is left open until the reset.
+/// An HTTP/2 app that sent no request in time has had the server preface,
+/// and gets a GOAWAY saying why, then a FIN ([`refusal::answer`]).
 async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str), message: &str) {
     let (protocol, first) = match app.detected.take() {
         Some(detected) => detected,
