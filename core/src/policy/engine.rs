@@ -405,74 +405,16 @@ struct RuleId {
     rule: u32,
 }
 
-/// One rule of a [`Table`]: where it is, and what else the table keeps
-/// of it.
-trait Entry {
-    fn id(&self) -> RuleId;
-}
-
-impl Entry for RuleId {
-    fn id(&self) -> RuleId {
-        *self
-    }
-}
-
-/// A rule of a DENY policy, with what a request it denies is answered:
-/// built with the set, so a denial by a rule always has its text.
-#[derive(Debug, Clone)]
-struct DenyRule {
-    id: RuleId,
-    denial: AnswerText,
-}
-
-impl Entry for DenyRule {
-    fn id(&self) -> RuleId {
-        self.id
-    }
-}
-
-/// The rules of one action, indexed by port.
-#[derive(Debug)]
-struct Table<E = RuleId> {
-    by_port: HashMap<u16, Vec<E>>,
-    any_port: Vec<E>,
-}
-
-impl<E> Default for Table<E> {
-    fn default() -> Self {
-        Self {
-            by_port: HashMap::new(),
-            any_port: Vec::new(),
-        }
-    }
+/// The rules of one action, indexed by port: only where each rule is, so
+/// a rule naming many ports costs a [`RuleId`] on each.
+#[derive(Debug, Default)]
+struct Table {
+    by_port: HashMap<u16, Vec<RuleId>>,
+    any_port: Vec<RuleId>,
 }
 
 impl Table {
     fn build(policies: &[CompiledPolicy], action: Action) -> Self {
-        Self::build_with(policies, action, |id, _| id)
-    }
-}
-
-impl Table<DenyRule> {
-    /// The DENY rules, each with its answer text (`denied by policy
-    /// NS/NAME rule N`), made once per rule and shared by every port it
-    /// is indexed under.
-    fn deny(policies: &[CompiledPolicy]) -> Self {
-        Self::build_with(policies, Action::Deny, |id, key| DenyRule {
-            id,
-            denial: AnswerText::new(&format!("denied by policy {key} rule {}", id.rule)),
-        })
-    }
-}
-
-impl<E: Entry + Clone> Table<E> {
-    /// The rules of `action`, each made an entry by `entry` from its place
-    /// and its policy's `namespace/name`.
-    fn build_with(
-        policies: &[CompiledPolicy],
-        action: Action,
-        entry: impl Fn(RuleId, &str) -> E,
-    ) -> Self {
         let mut table = Self::default();
         for (p, policy) in policies.iter().enumerate() {
             if policy.action != action {
@@ -483,12 +425,11 @@ impl<E: Entry + Clone> Table<E> {
                     policy: p as u32,
                     rule: r as u32,
                 };
-                let entry = entry(id, &policy.key);
                 match &rule.ports {
-                    None => table.any_port.push(entry),
+                    None => table.any_port.push(id),
                     Some(ports) => {
                         for port in ports {
-                            table.by_port.entry(*port).or_default().push(entry.clone());
+                            table.by_port.entry(*port).or_default().push(id);
                         }
                     }
                 }
@@ -496,14 +437,27 @@ impl<E: Entry + Clone> Table<E> {
         }
         table
     }
-}
 
-impl<E> Table<E> {
     /// Matching rules for `port`, in evaluation order within each list.
-    fn candidates(&self, port: u16) -> [&[E]; 2] {
+    fn candidates(&self, port: u16) -> [&[RuleId]; 2] {
         let by_port = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
         [by_port, &self.any_port]
     }
+}
+
+/// The answer text of each rule of each DENY policy in `policies`
+/// (`denied by policy NS/NAME rule N`), by policy and then rule; none for
+/// a policy of another action.
+fn deny_texts(policies: &[CompiledPolicy]) -> Box<[Box<[AnswerText]>]> {
+    policies
+        .iter()
+        .map(|policy| match policy.action {
+            Action::Deny => (0..policy.rules.len())
+                .map(|r| AnswerText::new(&format!("denied by policy {} rule {r}", policy.key)))
+                .collect(),
+            Action::Allow | Action::Audit => Box::default(),
+        })
+        .collect()
 }
 
 /// The compiled policies of one workload, ready to decide connections.
@@ -513,13 +467,18 @@ pub struct PolicySet {
     mesh: TrustDomain,
     default: DefaultPolicy,
     policies: Vec<CompiledPolicy>,
-    deny: Table<DenyRule>,
+    deny: Table,
     allow: Table,
     audit: Table,
     /// Where an ALLOW or DENY rule matches request paths (paths or gRPC).
     path_ports: PathPorts,
     /// The rules enforced failing closed on opaque ports, by rule.
     opaque_fallbacks: Vec<OpaqueFallback>,
+    /// What a request each DENY rule denies is answered (`denied by
+    /// policy NS/NAME rule N`), by policy and then rule, beside
+    /// `policies`: built once per rule, whatever ports it names; empty
+    /// for a policy of another action.
+    deny_texts: Box<[Box<[AnswerText]>]>,
     /// What a request the mesh default denies is answered:
     /// [`DefaultPolicy::denial`], built once.
     default_denial: AnswerText,
@@ -616,10 +575,11 @@ impl PolicySet {
             mesh: local.trust_domain(),
             local,
             default,
-            deny: Table::deny(&policies),
+            deny: Table::build(&policies, Action::Deny),
             allow: Table::build(&policies, Action::Allow),
             audit: Table::build(&policies, Action::Audit),
             path_ports: PathPorts::build(&policies),
+            deny_texts: deny_texts(&policies),
             policies,
             opaque_fallbacks: Vec::new(),
             default_denial: AnswerText::new(default.denial()),
@@ -696,7 +656,6 @@ impl PolicySet {
             return None;
         }
         self.first_match(&self.allow, source, port, |rule| rule.l7_may_match(port))
-            .copied()
     }
 
     /// Whether an ALLOW or DENY rule in force matches the paths of requests
@@ -732,10 +691,10 @@ impl PolicySet {
     /// app accepts but detection does not take for HTTP (`HTTP/1.2`, two
     /// spaces, a tab) would reach the app past the DENY rule.
     pub fn denies_unless_http(&self, source: &SpiffeId, port: u16) -> Option<Decision> {
-        let deny = self.first_match(&self.deny, source, port, |rule| rule.l7_may_match(port))?;
+        let id = self.first_match(&self.deny, source, port, |rule| rule.l7_may_match(port))?;
         Some(Decision {
             verdict: Verdict::Deny,
-            reason: Reason::Rule(self.rule_ref(deny.id)),
+            reason: Reason::Rule(self.rule_ref(id)),
             audits: Vec::new(),
         })
     }
@@ -779,11 +738,11 @@ impl PolicySet {
             };
             Ruling::Denied(decision, text)
         };
-        if let Some(deny) = self.first_match(&self.deny, source, port, as_rule_of(Action::Deny)) {
-            return denied(Reason::Rule(self.rule_ref(deny.id)), &deny.denial);
+        if let Some(id) = self.first_match(&self.deny, source, port, as_rule_of(Action::Deny)) {
+            return denied(Reason::Rule(self.rule_ref(id)), self.deny_text(id));
         }
         let reason = match self.first_match(&self.allow, source, port, as_rule_of(Action::Allow)) {
-            Some(&id) => Reason::Rule(self.rule_ref(id)),
+            Some(id) => Reason::Rule(self.rule_ref(id)),
             None if self.default_verdict(source) == Verdict::Deny => {
                 return denied(Reason::Default(self.default), &self.default_denial);
             }
@@ -800,6 +759,11 @@ impl PolicySet {
         &self.policies[id.policy as usize].rules[id.rule as usize]
     }
 
+    /// What a request the DENY rule `id` denies is answered.
+    fn deny_text(&self, id: RuleId) -> &AnswerText {
+        &self.deny_texts[id.policy as usize][id.rule as usize]
+    }
+
     fn rule_ref(&self, id: RuleId) -> RuleRef {
         RuleRef {
             policy: self.policies[id.policy as usize].key.clone(),
@@ -814,23 +778,22 @@ impl PolicySet {
 
     /// The first rule of `table`, in evaluation order, that `matches` and
     /// names `source`.
-    fn first_match<'t, E: Entry>(
+    fn first_match(
         &self,
-        table: &'t Table<E>,
+        table: &Table,
         source: &SpiffeId,
         port: u16,
         matches: impl Fn(&CompiledRule) -> bool + Copy,
-    ) -> Option<&'t E> {
+    ) -> Option<RuleId> {
         table
             .candidates(port)
             .into_iter()
-            .filter_map(|entries| {
-                entries.iter().find(|entry| {
-                    let id = entry.id();
-                    matches(self.rule(id)) && self.source_matches(id, source)
-                })
+            .filter_map(|ids| {
+                ids.iter()
+                    .copied()
+                    .find(|&id| matches(self.rule(id)) && self.source_matches(id, source))
             })
-            .min_by_key(|entry| entry.id())
+            .min()
     }
 
     /// The first matching rule of each AUDIT policy; allocates only on a match.
@@ -992,6 +955,63 @@ mod tests {
         );
         let allowed = set.rule_request(&source, 9090, &request);
         assert!(matches!(allowed, Ruling::Allowed(_)), "{allowed:?}");
+    }
+
+    /// A DENY rule's answer text is kept once, beside the rules: the
+    /// port index holds only where each rule is, however many ports the
+    /// rule names, and a request it denies on any of them is answered
+    /// from that one text.
+    #[test]
+    fn a_deny_rule_naming_many_ports_keeps_one_text() {
+        let ports: Vec<u16> = (8000..8064).collect();
+        let policies = vec![policy(
+            "a/deny",
+            Action::Deny,
+            vec![rule(Some(&ports)), rule(None)],
+        )];
+        let set =
+            PolicySet::from_compiled(id("spiffe://td/ns/a/sa/x"), DefaultPolicy::Deny, policies)
+                .unwrap();
+        for (port, entries) in &set.deny.by_port {
+            for entry in entries {
+                assert_eq!(
+                    std::mem::size_of_val(entry),
+                    std::mem::size_of::<RuleId>(),
+                    "the index entry on port {port} holds more than the rule's place"
+                );
+            }
+        }
+        assert_eq!(
+            std::mem::size_of_val(&set.deny.any_port[0]),
+            std::mem::size_of::<RuleId>(),
+            "the index entry for any port holds more than the rule's place"
+        );
+        let source = id("spiffe://td/ns/b/sa/y");
+        let request = HttpRequest {
+            method: "GET",
+            path: "/",
+            headers: &http::HeaderMap::new(),
+        };
+        let text = |port| match set.rule_request(&source, port, &request) {
+            Ruling::Denied(_, text) => text,
+            Ruling::Allowed(decision) => panic!("port {port}: {decision}"),
+        };
+        let first = text(ports[0]);
+        assert_eq!(
+            &first.body()[..],
+            b"trellis: denied by policy a/deny rule 0\n"
+        );
+        for &port in &ports[1..] {
+            assert!(
+                std::ptr::eq(first, text(port)),
+                "port {port} has a text of its own"
+            );
+        }
+        let any = text(9000);
+        assert_eq!(
+            &any.body()[..],
+            b"trellis: denied by policy a/deny rule 1\n"
+        );
     }
 
     #[test]
