@@ -2,6 +2,7 @@
 //! (run it with `TRELLIS_WRITE_ASCII_FOLDS=1` to write this file again); do not edit.
 
 /// The Unicode version of the case mapping the table was made with.
+#[cfg(test)]
 pub(super) const ASCII_FOLDS_UNICODE: (u8, u8, u8) = (17, 0, 0);
 
 /// Every character past ASCII that an app could read as ASCII text, with
