@@ -343,7 +343,9 @@ pub struct Copied {
 /// [`AFTER_WRITE_FAILURE`] and with the buffer it has, and its bytes are
 /// written on; its reader's end is then not passed on as a half-close, as
 /// the connection it came from failed: the copy ends with the error, and
-/// the caller resets the other side after those bytes.
+/// the caller resets the other side after those bytes. The error is the
+/// failed write's, unless that reader ended with a TLS alert: the peer's
+/// refusal, which the caller must see as it would had it read it first.
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -442,9 +444,13 @@ impl Copying {
 
     /// Reads the way left after a write failed the other way, until its
     /// reader ends (or fails) or [`AFTER_WRITE_FAILURE`] is over; ends with
-    /// the failed write's error, whatever ended the reader: that is what
-    /// cut the connection, and its reader's end after the reset (an EOF
-    /// without `close_notify`, once the write took the reset) says less.
+    /// the failed write's error, that is what cut the connection, and its
+    /// reader's end after the reset (an EOF without `close_notify`, once
+    /// the write took the reset) says less. Unless the reader ended with a
+    /// TLS alert: the peer's sidecar refused the connection (a caller's
+    /// certificate it does not trust, while the app was still sending) and
+    /// said why before it reset the connection, which is then the end the
+    /// caller must see, to count, log and answer the refusal.
     fn poll_after_write_failure<A, B>(
         &mut self,
         cx: &mut Context<'_>,
@@ -467,7 +473,10 @@ impl Copying {
             return Poll::Pending;
         }
         let failed = self.write_failed.take().expect("checked above");
-        Poll::Ready(Err(failed.error))
+        match polled {
+            Poll::Ready(Err(Failure::Read(e))) if alert_received(&e) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Err(failed.error)),
+        }
     }
 
     /// What was moved, ended by `error` if one did.
@@ -478,6 +487,14 @@ impl Copying {
             error,
         }
     }
+}
+
+/// Whether `e` is a TLS alert the peer sent: its refusal, with why.
+fn alert_received(e: &io::Error) -> bool {
+    matches!(
+        trellis_core::tls::rustls_error(e),
+        Some(rustls::Error::AlertReceived(_))
+    )
 }
 
 /// How one way of a copy failed: reading its reader, or writing (or
@@ -1189,6 +1206,100 @@ mod tests {
         assert!(copied.error.is_some(), "{copied:?}");
         assert_eq!(copied.back, 21);
         uploading.await.unwrap();
+    }
+
+    /// A CA of its own, as its root and its issuer.
+    fn test_ca() -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rcgen::Issuer<'static, rcgen::KeyPair>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let root = params.self_signed(&key).unwrap().der().clone();
+        (root, rcgen::Issuer::new(params, key))
+    }
+
+    /// A certificate for `localhost` that `issuer` signs, and its key.
+    fn test_leaf(
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap().der().clone();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        (vec![cert], key.into())
+    }
+
+    /// A peer's sidecar that refuses the caller's certificate once the
+    /// caller's handshake is over sends its alert and resets the
+    /// connection, the caller's app still sending: the copy's write to it
+    /// fails first, and the alert read after that ends the copy, not the
+    /// write's reset, so the caller counts, logs and answers a refusal.
+    #[tokio::test]
+    async fn an_alert_read_after_a_failed_write_ends_the_copy() {
+        use std::sync::Arc;
+        let provider = trellis_core::tls::provider();
+        let (root, issuer) = test_ca();
+        let (_, untrusted) = test_ca();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root).unwrap();
+        let roots = Arc::new(roots);
+        let (chain, key) = test_leaf(&issuer);
+        let callers = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(callers)
+            .with_single_cert(chain, key)
+            .unwrap();
+        let (chain, key) = test_leaf(&untrusted);
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+
+        let (near, far) = tcp_pair().await;
+        let refusing = tokio::spawn(async move {
+            let accepting = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(far);
+            let (_, far) = accepting
+                .into_fallible()
+                .await
+                .expect_err("the untrusted caller was accepted");
+            // The alert is sent; the caller's bytes are unread: reset.
+            reset_on_close(&far);
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut b = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, near)
+            .await
+            .unwrap();
+        refusing.await.unwrap();
+        let (mut app, mut a) = tcp_pair().await;
+        app.write_all(b"upload").await.unwrap();
+        let copied = tokio::time::timeout(Duration::from_secs(5), copy(&mut a, &mut b))
+            .await
+            .expect("the copy did not end");
+        let error = copied.error.expect("the copy ended without an error");
+        assert!(
+            matches!(
+                trellis_core::tls::rustls_error(&error),
+                Some(rustls::Error::AlertReceived(_))
+            ),
+            "{error}"
+        );
+        assert_eq!((copied.there, copied.back), (0, 0));
     }
 
     /// A reader that hands out `last` and then fails with a reset, and
