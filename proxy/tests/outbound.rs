@@ -1431,40 +1431,6 @@ async fn an_answer_sent_before_the_server_app_resets_an_upload_reaches_the_calli
     through.closed().await;
 }
 
-/// The same over HTTP/1.1, which the server's sidecar serves as HTTP: the
-/// server app answers `413` to an upload it reads only the start of and
-/// closes; the calling app gets the `413`.
-#[tokio::test]
-async fn a_413_the_server_app_sends_before_resetting_an_upload_reaches_the_calling_app() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut through = Through::start().await;
-    let mut app = TcpStream::connect(through.local).await.unwrap();
-    app.write_all(b"POST /upload HTTP/1.1\r\nhost: api\r\ncontent-length: 1000000000\r\n\r\n")
-        .await
-        .unwrap();
-    let (mut from_server, uploading) = upload_without_end(app);
-    let mut server = through.accept().await;
-    // The request head and the start of the body.
-    let mut part = vec![0; 200_000];
-    within(server.read_exact(&mut part)).await.unwrap();
-    assert!(part.starts_with(b"POST /upload HTTP/1.1\r\n"));
-    server
-        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
-        .await
-        .unwrap();
-    drop(server);
-    let answer = match read_end(&mut from_server).await {
-        End::Fin(answer) | End::Reset(answer) => String::from_utf8_lossy(&answer).into_owned(),
-    };
-    assert!(
-        answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
-        "{answer:?}"
-    );
-    assert!(answer.ends_with("\r\n\r\ntoo large"), "{answer:?}");
-    within(uploading).await.unwrap();
-    through.closed().await;
-}
-
 /// A TCP call whose server app is down (nothing listens where the server's
 /// sidecar dials it) is cut: the server's sidecar ends its TLS session
 /// without `close_notify` before any answer, which the calling app sees as
