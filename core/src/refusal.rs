@@ -350,7 +350,9 @@ const ANSWER_H1_HEAD: usize = 16 * 1024;
 /// (nothing was processed), the message as its debug data (after
 /// [`SIDECAR_PREFIX`] for a sidecar's, as its answer's text); that GOAWAY and
 /// the shutdown after it get [`ANSWER_LINGER`] more, and the connection is
-/// then read from as an answered one is.
+/// then read from as an answered one is. A client that stopped reading may
+/// hold a frame of the server preface written only in part: no GOAWAY can
+/// follow that, and the write side is only shut down.
 ///
 /// An HTTP/1.x client whose request head has not come by the deadline (or
 /// that ended or failed first) is left unanswered, its write side still
@@ -377,6 +379,7 @@ where
         io,
         wrote: false,
         shut: false,
+        framing: Framing::default(),
     };
     // Whether to linger, and by when the write side is to be shut down.
     let (answered, close_by) = match version {
@@ -407,13 +410,21 @@ where
                     }
                     None => refusal.message,
                 };
-                let frames = goaway(H2_REFUSED_STREAM, says);
-                let frames = match io.wrote {
-                    true => &frames[EMPTY_SETTINGS.len()..],
-                    false => &frames[..],
-                };
-                let sent = tokio::time::timeout_at(close_by, io.write_all(frames)).await;
-                (matches!(sent, Ok(Ok(()))), close_by)
+                // A frame the HTTP/2 server had written only part of when
+                // it was dropped (the client not reading) cannot be
+                // finished: a GOAWAY after it would be read as the rest of
+                // that frame, so the write side is only shut down.
+                if !io.framing.between_frames() {
+                    (false, close_by)
+                } else {
+                    let frames = goaway(H2_REFUSED_STREAM, says);
+                    let frames = match io.wrote {
+                        true => &frames[EMPTY_SETTINGS.len()..],
+                        false => &frames[..],
+                    };
+                    let sent = tokio::time::timeout_at(close_by, io.write_all(frames)).await;
+                    (matches!(sent, Ok(Ok(()))), close_by)
+                }
             }
         },
     };
@@ -453,11 +464,52 @@ pub enum Answered {
 }
 
 /// A refused connection as [`answer`] writes to it, noting whether any
-/// byte was written and whether the write side was shut down.
+/// byte was written, whether the write side was shut down, and where the
+/// bytes written end in HTTP/2 framing.
 struct Writing<'a, S> {
     io: &'a mut S,
     wrote: bool,
     shut: bool,
+    framing: Framing,
+}
+
+/// Where the bytes written to an HTTP/2 client end: within a frame's
+/// 9-byte head (how much of it, and the length it gives so far) or its
+/// payload (how much of it is still owed), or between frames.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Framing {
+    head: usize,
+    length: usize,
+    payload_left: usize,
+}
+
+impl Framing {
+    /// Notes `written`, the next bytes that went out.
+    fn wrote(&mut self, mut written: &[u8]) {
+        while let Some((&byte, rest)) = written.split_first() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(written.len());
+                self.payload_left -= n;
+                written = &written[n..];
+                continue;
+            }
+            if self.head < 3 {
+                self.length = self.length << 8 | usize::from(byte);
+            }
+            self.head += 1;
+            if self.head == 9 {
+                self.payload_left = self.length;
+                self.head = 0;
+                self.length = 0;
+            }
+            written = rest;
+        }
+    }
+
+    /// Whether the bytes written end a frame (or none was written).
+    fn between_frames(&self) -> bool {
+        self.head == 0 && self.payload_left == 0
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Writing<'_, S> {
@@ -479,6 +531,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Writing<'_, S> {
         let written = Pin::new(&mut *self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
             self.wrote |= n > 0;
+            self.framing.wrote(&buf[..n]);
         }
         written
     }
@@ -491,6 +544,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Writing<'_, S> {
         let written = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
             self.wrote |= n > 0;
+            let mut left = n;
+            for buf in bufs {
+                if left == 0 {
+                    break;
+                }
+                let taken = left.min(buf.len());
+                self.framing.wrote(&buf[..taken]);
+                left -= taken;
+            }
         }
         written
     }
@@ -995,6 +1057,62 @@ mod tests {
         assert_eq!(end, "fin", "{frames:?}");
         drop(client);
         assert!(server.await.unwrap().is_none(), "plaintext was not seen");
+    }
+
+    /// An HTTP/2 client that reads nothing until the deadline has had only
+    /// part of the server's SETTINGS (all its connection holds): a GOAWAY
+    /// written after it would be read as the rest of that frame, so the
+    /// client gets the part and then the end, and nothing else.
+    #[tokio::test]
+    async fn no_goaway_follows_a_frame_written_in_part() {
+        // Less than the HTTP/2 server's SETTINGS, more than a frame head.
+        const HOLDS: usize = 12;
+        let patience = Duration::from_millis(300);
+        let (mut server, mut client) = tokio::io::duplex(HOLDS);
+        let answering = tokio::spawn(async move {
+            let refusal = Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                grpc_code: GRPC_UNAVAILABLE,
+                message: "outbound call refused",
+                proxy_error: Some(token::CONNECT_FAILED),
+            };
+            answer(&mut server, Version::Http2, &refusal, patience).await
+        });
+        let (mut reading, mut writing) = tokio::io::split(&mut client);
+        let sending = async {
+            let _ = writing.write_all(H2_PREFACE).await;
+            let _ = writing.write_all(&EMPTY_SETTINGS).await;
+            std::future::pending::<()>().await
+        };
+        let read = async {
+            tokio::time::sleep(patience + Duration::from_millis(200)).await;
+            let mut read = Vec::new();
+            reading.read_to_end(&mut read).await.map(|_| read)
+        };
+        let read = tokio::select! {
+            () = sending => unreachable!(),
+            read = tokio::time::timeout(Duration::from_secs(5), read) => read,
+        };
+        let read = read.expect("the connection was not closed").unwrap();
+        assert_eq!(read.len(), HOLDS, "{read:?}");
+        const SETTINGS: u8 = 0x4;
+        assert_eq!(read[3], SETTINGS, "{read:?}");
+        let length = u32::from_be_bytes([0, read[0], read[1], read[2]]) as usize;
+        assert!(9 + length > HOLDS, "the SETTINGS fit: {read:?}");
+        assert_eq!(answering.await.unwrap(), Answered::Written);
+    }
+
+    #[test]
+    fn framing_follows_frames_however_they_are_cut() {
+        let frames = goaway(H2_REFUSED_STREAM, "refused");
+        for cut in 0..=frames.len() {
+            let mut framing = Framing::default();
+            framing.wrote(&frames[..cut]);
+            let between = [0, EMPTY_SETTINGS.len(), frames.len()].contains(&cut);
+            assert_eq!(framing.between_frames(), between, "cut at {cut}");
+            framing.wrote(&frames[cut..]);
+            assert!(framing.between_frames(), "cut at {cut}");
+        }
     }
 
     /// The frames a server sends, type and payload, until it closes (or
