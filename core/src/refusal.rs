@@ -167,11 +167,21 @@ pub const H2_ENHANCE_YOUR_CALM: u32 = 0xb;
 /// An empty SETTINGS frame: the server preface of a refusal.
 const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
 
+/// The most of a message a GOAWAY carries as debug data: far below the
+/// smallest frame a client may be sent (16 KiB).
+pub const GOAWAY_DEBUG_MOST: usize = 1024;
+
 /// An empty SETTINGS frame (the server preface), then GOAWAY: last stream
 /// 0 (no stream of the connection was processed, so a client may send its
-/// requests again elsewhere), `code`, `message` as debug data.
+/// requests again elsewhere), `code`, `message` as debug data (its first
+/// [`GOAWAY_DEBUG_MOST`] bytes, cut between characters).
 pub fn goaway(code: u32, message: &str) -> Vec<u8> {
     const GOAWAY: u8 = 0x7;
+    let mut end = message.len().min(GOAWAY_DEBUG_MOST);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message[..end];
     let mut frames = EMPTY_SETTINGS.to_vec();
     let length = (8 + message.len()) as u32;
     frames.extend_from_slice(&length.to_be_bytes()[1..]);
@@ -1100,6 +1110,21 @@ mod tests {
         let length = u32::from_be_bytes([0, read[0], read[1], read[2]]) as usize;
         assert!(9 + length > HOLDS, "the SETTINGS fit: {read:?}");
         assert_eq!(answering.await.unwrap(), Answered::Written);
+    }
+
+    /// A message of any length makes one GOAWAY a client can take: its
+    /// debug data is the message's start, cut between characters.
+    #[test]
+    fn a_goaway_carries_at_most_the_start_of_a_long_message() {
+        let message = "\u{e9}".repeat(20 * 1024);
+        let frames = goaway(H2_REFUSED_STREAM, &message);
+        let goaway = &frames[EMPTY_SETTINGS.len()..];
+        let length = u32::from_be_bytes([0, goaway[0], goaway[1], goaway[2]]) as usize;
+        assert_eq!(goaway.len(), 9 + length);
+        let debug = std::str::from_utf8(&goaway[9 + 8..]).expect("cut inside a character");
+        assert!(debug.len() <= GOAWAY_DEBUG_MOST, "{}", debug.len());
+        assert!(debug.len() > GOAWAY_DEBUG_MOST - 2, "{}", debug.len());
+        assert!(message.starts_with(debug));
     }
 
     #[test]
