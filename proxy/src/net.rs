@@ -293,6 +293,68 @@ impl ResetIfCut<TcpStream> {
     }
 }
 
+/// How long a connection ended after a cut ([`ResetIfCut::end_after_cut`])
+/// may take to flush its last bytes, and then goes on reading (and
+/// dropping) what its peer still sends until the peer closes; and the most
+/// bytes it reads so. Closing a socket with bytes unread makes the kernel
+/// reset the connection and throw away what it had still to send; a peer
+/// that sends more, or for longer, gets that reset.
+pub const CUT_LINGER: Duration = Duration::from_secs(2);
+pub const CUT_LINGER_BYTES: usize = 8 << 20;
+
+impl<S: AsyncWrite + Unpin> ResetIfCut<S> {
+    /// Ends a connection whose copy was cut by a failed write after it
+    /// wrote the connection bytes ([`Copied::wrote_after_cut`], an answer
+    /// sent before the other side's reset): they are flushed and followed
+    /// by a FIN, which the kernel sends after them, where a reset would
+    /// throw away what still waits in the send queue (a peer whose receive
+    /// window is full). No TLS `close_notify` is sent: the peer reads the
+    /// bytes, then an end without it, which says the connection was cut,
+    /// not ended (a caller's sidecar resets its app). The connection is
+    /// reset all the same if the flush fails or does not end within
+    /// [`CUT_LINGER`].
+    ///
+    /// For a connection to a peer's sidecar only: a plain app socket has no
+    /// TLS to tell a cut from an end, and so stays reset.
+    pub async fn end_after_cut(mut self) {
+        let Some(io) = self.io.as_mut() else { return };
+        match tokio::time::timeout(CUT_LINGER, tokio::io::AsyncWriteExt::flush(io)).await {
+            Ok(Ok(())) => {}
+            // Dropped unended: reset.
+            _ => return,
+        }
+        let tcp = (self.tcp)(self.io.as_ref().expect(HELD));
+        if SockRef::from(tcp)
+            .shutdown(std::net::Shutdown::Write)
+            .is_err()
+        {
+            return;
+        }
+        // The TCP socket is read beneath the TLS session: what the peer
+        // still sends (an upload it has not seen cut yet) is dropped
+        // unread, and only its end is waited for.
+        let mut scratch = vec![0u8; COPY_BUFFER_SMALL];
+        let mut left = CUT_LINGER_BYTES;
+        let discard = async {
+            while left > 0 {
+                if tcp.readable().await.is_err() {
+                    return;
+                }
+                match tcp.try_read(&mut scratch) {
+                    Ok(0) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CUT_LINGER, discard).await;
+        // Closed with its FIN sent: the kernel goes on sending what is
+        // queued before it.
+        self.ended = true;
+    }
+}
+
 impl<S> std::ops::Deref for ResetIfCut<S> {
     type Target = S;
 
@@ -327,6 +389,18 @@ pub struct Copied {
     /// The error that ended it, if one did: the bytes moved before it
     /// still count.
     pub error: Option<io::Error>,
+    /// The copy was cut by a write that failed one way, and the other way
+    /// then wrote bytes on (an answer sent before a reset): the side they
+    /// went to, which must be ended after them, not reset
+    /// ([`ResetIfCut::end_after_cut`]).
+    pub wrote_after_cut: Option<Side>,
+}
+
+/// A side of a [`copy`]: its first stream or its second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
 }
 
 /// Copies both ways until both sides are done; an EOF on one side is passed
@@ -481,10 +555,18 @@ impl Copying {
 
     /// What was moved, ended by `error` if one did.
     pub fn copied(&self, error: Option<io::Error>) -> Copied {
+        let wrote_after_cut = if self.b_to_a.wrote_after_write_failure {
+            Some(Side::A)
+        } else if self.a_to_b.wrote_after_write_failure {
+            Some(Side::B)
+        } else {
+            None
+        };
         Copied {
             there: self.a_to_b.moved,
             back: self.b_to_a.moved,
             error,
+            wrote_after_cut,
         }
     }
 }
@@ -531,6 +613,8 @@ struct Direction {
     /// The other way's write failed: the reader's end is not passed on as
     /// a half-close, only the bytes before it.
     after_write_failure: bool,
+    /// Bytes were written after the other way's write failed.
+    wrote_after_write_failure: bool,
     moved: u64,
 }
 
@@ -609,6 +693,7 @@ impl Direction {
                     self.pos += n;
                     self.moved += n as u64;
                     self.unflushed = true;
+                    self.wrote_after_write_failure |= self.after_write_failure;
                 }
             }
             if self.failed.is_some() {
@@ -1300,6 +1385,92 @@ mod tests {
             "{error}"
         );
         assert_eq!((copied.there, copied.back), (0, 0));
+    }
+
+    /// An app that answers and resets while its caller, across the mesh,
+    /// has its receive window full: the answer sits in the server's send
+    /// queue when the copy ends, and the caller reads it only afterwards.
+    /// A FIN after it delivers it all, then an end without `close_notify`
+    /// (a cut); a reset would throw the queued part away.
+    #[tokio::test]
+    async fn an_answer_after_a_failed_write_reaches_a_caller_that_reads_late() {
+        use std::sync::Arc;
+        const ANSWER: usize = 64 * 1024;
+        let provider = trellis_core::tls::provider();
+        let (root, issuer) = test_ca();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root).unwrap();
+        let (chain, key) = test_leaf(&issuer);
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        // The caller takes little: the rest of the answer stays queued at
+        // the server, which can queue all of it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let near = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        SockRef::from(&far).set_send_buffer_size(1 << 20).unwrap();
+        let accepting = tokio::spawn(async move {
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(far)
+                .await
+                .unwrap()
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut caller = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, near)
+            .await
+            .unwrap();
+        fn tls_tcp(s: &tokio_rustls::server::TlsStream<TcpStream>) -> &TcpStream {
+            s.get_ref().0
+        }
+        let mut a = ResetIfCut::new(accepting.await.unwrap(), tls_tcp);
+        caller.write_all(b"upload").await.unwrap();
+        caller.flush().await.unwrap();
+
+        // The app's answer is all in before its reset, and the reset is in
+        // before the copy writes the upload to it.
+        let (mut b, mut app) = tcp_pair().await;
+        app.write_all(&[7u8; ANSWER]).await.unwrap();
+        let mut peeked = vec![0u8; ANSWER];
+        while b.peek(&mut peeked).await.unwrap() < ANSWER {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        reset_on_close(&app);
+        drop(app);
+        while SockRef::from(&b).take_error().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        let copied = tokio::time::timeout(Duration::from_secs(5), copy(&mut *a, &mut b))
+            .await
+            .expect("the copy did not end");
+        assert!(copied.error.is_some(), "{copied:?}");
+        assert_eq!(copied.back, ANSWER as u64);
+        assert_eq!(copied.wrote_after_cut, Some(Side::A));
+        a.end_after_cut().await;
+
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut got))
+            .await
+            .expect("the caller's connection did not end");
+        assert_eq!(got.len(), ANSWER, "the answer was cut short");
+        let error = end.expect_err("the cut ended with close_notify");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
     }
 
     /// A reader that hands out `last` and then fails with a reset, and

@@ -409,6 +409,7 @@ async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
                     there: 0,
                     back: 0,
                     error: Some(e),
+                    wrote_after_cut: None,
                 },
             };
             if copied.error.is_none() {

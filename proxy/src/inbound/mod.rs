@@ -1142,7 +1142,20 @@ async fn copy_to_app(
     if copied.error.is_none() {
         stream.ended();
         app.ended();
+    } else if copied.wrote_after_cut == Some(net::Side::A) {
+        // The app answered and reset (closed with the upload unread): its
+        // answer, copied on, may still wait in the send queue toward a
+        // caller whose window is full, which a reset would throw away. A
+        // FIN after it, without `close_notify`, still reads as a cut at
+        // the caller's sidecar. Boxed: only a cut connection holds the
+        // lingering's state.
+        Box::pin(stream.end_after_cut()).await;
     }
+    // `app` is reset whenever the copy was cut, even after bytes the copy
+    // wrote to it: nothing tells a plain TCP app a cut from an end but a
+    // reset, and waiting for its send queue to empty first would take an
+    // ioctl (`SIOCOUTQ`) that std, tokio and socket2 do not offer without
+    // `unsafe`.
     Ok(Forwarded::Tcp {
         from_peer: copied.there + prefix_len,
         to_peer: copied.back,
