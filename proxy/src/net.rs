@@ -417,7 +417,11 @@ pub enum Side {
 /// [`AFTER_WRITE_FAILURE`] and with the buffer it has, and its bytes are
 /// written on; its reader's end is then not passed on as a half-close, as
 /// the connection it came from failed: the copy ends with the error, and
-/// the caller resets the other side after those bytes. The error is the
+/// the caller cuts the other side after those bytes ([`Copied::wrote_after_cut`]
+/// says which side got them): a plain socket is reset, a peer's mTLS
+/// connection is ended with a FIN and no `close_notify`
+/// ([`ResetIfCut::end_after_cut`]), so that a reset does not throw away
+/// what of them is still queued. The error is the
 /// failed write's, unless that reader ended with a TLS alert: the peer's
 /// refusal, which the caller must see as it would had it read it first.
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> Copied
