@@ -142,6 +142,7 @@ pub async fn refuse_plaintext_briefly(
         grpc_code: GRPC_UNAVAILABLE,
         message,
         proxy_error,
+        request_may_have_gone: false,
     };
     // Boxed: a caller's future keeps room only for the pointer.
     if Box::pin(answer(tcp, version, &refusal, patience)).await == Answered::Nothing {
@@ -163,6 +164,12 @@ pub fn reset_on_close(tcp: &TcpStream) {
 pub const H2_REFUSED_STREAM: u32 = 0x7;
 /// The client is asking for more than its share (too many connections).
 pub const H2_ENHANCE_YOUR_CALM: u32 = 0xb;
+/// The connection failed in a way that says nothing of whether a request
+/// was processed.
+pub const H2_INTERNAL_ERROR: u32 = 0x2;
+/// The highest stream identifier: a GOAWAY naming it as the last stream
+/// says any stream the client opened may have been processed.
+const H2_ANY_STREAM: u32 = 0x7fff_ffff;
 
 /// An empty SETTINGS frame: the server preface of a refusal.
 const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
@@ -176,6 +183,11 @@ pub const GOAWAY_DEBUG_MOST: usize = 1024;
 /// requests again elsewhere), `code`, `message` as debug data (its first
 /// [`GOAWAY_DEBUG_MOST`] bytes, cut between characters).
 pub fn goaway(code: u32, message: &str) -> Vec<u8> {
+    goaway_after(0, code, message)
+}
+
+/// [`goaway`] naming `last_stream` as the last stream processed.
+fn goaway_after(last_stream: u32, code: u32, message: &str) -> Vec<u8> {
     const GOAWAY: u8 = 0x7;
     let mut end = message.len().min(GOAWAY_DEBUG_MOST);
     while !message.is_char_boundary(end) {
@@ -186,7 +198,7 @@ pub fn goaway(code: u32, message: &str) -> Vec<u8> {
     let length = (8 + message.len()) as u32;
     frames.extend_from_slice(&length.to_be_bytes()[1..]);
     frames.extend_from_slice(&[GOAWAY, 0, 0, 0, 0, 0]);
-    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&last_stream.to_be_bytes());
     frames.extend_from_slice(&code.to_be_bytes());
     frames.extend_from_slice(message.as_bytes());
     frames
@@ -205,6 +217,14 @@ pub struct Refusal<'a> {
     /// For an answer of a sidecar, the fixed token (one of [`token`]) its
     /// [`PROXY_ERROR`] header carries, HTTP/1 and HTTP/2 (gRPC too) alike.
     pub proxy_error: Option<&'static str>,
+    /// Whether the client's request may already have reached a server that
+    /// processed it (its bytes were passed on before the refusal, and the
+    /// peer ended without saying it refused them). An HTTP/2 client whose
+    /// request [`answer`] never sees is then told so: GOAWAY naming every
+    /// stream as possibly processed, with `INTERNAL_ERROR`, not last stream
+    /// 0 with `REFUSED_STREAM`, which would invite it to send a request
+    /// that is not idempotent again.
+    pub request_may_have_gone: bool,
 }
 
 /// The header on an answer a sidecar writes itself instead of an app,
@@ -357,7 +377,9 @@ const ANSWER_H1_HEAD: usize = 16 * 1024;
 /// calls for: an HTTP/2 client that sent no request by then has had the server
 /// preface already, and is closed as an HTTP/2 server closes a connection
 /// it will not serve, with a GOAWAY of last stream 0 and `REFUSED_STREAM`
-/// (nothing was processed), the message as its debug data (after
+/// (nothing was processed; or, when the request may have reached a server
+/// already, [`Refusal::request_may_have_gone`], naming every stream as
+/// possibly processed, with `INTERNAL_ERROR`), the message as its debug data (after
 /// [`SIDECAR_PREFIX`] for a sidecar's, as its answer's text); that GOAWAY and
 /// the shutdown after it get [`ANSWER_LINGER`] more, and the connection is
 /// then read from as an answered one is. A client that stopped reading may
@@ -427,7 +449,10 @@ where
                 if !io.framing.between_frames() {
                     (false, close_by)
                 } else {
-                    let frames = goaway(H2_REFUSED_STREAM, says);
+                    let frames = match refusal.request_may_have_gone {
+                        false => goaway(H2_REFUSED_STREAM, says),
+                        true => goaway_after(H2_ANY_STREAM, H2_INTERNAL_ERROR, says),
+                    };
                     let frames = match io.wrote {
                         true => &frames[EMPTY_SETTINGS.len()..],
                         false => &frames[..],
@@ -462,7 +487,8 @@ pub enum Answered {
     /// At least a byte was written: an HTTP/1.x answer, or an HTTP/2 server
     /// preface, followed by the answer to the first request and GOAWAY
     /// naming it as the last stream, or by GOAWAY with last stream 0 and
-    /// `REFUSED_STREAM` when no request came in time, or by nothing when
+    /// `REFUSED_STREAM` when no request came in time (every stream and
+    /// `INTERNAL_ERROR` when it may have gone to a server), or by nothing when
     /// the client ended first. The write side was then shut down, unless
     /// that could not be done in time (a client that stopped reading).
     Written,
@@ -1023,6 +1049,7 @@ mod tests {
                 grpc_code: GRPC_UNAVAILABLE,
                 message: SAYS,
                 proxy_error: Some(token::CONNECT_FAILED),
+                request_may_have_gone: false,
             };
             answer(&mut tcp, Version::Http2, &refusal, patience).await
         });
@@ -1085,6 +1112,7 @@ mod tests {
                 grpc_code: GRPC_UNAVAILABLE,
                 message: "outbound call refused",
                 proxy_error: Some(token::CONNECT_FAILED),
+                request_may_have_gone: false,
             };
             answer(&mut server, Version::Http2, &refusal, patience).await
         });
@@ -1257,6 +1285,7 @@ mod tests {
             grpc_code: GRPC_UNAVAILABLE,
             message: "not TLS",
             proxy_error: Some("not_tls"),
+            request_may_have_gone: false,
         };
         let sidecar = String::from_utf8(h1_answer(&refusal)).unwrap();
         assert!(

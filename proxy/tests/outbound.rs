@@ -1155,6 +1155,66 @@ async fn an_http2_app_that_sends_no_request_to_a_refused_call_gets_a_goaway() {
     assert!(says.starts_with(&refused), "{says}");
 }
 
+/// An HTTP/2 app whose call a peer's sidecar ended without a word (no TLS
+/// alert, no answer: a denial, a revoked caller's session, or a sidecar
+/// killed after passing the request on, which the caller cannot tell
+/// apart) is not told that no stream was processed: its GOAWAY names every
+/// stream as possibly processed, with `INTERNAL_ERROR`, so that a client
+/// that retries refused streams on its own (gRPC's transparent retry) does
+/// not send a request that is not idempotent twice.
+#[tokio::test]
+async fn an_http2_app_whose_peer_ended_without_a_word_is_not_told_nothing_was_processed() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let me = id("/ns/a/sa/client");
+    let metrics = Arc::new(Metrics::new());
+    let policies = policies_revoking(&server, &me, &metrics);
+    let state = ca.tls_state(&ca.svid(&server), &[]);
+    let inbound = inbound_with(app.addr, state, Some(Arc::new(policies)), metrics).await;
+    let client = shared(&ca, &me, std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client, server, inbound.addr).await;
+
+    let mut app_side = TcpStream::connect(local).await.unwrap();
+    app_side
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    app_side
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let got = match read_end(&mut app_side).await {
+        End::Fin(got) => got,
+        End::Reset(got) => panic!("reset after {got:?}"),
+    };
+    let mut goaway = None;
+    let mut rest = &got[..];
+    while let [a, b, c, kind, _, _, _, _, _, after @ ..] = rest {
+        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        assert!(after.len() >= length, "a frame cut short: {got:?}");
+        if *kind == 0x7 {
+            goaway = Some(after[..length].to_vec());
+        }
+        rest = &after[length..];
+    }
+    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY in {got:?}"));
+    // Last stream 2^31-1, INTERNAL_ERROR, then why.
+    assert_eq!(
+        goaway[..8],
+        [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 2],
+        "{:?}",
+        String::from_utf8_lossy(&goaway)
+    );
+    let says = String::from_utf8_lossy(&goaway[8..]);
+    assert!(
+        says.contains("ended by its sidecar before any answer"),
+        "{says}"
+    );
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
 /// A server certificate this sidecar refuses is logged with what it
 /// claims, read unverified and never trusted: the SPIFFE ID it names
 /// (`claimed_peer`), and what it was refused for: the notAfter of an

@@ -1046,6 +1046,7 @@ async fn refuse_not_h2(mut stream: http::Rewind<PeerStream>, sent: NotPreface) {
                 grpc_code: refusal::GRPC_INVALID_ARGUMENT,
                 message: NOT_H2_ANSWER,
                 proxy_error: Some(token::INVALID_REQUEST),
+                request_may_have_gone: false,
             };
             let version = refusal::Version::Http1;
             let patience = net::HANDSHAKE_TIMEOUT;

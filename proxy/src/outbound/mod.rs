@@ -694,7 +694,8 @@ async fn relay<R: std::fmt::Display>(
                     // Boxed: the answer's state would otherwise size every
                     // connection's task for its whole life.
                     let refused = (BAD_GATEWAY, token::PEER_REFUSED);
-                    Box::pin(answer_app(&mut app, refused, &message)).await;
+                    let gone = refusal.request_may_have_gone();
+                    Box::pin(answer_app(&mut app, refused, &message, gone)).await;
                 }
             }
             None => {
@@ -834,6 +835,18 @@ impl PeerRefusal {
         })
     }
 
+    /// Whether the app's request may have reached the peer's app: its
+    /// sidecar ended without an alert (a denial by policy does, but so
+    /// does a sidecar killed after passing the request on) or with
+    /// `internal_error`. A certificate or access alert is sent before any
+    /// byte is passed on.
+    fn request_may_have_gone(&self) -> bool {
+        match self.alert {
+            None | Some(rustls::AlertDescription::InternalError) => true,
+            Some(_) => false,
+        }
+    }
+
     /// Logs (one line a reason every
     /// [`REFUSAL_LOG_PAUSE`](crate::inbound::REFUSAL_LOG_PAUSE), the next
     /// saying how many were not) and counts the refusal of the connection
@@ -945,7 +958,7 @@ async fn answer_refused(
         return;
     }
     let message = format!("outbound call to {dst} refused: {why}");
-    answer_app(app, refused, &message).await;
+    answer_app(app, refused, &message, false).await;
 }
 
 /// Answers the first request of an HTTP app with `status`, `message` and
@@ -957,8 +970,17 @@ async fn answer_refused(
 /// paused mid-line, `ping`, for the start of one): nothing of an answer
 /// was written to it, and its write side is left open until the reset.
 /// An HTTP/2 app that sent no request in time has had the server preface,
-/// and gets a GOAWAY saying why, then a FIN ([`refusal::answer`]).
-async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str), message: &str) {
+/// and gets a GOAWAY saying why, then a FIN ([`refusal::answer`]): one
+/// that says no stream was processed, unless `request_may_have_gone` (its
+/// request was passed to a peer that ended without saying it refused it),
+/// when it names every stream as possibly processed, so that the app does
+/// not send a request that is not idempotent again on its own.
+async fn answer_app(
+    app: &mut App,
+    (status, reason): (StatusCode, &'static str),
+    message: &str,
+    request_may_have_gone: bool,
+) {
     let (protocol, first) = match app.detected.take() {
         Some(detected) => detected,
         None => match http::detect(&mut app.tcp).await {
@@ -980,6 +1002,7 @@ async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str),
         },
         message,
         proxy_error: Some(reason),
+        request_may_have_gone,
     };
     // What detection read is the start of the app's request.
     let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
@@ -1380,6 +1403,7 @@ async fn serve_transparent(
             &mut app,
             (StatusCode::MISDIRECTED_REQUEST, token::NOT_REDIRECTED),
             NOT_REDIRECTED,
+            false,
         )
         .await;
         return;
