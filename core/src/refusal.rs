@@ -152,7 +152,9 @@ pub async fn refuse_plaintext_briefly(
 }
 
 /// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
-/// ending it with a FIN: for a client left unanswered ([`Answered::Nothing`]).
+/// ending it with a FIN, which its peer would take for an orderly end: for
+/// a client left unanswered ([`Answered::Nothing`]), and the sidecar's
+/// relayed connections cut mid-stream. Zero linger never blocks the close.
 pub fn reset_on_close(tcp: &TcpStream) {
     // A socket already gone has nothing left to reset.
     let _ = tcp.set_zero_linger();

@@ -234,15 +234,12 @@ impl ConnectFailure {
     }
 }
 
-/// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
-/// ending it with a FIN: for a relayed connection whose other side was
-/// reset or failed, which its peer must not take for one that ended after
-/// its last byte (a cut upload read as a whole one). Zero linger never
-/// blocks the close.
-pub fn reset_on_close(tcp: &TcpStream) {
-    // A socket already gone has nothing left to reset.
-    let _ = tcp.set_zero_linger();
-}
+/// Makes closing a socket reset the connection (`SO_LINGER` 0) instead of
+/// ending it with a FIN: here for a relayed connection whose other side
+/// was reset or failed, which its peer must not take for one that ended
+/// after its last byte (a cut upload read as a whole one). Zero linger
+/// never blocks the close.
+pub use trellis_core::refusal::reset_on_close;
 
 /// A relayed stream that is reset when dropped (see [`reset_on_close`])
 /// unless its copy ended cleanly ([`ResetIfCut::ended`]): a connection the
