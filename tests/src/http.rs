@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
@@ -16,6 +16,10 @@ use tokio::net::TcpStream;
 
 /// How long one request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of an answer's body [`HttpConnection::get`] reads: far more
+/// than any test app or the demo's apps answer, so a peer that sends more
+/// is an error, not memory without end.
+pub const RESPONSE_BODY_MOST: usize = 1024 * 1024;
 
 /// A received response with its body read to the end.
 #[derive(Clone, Debug)]
@@ -79,7 +83,11 @@ impl HttpConnection {
                 .context("the connection is closed")?;
             let response = self.sender.send_request(request).await?;
             let (parts, body) = response.into_parts();
-            let body = body.collect().await?.to_bytes();
+            let body = Limited::new(body, RESPONSE_BODY_MOST)
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the answer's body: {e}"))?
+                .to_bytes();
             anyhow::Ok(Response {
                 status: parts.status,
                 headers: parts.headers,
@@ -102,4 +110,34 @@ impl Drop for HttpConnection {
 /// `GET path` on a new connection to `addr`.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
     HttpConnection::open(addr).await?.get(path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server whose answer's body is larger than any test app's is told
+    /// as an error naming the body, not read into memory without end.
+    #[tokio::test]
+    async fn an_answer_over_the_body_bound_is_an_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0; 1024];
+            let _ = tcp.read(&mut head).await.unwrap();
+            let length = RESPONSE_BODY_MOST + 1;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            let _ = tcp.write_all(&vec![b'x'; length]).await;
+        });
+        let mut connection = HttpConnection::open(addr).await.unwrap();
+        let error = connection.get("/").await.unwrap_err();
+        assert!(
+            format!("{error:#}").contains("reading the answer's body"),
+            "{error:#}"
+        );
+        server.abort();
+    }
 }
