@@ -984,15 +984,18 @@ async fn a_revoked_caller_s_call_is_answered_with_the_revocation_alert() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
-/// A revoked caller the server's sidecar refuses only once the handshake
-/// is over (its TLS configs did not hold the revocation yet, or the
-/// caller resumed a session with configs taken before they did, which no
-/// verifier sees) is closed without a
-/// TLS alert: its app is told the call ended there before any answer,
-/// and the caller's log and metrics say so.
-#[tokio::test]
-async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it() {
-    let (logs, _guard) = common::sidecar::Logs::capture(false);
+/// A route from a caller to a server's sidecar that refuses it only once
+/// the handshake is over (its TLS configs do not hold the caller's
+/// revocation, its policies do), so that it closes without a TLS alert:
+/// the server's app, the caller's sidecar state, the server's sidecar,
+/// the route's local address and its shutdown.
+async fn revoked_after_the_handshake() -> (
+    EchoApp,
+    Arc<Shared>,
+    TestInbound,
+    std::net::SocketAddr,
+    drain::Shutdown,
+) {
     let ca = Ca::new();
     let app = echo_app().await;
     let server = id("/ns/b/sa/server");
@@ -1002,9 +1005,22 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
     let state = ca.tls_state(&ca.svid(&server), &[]);
     let inbound = inbound_with(app.addr, state, Some(Arc::new(policies)), metrics).await;
     let client = shared(&ca, &me, std::slice::from_ref(&server));
-    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+    let (local, shutdown) = route(client.clone(), server, inbound.addr).await;
+    (app, client, inbound, local, shutdown)
+}
 
+/// A revoked caller the server's sidecar refuses only once the handshake
+/// is over (its TLS configs did not hold the revocation yet, or the
+/// caller resumed a session with configs taken before they did, which no
+/// verifier sees) is closed without a
+/// TLS alert: its app is told the call ended there before any answer,
+/// and the caller's log and metrics say so.
+#[tokio::test]
+async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let (app, client, inbound, local, _shutdown) = revoked_after_the_handshake().await;
     let to = inbound.addr;
+
     let answer = http_call(local).await;
     assert!(
         answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
@@ -1108,6 +1124,21 @@ async fn a_call_to_an_unreachable_remote_is_marked_as_the_sidecar_s_answer() {
     }
 }
 
+/// The HTTP/2 frames in `got`, each its type and payload; fails on bytes
+/// that are not whole frames.
+fn h2_frames(got: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut rest = got;
+    while let [a, b, c, kind, _, _, _, _, _, after @ ..] = rest {
+        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        assert!(after.len() >= length, "a frame cut short: {got:?}");
+        frames.push((*kind, after[..length].to_vec()));
+        rest = &after[length..];
+    }
+    assert!(rest.is_empty(), "not frames: {got:?}");
+    frames
+}
+
 /// An HTTP/2 app whose call is refused (its remote cannot be reached) and
 /// that sends its preface and no request within the sidecar's patience
 /// is closed as an HTTP/2 server closes a connection it will not serve:
@@ -1132,16 +1163,7 @@ async fn an_http2_app_that_sends_no_request_to_a_refused_call_gets_a_goaway() {
         End::Fin(got) => got,
         End::Reset(got) => panic!("reset after {got:?}"),
     };
-    // The frames the sidecar sent, type and payload.
-    let mut frames = Vec::new();
-    let mut rest = &got[..];
-    while let [a, b, c, kind, _, _, _, _, _, after @ ..] = rest {
-        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        assert!(after.len() >= length, "a frame cut short: {got:?}");
-        frames.push((*kind, after[..length].to_vec()));
-        rest = &after[length..];
-    }
-    assert!(rest.is_empty(), "not frames: {got:?}");
+    let frames = h2_frames(&got);
     const SETTINGS: u8 = 0x4;
     const GOAWAY: u8 = 0x7;
     assert_eq!(frames.first().map(|f| f.0), Some(SETTINGS), "{frames:?}");
@@ -1165,16 +1187,7 @@ async fn an_http2_app_that_sends_no_request_to_a_refused_call_gets_a_goaway() {
 #[tokio::test]
 async fn an_http2_app_whose_peer_ended_without_a_word_is_not_told_nothing_was_processed() {
     use tokio::io::AsyncWriteExt;
-    let ca = Ca::new();
-    let app = echo_app().await;
-    let server = id("/ns/b/sa/server");
-    let me = id("/ns/a/sa/client");
-    let metrics = Arc::new(Metrics::new());
-    let policies = policies_revoking(&server, &me, &metrics);
-    let state = ca.tls_state(&ca.svid(&server), &[]);
-    let inbound = inbound_with(app.addr, state, Some(Arc::new(policies)), metrics).await;
-    let client = shared(&ca, &me, std::slice::from_ref(&server));
-    let (local, _shutdown) = route(client, server, inbound.addr).await;
+    let (app, _client, _inbound, local, _shutdown) = revoked_after_the_handshake().await;
 
     let mut app_side = TcpStream::connect(local).await.unwrap();
     app_side
@@ -1189,23 +1202,15 @@ async fn an_http2_app_whose_peer_ended_without_a_word_is_not_told_nothing_was_pr
         End::Fin(got) => got,
         End::Reset(got) => panic!("reset after {got:?}"),
     };
-    let mut goaway = None;
-    let mut rest = &got[..];
-    while let [a, b, c, kind, _, _, _, _, _, after @ ..] = rest {
-        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        assert!(after.len() >= length, "a frame cut short: {got:?}");
-        if *kind == 0x7 {
-            goaway = Some(after[..length].to_vec());
-        }
-        rest = &after[length..];
-    }
-    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY in {got:?}"));
+    let frames = h2_frames(&got);
+    let (kind, goaway) = frames.last().unwrap();
+    assert_eq!(*kind, 0x7, "the last frame is no GOAWAY: {frames:?}");
     // Last stream 2^31-1, INTERNAL_ERROR, then why.
     assert_eq!(
         goaway[..8],
         [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 2],
         "{:?}",
-        String::from_utf8_lossy(&goaway)
+        String::from_utf8_lossy(goaway)
     );
     let says = String::from_utf8_lossy(&goaway[8..]);
     assert!(
