@@ -1743,17 +1743,25 @@ async fn an_admin_request_begun_before_sigterm_is_answered_as_the_last() {
 #[test]
 fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
     let cp = ControlPlane::start(&[]);
+    // What `trellisctl workloads` says on failing (exit 1), given
+    // `--state-dir dir`, or the control plane's own when `None`.
+    let refused = |dir: Option<&std::path::Path>| {
+        let out = match dir {
+            Some(dir) => std::process::Command::new(CTL)
+                .args(["--control-plane", &cp.grpc, "--state-dir"])
+                .arg(dir)
+                .arg("workloads")
+                .output()
+                .unwrap(),
+            None => cp.ctl(&["workloads"]),
+        };
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+        stderr
+    };
     let parent = cp.state_dir.parent().expect("the state dir has a parent");
-    let out = std::process::Command::new(CTL)
-        .args(["--control-plane", &cp.grpc, "--state-dir"])
-        .arg(parent)
-        .arg("workloads")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
     assert_eq!(
-        stderr,
+        refused(Some(parent)),
         format!(
             "error: cannot read {}/bundle.pem: no such file or directory: --state-dir names no \
              control plane's state dir: give the one the control plane was started with, where \
@@ -1764,16 +1772,8 @@ fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
 
     // A file given for the state dir is no state dir either.
     let file = cp.state_dir.join("admin.crt");
-    let out = std::process::Command::new(CTL)
-        .args(["--control-plane", &cp.grpc, "--state-dir"])
-        .arg(&file)
-        .arg("workloads")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
     assert_eq!(
-        stderr,
+        refused(Some(&file)),
         format!(
             "error: cannot read {}/bundle.pem: not a directory: --state-dir names no control \
              plane's state dir: give the one the control plane was started with, where it \
@@ -1787,10 +1787,8 @@ fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
     let bundle = cp.state_dir.join("bundle.pem");
     let kept = cp.state_dir.join("bundle.pem.kept");
     std::fs::rename(&bundle, &kept).unwrap();
-    let out = cp.ctl(&["workloads"]);
+    let stderr = refused(None);
     std::fs::rename(&kept, &bundle).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
     assert_eq!(
         stderr,
         format!(
@@ -1801,11 +1799,8 @@ fn a_state_dir_without_a_bundle_says_what_state_dir_must_be() {
 
     // The state dir itself, without its admin.crt.
     std::fs::remove_file(cp.state_dir.join("admin.crt")).unwrap();
-    let out = cp.ctl(&["workloads"]);
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
     assert_eq!(
-        stderr,
+        refused(None),
         format!(
             "error: cannot read {}/admin.crt: no such file or directory\n",
             cp.state_dir.display()
