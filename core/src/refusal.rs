@@ -1057,13 +1057,7 @@ mod tests {
         });
 
         let started = tokio::time::Instant::now();
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client.write_all(H2_PREFACE).await.unwrap();
-        client.write_all(&EMPTY_SETTINGS).await.unwrap();
-        let (frames, end) =
-            tokio::time::timeout(Duration::from_secs(5), h2_frames_and_end(&mut client))
-                .await
-                .expect("the connection was not closed");
+        let (client, frames, end) = preface_and_no_request(addr).await;
         assert!(started.elapsed() >= patience, "{:?}", started.elapsed());
         assert_goaway_alone(&frames, SIDECAR_SAYS);
         assert_eq!(end, "fin", "{frames:?}");
@@ -1085,13 +1079,7 @@ mod tests {
             refuse_plaintext(tcp, SAYS, patience, || {}).await
         });
 
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client.write_all(H2_PREFACE).await.unwrap();
-        client.write_all(&EMPTY_SETTINGS).await.unwrap();
-        let (frames, end) =
-            tokio::time::timeout(Duration::from_secs(5), h2_frames_and_end(&mut client))
-                .await
-                .expect("the connection was not closed");
+        let (client, frames, end) = preface_and_no_request(addr).await;
         assert_goaway_alone(&frames, SAYS);
         assert_eq!(end, "fin", "{frames:?}");
         drop(client);
@@ -1175,6 +1163,22 @@ mod tests {
     /// client's HTTP/2 library does.
     async fn h2_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
         h2_frames_and_end(tcp).await.0
+    }
+
+    /// An HTTP/2 client of `addr` that sends its preface and no request:
+    /// the connection, the frames it was sent and how it ended
+    /// ([`h2_frames_and_end`]), within 5 s.
+    async fn preface_and_no_request(
+        addr: std::net::SocketAddr,
+    ) -> (TcpStream, Vec<(u8, Vec<u8>)>, String) {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(H2_PREFACE).await.unwrap();
+        client.write_all(&EMPTY_SETTINGS).await.unwrap();
+        let (frames, end) =
+            tokio::time::timeout(Duration::from_secs(5), h2_frames_and_end(&mut client))
+                .await
+                .expect("the connection was not closed");
+        (client, frames, end)
     }
 
     /// [`h2_frames`], and how the connection ended after them: `"fin"`,
